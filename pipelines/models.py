@@ -1,0 +1,845 @@
+"""The model registry: one `load()` for every way a user can name a diffusion model.
+
+`load(name_or_path, device, dtype)` returns a diffusers pipeline and accepts:
+
+- the tiny built-in names (`TINY_MODELS`): seeded random weights built in code, identical on
+  every call and every machine, small enough that 2 steps at 64 px take well under a second on
+  a CPU.  They exist for tests, CI and trying the UI without downloads; their images are noise.
+  One per backbone family the methods support: `tiny` (SD 1.x UNet), `tiny-sdxl`,
+  `tiny-pixart` (PixArt-alpha DiT), `tiny-sd3` (MMDiT), `tiny-flux` (dual + single stream).
+- `builtin`: the project's own small trained model, stored in `assets/builtin/` in diffusers
+  `save_pretrained` layout once it exists;
+- a local folder in `save_pretrained` layout;
+- a local single-file `.safetensors` checkpoint (SD 1.x/2.x, SDXL, SD3), whose base-model config
+  must already be in the Hugging Face cache;
+- a Hugging Face hub id (`owner/name`): the local cache first, the hub only if it answers.
+
+Whatever a user can get wrong (unknown name, missing folder, hub unreachable, pickle checkpoint)
+raises `UserInputError` with one sentence; nothing waits minutes on an unreachable network.
+
+Loaded pipelines are cached per (resolved name, device, dtype) so switching tasks in the UI does
+not reload weights; `load_as()` derives another pipeline class (inpainting, img2img, ...) from the
+cached one with `from_pipe`, sharing its modules.  Everything returned is shared: callers attach
+attention processors for the duration of one call and restore them (see attention_processors/),
+and must not move or cast a cached pipeline in place.
+
+The tiny models' text side: CLIP tokenizers rebuilt offline from OpenAI's BPE file (exact SD ids),
+and our own small T5-style vocabulary (see pipelines/tokenizers.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+
+from pipelines.errors import UserInputError
+from pipelines.tokenizers import (
+    ASSETS_DIR,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    clip_tokenizer,
+    t5_tokenizer,
+    t5_vocab_size,
+)
+
+__all__ = [
+    "BUILTIN_NAMES",
+    "FAMILY_LABELS",
+    "TINY_MODELS",
+    "BUILTIN_DIR",
+    "build_tiny",
+    "call_defaults",
+    "clear_cache",
+    "default_device",
+    "default_dtype",
+    "describe",
+    "family",
+    "is_tiny",
+    "load",
+    "load_as",
+    "save_tiny",
+]
+
+BUILTIN_DIR = ASSETS_DIR / "builtin"
+
+TINY_MODELS: tuple[str, ...] = ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
+BUILTIN_NAMES: tuple[str, ...] = TINY_MODELS + ("builtin",)
+
+# One line per family, for the UI's model picker.
+FAMILY_LABELS: dict[str, str] = {
+    "sd": "SD 1.x UNet",
+    "sdxl": "SDXL UNet",
+    "pixart": "PixArt-alpha DiT",
+    "sd3": "SD3 MMDiT",
+    "flux": "FLUX MMDiT",
+    "other": "diffusers pipeline",
+}
+
+_TINY_FAMILY = {
+    "tiny": "sd",
+    "tiny-sdxl": "sdxl",
+    "tiny-pixart": "pixart",
+    "tiny-sd3": "sd3",
+    "tiny-flux": "flux",
+}
+
+# Every tiny component is built right after seeding with this value, so the weights do not
+# depend on what was built before or on the caller's RNG state.
+_TINY_SEED = 0
+
+# Small widths keep a 2-step 64 px run far below a second; the CLIP encoders keep the real
+# vocabulary and 77 positions so the real tokenizers' ids are valid inputs.
+_CLIP_HIDDEN = 32
+_T5_HIDDEN = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and dtypes
+
+
+def default_device() -> torch.device:
+    """CUDA if present, else Apple MPS if present, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserInputError(f"'{device}' is not a device name; use e.g. 'cpu' or 'cuda'.") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError("CUDA was requested but no CUDA GPU is available here; use device 'cpu'.")
+        # "cuda" and "cuda:0" must share one cache entry.
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bfloat16 on CUDA GPUs that support it, else float16 on GPUs; float32 on CPU."""
+    resolved = _resolve_device(device)
+    if resolved.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if resolved.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise UserInputError(f"'{dtype}' is not a dtype name; use float32, float16 or bfloat16.")
+    return _DTYPE_NAMES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models built in code
+
+
+class _seeded:
+    """Seed torch's CPU RNG for one component without disturbing the caller's RNG."""
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(_TINY_SEED)
+
+    def __exit__(self, *exc_info) -> None:
+        self._fork.__exit__(*exc_info)
+
+
+def _tiny_vae(latent_channels: int = 4, **scaling) -> AutoencoderKL:
+    # Four blocks = three downsamplings = the real 8x VAE factor, so a 64 px image has the same
+    # 8x8 latent grid geometry as a real model at 64 px (masks and token grids scale the same).
+    with _seeded():
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=8,
+            sample_size=64,
+            **scaling,
+        )
+
+
+def _tiny_clip_text(with_projection: bool, hidden_size: int = _CLIP_HIDDEN):
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        # SDXL reads hidden_states[-2]: keep at least two layers.
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=hidden_size,
+        hidden_act="quick_gelu",
+        # The real ids: the pooled output is taken at the end-of-text token.
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with _seeded():
+        return model_class(config).eval()
+
+
+def _tiny_t5() -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=t5_vocab_size(),
+        d_model=_T5_HIDDEN,
+        d_ff=2 * _T5_HIDDEN,
+        d_kv=16,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with _seeded():
+        return T5EncoderModel(config).eval()
+
+
+def _sd_scheduler() -> PNDMScheduler:
+    # The scheduler SD 1.5 ships with.
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def _build_tiny_sd() -> StableDiffusionPipeline:
+    # Attention at two resolutions (8x8 and 4x4 tokens for a 64 px image) plus a mid block,
+    # attn1 and attn2 everywhere there is a transformer: the layer names of real SD 1.x.
+    with _seeded():
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=8,
+            cross_attention_dim=_CLIP_HIDDEN,
+        )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip_text(with_projection=False),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    time_embed_dim = 8
+    # SDXL: six micro-conditioning numbers (original size, crop, target size) plus the pooled
+    # projection of the second text encoder feed the "text_time" added embedding.
+    with _seeded():
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            # Two transformer blocks in the deepest level, like SDXL's stacked blocks, so layer
+            # names with transformer_blocks.1 exist.
+            transformer_layers_per_block=(1, 1, 2),
+            norm_num_groups=8,
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            cross_attention_dim=2 * _CLIP_HIDDEN,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + _CLIP_HIDDEN,
+        )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip_text(with_projection=False),
+        text_encoder_2=_tiny_clip_text(with_projection=True),
+        tokenizer=clip_tokenizer(),
+        # The real SDXL tokenizer_2 pads with "!" (id 0).
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=unet,
+        # The scheduler SDXL base 1.0 ships with.
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _build_tiny_pixart() -> PixArtAlphaPipeline:
+    # sample_size=8 (a 64 px default) is none of PixArt's resolution-binning sizes (32/64/128):
+    # call this tiny model with use_resolution_binning=False (`call_defaults()` says so).
+    with _seeded():
+        transformer = PixArtTransformer2DModel(
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=32,
+            caption_channels=_T5_HIDDEN,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        )
+    return PixArtAlphaPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_tiny_t5(),
+        vae=_tiny_vae(),
+        transformer=transformer,
+        # PixArt-alpha ships the DPM-Solver++ multistep scheduler.
+        scheduler=DPMSolverMultistepScheduler(
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="linear",
+            num_train_timesteps=1000,
+        ),
+    )
+
+
+def _build_tiny_sd3() -> StableDiffusion3Pipeline:
+    # SD3 concatenates both CLIP hidden states on the feature axis and zero-pads them to the T5
+    # width, and its pooled input is both CLIP projections side by side.
+    with _seeded():
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=_T5_HIDDEN,
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * _CLIP_HIDDEN,
+            # Positions for latents up to 64x64 (512 px); the pipeline crops this table.
+            pos_embed_max_size=32,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        # The SD3 VAE's 16 latent channels and its latent shift and scale, read by the pipeline.
+        vae=_tiny_vae(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=_tiny_clip_text(with_projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_clip_text(with_projection=True),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=_tiny_t5(),
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
+def _build_tiny_flux() -> FluxPipeline:
+    # FLUX packs 2x2 latent patches into 64 channels (16 latent channels x 4); rotary axes must
+    # add up to the head dimension.  guidance_embeds=True gives FLUX.1-dev's distilled guidance
+    # (no CFG batch), the variant the grounding spec assumes.
+    with _seeded():
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_T5_HIDDEN,
+            pooled_projection_dim=_CLIP_HIDDEN,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+    return FluxPipeline(
+        # FLUX.1-dev's scheduler: resolution-dependent shift.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_tiny_vae(
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=_tiny_clip_text(with_projection=False),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_t5(),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+_TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
+    "tiny": _build_tiny_sd,
+    "tiny-sdxl": _build_tiny_sdxl,
+    "tiny-pixart": _build_tiny_pixart,
+    "tiny-sd3": _build_tiny_sd3,
+    "tiny-flux": _build_tiny_flux,
+}
+
+
+def is_tiny(name: str) -> bool:
+    """True for the seeded random-weight models built in code (`TINY_MODELS`)."""
+    return name in _TINY_BUILDERS
+
+
+def build_tiny(name: str) -> DiffusionPipeline:
+    """A fresh (uncached) tiny pipeline on CPU in float32; same weights on every call."""
+    if not is_tiny(name):
+        raise UserInputError(f"'{name}' is not a tiny model; choose one of {', '.join(TINY_MODELS)}.")
+    return _TINY_BUILDERS[name]()
+
+
+def _build_tiny_as(name: str, dtype: torch.dtype) -> DiffusionPipeline:
+    pipe = build_tiny(name)
+    # Built in float32; casting is skipped when not needed because diffusers warns on every cast.
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def save_tiny(name: str, folder: str | os.PathLike) -> Path:
+    """Save a tiny model in diffusers `save_pretrained` layout (safetensors); returns the folder."""
+    folder = Path(folder)
+    build_tiny(name).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Families
+
+
+def family(pipe: DiffusionPipeline) -> str:
+    """"sd", "sdxl", "pixart", "sd3" or "flux" from the denoiser's class; "other" otherwise.
+
+    Decided from the components rather than the pipeline class so that every variant derived
+    with `from_pipe` (inpainting, img2img, ControlNet, ...) keeps its backbone's family.
+    """
+    components = pipe.components
+    denoiser = components.get("transformer") or components.get("unet")
+    if isinstance(denoiser, UNet2DConditionModel):
+        return "sdxl" if denoiser.config.addition_embed_type == "text_time" else "sd"
+    if isinstance(denoiser, PixArtTransformer2DModel):
+        return "pixart"
+    if isinstance(denoiser, SD3Transformer2DModel):
+        return "sd3"
+    if isinstance(denoiser, FluxTransformer2DModel):
+        return "flux"
+    return "other"
+
+
+_PIPELINE_CLASS_FAMILY = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "PixArtAlphaPipeline": "pixart",
+    "PixArtSigmaPipeline": "pixart",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+
+
+def describe(name_or_pipe: str | DiffusionPipeline) -> str:
+    """One line for the UI, e.g. "SD 1.x UNet" or "FLUX MMDiT (tiny, random weights)".
+
+    Tiny names and local diffusers folders are described without loading anything; any other
+    name is loaded (and cached) first, because only its components tell the family.
+    """
+    if isinstance(name_or_pipe, DiffusionPipeline):
+        return FAMILY_LABELS[family(name_or_pipe)]
+    name = str(name_or_pipe)
+    if is_tiny(name):
+        return f"{FAMILY_LABELS[_TINY_FAMILY[name]]} (tiny, random weights)"
+    folder = BUILTIN_DIR if name == "builtin" else Path(name).expanduser()
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        class_name = json.loads(index_file.read_text()).get("_class_name", "")
+        label = FAMILY_LABELS[_PIPELINE_CLASS_FAMILY.get(class_name, "other")]
+        return f"{label} (built-in)" if name == "builtin" else label
+    return FAMILY_LABELS[family(load(name))]
+
+
+def call_defaults(pipe: DiffusionPipeline) -> dict:
+    """Keyword arguments to add to `pipe(...)` so that this model accepts any size, quietly.
+
+    PixArt pipelines snap sizes to aspect-ratio bins that exist only for sample sizes 32, 64 and
+    128 (256/512/1024 px models) and raise for anything else, such as the tiny model.
+    """
+    if family(pipe) != "pixart":
+        return {}
+    defaults = {}
+    if pipe.transformer.config.sample_size not in (32, 64, 128):
+        defaults["use_resolution_binning"] = False
+    # Caption cleaning needs beautifulsoup4 and ftfy; without them the pipeline prints a long
+    # notice on every call and then skips cleaning anyway.
+    if importlib.util.find_spec("bs4") is None or importlib.util.find_spec("ftfy") is None:
+        defaults["clean_caption"] = False
+    return defaults
+
+
+# --------------------------------------------------------------------------------------------
+# Loading from disk and from the hub
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+# How long to wait for the hub to answer before calling it unreachable.
+_HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    # diffusers renamed `torch_dtype` to `dtype` (the old name warns); older releases within
+    # our supported range only know `torch_dtype`.
+    try:
+        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    if not (folder / "model_index.json").is_file():
+        raise UserInputError(
+            f"The folder '{folder}' is not a diffusers model folder (it has no model_index.json)."
+        )
+    try:
+        return DiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, **_dtype_kwarg(dtype)
+        )
+    except OSError as error:
+        # Missing or unreadable weight files; the most common cause is a folder saved with
+        # pickled .bin weights, which we do not load.
+        raise UserInputError(
+            f"Could not load the diffusers folder '{folder}' (weights must be .safetensors): "
+            f"{_first_line(error)}"
+        ) from error
+
+
+class _LazyCheckpoint(Mapping):
+    """A .safetensors file's tensors by name, each read from disk only when asked for.
+
+    diffusers' architecture detection looks at key names and a few tensor shapes; this lets it
+    run without reading gigabytes twice (from_single_file reads the whole file afterwards).
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._handle = safe_open(str(path), framework="pt")
+        self._keys = list(self._handle.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _open_checkpoint(path: Path) -> _LazyCheckpoint:
+    try:
+        return _LazyCheckpoint(path)
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise UserInputError(f"'{path}' is not a readable .safetensors file: {_first_line(error)}") from error
+
+
+def _single_file_pipeline_class(checkpoint: Mapping, path: Path) -> type[DiffusionPipeline]:
+    """Guess the pipeline from the checkpoint's tensor names."""
+    keys = list(checkpoint.keys())
+    if any(key.startswith("conditioner.embedders.1") for key in keys):
+        return StableDiffusionXLPipeline
+    if any(key.startswith("model.diffusion_model.joint_blocks.") for key in keys):
+        return StableDiffusion3Pipeline
+    if any(key.startswith("model.diffusion_model.input_blocks.") for key in keys):
+        return StableDiffusionPipeline
+    if any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys):
+        raise UserInputError(
+            f"'{path.name}' holds only a FLUX transformer; pass a complete diffusers FLUX folder instead."
+        )
+    raise UserInputError(
+        f"'{path.name}' is not a recognised SD 1.x/2.x, SDXL or SD3 single-file checkpoint."
+    )
+
+
+def _single_file_config_folder(checkpoint: Mapping, path: Path, pipeline_class: type) -> str:
+    """The cached diffusers config folder of the checkpoint's base model, without the network.
+
+    from_single_file would silently go online when this config is not cached, even with
+    local_files_only=True, so look it up here and hand the folder over explicitly.
+    """
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+
+    config_repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+    try:
+        return snapshot_download(
+            config_repo,
+            local_files_only=True,
+            allow_patterns=["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"],
+        )
+    except Exception as error:  # LocalEntryNotFoundError and friends: not in the cache
+        raise UserInputError(
+            f"Loading '{path.name}' needs the config of '{config_repo}', which is not in the local "
+            "Hugging Face cache: on a machine with internet run "
+            f"`{pipeline_class.__name__}.from_single_file('{path.name}').save_pretrained('FOLDER')` "
+            "and pass that folder instead."
+        ) from error
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    suffix = path.suffix.lower()
+    if suffix in _PICKLE_SUFFIXES:
+        raise UserInputError(
+            f"'{path.name}' is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "convert it to .safetensors (or a diffusers folder) and pass that instead."
+        )
+    if suffix != ".safetensors":
+        raise UserInputError(f"'{path.name}' is neither a diffusers folder nor a .safetensors checkpoint.")
+    checkpoint = _open_checkpoint(path)
+    pipeline_class = _single_file_pipeline_class(checkpoint, path)
+    config_folder = _single_file_config_folder(checkpoint, path, pipeline_class)
+    return pipeline_class.from_single_file(
+        str(path), config=config_folder, local_files_only=True, **_dtype_kwarg(dtype)
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cached_index = try_to_load_from_cache(repo_id, "model_index.json")
+    if isinstance(cached_index, str):
+        return DiffusionPipeline.from_pretrained(
+            repo_id, local_files_only=True, use_safetensors=True, **_dtype_kwarg(dtype)
+        )
+
+    unreachable = (
+        f"The model '{repo_id}' is not in the local Hugging Face cache and the hub cannot be "
+        f"reached: run `huggingface-cli download {repo_id}` on a machine with internet, or pass a "
+        "local diffusers folder."
+    )
+    if _hub_offline():
+        raise UserInputError(unreachable)
+    # One quick metadata request decides whether downloading can work at all; without it a
+    # missing network surfaces only after the hub client's retries and long timeouts.
+    from huggingface_hub import model_info
+
+    try:
+        model_info(repo_id, timeout=_HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError as error:
+        raise UserInputError(
+            f"The model '{repo_id}' is gated: accept its licence on huggingface.co and log in with "
+            "`huggingface-cli login`, or pass a local diffusers folder."
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise UserInputError(f"There is no model '{repo_id}' on the Hugging Face hub.") from error
+    except Exception as error:  # connection, DNS, TLS and timeout errors of the HTTP client
+        raise UserInputError(unreachable) from error
+    # safetensors only: pickled .bin weights can run code when loaded
+    return DiffusionPipeline.from_pretrained(repo_id, use_safetensors=True, **_dtype_kwarg(dtype))
+
+
+def _resolve(name_or_path: str) -> tuple[str, Callable[[torch.dtype], DiffusionPipeline]]:
+    """The cache key for a user-given name, and how to build the pipeline if it is not cached."""
+    name = str(name_or_path).strip()
+    if not name:
+        raise UserInputError("No model was given; use 'tiny', a local folder or a hub id.")
+    if is_tiny(name):
+        return name, lambda dtype: _build_tiny_as(name, dtype)
+    if name == "builtin":
+        if not (BUILTIN_DIR / "model_index.json").is_file():
+            raise UserInputError(
+                "The built-in model is not shipped yet; use 'tiny' or a local checkpoint instead."
+            )
+        return f"builtin:{BUILTIN_DIR}", lambda dtype: _load_folder(BUILTIN_DIR, dtype)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        folder = path.resolve()
+        return str(folder), lambda dtype: _load_folder(folder, dtype)
+    if path.is_file():
+        file = path.resolve()
+        return str(file), lambda dtype: _load_single_file(file, dtype)
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return f"hub:{name}", lambda dtype: _load_hub(name, dtype)
+    if name.startswith((".", "/", "~")) or os.sep in name or path.suffix:
+        raise UserInputError(f"There is no file or folder at '{name}'.")
+    raise UserInputError(
+        f"'{name}' is not a built-in model ({', '.join(BUILTIN_NAMES)}), an existing local path or a "
+        "hub id of the form owner/name."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+
+_cache: dict[tuple, DiffusionPipeline] = {}
+# Gradio serves tabs from several threads: one lock keeps two tabs from loading the same model
+# twice.  Re-entrant because load_as() calls load().
+_cache_lock = threading.RLock()
+
+
+def load(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> DiffusionPipeline:
+    """The pipeline for a built-in name, local folder, `.safetensors` file or hub id (cached).
+
+    `device` defaults to CUDA, then MPS, then CPU; `dtype` to bfloat16 (float16 on GPUs without
+    bf16) on GPUs and float32 on CPU.  Strings like "cuda" or "float16" are accepted.  The same
+    arguments return the same object; treat it as shared.
+    """
+    resolved_device = _resolve_device(device)
+    resolved_dtype = _resolve_dtype(dtype, resolved_device)
+    key, build = _resolve(name_or_path)
+    cache_key = (key, str(resolved_device), resolved_dtype)
+    with _cache_lock:
+        pipe = _cache.get(cache_key)
+        if pipe is None:
+            # Loaders get the dtype up front (from_pretrained keeps the modules a model marks
+            # as float32-only in float32); only the device move is left.
+            pipe = build(resolved_dtype).to(resolved_device)
+            # results record the model by the name the user gave (tiny pipelines have none)
+            if not pipe.name_or_path:
+                pipe.register_to_config(_name_or_path=str(name_or_path).strip())
+            _cache[cache_key] = pipe
+        return pipe
+
+
+def load_as(
+    name_or_path: str,
+    pipeline_class: type[DiffusionPipeline],
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> DiffusionPipeline:
+    """`pipeline_class.from_pipe(load(...))`, cached: another task's pipeline on the same weights.
+
+    The derived pipeline shares every module with the base one (no copy, no reload).
+    """
+    base = load(name_or_path, device, dtype)
+    resolved_device = _resolve_device(device)
+    key, _ = _resolve(name_or_path)
+    cache_key = (key, str(resolved_device), _resolve_dtype(dtype, resolved_device), pipeline_class)
+    with _cache_lock:
+        pipe = _cache.get(cache_key)
+        if pipe is None:
+            if type(base) is pipeline_class:
+                pipe = base
+            else:
+                pipe = pipeline_class.from_pipe(base)
+            _cache[cache_key] = pipe
+        return pipe
+
+
+def clear_cache() -> None:
+    """Forget every cached pipeline (and free GPU memory they alone held)."""
+    with _cache_lock:
+        _cache.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
