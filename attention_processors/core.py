@@ -1,0 +1,324 @@
+"""The one mechanism every method in this project is built on.
+
+A method is an `AttentionController`: it says which attention layers it wants (a predicate on the
+diffusers layer name) and, on those layers only, what to do with one attention call:
+
+- ``bias``     add a float bias to the logits (passed to SDPA as ``attn_mask``; e.g. -inf-like on
+               masked keys, or ``log g`` to rescale probabilities by ``g`` and renormalise);
+- ``rescale``  edit explicit probabilities (only when ``needs_probabilities`` says so: this is the
+               one path that materialises the N_q x N_k matrix, so methods use it sparingly);
+- ``capture``  read what it needs from the call (`AttentionCall.text_probs` computes only the
+               image-query x text-key slice, in float32, for the rows asked for);
+- ``post``     transform the image-token output the block is about to add to its residual.
+
+`attach(denoiser, controller)` installs the processors of `attention_processors.processors` on
+the selected layers for the duration of one call and restores the previous processor objects on
+exit, also when the call raises.  Unselected layers keep their stock fused-SDPA processor and
+pay nothing.  A forward pre-hook on the denoiser keeps the per-call `ControlState` current: the
+step index advances once per denoising step (derived from the timestep, never by counting layer
+calls), the latent grid is read from the model input so masks and maps can be resized to any
+layer's token grid for any aspect ratio, and FLUX's text length is read from the text sequence.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .grids import token_grid
+
+# SDPA needs a float mask in the query dtype; masked keys get the dtype's minimum rather than
+# -inf so that a row with every key masked degrades to a uniform softmax instead of NaN.
+def masked_value(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+@dataclass
+class ControlState:
+    """Per-call state shared by the controller and every processor it installed.
+
+    row_roles: what each equal chunk of the batch is, in order, e.g. ``("uncond", "cond")`` for
+        a classifier-free-guidance batch of SD/SDXL/SD3/PixArt.  The pipeline declares it; the
+        processors never infer halves.
+    latent_hw: spatial size of the denoiser's input grid (latent H and W; for FLUX the packed
+        token grid).  Set by the pre-hook on every forward.
+    n_txt: number of text tokens in FLUX's single-stream (concatenated) sequences.
+    step: denoising step index; -1 before the first step.
+    """
+
+    row_roles: tuple[str, ...] = ("cond",)
+    latent_hw: tuple[int, int] | None = None
+    n_txt: int | None = None
+    step: int = -1
+    timestep: float | None = None
+
+    def begin_step(self, timestep: float | torch.Tensor) -> None:
+        """Advance the step index if this timestep differs from the last one seen.
+
+        Several forwards within one step (separate CFG passes, extra guidance forwards,
+        gradient-checkpoint recomputation) share a timestep and therefore a step index.
+        """
+        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        if value != self.timestep:
+            self.timestep = value
+            self.step += 1
+
+    def rows(self, role: str, batch_size: int) -> slice:
+        """Batch rows holding `role` (e.g. "cond") in a batch of `batch_size`."""
+        if role not in self.row_roles:
+            raise KeyError(f"row role {role!r} is not in this call's roles {self.row_roles}")
+        n = len(self.row_roles)
+        if batch_size % n:
+            raise ValueError(f"batch of {batch_size} cannot hold the {n} row roles {self.row_roles}")
+        per_role = batch_size // n
+        i = self.row_roles.index(role)
+        return slice(i * per_role, (i + 1) * per_role)
+
+    def grid(self, n_tokens: int) -> tuple[int, int]:
+        """Token grid (h, w) of a layer with `n_tokens` image tokens."""
+        if self.latent_hw is None:
+            raise RuntimeError("latent size unknown: attach() must wrap the denoiser's forward")
+        return token_grid(n_tokens, self.latent_hw)
+
+
+@dataclass
+class AttentionCall:
+    """One attention computation in a selected layer, as the processor prepared it.
+
+    query/key/value are in SDPA layout (B, heads, N, head_dim), after every norm and rotary
+    embedding the stock processor applies.  For joint attention they hold the concatenated
+    sequence in the model's own order; `image_queries` and `text_keys` say where the image-token
+    queries and the text-token keys are (text_keys is None for self-attention).
+    """
+
+    name: str
+    kind: str  # "self" | "cross" | "joint" | "single"
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    image_queries: slice
+    text_keys: slice | None
+    state: ControlState
+    attn_mask: torch.Tensor | None = None  # the model's own mask plus the controller's bias
+    logit_scale: float | None = None  # None: SDPA's default 1/sqrt(head_dim)
+    probs: torch.Tensor | None = None  # explicit probabilities, only on the needs_probabilities path
+    _grid: tuple[int, int] | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def n_image(self) -> int:
+        s = self.image_queries
+        return s.stop - s.start
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Image token grid (h, w) of this layer, from the latent size: any aspect ratio."""
+        if self._grid is None:
+            self._grid = self.state.grid(self.n_image)
+        return self._grid
+
+    @property
+    def scale(self) -> float:
+        return self.logit_scale if self.logit_scale is not None else self.query.shape[-1] ** -0.5
+
+    def rows(self, role: str) -> slice:
+        return self.state.rows(role, self.batch_size)
+
+    def _mask_slice(self, rows: slice, queries: slice, keys: slice) -> torch.Tensor | None:
+        if self.attn_mask is None:
+            return None
+        m = self.attn_mask
+        # the mask broadcasts over (B, heads, N_q, N_k): slice only the dimensions it really has
+        b = rows if m.shape[0] != 1 else slice(None)
+        q = queries if m.shape[-2] != 1 else slice(None)
+        return m[b, :, q, keys].float()
+
+    def text_logits(self, rows: slice = slice(None), keys: slice | None = None) -> torch.Tensor:
+        """float32 logits (b, heads, N_img, n_keys) of image queries on text keys, mask included.
+
+        `keys` selects a part of the text, relative to the start of the text (e.g. SD3's 77
+        CLIP tokens); by default all text keys.
+        """
+        if self.text_keys is None:
+            raise RuntimeError(f"{self.name} is self-attention: it has no text keys")
+        key_slice = _sub_slice(self.text_keys, keys)
+        q = self.query[rows, :, self.image_queries].float()
+        k = self.key[rows, :, key_slice].float()
+        logits = (q @ k.transpose(-1, -2)) * self.scale
+        mask = self._mask_slice(rows, self.image_queries, key_slice)
+        return logits if mask is None else logits + mask
+
+    def text_probs(
+        self,
+        rows: slice = slice(None),
+        keys: slice | None = None,
+        norm: str = "text_softmax",
+        chunk: int = 1024,
+    ) -> torch.Tensor:
+        """float32 attention probabilities (b, heads, N_img, n_keys) of image queries on text keys.
+
+        norm="text_softmax": softmax over the selected text keys only.  For UNet/PixArt
+            cross-attention, whose keys are all text, this is the true attention probability.
+        norm="full_row": the true probabilities of a joint layer, exp(logit - LSE over all keys,
+            image keys included).  The normaliser is computed in query chunks of `chunk`
+            rows: the image x image logits exist one chunk at a time and are never stored.
+        """
+        if self.probs is not None:  # the explicit path already holds the true probabilities
+            key_slice = _sub_slice(self.text_keys, keys)
+            p = self.probs[rows, :, self.image_queries, key_slice].float()
+            return p if norm == "full_row" else p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        logits = self.text_logits(rows, keys)
+        if norm == "text_softmax":
+            return logits.softmax(-1)
+        if norm != "full_row":
+            raise ValueError(f"unknown norm {norm!r}: use 'text_softmax' or 'full_row'")
+        q_all = self.query[rows, :, self.image_queries].float()
+        k_all = self.key[rows].float()
+        lse = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+        start = self.image_queries.start
+        for c in range(0, q_all.shape[2], chunk):
+            block = (q_all[:, :, c : c + chunk] @ k_all.transpose(-1, -2)) * self.scale
+            mask = self._mask_slice(rows, slice(start + c, start + c + block.shape[2]), slice(None))
+            if mask is not None:
+                block = block + mask
+            lse[:, :, c : c + chunk] = block.logsumexp(-1)
+        return (logits - lse.unsqueeze(-1)).exp()
+
+
+def _sub_slice(outer: slice, inner: slice | None) -> slice:
+    if inner is None:
+        return outer
+    start = outer.start + (inner.start or 0)
+    stop = outer.stop if inner.stop is None else outer.start + inner.stop
+    if stop > outer.stop or start > stop:
+        raise ValueError(f"text key range {inner} lies outside the {outer.stop - outer.start} text keys")
+    return slice(start, stop)
+
+
+class AttentionController:
+    """Base class of every method: override what the method needs, leave the rest.
+
+    All hooks run only on layers for which `select` returned True, inside the processor, once per
+    attention call.  `state` is bound into the processors when they are installed, so hooks can
+    read the step index, the batch roles and the latent grid.
+    """
+
+    def __init__(self, state: ControlState | None = None):
+        self.state = state or ControlState()
+
+    def select(self, name: str) -> bool:
+        """Whether to control the layer called `name` (e.g. 'up_blocks.1.attentions.0.transformer_blocks.0.attn2')."""
+        return False
+
+    def bias(self, call: AttentionCall) -> torch.Tensor | None:
+        """Additive float bias broadcastable to (B, heads, N_q, N_k), or None."""
+        return None
+
+    def softmax_scale(self, call: AttentionCall) -> float | None:
+        """Logit scale (a softmax temperature); None keeps the model's 1/sqrt(head_dim)."""
+        return None
+
+    def needs_probabilities(self, call: AttentionCall) -> bool:
+        """True to compute explicit float32 probabilities (and call `rescale`) instead of SDPA."""
+        return False
+
+    def rescale(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
+        """Edit explicit probabilities (B, heads, N_q, N_k); return the tensor to mix values with."""
+        return probs
+
+    def capture(self, call: AttentionCall) -> None:
+        """Read what the method needs from the call after the attention was computed."""
+
+    def post(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
+        """Transform the image-token attention output (B, N_img, C) before the residual add."""
+        return output
+
+
+def combine_masks(model_mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Sum the model's own float mask and a controller bias, finite in `dtype`."""
+    if bias is None:
+        return model_mask
+    bias = bias.to(dtype)
+    while bias.ndim < 4:  # accept (N_k,), (N_q, N_k), ... and make it (…, N_q, N_k) 4-D for slicing
+        bias = bias.unsqueeze(0)
+    if model_mask is None:
+        return bias
+    # two dtype-min values would overflow to -inf; keep the sum finite
+    return (model_mask.to(dtype) + bias).clamp_min(masked_value(dtype))
+
+
+def controlled_attention(controller: AttentionController, call: AttentionCall) -> torch.Tensor:
+    """Attention output (B, heads, N_q, head_dim) of a selected layer, with the controller's hooks."""
+    q, k, v = call.query, call.key, call.value
+    call.attn_mask = combine_masks(call.attn_mask, controller.bias(call), q.dtype)
+    call.logit_scale = controller.softmax_scale(call)
+    if controller.needs_probabilities(call):
+        logits = (q.float() @ k.float().transpose(-1, -2)) * call.scale
+        if call.attn_mask is not None:
+            logits = logits + call.attn_mask.float()
+        call.probs = controller.rescale(call, logits.softmax(-1))
+        out = (call.probs.to(v.dtype) @ v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.logit_scale)
+    controller.capture(call)
+    return out
+
+
+def _denoiser_state_hook(controller: AttentionController, signature: inspect.Signature, track_steps: bool):
+    state = controller.state
+
+    def hook(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        sample = bound.get("sample", bound.get("hidden_states"))
+        img_ids = bound.get("img_ids")
+        if img_ids is not None:  # FLUX: packed tokens; the grid is in the position ids
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            state.latent_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            text = bound.get("encoder_hidden_states")
+            state.n_txt = None if text is None else text.shape[1]
+        elif sample is not None and sample.ndim == 4:
+            state.latent_hw = tuple(sample.shape[-2:])
+        timestep = bound.get("timestep")
+        if track_steps and timestep is not None:
+            state.begin_step(timestep)
+        return None
+
+    return hook
+
+
+@contextmanager
+def attach(denoiser: torch.nn.Module, controller: AttentionController, track_steps: bool = True) -> Iterator[AttentionController]:
+    """Install `controller`'s processors on `denoiser` (a UNet or a transformer) for one call.
+
+    Only layers with ``controller.select(name)`` get a controlled processor; every other layer
+    keeps its processor object.  On exit the original objects are restored, also on exceptions.
+    With `track_steps=False` the caller owns the denoising loop and sets ``state.step`` itself.
+    """
+    from .processors import controlled_processor_for
+
+    original = denoiser.attn_processors  # a fresh dict: set_attn_processor pops what it is given
+    replaced = {}
+    for key, processor in original.items():
+        name = key[: -len(".processor")]
+        if controller.select(name):
+            replaced[key] = controlled_processor_for(name, processor, controller)
+    if not replaced:
+        raise ValueError(f"{type(controller).__name__} selected none of the {len(original)} attention layers")
+    denoiser.set_attn_processor({k: replaced.get(k, p) for k, p in original.items()})
+    signature = inspect.signature(denoiser.forward)
+    handle = denoiser.register_forward_pre_hook(
+        _denoiser_state_hook(controller, signature, track_steps), with_kwargs=True
+    )
+    try:
+        yield controller
+    finally:
+        handle.remove()
+        denoiser.set_attn_processor(dict(original))

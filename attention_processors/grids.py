@@ -1,0 +1,52 @@
+"""Token grids of attention layers, and resizing masks and maps onto them.
+
+Image tokens of a layer form a grid derived from the latent size, never from sqrt(N), so every
+aspect ratio works: a UNet level k has (ceil(H/2^k), ceil(W/2^k)) tokens, a DiT with patch p has
+(H/p, W/p), FLUX's packed sequence is its own grid (factor 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def token_grid(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of `n_tokens` image tokens in a model whose input grid is `latent_hw`."""
+    height, width = latent_hw
+    for f in _FACTORS:
+        h, w = math.ceil(height / f), math.ceil(width / f)
+        if h * w == n_tokens:
+            return h, w
+    raise ValueError(f"{n_tokens} image tokens match no downsampling of the {height}x{width} latent grid")
+
+
+def resize_to_grid(maps: torch.Tensor, grid: tuple[int, int], hard: bool = False) -> torch.Tensor:
+    """Resize (..., H, W) masks or maps to `grid`.
+
+    Hard (binary) masks use adaptive max-pooling when shrinking, so a thin object never vanishes
+    from a coarse layer (dilating); soft maps use area averaging when shrinking and bilinear
+    interpolation when growing.
+    """
+    lead = maps.shape[:-2]
+    x = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    if tuple(x.shape[-2:]) != tuple(grid):
+        shrinking = x.shape[-2] >= grid[0] and x.shape[-1] >= grid[1]
+        if hard and shrinking:
+            x = F.adaptive_max_pool2d(x, grid)
+        elif hard:
+            x = F.interpolate(x, size=grid, mode="nearest")
+        elif shrinking:
+            x = F.adaptive_avg_pool2d(x, grid)
+        else:
+            x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+    return x.reshape(*lead, *grid)
+
+
+def mask_to_tokens(mask: torch.Tensor, grid: tuple[int, int], hard: bool = True) -> torch.Tensor:
+    """A (..., H, W) mask as (..., h*w) per-token values for a layer with token grid `grid`."""
+    return resize_to_grid(mask, grid, hard=hard).flatten(-2)

@@ -1,0 +1,129 @@
+"""Cross-attention heatmaps (what DAAM does), as a capture-only controller.
+
+For every selected text-attention layer and every denoising step, take the attention of the
+image queries of the conditional rows on the text keys, average the heads at once and add the
+(h, w) map of that layer to a running sum kept per token grid.  Resizing is linear, so the sums
+are resized to the denoiser's input grid once, at the end.  Nothing else is stored: memory is one
+(batch, tokens, h, w) float32 buffer per grid size, whatever the number of layers and steps.  The model output is untouched (SDPA still computes it).
+
+Differences from DAAM (Tang et al., 2023), all deliberate:
+- maps are resized bilinearly to the latent grid (DAAM: bicubic to 64x64), so non-square images
+  keep their aspect ratio;
+- joint-attention models (SD3, FLUX) have no cross-attention; there the map is the softmax over
+  the chosen part of the text keys only (RefAM's `text_softmax`; `norm="full_row"` gives the
+  true joint probabilities at the price of a chunked normaliser per layer).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .core import AttentionCall, AttentionController, ControlState
+
+# Text-attention layers: UNet/PixArt cross-attention (attn2) and SD3/FLUX joint attention (attn).
+# SD3.5's `attn2` is image-only self-attention: it is selected by name but skipped at capture
+# because its calls carry no text keys.
+_TEXT_LAYER = re.compile(r"(^|\.)attn2?$")
+_DIT_BLOCK = re.compile(r"^(single_)?transformer_blocks\.(\d+)\.")
+
+LAYER_GROUPS = ("all", "down", "mid", "up")
+
+
+def text_attention_layers(layer_names: Iterable[str], where: str = "all") -> set[str]:
+    """The text-attention layers among `layer_names`, restricted to a part of the network.
+
+    UNets: "down", "mid", "up" are their blocks.  Transformers (PixArt, SD3, FLUX) have no such
+    blocks; there the three groups are the first, middle and last third of the blocks in
+    execution order (FLUX runs every dual-stream block before the single-stream ones).
+    """
+    if where not in LAYER_GROUPS:
+        raise ValueError(f"unknown layer group {where!r}; choose one of {', '.join(LAYER_GROUPS)}")
+    names = [n for n in layer_names if _TEXT_LAYER.search(n) and not n.endswith("attn1")]
+    unet = [n for n in names if n.startswith(("down_blocks", "mid_block", "up_blocks"))]
+    if where == "all":
+        return set(names)
+    if unet:
+        prefix = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[where]
+        return {n for n in unet if n.startswith(prefix)}
+
+    def depth(name: str) -> tuple[int, int]:
+        m = _DIT_BLOCK.match(name)
+        return (1 if m.group(1) else 0, int(m.group(2))) if m else (2, 0)
+
+    ordered = sorted({depth(n) for n in names})
+    third = {"down": 0, "mid": 1, "up": 2}[where]
+    lo, hi = len(ordered) * third // 3, len(ordered) * (third + 1) // 3
+    keep = set(ordered[lo:max(hi, lo + 1)])
+    return {n for n in names if depth(n) in keep}
+
+
+class CrossAttentionHeatmaps(AttentionController):
+    """Accumulate head-averaged text attention maps of one batch role over layers and steps.
+
+    layers: names of the layers to capture (see `text_attention_layers`).
+    role: which batch rows to read (the pipeline declares ``state.row_roles``).
+    text_part: which text keys are the prompt's tokens, relative to the text sequence (SD3's
+        first 77 keys are CLIP tokens, then T5; None: all).  In joint layers the softmax is taken
+        over this part; in cross-attention layers over all keys (the true probabilities).
+    keep: keep only the first `keep` tokens of `text_part` (the prompt and its end token):
+        padding columns are never accumulated.
+    steps: predicate on the step index (None: every step).
+    """
+
+    def __init__(
+        self,
+        layers: set[str],
+        role: str = "cond",
+        text_part: slice | None = None,
+        keep: int | None = None,
+        steps: Callable[[int], bool] | None = None,
+        norm: str = "text_softmax",
+        state: ControlState | None = None,
+    ):
+        super().__init__(state)
+        self.layers = set(layers)
+        self.role = role
+        self.text_part = text_part
+        self.keep = keep
+        self.steps = steps
+        self.norm = norm
+        # running sums per token grid: resizing is linear, so maps are resized once, in maps()
+        self._sums: dict[tuple[int, int], torch.Tensor] = {}
+        self.count = 0
+
+    def select(self, name: str) -> bool:
+        return name in self.layers
+
+    def capture(self, call: AttentionCall) -> None:
+        if call.text_keys is None or (self.steps is not None and not self.steps(call.state.step)):
+            return
+        rows = call.rows(self.role)
+        with torch.no_grad():
+            if call.kind == "cross":  # every key is text: true probabilities over all of them
+                probs = call.text_probs(rows)[..., self.text_part or slice(None)]
+            else:
+                probs = call.text_probs(rows, keys=self.text_part, norm=self.norm)
+            probs = probs[..., : self.keep]
+            maps = probs.mean(1)  # heads first: (b, N_img, T)
+            b, _, t = maps.shape
+            h, w = call.grid
+            maps = maps.transpose(1, 2).reshape(b, t, h, w)
+            previous = self._sums.get((h, w))
+            self._sums[(h, w)] = maps if previous is None else previous + maps
+            self.count += 1
+
+    def maps(self) -> torch.Tensor:
+        """Mean map per kept token, float32 (batch, tokens, H_latent, W_latent)."""
+        if not self._sums:
+            raise RuntimeError("no attention was captured: no selected layer ran")
+        target = tuple(self.state.latent_hw)
+        total = 0
+        for grid, summed in self._sums.items():
+            if grid != target:
+                summed = F.interpolate(summed, size=target, mode="bilinear", align_corners=False)
+            total = total + summed
+        return total / self.count
