@@ -1,0 +1,252 @@
+"""The "Attention maps" task: generate an image and one heatmap per prompt word (DAAM).
+
+The stock diffusers pipeline runs unchanged; `CrossAttentionHeatmaps` is attached to the
+text-attention layers for the duration of the call and accumulates the conditional rows'
+head-averaged maps over layers and steps.  Tokens are then merged into the words of the prompt
+(multi-token words summed, as DAAM does), each word map is upsampled to the image size and
+min-max normalised.
+
+Which text keys hold the prompt differs per family: SD/SDXL/PixArt cross-attention keys are the
+tokens of `pipe.tokenizer`; SD3's joint text is 77 CLIP tokens then T5 tokens (we read the CLIP
+part); FLUX's is T5 only (`pipe.tokenizer_2`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from attention_processors import ControlState, attach
+from attention_processors.heatmaps import LAYER_GROUPS, CrossAttentionHeatmaps, text_attention_layers
+
+from . import models
+from .errors import UserInputError
+
+LAYER_CHOICES = LAYER_GROUPS
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+MIN_SIDE, MAX_SIDE = 64, 2048
+_WORD = re.compile(r"[\w]+(?:['’-][\w]+)*")
+
+
+@dataclass
+class AttentionMapsResult:
+    image: Image.Image
+    words: list[str]  # prompt words in order, multi-token words merged
+    maps: np.ndarray  # float32 (len(words), H, W) in [0, 1], at image size
+    seed: int
+    params: dict = field(default_factory=dict)
+
+    def overlays(self, alpha: float = 0.5) -> list[tuple[Image.Image, str]]:
+        """(heatmap over the image, "i: word") per word, ready for a gallery."""
+        return [(overlay(self.image, m, alpha), f"{i}: {w}") for i, (w, m) in enumerate(zip(self.words, self.maps))]
+
+    def save(self, output: str | Path, heatmap_dir: str | Path | None = None) -> list[Path]:
+        """Write the image (parameters in its PNG text and a JSON sidecar) and the heatmaps."""
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        record = {**self.params, "seed": self.seed, "words": self.words}
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(record))
+        self.image.save(output, format="PNG", pnginfo=info)
+        sidecar = output.with_suffix(".json")
+        sidecar.write_text(json.dumps(record, indent=2))
+        written = [output, sidecar]
+        if heatmap_dir is not None:
+            heatmap_dir = Path(heatmap_dir)
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+            for i, (image, _) in enumerate(self.overlays()):
+                path = heatmap_dir / f"{i:02d}_{_file_safe(self.words[i])}.png"
+                image.save(path, format="PNG", pnginfo=info)
+                written.append(path)
+        return written
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """A [0, 1] map drawn over `image` with the JET colour map."""
+    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray(np.uint8(base * (1 - alpha) + colour.astype(np.float32) * alpha))
+
+
+def _file_safe(word: str) -> str:
+    return re.sub(r"[^\w-]+", "_", word)[:40] or "word"
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: the VAE factor, times the patch size of DiTs."""
+    fam = models.family(pipe)
+    vae_factor = getattr(pipe, "vae_scale_factor", 8)
+    if fam == "flux":
+        return vae_factor * 2  # 2x2 latent patches are packed into one token
+    if fam in ("sd3", "pixart"):
+        return vae_factor * pipe.transformer.config.patch_size
+    return vae_factor
+
+
+def default_size(pipe) -> tuple[int, int]:
+    """(height, width) the model was trained at."""
+    denoiser = _denoiser(pipe)
+    sample = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+    if isinstance(sample, (list, tuple)):
+        return int(sample[0]) * pipe.vae_scale_factor, int(sample[1]) * pipe.vae_scale_factor
+    side = int(sample) * pipe.vae_scale_factor
+    return side, side
+
+
+def _denoiser(pipe):
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def _text_layout(pipe) -> tuple:
+    """(tokenizer, max_length, text_part) of the text keys that hold the prompt."""
+    fam = models.family(pipe)
+    if fam == "flux":
+        return pipe.tokenizer_2, 512, None
+    if fam == "sd3":
+        return pipe.tokenizer, 77, slice(0, 77)  # CLIP part first, then T5
+    if fam == "pixart":
+        return pipe.tokenizer, 120, None
+    if fam in ("sd", "sdxl"):
+        return pipe.tokenizer, pipe.tokenizer.model_max_length, None
+    raise UserInputError(f"attention maps support SD, SDXL, PixArt, SD3 and FLUX models, not {type(pipe).__name__}")
+
+
+def prompt_words(prompt: str) -> list[tuple[str, int, int]]:
+    """Words of the prompt with their character spans; punctuation is not a word."""
+    return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(prompt)]
+
+
+def token_words(tokenizer, prompt: str, max_length: int) -> tuple[list[int | None], int]:
+    """Word index of every token position (None for special tokens), and the token count."""
+    encoded = tokenizer(prompt, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    words = prompt_words(prompt)
+    owners: list[int | None] = []
+    for start, end in encoded["offset_mapping"]:
+        owner = None
+        if end > start:
+            for i, (_, ws, we) in enumerate(words):
+                if start < we and end > ws:  # overlap (sentencepiece pieces may include the space)
+                    owner = i
+                    break
+        owners.append(owner)
+    return owners, len(encoded["input_ids"])
+
+
+def _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, layers) -> None:
+    if not prompt or not prompt.strip():
+        raise UserInputError("Please enter a prompt.")
+    if not prompt_words(prompt):
+        raise UserInputError("The prompt has no words to map; use letters or digits.")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserInputError(f"Steps must be between 1 and {MAX_STEPS}, not {steps}.")
+    fam = models.family(pipe)
+    if fam == "pixart" and steps < 2:
+        raise UserInputError("PixArt models need at least 2 steps.")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise UserInputError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
+    multiple = size_multiple(pipe)
+    for side_name, side in (("Height", height), ("Width", width)):
+        if side % multiple or not MIN_SIDE <= side <= MAX_SIDE:
+            raise UserInputError(
+                f"{side_name} must be a multiple of {multiple} between {MIN_SIDE} and {MAX_SIDE} for this model, not {side}."
+            )
+    if layers not in LAYER_CHOICES:
+        raise UserInputError(f"Layers must be one of {', '.join(LAYER_CHOICES)}, not {layers!r}.")
+    if fam == "flux" and negative_prompt.strip():
+        raise UserInputError("FLUX models are guidance-distilled and take no negative prompt; leave it empty.")
+
+
+def _uses_cfg_batch(pipe, guidance: float) -> bool:
+    """Whether the pipeline stacks [uncond, cond] rows in one batch for this guidance."""
+    if models.family(pipe) == "flux":  # guidance is an embedding; no CFG batch
+        return False
+    return guidance > 1 and getattr(_denoiser(pipe).config, "time_cond_proj_dim", None) is None
+
+
+def generate_with_attention_maps(
+    pipe,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    layers: str = "all",
+) -> AttentionMapsResult:
+    """Generate one image and the attention heatmap of every word of `prompt`.
+
+    seed None (or negative) draws a random seed, reported in the result.  Raises
+    UserInputError for any input the model cannot take.
+    """
+    default_h, default_w = default_size(pipe)
+    height, width = int(height or default_h), int(width or default_w)
+    steps = int(steps)
+    guidance = float(guidance)
+    negative_prompt = negative_prompt or ""
+    _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, layers)
+    seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
+
+    denoiser = _denoiser(pipe)
+    tokenizer, max_length, text_part = _text_layout(pipe)
+    owners, n_tokens = token_words(tokenizer, prompt, max_length)
+    names = [key[: -len(".processor")] for key in denoiser.attn_processors]
+    selected = text_attention_layers(names, layers)
+    roles = ("uncond", "cond") if _uses_cfg_batch(pipe, guidance) else ("cond",)
+    controller = CrossAttentionHeatmaps(selected, text_part=text_part, keep=n_tokens, state=ControlState(row_roles=roles))
+
+    kwargs = dict(models.call_defaults(pipe))
+    fam = models.family(pipe)
+    if fam != "flux":
+        kwargs["negative_prompt"] = negative_prompt
+    if fam == "pixart":  # keep the prompt text as typed, so tokens map back onto its words
+        kwargs.update(clean_caption=False, use_resolution_binning=False)
+    generator = torch.Generator().manual_seed(seed)  # CPU generator: same image on any device
+    with attach(denoiser, controller):
+        image = pipe(
+            prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
+            height=height, width=width, generator=generator, **kwargs,
+        ).images[0]
+
+    token_maps = controller.maps()[0]  # (tokens, H_latent, W_latent)
+    words = prompt_words(prompt)
+    kept_words, word_maps, truncated = [], [], []
+    for i, (word, _, _) in enumerate(words):
+        columns = [t for t, owner in enumerate(owners) if owner == i]
+        if columns:
+            kept_words.append(word)
+            word_maps.append(token_maps[columns].sum(0))
+        else:  # past the tokenizer's limit: truncated away, so the model never saw it
+            truncated.append(word)
+    stacked = torch.stack(word_maps)[None]
+    stacked = F.interpolate(stacked, size=(height, width), mode="bilinear", align_corners=False)[0]
+    low = stacked.amin(dim=(1, 2), keepdim=True)
+    high = stacked.amax(dim=(1, 2), keepdim=True)
+    normalised = ((stacked - low) / (high - low).clamp_min(1e-12)).cpu().numpy().astype(np.float32)
+
+    params = {
+        "task": "attention_maps",
+        "model": pipe.name_or_path or type(pipe).__name__,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "height": height,
+        "width": width,
+        "layers": layers,
+        "captured_layers": len(selected),
+        "truncated_words": truncated,
+    }
+    return AttentionMapsResult(image=image, words=kept_words, maps=normalised, seed=seed, params=params)
