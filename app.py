@@ -1,0 +1,235 @@
+"""Front door: the Gradio app (`python app.py`) and the command line (`python app.py TASK ...`).
+
+    python app.py                      # = python app.py serve: the web app on 127.0.0.1:7860
+    python app.py serve --port 7861 --model path/to/model.safetensors
+    python app.py generate --prompt "a photo of a cat" --output cat.png --heatmaps cat_maps/
+
+Subcommands live in the `COMMANDS` registry: adding a task means adding one `Command` entry
+(a function that adds its arguments and a function that runs it).  Heavy imports (torch,
+diffusers, gradio) happen inside the commands, so `--help` is instant and importing this module
+launches nothing.
+
+A user mistake (bad argument, bad size, unknown model, missing file) prints one line
+`error: <sentence>` on stderr and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipelines.errors import UserInputError
+
+EXIT_USER_ERROR = 2
+DEFAULT_MODEL = "tiny"  # switch to "builtin" once our trained model ships
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error: ...` line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        fail(f"{message} (see '{self.prog} --help')")
+
+
+def fail(message: str) -> None:
+    message = " ".join(str(message).split())  # always one line
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def _auth(value: str) -> tuple[str, str]:
+    if value.count(":") != 1 or value.startswith(":") or value.endswith(":"):
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD with exactly one colon")
+    user, password = value.split(":")
+    return user, password
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 65535, not {value!r}")
+    return port
+
+
+def _positive_mb(value: str) -> float:
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1
+    if mb <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of megabytes, not {value!r}")
+    return mb
+
+
+def _device(value: str) -> str | None:
+    return None if value == "auto" else value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="built-in name (tiny, tiny-sdxl, tiny-pixart, tiny-sd3, tiny-flux), "
+                             "a hub id already downloaded, a local diffusers folder or a single "
+                             f".safetensors file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--device", default="auto", type=_device,
+                        help="auto, cpu, cuda, cuda:1, mps ... (default: auto)")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; "
+                             "0.0.0.0 exposes the app to your network)")
+    parser.add_argument("--port", default=7860, type=_port, help="port (default: 7860)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public *.gradio.live link (off by default)")
+    parser.add_argument("--auth", type=_auth, metavar="USER:PASSWORD",
+                        help="require this login in the browser")
+    parser.add_argument("--max-upload-mb", default=20.0, type=_positive_mb,
+                        help="largest file a user may upload, in MB (default: 20)")
+    add_model_args(parser)
+
+
+def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, outputs=None):
+    """Build the Gradio Blocks app (not launched). Returns `(blocks, context)`."""
+    import gradio as gr
+
+    from ui import attention_maps_tab
+    from ui.common import AppContext, OutputStore, header_markdown
+
+    ctx = AppContext(default_model=default_model, device=device,
+                     outputs=outputs if outputs is not None else OutputStore())
+    with gr.Blocks(title="Attention-layer editing", analytics_enabled=False,
+                   delete_cache=(3600, 24 * 3600)) as blocks:
+        gr.Markdown(header_markdown(default_model))
+        with gr.Tabs():
+            attention_maps_tab.build_tab(ctx)
+    blocks.queue(max_size=64)
+    return blocks, ctx
+
+
+# Small results (64 px from the tiny models) are scaled up, pixels kept sharp.
+APP_CSS = "#am-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    blocks, ctx = build_app(default_model=args.model, device=args.device)
+    blocks.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=args.auth,
+        max_file_size=int(args.max_upload_mb * 1024 * 1024),
+        allowed_paths=[str(ctx.outputs.root)],
+        ssr_mode=False,
+        show_error=True,
+        css=APP_CSS,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--negative-prompt", default="", help="what to avoid")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed (default: a random one, printed)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's size")
+    parser.add_argument("--height", type=int, default=None, help="default: the model's size")
+    parser.add_argument("--layers", default="all",
+                        help="which attention layers to average: all, down, mid, up (default: all)")
+    parser.add_argument("--output", type=Path, default=Path("outputs/attention_maps.png"),
+                        help="image to write; a JSON sidecar with the parameters goes next to it "
+                             "(default: outputs/attention_maps.png)")
+    parser.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
+                        help="folder for one heatmap PNG per word (default: next to --output, "
+                             "named <output>_heatmaps)")
+    add_model_args(parser)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pipelines import models
+    from pipelines.attention_maps import generate_with_attention_maps
+
+    output: Path = args.output
+    if output.suffix.lower() != ".png":
+        raise UserInputError(f"--output must be a .png file, not '{output}'.")
+    heatmap_dir = args.heatmaps or output.with_name(f"{output.stem}_heatmaps")
+
+    pipe = models.load(args.model, device=args.device)
+    result = generate_with_attention_maps(
+        pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+        layers=args.layers,
+    )
+    try:
+        written = result.save(output, heatmap_dir=heatmap_dir)
+    except OSError as error:
+        raise UserInputError(f"Cannot write the results: {error.strerror or error} "
+                             f"({error.filename or output}).") from error
+    for path in written:
+        print(path)
+    print(f"seed: {result.seed}")
+    return 0
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("launch the web app (the default when no command is given)",
+                     add_serve_args, run_serve),
+    "generate": Command("generate an image and one attention heatmap per prompt word",
+                        add_generate_args, run_generate),
+}
+DEFAULT_COMMAND = "serve"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CliParser(
+        prog="app.py",
+        description="Attention-layer editing of images and video with diffusion models. "
+                    f"Without a command, runs '{DEFAULT_COMMAND}'.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, DEFAULT_COMMAND)  # `python app.py --port 7861` means `serve --port 7861`
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except UserInputError as error:
+        fail(str(error))
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Launch `python app.py` in a subprocess for the API and browser tests (shared helper, not a test).
+
+    with launched_app("--model", "tiny") as server:
+        Client(server.url) ...
+
+The server runs in its own process group with its output in a log file (no pipe to fill up);
+it is terminated (then killed) when the block exits, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class AppServer:
+    url: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket LISTENing on `port` (Linux /proc/net), e.g. {'127.0.0.1'}."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A = LISTEN
+                continue
+            if width == 8:
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+            else:  # /proc stores IPv6 as four little-endian 32-bit words
+                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, 32, 8))
+                found.add(socket.inet_ntop(socket.AF_INET6, raw))
+    return found
+
+
+@contextlib.contextmanager
+def launched_app(*args: str, startup_timeout: float = 180.0):
+    """Run `python app.py --port <free> *args`; yield an `AppServer` once it answers HTTP."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
+               HF_HUB_OFFLINE="1")
+    log_file = tempfile.NamedTemporaryFile("w+b", prefix="app-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
+        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = AppServer(url=url, port=port, process=process, log_path=Path(log_file.name))
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {process.returncode}:\n{server.log()}")
+            try:
+                with urllib.request.urlopen(url + "/", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not answer within {startup_timeout}s:\n{server.log()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=15)
+        log_file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(log_file.name)
+
+
+# --------------------------------------------------------------------------- browser helpers
+
+CHROMIUM_PATH = "/usr/bin/chromium"  # Debian's chromium; we never run `playwright install`
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_path() -> str | None:
+    """Debian's chromium, or None when it is not installed."""
+    import shutil
+
+    if Path(CHROMIUM_PATH).is_file():
+        return CHROMIUM_PATH
+    return shutil.which("chromium")
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=chromium_path(), headless=True,
+                                      args=CHROMIUM_ARGS)
+
+
+def generate_attention_maps_in_browser(page, url: str, prompt: str = "a photo of a cat",
+                                       timeout_ms: int = 120_000) -> None:
+    """Open the app, fill the Attention maps tab (2 steps, 64 px), click Generate and wait
+    until the image and every heatmap of the gallery are shown."""
+    page.goto(url)
+    page.locator("#am-prompt textarea").fill(prompt)
+    page.locator("#am-steps input").fill("2")
+    page.locator("#am-width input").fill("64")
+    page.locator("#am-height input").fill("64")
+    page.locator("#am-generate").click()
+    page.locator("#am-image img").first.wait_for(state="visible", timeout=timeout_ms)
+    page.locator("#am-heatmaps .thumbnail-item img").first.wait_for(state="visible",
+                                                                    timeout=timeout_ms)

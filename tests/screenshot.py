@@ -1,0 +1,61 @@
+"""Save the README screenshot: the app after one generation with the tiny model.
+
+    python tests/screenshot.py [--output assets/screenshots/attention_maps.png] [--model tiny]
+
+Not a test (pytest does not collect it): it reuses the browser-test machinery, needs Debian's
+chromium, and writes a palette PNG kept under 300 KB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_server import ROOT, generate_attention_maps_in_browser, launch_chromium, launched_app  # noqa: E402
+
+MAX_BYTES = 300 * 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path,
+                        default=ROOT / "assets" / "screenshots" / "attention_maps.png")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--prompt", default="a photo of a cat")
+    args = parser.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    with launched_app("--model", args.model) as server, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            generate_attention_maps_in_browser(page, server.url, args.prompt)
+            page.wait_for_timeout(1000)  # let thumbnails finish painting
+            png = page.screenshot(full_page=True)
+        finally:
+            browser.close()
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    scale = 1.0
+    while True:
+        size = (round(image.width * scale), round(image.height * scale))
+        small = image.resize(size, Image.LANCZOS) if scale < 1 else image
+        buffer = io.BytesIO()
+        small.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
+        if buffer.tell() <= MAX_BYTES or scale < 0.3:
+            break
+        scale *= 0.85
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_bytes(buffer.getvalue())
+    print(f"{args.output} ({buffer.tell() // 1024} KB, {size[0]}x{size[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

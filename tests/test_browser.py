@@ -1,0 +1,54 @@
+"""One real-browser test of the Attention maps tab: Playwright driving Debian's chromium.
+
+Skipped when chromium is missing, except on CI (environment variable CI set), where a skipped
+browser test would hide a broken tab: there it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_server import chromium_path, generate_attention_maps_in_browser, launch_chromium, launched_app  # noqa: E402
+
+
+def _require_browser():
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright Python package (pip install -r requirements-test.txt)")
+    if chromium_path() is None:
+        missing.append("Debian's chromium (apt-get install chromium)")
+    if missing:
+        reason = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; on CI it must run, not be skipped", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.mark.timeout(600)
+def test_attention_maps_tab_in_a_real_browser():
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    with launched_app("--model", "tiny") as server, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            generate_attention_maps_in_browser(page, server.url, "a photo of a cat")
+
+            captions = page.locator("#am-heatmaps .thumbnail-item .caption-label")
+            assert captions.all_inner_texts() == ["0: a", "1: photo", "2: of", "3: a", "4: cat"]
+            assert page.locator("#am-heatmaps .thumbnail-item img").count() == 5
+            assert page.locator("#am-seed-used input").input_value() == "0"
+            expect(page.locator('#am-files a[href$="heatmaps.zip"]')).to_have_count(1)
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -1,0 +1,100 @@
+"""Shared pieces of the Gradio app: the app context, the output folder it owns, the header."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines.errors import UserInputError
+
+#: Every GPU-heavy event of every tab shares this one queue slot.
+GPU_CONCURRENCY = {"concurrency_id": "gpu", "concurrency_limit": 1}
+
+REAL_MODEL_HINT = (
+    "To see real attention maps, start the app with a real checkpoint: "
+    "`python app.py --model stable-diffusion-v1-5/stable-diffusion-v1-5` (a hub id downloaded "
+    "beforehand), `--model path/to/diffusers-folder`, or `--model path/to/model.safetensors`; "
+    "or type one of those into the *Model* box."
+)
+
+
+class OutputStore:
+    """A temporary folder the app owns; every run writes into its own subfolder.
+
+    Only this folder is passed to `launch(allowed_paths=...)`; it is removed when the process exits.
+    """
+
+    def __init__(self, root: str | Path | None = None):
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="attention-app-")) / "outputs"
+            atexit.register(shutil.rmtree, root.parent, ignore_errors=True)
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def new_run_dir(self, task: str) -> Path:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = self.root / f"{task}-{stamp}-{uuid.uuid4().hex[:8]}"
+        run_dir.mkdir(parents=True)
+        return run_dir
+
+
+def zip_files(paths: list[Path], zip_path: Path) -> Path:
+    """Zip `paths` flat (by file name) into `zip_path`."""
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in paths:
+            archive.write(path, arcname=path.name)
+    return zip_path
+
+
+@dataclass
+class AppContext:
+    """What every tab needs to know about how the app was started."""
+
+    default_model: str = "tiny"
+    device: str | None = None  # None = let pipelines.models pick
+    outputs: OutputStore = field(default_factory=OutputStore)
+
+    def load(self, name: str | None):
+        """Load (cached by pipelines.models) the model named in the UI, or the default one."""
+        from pipelines import models
+
+        name = (name or "").strip() or self.default_model
+        return models.load(name, device=self.device)
+
+
+def user_errors_as_gradio(fn):
+    """Turn `UserInputError` into `gr.Error` so the person sees the sentence, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as error:
+            raise gr.Error(str(error)) from error
+
+    return wrapper
+
+
+def header_markdown(default_model: str) -> str:
+    text = (
+        "# Attention-layer editing with diffusion models\n"
+        "Generate an image with a diffusion model and see, for every word of the prompt, where "
+        "the model's cross-attention looked (DAAM-style heatmaps). More tasks that edit images "
+        "and video through the attention layers are planned.\n"
+    )
+    if default_model.startswith("tiny"):
+        text += (
+            f"\n**Note:** the default model `{default_model}` is a tiny model with *random "
+            "weights*, built offline for tests: it runs in seconds on a CPU but its images and "
+            f"heatmaps are noise. {REAL_MODEL_HINT}\n"
+        )
+    return text
