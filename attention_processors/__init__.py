@@ -9,7 +9,7 @@ Pure torch + diffusers: nothing here knows a pipeline, a file, a CLI or Gradio.
 - `heatmaps`: cross-attention heatmaps (DAAM), the first method built on the core.
 """
 
-from .core import AttentionCall, AttentionController, ControlState, attach
+from .core import AttentionCall, AttentionController, ControlState, attach, attention_layer_names
 from .grids import mask_to_tokens, resize_to_grid, token_grid
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "AttentionController",
     "ControlState",
     "attach",
+    "attention_layer_names",
     "mask_to_tokens",
     "resize_to_grid",
     "token_grid",

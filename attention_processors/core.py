@@ -38,7 +38,6 @@ def masked_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-@dataclass
 class ControlState:
     """Per-call state shared by the controller and every processor it installed.
 
@@ -49,13 +48,56 @@ class ControlState:
         token grid).  Set by the pre-hook on every forward.
     n_txt: number of text tokens in FLUX's single-stream (concatenated) sequences.
     step: denoising step index; -1 before the first step.
+
+    Timesteps and FLUX position ids live on the GPU; reading them forces a device sync, which
+    stalls a launch-bound pipeline.  So the pre-hook only keeps references, and the values are
+    read (in one transfer) the first time a controller asks for `step` or `latent_hw`.
     """
 
-    row_roles: tuple[str, ...] = ("cond",)
-    latent_hw: tuple[int, int] | None = None
-    n_txt: int | None = None
-    step: int = -1
-    timestep: float | None = None
+    def __init__(self, row_roles: tuple[str, ...] = ("cond",), latent_hw: tuple[int, int] | None = None,
+                 n_txt: int | None = None):
+        self.row_roles = tuple(row_roles)
+        self._latent_hw = latent_hw
+        self._position_ids: torch.Tensor | None = None
+        self.n_txt = n_txt
+        self._step = -1
+        self._timestep: float | None = None
+        self._pending_timesteps: list[torch.Tensor] = []
+
+    def __repr__(self) -> str:
+        return f"ControlState(row_roles={self.row_roles}, latent_hw={self._latent_hw}, n_txt={self.n_txt}, step={self._step})"
+
+    @property
+    def step(self) -> int:
+        if self._pending_timesteps:
+            values = torch.cat(self._pending_timesteps).tolist()  # one device read for all
+            self._pending_timesteps.clear()
+            for value in values:
+                self._advance(value)
+        return self._step
+
+    @step.setter
+    def step(self, index: int) -> None:
+        """For loop owners (attach(track_steps=False)): set the step index directly."""
+        self._pending_timesteps.clear()
+        self._step = index
+
+    @property
+    def latent_hw(self) -> tuple[int, int] | None:
+        if self._position_ids is not None:  # FLUX: the grid is in the image position ids
+            ids = self._position_ids
+            self._position_ids = None
+            self._latent_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+        return self._latent_hw
+
+    @latent_hw.setter
+    def latent_hw(self, hw: tuple[int, int]) -> None:
+        self._position_ids = None
+        self._latent_hw = tuple(hw)
+
+    def set_position_ids(self, img_ids: torch.Tensor) -> None:
+        """FLUX's (N, 3) image position ids; the packed token grid is read from them when needed."""
+        self._position_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
 
     def begin_step(self, timestep: float | torch.Tensor) -> None:
         """Advance the step index if this timestep differs from the last one seen.
@@ -63,10 +105,17 @@ class ControlState:
         Several forwards within one step (separate CFG passes, extra guidance forwards,
         gradient-checkpoint recomputation) share a timestep and therefore a step index.
         """
-        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        if value != self.timestep:
-            self.timestep = value
-            self.step += 1
+        if torch.is_tensor(timestep):
+            # a copy, in case the pipeline reuses the tensor; read later, see the class docstring
+            self._pending_timesteps.append(timestep.detach().flatten()[:1].float().clone())
+        else:
+            self.step  # resolve earlier device timesteps first, to keep the order
+            self._advance(float(timestep))
+
+    def _advance(self, value: float) -> None:
+        if value != self._timestep:
+            self._timestep = value
+            self._step += 1
 
     def rows(self, role: str, batch_size: int) -> slice:
         """Batch rows holding `role` (e.g. "cond") in a batch of `batch_size`."""
@@ -151,8 +200,9 @@ class AttentionCall:
             raise RuntimeError(f"{self.name} is self-attention: it has no text keys")
         key_slice = _sub_slice(self.text_keys, keys)
         q = self.query[rows, :, self.image_queries].float()
-        k = self.key[rows, :, key_slice].float()
-        logits = (q @ k.transpose(-1, -2)) * self.scale
+        # scale the (few) keys rather than the (N_img x N_txt) logits: same result, less traffic
+        k = self.key[rows, :, key_slice].float() * self.scale
+        logits = q @ k.transpose(-1, -2)
         mask = self._mask_slice(rows, self.image_queries, key_slice)
         return logits if mask is None else logits + mask
 
@@ -174,7 +224,10 @@ class AttentionCall:
         if self.probs is not None:  # the explicit path already holds the true probabilities
             key_slice = _sub_slice(self.text_keys, keys)
             p = self.probs[rows, :, self.image_queries, key_slice].float()
-            return p if norm == "full_row" else p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+            every_key = key_slice.stop - key_slice.start == self.key.shape[2]
+            if norm == "full_row" or every_key:
+                return p
+            return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
         logits = self.text_logits(rows, keys)
         if norm == "text_softmax":
             return logits.softmax(-1)
@@ -261,7 +314,7 @@ def controlled_attention(controller: AttentionController, call: AttentionCall) -
     call.attn_mask = combine_masks(call.attn_mask, controller.bias(call), q.dtype)
     call.logit_scale = controller.softmax_scale(call)
     if controller.needs_probabilities(call):
-        logits = (q.float() @ k.float().transpose(-1, -2)) * call.scale
+        logits = q.float() @ (k.float() * call.scale).transpose(-1, -2)
         if call.attn_mask is not None:
             logits = logits + call.attn_mask.float()
         call.probs = controller.rescale(call, logits.softmax(-1))
@@ -280,8 +333,7 @@ def _denoiser_state_hook(controller: AttentionController, signature: inspect.Sig
         sample = bound.get("sample", bound.get("hidden_states"))
         img_ids = bound.get("img_ids")
         if img_ids is not None:  # FLUX: packed tokens; the grid is in the position ids
-            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-            state.latent_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            state.set_position_ids(img_ids)
             text = bound.get("encoder_hidden_states")
             state.n_txt = None if text is None else text.shape[1]
         elif sample is not None and sample.ndim == 4:
@@ -294,6 +346,11 @@ def _denoiser_state_hook(controller: AttentionController, signature: inspect.Sig
     return hook
 
 
+def attention_layer_names(denoiser: torch.nn.Module) -> list[str]:
+    """Names of the attention layers of a UNet or transformer, e.g. '...transformer_blocks.0.attn2'."""
+    return [name for name, module in denoiser.named_modules() if hasattr(module, "set_processor")]
+
+
 @contextmanager
 def attach(denoiser: torch.nn.Module, controller: AttentionController, track_steps: bool = True) -> Iterator[AttentionController]:
     """Install `controller`'s processors on `denoiser` (a UNet or a transformer) for one call.
@@ -304,21 +361,23 @@ def attach(denoiser: torch.nn.Module, controller: AttentionController, track_ste
     """
     from .processors import controlled_processor_for
 
-    original = denoiser.attn_processors  # a fresh dict: set_attn_processor pops what it is given
-    replaced = {}
-    for key, processor in original.items():
-        name = key[: -len(".processor")]
-        if controller.select(name):
-            replaced[key] = controlled_processor_for(name, processor, controller)
-    if not replaced:
-        raise ValueError(f"{type(controller).__name__} selected none of the {len(original)} attention layers")
-    denoiser.set_attn_processor({k: replaced.get(k, p) for k, p in original.items()})
+    # Swap processors on the selected attention modules only.  (set_attn_processor would walk
+    # the whole model twice per call and needs a complete dict; this is one walk.)
+    originals = []
+    for name, module in denoiser.named_modules():
+        if hasattr(module, "set_processor") and controller.select(name):
+            originals.append((name, module, module.get_processor()))
+    if not originals:
+        raise ValueError(f"{type(controller).__name__} selected none of the attention layers")
     signature = inspect.signature(denoiser.forward)
     handle = denoiser.register_forward_pre_hook(
         _denoiser_state_hook(controller, signature, track_steps), with_kwargs=True
     )
     try:
+        for name, module, stock in originals:
+            module.set_processor(controlled_processor_for(name, stock, controller))
         yield controller
     finally:
         handle.remove()
-        denoiser.set_attn_processor(dict(original))
+        for _, module, stock in originals:
+            module.set_processor(stock)

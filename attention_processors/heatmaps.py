@@ -91,15 +91,25 @@ class CrossAttentionHeatmaps(AttentionController):
         self.keep = keep
         self.steps = steps
         self.norm = norm
-        # running sums per token grid: resizing is linear, so maps are resized once, in maps()
+        # running (batch, N_img, tokens) sums per token grid: resizing is linear, so they are
+        # reshaped and resized once, in maps()
         self._sums: dict[tuple[int, int], torch.Tensor] = {}
         self.count = 0
 
     def select(self, name: str) -> bool:
         return name in self.layers
 
+    def _wanted(self, call: AttentionCall) -> bool:
+        return call.text_keys is not None and (self.steps is None or self.steps(call.state.step))
+
+    def needs_probabilities(self, call: AttentionCall) -> bool:
+        # Cross-attention has few keys (77 for CLIP): computing its probabilities once, for the
+        # output and the capture, is cheaper than SDPA plus a second q.k for the captured rows.
+        # Joint layers (N_img + N_txt keys) keep SDPA and compute only the text slice.
+        return call.kind == "cross" and self._wanted(call)
+
     def capture(self, call: AttentionCall) -> None:
-        if call.text_keys is None or (self.steps is not None and not self.steps(call.state.step)):
+        if not self._wanted(call):
             return
         rows = call.rows(self.role)
         with torch.no_grad():
@@ -108,12 +118,12 @@ class CrossAttentionHeatmaps(AttentionController):
             else:
                 probs = call.text_probs(rows, keys=self.text_part, norm=self.norm)
             probs = probs[..., : self.keep]
-            maps = probs.mean(1)  # heads first: (b, N_img, T)
-            b, _, t = maps.shape
-            h, w = call.grid
-            maps = maps.transpose(1, 2).reshape(b, t, h, w)
-            previous = self._sums.get((h, w))
-            self._sums[(h, w)] = maps if previous is None else previous + maps
+            maps = probs.mean(1)  # heads first: (b, N_img, T), a fresh tensor we may add into
+            summed = self._sums.get(call.grid)
+            if summed is None:
+                self._sums[call.grid] = maps
+            else:
+                summed.add_(maps)
             self.count += 1
 
     def maps(self) -> torch.Tensor:
@@ -122,8 +132,10 @@ class CrossAttentionHeatmaps(AttentionController):
             raise RuntimeError("no attention was captured: no selected layer ran")
         target = tuple(self.state.latent_hw)
         total = 0
-        for grid, summed in self._sums.items():
-            if grid != target:
+        for (h, w), summed in self._sums.items():
+            b, _, t = summed.shape
+            summed = summed.transpose(1, 2).reshape(b, t, h, w)
+            if (h, w) != target:
                 summed = F.interpolate(summed, size=target, mode="bilinear", align_corners=False)
             total = total + summed
         return total / self.count

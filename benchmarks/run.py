@@ -1,6 +1,6 @@
 """Speed and memory of a task against the plain diffusers pipeline doing the same model calls.
 
-    python benchmarks/run.py generate [--model tiny] [--steps 10] [--size 64] [--repeats 5]
+    python benchmarks/run.py generate [--model tiny] [--steps 10] [--size 64] [--repeats 5] [--breakdown]
 
 Runs the method and its baseline in one process, alternating (method, baseline, method, ...)
 after one warm-up each, and prints one JSON line:
@@ -110,8 +110,18 @@ def timed(fn, device):
 
 
 def bench_generate(pipe, args):
-    """Heatmap capture on every text-attention layer vs the same pipeline call without it."""
+    """Heatmap capture on every text-attention layer vs the same pipeline call without it.
+
+    With --breakdown, two intermediate variants show where the time goes: the controlled
+    processors installed on the same layers with a controller that does nothing ("processors"),
+    and the heatmap capture without the final word maps ("capture").
+    """
+    from attention_processors import AttentionController, ControlState, attach, attention_layer_names
+    from attention_processors.heatmaps import CrossAttentionHeatmaps, text_attention_layers
+
     extra = models.call_defaults(pipe)
+    denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+    layers = text_attention_layers(attention_layer_names(denoiser))
 
     def method():
         generate_with_attention_maps(pipe, PROMPT, seed=0, steps=args.steps, guidance=7.5,
@@ -121,7 +131,22 @@ def bench_generate(pipe, args):
         pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
              generator=torch.Generator().manual_seed(0), **extra)
 
-    return method, baseline
+    class Passive(AttentionController):
+        def select(self, name):
+            return name in layers
+
+    def with_controller(make):
+        def run():
+            with attach(denoiser, make()):
+                baseline()
+        return run
+
+    roles = ("uncond", "cond")
+    variants = {
+        "processors": with_controller(lambda: Passive(ControlState(roles))),
+        "capture": with_controller(lambda: CrossAttentionHeatmaps(layers, keep=12, state=ControlState(roles))),
+    }
+    return method, baseline, variants
 
 
 TASKS = {"generate": bench_generate}
@@ -136,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true", help="also time the task's intermediate variants")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device) if args.device else models.default_device()
@@ -147,17 +173,22 @@ def main(argv=None) -> int:
         pipe = models.load(args.model, device=device, dtype=dtype)
         args.size = args.size or 64
     pipe.set_progress_bar_config(disable=True)
-    method, baseline = TASKS[args.task](pipe, args)
+    method, baseline, variants = TASKS[args.task](pipe, args)
+    variants = variants if args.breakdown else {}
 
     method(), baseline()  # warm-up: kernels, allocator, caches
     method_runs, baseline_runs = [], []
+    variant_runs = {name: [] for name in variants}
     for _ in range(args.repeats):
         method_runs.append(timed(method, device))
         baseline_runs.append(timed(baseline, device))
+        for name, variant in variants.items():
+            variant_runs[name].append(timed(variant, device)[0])
     method_s = statistics.median(t for t, _ in method_runs)
     baseline_s = statistics.median(t for t, _ in baseline_runs)
     method_mem = max(m for _, m in method_runs)
     baseline_mem = max(m for _, m in baseline_runs)
+    breakdown = {f"{name}_ratio": round(statistics.median(runs) / baseline_s, 3) for name, runs in variant_runs.items()}
     print(json.dumps({
         "task": args.task,
         "model": args.model,
@@ -170,6 +201,7 @@ def main(argv=None) -> int:
         "baseline_s": round(baseline_s, 4),
         "ratio": round(method_s / baseline_s, 3),
         "peak_mem_ratio": round(method_mem / baseline_mem, 3),
+        **breakdown,
     }))
     return 0
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from attention_processors import ControlState, attach
+from attention_processors import ControlState, attach, attention_layer_names
 from attention_processors.heatmaps import LAYER_GROUPS, CrossAttentionHeatmaps, text_attention_layers
 
 from . import models
@@ -201,8 +201,7 @@ def generate_with_attention_maps(
     denoiser = _denoiser(pipe)
     tokenizer, max_length, text_part = _text_layout(pipe)
     owners, n_tokens = token_words(tokenizer, prompt, max_length)
-    names = [key[: -len(".processor")] for key in denoiser.attn_processors]
-    selected = text_attention_layers(names, layers)
+    selected = text_attention_layers(attention_layer_names(denoiser), layers)
     roles = ("uncond", "cond") if _uses_cfg_batch(pipe, guidance) else ("cond",)
     controller = CrossAttentionHeatmaps(selected, text_part=text_part, keep=n_tokens, state=ControlState(row_roles=roles))
 

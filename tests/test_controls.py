@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from attention_processors import AttentionController, ControlState, attach, mask_to_tokens, token_grid
+from attention_processors import AttentionController, ControlState, attach, attention_layer_names, mask_to_tokens, token_grid
 from attention_processors.core import masked_value
 from attention_processors.heatmaps import CrossAttentionHeatmaps, text_attention_layers
 from attention_processors.processors import ControlledAttnProcessor, ControlledFluxAttnProcessor
@@ -180,7 +180,7 @@ class PlantedHeatmaps(CrossAttentionHeatmaps):
 
 def test_heatmaps_land_where_attention_was_planted_on_a_non_square_image():
     pipe = models.load("tiny")
-    layers = text_attention_layers([k[: -len(".processor")] for k in pipe.unet.attn_processors])
+    layers = text_attention_layers(attention_layer_names(pipe.unet))
     controller = PlantedHeatmaps(2, 5, layers=layers, keep=7, state=ControlState(row_roles=("uncond", "cond")))
     with attach(pipe.unet, controller):
         pipe("a photo of a cat", num_inference_steps=2, height=64, width=96, output_type="latent",
@@ -194,7 +194,7 @@ def test_heatmaps_land_where_attention_was_planted_on_a_non_square_image():
 
 def test_maps_are_float32_when_the_model_runs_in_bfloat16():
     pipe = models.load("tiny", dtype=torch.bfloat16)
-    layers = text_attention_layers([k[: -len(".processor")] for k in pipe.unet.attn_processors])
+    layers = text_attention_layers(attention_layer_names(pipe.unet))
     controller = CrossAttentionHeatmaps(layers, state=ControlState(row_roles=("uncond", "cond")))
     with attach(pipe.unet, controller):
         pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="latent")
