@@ -97,10 +97,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="require this login in the browser")
     parser.add_argument("--max-upload-mb", default=20.0, type=_positive_mb,
                         help="largest file a user may upload, in MB (default: 20)")
+    parser.add_argument("--allow-model", action="append", default=[], metavar="NAME",
+                        help="another model users may pick in the app (repeatable); users can "
+                             "pick only these, --model and the built-in models")
     add_model_args(parser)
 
 
-def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, outputs=None):
+def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, outputs=None,
+              extra_models: tuple[str, ...] = ()):
     """Build the Gradio Blocks app (not launched). Returns `(blocks, context)`."""
     import gradio as gr
 
@@ -108,7 +112,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     from ui.common import AppContext, OutputStore, header_markdown
 
     ctx = AppContext(default_model=default_model, device=device,
-                     outputs=outputs if outputs is not None else OutputStore())
+                     outputs=outputs if outputs is not None else OutputStore(),
+                     extra_models=tuple(extra_models))
     with gr.Blocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
         gr.Markdown(header_markdown(default_model))
@@ -123,7 +128,7 @@ APP_CSS = "#am-image img { width: 100%; height: 100%; object-fit: contain; image
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    blocks, ctx = build_app(default_model=args.model, device=args.device)
+    blocks, ctx = build_app(default_model=args.model, device=args.device, extra_models=args.allow_model)
     blocks.launch(
         server_name=args.host,
         server_port=args.port,

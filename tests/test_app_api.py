@@ -73,3 +73,12 @@ def test_user_mistake_comes_back_as_a_sentence(client):
 
 def test_api_lists_the_named_endpoint(client):
     assert "/attention_maps" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+
+
+def test_api_cannot_make_the_server_load_other_models_or_paths(client, tmp_path):
+    """Only the models the server was started with (and the built-in ones) can be chosen."""
+    for name in (str(tmp_path), "/etc/passwd", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        with pytest.raises(Exception) as caught:
+            client.predict(prompt="a cat", **dict(FAST, model=name), api_name="/attention_maps")
+        assert "Traceback" not in str(caught.value)
+    assert "tiny-flux" in str(client.view_api(print_info=False, return_format="dict"))

@@ -81,11 +81,11 @@ def build_tab(ctx: AppContext) -> None:
         )
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Textbox(
+                model = gr.Dropdown(
+                    choices=ctx.model_choices,
                     value=ctx.default_model,
                     label="Model",
-                    info="tiny / tiny-sdxl / tiny-pixart / tiny-sd3 / tiny-flux, a hub id, a "
-                    "local diffusers folder or a .safetensors file",
+                    info="the models this app was started with (--model, --allow-model) and the built-in ones",
                     elem_id="am-model",
                 )
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photo of a cat",

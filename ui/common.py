@@ -23,7 +23,7 @@ REAL_MODEL_HINT = (
     "To see real attention maps, start the app with a real checkpoint: "
     "`python app.py --model stable-diffusion-v1-5/stable-diffusion-v1-5` (a hub id downloaded "
     "beforehand), `--model path/to/diffusers-folder`, or `--model path/to/model.safetensors`; "
-    "or type one of those into the *Model* box."
+    "add more choices for the *Model* menu with `--allow-model NAME`."
 )
 
 
@@ -57,17 +57,35 @@ def zip_files(paths: list[Path], zip_path: Path) -> Path:
 
 @dataclass
 class AppContext:
-    """What every tab needs to know about how the app was started."""
+    """What every tab needs to know about how the app was started.
+
+    The browser and the API may pick only among `model_choices`: the models the server was
+    started with (`--model`, `--allow-model`) and the built-in ones.  A free-text model box
+    would let any visitor make the server read arbitrary paths or download from the hub.
+    """
 
     default_model: str = "tiny"
     device: str | None = None  # None = let pipelines.models pick
     outputs: OutputStore = field(default_factory=OutputStore)
+    extra_models: tuple[str, ...] = ()
+
+    @property
+    def model_choices(self) -> list[str]:
+        from pipelines import models
+
+        built_in = [n for n in models.BUILTIN_NAMES if n != "builtin" or (models.BUILTIN_DIR / "model_index.json").is_file()]
+        return list(dict.fromkeys([self.default_model, *self.extra_models, *built_in]))
 
     def load(self, name: str | None):
-        """Load (cached by pipelines.models) the model named in the UI, or the default one."""
+        """Load (cached by pipelines.models) the model chosen in the UI, or the default one."""
         from pipelines import models
 
         name = (name or "").strip() or self.default_model
+        if name not in self.model_choices:
+            raise UserInputError(
+                f"This app serves only {', '.join(self.model_choices)}; start it with --model or "
+                "--allow-model to offer another model."
+            )
         return models.load(name, device=self.device)
 
 
