@@ -4,10 +4,9 @@
     python app.py serve --port 7861 --model path/to/model.safetensors
     python app.py generate --prompt "a photo of a cat" --output cat.png --heatmaps cat_maps/
 
-Subcommands live in the `COMMANDS` registry: adding a task means adding one `Command` entry
-(a function that adds its arguments and a function that runs it).  Heavy imports (torch,
-diffusers, gradio) happen inside the commands, so `--help` is instant and importing this module
-launches nothing.
+Tasks plug in without editing this file: `ui/<task>_cli.py` adds subcommands and
+`ui/<task>_tab.py` adds a tab (see "registry" below).  Heavy imports (torch, diffusers, gradio)
+happen inside the commands, so `--help` is fast and importing this module launches nothing.
 
 A user mistake (bad argument, bad size, unknown model, missing file) prints one line
 `error: <sentence>` on stderr and exits with status 2, without a traceback.
@@ -17,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipelines.errors import UserInputError
+from ui.cli_common import DEFAULT_MODEL, Command, add_model_args
 
 EXIT_USER_ERROR = 2
-DEFAULT_MODEL = "tiny"  # switch to "builtin" once our trained model ships
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -70,19 +67,6 @@ def _positive_mb(value: str) -> float:
     return mb
 
 
-def _device(value: str) -> str | None:
-    return None if value == "auto" else value
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="built-in name (tiny, tiny-sdxl, tiny-pixart, tiny-sd3, tiny-flux), "
-                             "a hub id already downloaded, a local diffusers folder or a single "
-                             f".safetensors file (default: {DEFAULT_MODEL})")
-    parser.add_argument("--device", default="auto", type=_device,
-                        help="auto, cpu, cuda, cuda:1, mps ... (default: auto)")
-
-
 # --------------------------------------------------------------------------- serve
 
 
@@ -108,7 +92,6 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     """Build the Gradio Blocks app (not launched). Returns `(blocks, context)`."""
     import gradio as gr
 
-    from ui import attention_maps_tab
     from ui.common import AppContext, OutputStore, header_markdown
 
     ctx = AppContext(default_model=default_model, device=device,
@@ -117,8 +100,13 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     with gr.Blocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
         gr.Markdown(header_markdown(default_model))
+        tabs = {}
         with gr.Tabs():
-            attention_maps_tab.build_tab(ctx)
+            for module in sorted(_ui_modules("_tab"), key=lambda m: m.ORDER):
+                tabs[module.__name__.removeprefix("ui.").removesuffix("_tab")] = module.build_tab(ctx)
+        for module in _ui_modules("_tab"):
+            if hasattr(module, "connect"):
+                module.connect(ctx, tabs)
     blocks.queue(max_size=64)
     return blocks, ctx
 
@@ -143,72 +131,34 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- generate
-
-
-def add_generate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="what to draw")
-    parser.add_argument("--negative-prompt", default="", help="what to avoid")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="random seed (default: a random one, printed)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale (default: 7.5)")
-    parser.add_argument("--width", type=int, default=None, help="default: the model's size")
-    parser.add_argument("--height", type=int, default=None, help="default: the model's size")
-    parser.add_argument("--layers", default="all",
-                        help="which attention layers to average: all, down, mid, up (default: all)")
-    parser.add_argument("--output", type=Path, default=Path("outputs/attention_maps.png"),
-                        help="image to write; a JSON sidecar with the parameters goes next to it "
-                             "(default: outputs/attention_maps.png)")
-    parser.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
-                        help="folder for one heatmap PNG per word (default: next to --output, "
-                             "named <output>_heatmaps)")
-    add_model_args(parser)
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from pipelines import models
-    from pipelines.attention_maps import generate_with_attention_maps
-
-    output: Path = args.output
-    if output.suffix.lower() != ".png":
-        raise UserInputError(f"--output must be a .png file, not '{output}'.")
-    heatmap_dir = args.heatmaps or output.with_name(f"{output.stem}_heatmaps")
-
-    pipe = models.load(args.model, device=args.device)
-    result = generate_with_attention_maps(
-        pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-        layers=args.layers,
-    )
-    try:
-        written = result.save(output, heatmap_dir=heatmap_dir)
-    except OSError as error:
-        raise UserInputError(f"Cannot write the results: {error.strerror or error} "
-                             f"({error.filename or output}).") from error
-    for path in written:
-        print(path)
-    print(f"seed: {result.seed}")
-    return 0
-
-
 # --------------------------------------------------------------------------- registry
 
+# Every task plugs in through two optional modules in ui/, found here without editing this file:
+#   ui/<task>_cli.py  defines COMMANDS: dict[str, Command]      (subcommands of `python app.py`)
+#   ui/<task>_tab.py  defines ORDER: int and build_tab(ctx) -> dict of named components, and
+#                     optionally connect(ctx, tabs) to wire events across tabs once all exist
+#                     (`tabs` maps each tab module's short name, e.g. "eraser", to its components).
 
-@dataclass(frozen=True)
-class Command:
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+
+def _ui_modules(suffix: str) -> list:
+    import importlib
+    import pkgutil
+
+    import ui
+
+    names = sorted(m.name for m in pkgutil.iter_modules(ui.__path__) if m.name.endswith(suffix))
+    return [importlib.import_module(f"ui.{name}") for name in names]
 
 
-COMMANDS: dict[str, Command] = {
-    "serve": Command("launch the web app (the default when no command is given)",
-                     add_serve_args, run_serve),
-    "generate": Command("generate an image and one attention heatmap per prompt word",
-                        add_generate_args, run_generate),
-}
+def _commands() -> dict[str, Command]:
+    commands = {"serve": Command("launch the web app (the default when no command is given)",
+                                 add_serve_args, run_serve)}
+    for module in _ui_modules("_cli"):
+        commands.update(module.COMMANDS)
+    return commands
+
+
+COMMANDS: dict[str, Command] = _commands()
 DEFAULT_COMMAND = "serve"
 
 

@@ -72,8 +72,11 @@ def make_handler(ctx: AppContext):
     return attention_maps
 
 
-def build_tab(ctx: AppContext) -> None:
-    """Add the tab's components and events to the enclosing `gr.Blocks`."""
+ORDER = 10  # position among the tabs
+
+
+def build_tab(ctx: AppContext) -> dict:
+    """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
     with gr.Tab("Attention maps", id="attention_maps"):
         gr.Markdown(
             "Type a prompt and press **Generate**: next to the image you get one heatmap per "
@@ -140,3 +143,4 @@ def build_tab(ctx: AppContext) -> None:
             api_visibility="private",
             queue=False,
         )
+    return {"prompt": prompt, "image": image, "seed": seed}

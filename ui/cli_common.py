@@ -1,0 +1,36 @@
+"""Pieces shared by the command-line modules (`ui/<task>_cli.py`): no Gradio here.
+
+A task's CLI module defines `COMMANDS = {"name": Command(help, add_arguments, run)}`; app.py
+finds it.  `run` returns an exit status; a `UserInputError` it raises becomes one
+`error: <sentence>` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+DEFAULT_MODEL = "tiny"  # switch to "builtin" once our trained model ships
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _device(value: str) -> str | None:
+    return None if value == "auto" else value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="built-in name (tiny, tiny-sdxl, tiny-pixart, tiny-sd3, tiny-flux), "
+                             "a hub id already downloaded, a local diffusers folder or a single "
+                             f".safetensors file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--device", default="auto", type=_device,
+                        help="auto, cpu, cuda, cuda:1, mps ... (default: auto)")
+
+
