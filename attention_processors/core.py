@@ -3,6 +3,8 @@
 A method is an `AttentionController`: it says which attention layers it wants (a predicate on the
 diffusers layer name) and, on those layers only, what to do with one attention call:
 
+- ``softmax_scale``  change the logit scale (a temperature; SDPA's ``scale``);
+- ``attend``   compute the attention output itself (e.g. two temperatures blended per query);
 - ``bias``     add a float bias to the logits (passed to SDPA as ``attn_mask``; e.g. -inf-like on
                masked keys, or ``log g`` to rescale probabilities by ``g`` and renormalise);
 - ``rescale``  edit explicit probabilities (only when ``needs_probabilities`` says so: this is the
@@ -279,6 +281,15 @@ class AttentionController:
         """Logit scale (a softmax temperature); None keeps the model's 1/sqrt(head_dim)."""
         return None
 
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """Compute the attention output (B, heads, N_q, head_dim) yourself, or None (the default).
+
+        For policies that need more than one attention per call (e.g. a second softmax
+        temperature blended per query); `call.attn_mask` and `call.logit_scale` already hold
+        the bias and scale.  Use SDPA inside, not explicit N x N matrices, where possible.
+        """
+        return None
+
     def needs_probabilities(self, call: AttentionCall) -> bool:
         """True to compute explicit float32 probabilities (and call `rescale`) instead of SDPA."""
         return False
@@ -313,13 +324,14 @@ def controlled_attention(controller: AttentionController, call: AttentionCall) -
     q, k, v = call.query, call.key, call.value
     call.attn_mask = combine_masks(call.attn_mask, controller.bias(call), q.dtype)
     call.logit_scale = controller.softmax_scale(call)
-    if controller.needs_probabilities(call):
+    out = controller.attend(call)
+    if out is None and controller.needs_probabilities(call):
         logits = q.float() @ (k.float() * call.scale).transpose(-1, -2)
         if call.attn_mask is not None:
             logits = logits + call.attn_mask.float()
         call.probs = controller.rescale(call, logits.softmax(-1))
-        out = (call.probs.to(v.dtype) @ v)
-    else:
+        out = call.probs.to(v.dtype) @ v
+    elif out is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.logit_scale)
     controller.capture(call)
     return out

@@ -13,7 +13,6 @@ part); FLUX's is T5 only (`pipe.tokenizer_2`).
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -24,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from attention_processors import ControlState, attach, attention_layer_names
 from attention_processors.heatmaps import LAYER_GROUPS, CrossAttentionHeatmaps, text_attention_layers
 
 from . import models
 from .errors import UserInputError
+from .io import save_image
 
 LAYER_CHOICES = LAYER_GROUPS
 MAX_STEPS = 200
@@ -53,22 +52,12 @@ class AttentionMapsResult:
 
     def save(self, output: str | Path, heatmap_dir: str | Path | None = None) -> list[Path]:
         """Write the image (parameters in its PNG text and a JSON sidecar) and the heatmaps."""
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
         record = {**self.params, "seed": self.seed, "words": self.words}
-        info = PngInfo()
-        info.add_text("parameters", json.dumps(record))
-        self.image.save(output, format="PNG", pnginfo=info)
-        sidecar = output.with_suffix(".json")
-        sidecar.write_text(json.dumps(record, indent=2))
-        written = [output, sidecar]
+        written = save_image(self.image, output, record)
         if heatmap_dir is not None:
-            heatmap_dir = Path(heatmap_dir)
-            heatmap_dir.mkdir(parents=True, exist_ok=True)
             for i, (image, _) in enumerate(self.overlays()):
-                path = heatmap_dir / f"{i:02d}_{_file_safe(self.words[i])}.png"
-                image.save(path, format="PNG", pnginfo=info)
-                written.append(path)
+                path = Path(heatmap_dir) / f"{i:02d}_{_file_safe(self.words[i])}.png"
+                written += save_image(image, path, None)
         return written
 
 

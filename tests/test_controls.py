@@ -202,3 +202,20 @@ def test_maps_are_float32_when_the_model_runs_in_bfloat16():
     assert maps.dtype == torch.float32 and maps.shape == (1, 77, 8, 8)
     # every pixel's attention over all 77 keys still sums to one after averaging and resizing
     torch.testing.assert_close(maps.sum(1), torch.ones(1, 8, 8), atol=1e-4, rtol=0)
+
+
+def test_attend_replaces_the_attention_computation(cross_attention, inputs):
+    """A policy can compute the attention itself, e.g. two temperatures blended per query."""
+
+    class Blend(AttentionController):
+        def attend(self, call):
+            sharp = torch.nn.functional.scaled_dot_product_attention(call.query, call.key, call.value, scale=0.5)
+            plain = torch.nn.functional.scaled_dot_product_attention(call.query, call.key, call.value)
+            first_half = (torch.arange(call.query.shape[2]) < N_IMG // 2)[:, None]
+            return torch.where(first_half, sharp, plain)
+
+    out = controlled(cross_attention, Blend(ControlState()), x := inputs[0], text := inputs[1])
+    sharp, _ = reference(cross_attention, x, text, scale=0.5)
+    plain, _ = reference(cross_attention, x, text)
+    torch.testing.assert_close(out[:, : N_IMG // 2], sharp[:, : N_IMG // 2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[:, N_IMG // 2 :], plain[:, N_IMG // 2 :], atol=1e-5, rtol=1e-4)

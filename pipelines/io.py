@@ -1,0 +1,182 @@
+"""Reading what users send and writing what they get back, validated, in one place.
+
+Every function raises `UserInputError` with one sentence for anything a user can get wrong
+(unreadable file, wrong kind of file, too small or too large, empty video).  Results are written
+atomically (to a temporary name, then renamed), so an interrupted run never leaves a partial
+file that a resumed batch would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import UserInputError
+
+MIN_SIDE = 64  # smaller images have too few latent cells for any method here
+MAX_PIXELS = 8192 * 8192  # decompression-bomb guard; large photos go through crop strategies
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif"}
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def _describe(source) -> str:
+    return f"'{Path(source).name}'" if isinstance(source, (str, os.PathLike)) else "the image"
+
+
+def load_image(source, what: str = "image", min_side: int = MIN_SIDE) -> Image.Image:
+    """An RGB image from a path, a PIL image or an (H, W[, C]) uint8 array, EXIF-rotated."""
+    if source is None:
+        raise UserInputError(f"Please provide an {what}.")
+    if isinstance(source, np.ndarray):
+        if source.ndim not in (2, 3) or source.size == 0:
+            raise UserInputError(f"The {what} array must be (height, width) or (height, width, channels).")
+        image = Image.fromarray(source.astype(np.uint8) if source.dtype != np.uint8 else source)
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserInputError(f"There is no {what} file at '{path}'.")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise UserInputError(f"{_describe(source)} is not a readable image file.") from error
+        except Image.DecompressionBombError as error:
+            raise UserInputError(f"{_describe(source)} has more than {MAX_PIXELS} pixels.") from error
+    if min(image.size) < min_side:
+        raise UserInputError(
+            f"The {what} is {image.width}x{image.height} pixels; both sides must be at least {min_side}."
+        )
+    if image.width * image.height > MAX_PIXELS:
+        raise UserInputError(f"The {what} has more than {MAX_PIXELS} pixels.")
+    return image.convert("RGB")
+
+
+def load_mask(source, size: tuple[int, int] | None = None, threshold: int = 127) -> tuple[np.ndarray, str | None]:
+    """A boolean (H, W) mask (True = selected) and a note for the user, or None.
+
+    Accepts a path, a PIL image or an array; colour or alpha masks count any channel above
+    `threshold` (an RGBA brush layer marks strokes in alpha).  With `size` = (width, height),
+    a mask of another size is resized (nearest) and the note says so.
+    """
+    if source is None:
+        raise UserInputError("Please provide a mask.")
+    if isinstance(source, np.ndarray):
+        array = source
+    else:
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise UserInputError(f"There is no mask file at '{path}'.")
+            try:
+                with Image.open(path) as opened:
+                    opened.load()
+                    image = opened.copy()
+            except (UnidentifiedImageError, OSError, SyntaxError) as error:
+                raise UserInputError(f"{_describe(source)} is not a readable mask image.") from error
+        if image.mode in ("RGBA", "LA") and np.asarray(image.getchannel("A")).min() < 255:
+            array = np.asarray(image.getchannel("A"))
+        else:
+            array = np.asarray(image.convert("L"))
+    if array.ndim == 3:
+        array = array.max(axis=-1)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    note = None
+    if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
+        note = (
+            f"The mask ({array.shape[1]}x{array.shape[0]}) was resized to the image size "
+            f"({size[0]}x{size[1]})."
+        )
+        array = np.asarray(Image.fromarray(np.uint8(array > threshold) * 255).resize(size, Image.NEAREST))
+    return array > threshold, note
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A boolean mask as a black-and-white image."""
+    return Image.fromarray(np.uint8(mask) * 255)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    temp = Path(temp)
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def save_image(image: Image.Image, path: str | Path, params: dict | None = None) -> list[Path]:
+    """Write a PNG with `params` in its text chunk and a JSON sidecar; returns both paths."""
+    path = Path(path)
+    info = PngInfo()
+    record = json.dumps(params or {}, default=str)
+    info.add_text("parameters", record)
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG", pnginfo=info)
+    written = [path]
+    if params is not None:
+        sidecar = path.with_suffix(".json")
+        with atomic_path(sidecar) as temp:
+            temp.write_text(json.dumps(params, indent=2, default=str))
+        written.append(sidecar)
+    return written
+
+
+def read_video(source: str | Path, max_frames: int | None = None) -> tuple[list[Image.Image], float]:
+    """RGB frames and frames per second of a video file (imageio with its bundled ffmpeg)."""
+    import imageio.v3 as iio
+
+    path = Path(source)
+    if not path.is_file():
+        raise UserInputError(f"There is no video file at '{path}'.")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UserInputError(f"'{path.name}' is not a video; use one of {', '.join(sorted(VIDEO_SUFFIXES))}.")
+    try:
+        meta = iio.immeta(path)
+        fps = float(meta.get("fps") or 0) or (1000.0 / meta["duration"] if meta.get("duration") else 8.0)
+        frames = []
+        for frame in iio.imiter(path):
+            frames.append(Image.fromarray(np.asarray(frame)[..., :3]).convert("RGB"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    except Exception as error:  # imageio raises many kinds for unknown codecs and broken files
+        raise UserInputError(f"'{path.name}' is not a readable video (unknown codec or damaged file).") from error
+    if not frames:
+        raise UserInputError(f"'{path.name}' has no frames.")
+    return frames, fps
+
+
+def write_video(frames: list[Image.Image], path: str | Path, fps: float = 8.0) -> Path:
+    """Write RGB frames as an H.264 MP4 (sides padded to even numbers, as the codec needs)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    arrays = []
+    for frame in frames:
+        array = np.asarray(frame.convert("RGB"))
+        h, w = array.shape[:2]
+        arrays.append(np.pad(array, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge"))
+    with atomic_path(path) as temp:
+        iio.imwrite(temp, np.stack(arrays), fps=fps, codec="libx264", macro_block_size=1)
+    return path
