@@ -1,0 +1,741 @@
+"""The "Counterfactual steer" task: MedSteer cross-attention steering vectors.
+
+1. `estimate_directions`: run the unsteered pipeline on N seeds for a positive and N seeds for
+   a negative prompt, record per step and per cross-attention layer the mean output of the
+   conditional rows over the image tokens (float32, streaming: a running sum), and take
+   d[t, b] = normalise(mean_pos - mean_neg).  The result (`Directions`) is saved as safetensors,
+   one (T, C) tensor per layer, with the metadata needed to check it against a model.
+2. `counterfactual_pair`: the same prompt, seed, scheduler, steps and guidance, once plain and
+   once with gated, norm-preserving removal of d on every cross-attention output (both CFG
+   halves by default), plus an absolute-difference heatmap.
+3. `generate_dataset`: K pairs into a folder with a JSONL manifest; resumable (finished pairs
+   are skipped, every file is written atomically) and split across processes
+   (`accelerate launch`: each process takes every num_processes-th seed).
+
+Backbones: PixArt-alpha (the paper's) and SD 1.x/2.x UNets (the CASteer lineage): every
+``transformer_blocks.*.attn2`` layer.  The policy is `attention_processors.medsteer.MedSteer`.
+
+Paper defaults live in `PAPER_DEFAULTS` (MedSteer, PixArt-alpha 512): 20 steps, CFG 4.5, the
+pipeline's DPM-Solver multistep scheduler, empty negative prompt, resolution binning off,
+estimation seeds base 0 + index, beta 2, all layers, all steps, both CFG halves, clamp step map.
+
+Deviations, all deliberate:
+- Seeds drive a CPU `torch.Generator` (the project's rule: the same image on any device); the
+  paper seeds a generator on the model's device.
+- SD UNets use guidance 7.5 by default (`SD_GUIDANCE`, our choice; CASteer's settings are not
+  given) and the model's own scheduler.
+- The positive class uses seeds base+0..N-1 and the negative class base+N..2N-1 (balanced
+  classes, population means as in the paper); `matched=True` gives both classes the same seeds
+  (our optional matched-seed estimator).
+- Estimation runs `batch_size` seeds per pipeline call (each with its own generator, so the
+  noise is that of single runs) and never decodes latents.
+- beta = 0 installs no processor: the steered image is the plain image.
+- Pairs are computed in one batch of 4 rows [uncond base, uncond steer, cond base, cond steer]
+  from identical initial latents (`batched=True`, the spec's efficiency option); `batched=False`
+  runs the two images separately.  Both start from the same noise; they agree to float
+  rounding.
+- Runs with fewer steps than the directions file are refused with step_map="clamp" (the
+  paper's rule only defines longer runs); step_map="relative" maps any step count.
+- A directions file records the model name it was estimated on; another name is refused
+  unless `allow_other_model=True` (same architecture, e.g. a fine-tune).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from attention_processors import ControlState, attach, attention_layer_names
+from attention_processors.medsteer import (
+    DEFAULT_BETA,
+    NORM_EPS,
+    STEP_MAPS,
+    MedSteer,
+    cross_attention_layers,
+    unit_directions,
+)
+
+from . import models
+from .attention_maps import _denoiser, _uses_cfg_batch, default_size, size_multiple
+from .errors import UserInputError
+from .io import atomic_path, save_image
+
+#: MedSteer's settings (PixArt-alpha 512, Kvasir): the one place they are named.
+PAPER_DEFAULTS = {
+    "steps": 20,
+    "guidance": 4.5,
+    "negative_prompt": "",
+    "beta": DEFAULT_BETA,
+    "base_seed": 0,
+    "step_map": "clamp",
+    "steer": "both",
+    "positive": "An endoscopic image of dyed lifted polyps",
+    "negative": "An endoscopic image of normal cecum",
+}
+SD_GUIDANCE = 7.5  # our choice for SD UNets
+DEFAULT_SAMPLES = 100  # per class; our choice (the README suggests 200 in total)
+MAX_SAMPLES = 10_000
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+MAX_BETA = 10.0
+MAX_SEEDS = 100_000
+MIN_SIDE, MAX_SIDE = 64, 2048
+STEER_CHOICES = ("both", "cond")
+FORMAT = "medsteer-directions/1"
+SUPPORTED_FAMILIES = ("sd", "pixart")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _check_family(pipe) -> str:
+    fam = models.family(pipe)
+    if fam not in SUPPORTED_FAMILIES:
+        raise UserInputError(
+            f"Counterfactual steering supports PixArt-alpha and SD 1.x/2.x models, not this {models.describe(pipe)} model."
+        )
+    return fam
+
+
+def model_name(pipe) -> str:
+    return str(pipe.name_or_path or type(pipe).__name__)
+
+
+def _default_guidance(pipe) -> float:
+    return PAPER_DEFAULTS["guidance"] if models.family(pipe) == "pixart" else SD_GUIDANCE
+
+
+def _pipe_kwargs(pipe) -> dict:
+    kwargs = dict(models.call_defaults(pipe))
+    if models.family(pipe) == "pixart":
+        kwargs["use_resolution_binning"] = False  # paper setting
+    return kwargs
+
+
+def _validate_common(pipe, steps: int, guidance: float, height: int, width: int) -> None:
+    if not 2 <= steps <= MAX_STEPS:
+        raise UserInputError(f"Steps must be between 2 and {MAX_STEPS}, not {steps}.")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise UserInputError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
+    multiple = size_multiple(pipe)
+    for side_name, side in (("Height", height), ("Width", width)):
+        if side % multiple or not MIN_SIDE <= side <= MAX_SIDE:
+            raise UserInputError(
+                f"{side_name} must be a multiple of {multiple} between {MIN_SIDE} and {MAX_SIDE} for this model, not {side}."
+            )
+
+
+def _check_prompt(prompt: str | None, what: str) -> str:
+    if prompt is None or not str(prompt).strip():
+        raise UserInputError(f"Please enter the {what}.")
+    return str(prompt)
+
+
+def validate_beta(beta: float) -> float:
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError):
+        raise UserInputError(f"Beta must be a number between 0 and {MAX_BETA:g}, not {beta!r}.") from None
+    if not 0 <= beta <= MAX_BETA or beta != beta:
+        raise UserInputError(
+            f"Beta must be between 0 and {MAX_BETA:g} (1 removes the concept, 2 reflects it; 1-3 is the useful range), not {beta:g}."
+        )
+    return beta
+
+
+def _check_seed(seed: int) -> int:
+    seed = int(seed)
+    if not 0 <= seed < 2**32:
+        raise UserInputError(f"Seeds must be between 0 and {2**32 - 1}, not {seed}.")
+    return seed
+
+
+def parse_seeds(text: str | int | Iterable[int]) -> list[int]:
+    """"0-99", "3,5,9", "0-9,20" or one number -> a list of distinct seeds, in order."""
+    if isinstance(text, int):
+        return [_check_seed(text)]
+    if not isinstance(text, str):
+        return list(dict.fromkeys(_check_seed(s) for s in text))
+    seeds: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise UserInputError(f"Seeds must look like 0-99 or 1,5,7, not {text!r}.")
+        start = int(match.group(1))
+        stop = int(match.group(2)) if match.group(2) else start
+        if stop < start:
+            raise UserInputError(f"The seed range {part} runs backwards; write it as {stop}-{start}.")
+        if stop - start + len(seeds) >= MAX_SEEDS:
+            raise UserInputError(f"At most {MAX_SEEDS} seeds per run, not {stop - start + 1 + len(seeds)}.")
+        seeds.extend(_check_seed(s) for s in range(start, stop + 1))
+    return list(dict.fromkeys(seeds))
+
+
+@contextmanager
+def _quiet_progress(pipe):
+    """Hide the pipeline's own per-call progress bar, restoring the shared pipeline's setting."""
+    had = hasattr(pipe, "_progress_bar_config")
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**saved, "disable": True})
+    try:
+        yield
+    finally:
+        if had:
+            pipe._progress_bar_config = saved
+        else:
+            del pipe._progress_bar_config
+
+
+def encode(pipe, prompt: str, negative_prompt: str, guidance: float) -> dict:
+    """Prompt embeddings as `pipe(...)` keyword arguments: encode once, reuse for every image."""
+    fam = _check_family(pipe)
+    cfg = _uses_cfg_batch(pipe, guidance)
+    device = pipe._execution_device
+    with torch.no_grad():
+        if fam == "pixart":
+            pe, pm, ne, nm = pipe.encode_prompt(
+                prompt, cfg, negative_prompt=negative_prompt, num_images_per_prompt=1, device=device,
+                clean_caption=_pipe_kwargs(pipe).get("clean_caption", True), max_sequence_length=120,
+            )
+            embeds = dict(prompt_embeds=pe, prompt_attention_mask=pm)
+            if cfg:
+                embeds.update(negative_prompt_embeds=ne, negative_prompt_attention_mask=nm)
+            return embeds
+        pe, ne = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
+        return dict(prompt_embeds=pe, negative_prompt_embeds=ne) if cfg else dict(prompt_embeds=pe)
+
+
+def _call_kwargs(pipe) -> dict:
+    kwargs = _pipe_kwargs(pipe)
+    kwargs.pop("clean_caption", None)  # the prompt is already encoded
+    if models.family(pipe) == "pixart":
+        kwargs["negative_prompt"] = None  # its default "" may not come with negative embeddings
+    return kwargs
+
+
+# ------------------------------------------------------------------------------ directions
+
+
+@dataclass
+class Directions:
+    """Unit steering directions, layer name -> float32 (T, C), with their provenance."""
+
+    vectors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.vectors)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a .safetensors file (atomically), the metadata as JSON in its header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix.lower() != ".safetensors":
+            raise UserInputError(f"The directions file must end in .safetensors, not '{path.name}'.")
+        tensors = {name: v.detach().to("cpu", torch.float32).contiguous() for name, v in self.vectors.items()}
+        metadata = {"format": FORMAT, "meta": json.dumps(self.meta), "layers": json.dumps(self.layers)}
+        try:
+            with atomic_path(path) as temp:
+                save_file(tensors, str(temp), metadata=metadata)
+        except OSError as error:
+            raise UserInputError(f"Cannot write the directions file {path}: {error.strerror or error}.") from error
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Directions":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"Cannot read the directions file {path}: no such file.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                if header.get("format") != FORMAT:
+                    raise ValueError("not a directions file")
+                layers = json.loads(header["layers"])
+                meta = json.loads(header["meta"])
+                vectors = {name: handle.get_tensor(name).float() for name in layers}
+        except Exception as error:  # noqa: BLE001 (any parse failure is the same user mistake)
+            raise UserInputError(
+                f"{path.name} is not a readable directions file (a .safetensors file written by 'steer directions')."
+            ) from error
+        shapes = {v.shape[0] for v in vectors.values()}
+        if not vectors or len(shapes) != 1 or any(v.ndim != 2 for v in vectors.values()):
+            raise UserInputError(f"{path.name} is damaged: its directions do not all have one (steps, width) shape.")
+        return cls(vectors, meta)
+
+    def check(self, pipe, steps: int, step_map: str = "clamp", allow_other_model: bool = False) -> None:
+        """Raise UserInputError with one sentence if these directions cannot steer `pipe`."""
+        denoiser = _denoiser(pipe)
+        names = cross_attention_layers(attention_layer_names(denoiser))
+        made_for = self.meta.get("model", "another model")
+        if len(names) != len(self.vectors):
+            raise UserInputError(
+                f"The directions file was made for {made_for} with {len(self.vectors)} cross-attention layers, "
+                f"but this model has {len(names)}; estimate directions for this model."
+            )
+        if set(names) != set(self.vectors):
+            missing = next(n for n in names if n not in self.vectors)
+            raise UserInputError(
+                f"The directions file was made for {made_for}, whose layers differ from this model's (no {missing}); "
+                "estimate directions for this model."
+            )
+        modules = dict(denoiser.named_modules())
+        for name in names:
+            width = modules[name].to_out[0].out_features
+            stored = self.vectors[name].shape[1]
+            if width != stored:
+                raise UserInputError(
+                    f"The directions file was made for {made_for}: layer {name} is {stored} wide there but {width} "
+                    "wide in this model; estimate directions for this model."
+                )
+        if not allow_other_model and made_for != model_name(pipe):
+            raise UserInputError(
+                f"The directions file was estimated on {made_for}, not on {model_name(pipe)}; estimate directions "
+                "for this model (or allow another model of the same architecture)."
+            )
+        if step_map not in STEP_MAPS:
+            raise UserInputError(f"The step map must be one of {', '.join(STEP_MAPS)}, not {step_map!r}.")
+        if step_map == "clamp" and steps < self.steps:
+            raise UserInputError(
+                f"The directions file holds {self.steps} steps but this run has {steps}; use at least {self.steps} "
+                "steps (longer runs reuse the last step's direction) or the relative step map."
+            )
+
+
+def _seeds_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def estimate_directions(
+    pipe,
+    positive: str = PAPER_DEFAULTS["positive"],
+    negative: str = PAPER_DEFAULTS["negative"],
+    samples: int = DEFAULT_SAMPLES,
+    steps: int = PAPER_DEFAULTS["steps"],
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str = PAPER_DEFAULTS["negative_prompt"],
+    base_seed: int = PAPER_DEFAULTS["base_seed"],
+    layers: str | None = None,
+    matched: bool = False,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> Directions:
+    """Directions d[t, b] = normalise(mean_pos - mean_neg) over `samples` images per prompt.
+
+    `layers`: optional regular expression narrowing the cross-attention layers.  `progress`
+    (optional) is called with (images done, images total) after every batch; a tqdm bar is shown
+    as well.
+    """
+    from tqdm.auto import tqdm
+
+    _check_family(pipe)
+    positive = _check_prompt(positive, "positive prompt (the concept to remove)")
+    negative = _check_prompt(negative, "negative prompt (the concept to steer towards)")
+    if " ".join(positive.split()).casefold() == " ".join(negative.split()).casefold():
+        raise UserInputError(
+            "The positive and negative prompts are identical, so their difference is zero and there is no "
+            "direction to steer along; give two different concepts."
+        )
+    samples, steps = int(samples), int(steps)
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise UserInputError(f"Samples per prompt must be between 1 and {MAX_SAMPLES}, not {samples}.")
+    guidance = _default_guidance(pipe) if guidance is None else float(guidance)
+    default_h, default_w = default_size(pipe)
+    height, width = int(height or default_h), int(width or default_w)
+    _validate_common(pipe, steps, guidance, height, width)
+    base_seed = _check_seed(base_seed)
+    _check_seed(base_seed + 2 * samples)
+    negative_prompt = negative_prompt or ""
+    denoiser = _denoiser(pipe)
+    try:
+        selected = cross_attention_layers(attention_layer_names(denoiser), layers)
+    except re.error as error:
+        raise UserInputError(f"The layer pattern {layers!r} is not a valid regular expression ({error}).") from None
+    if not selected:
+        raise UserInputError(f"No cross-attention layer of this model matches {layers!r}.")
+    batch_size = max(1, int(batch_size))
+    cfg = _uses_cfg_batch(pipe, guidance)
+    roles = ("uncond", "cond") if cfg else ("cond",)
+
+    means = {}
+    bar = tqdm(total=2 * samples, desc="Estimating directions", unit="image")
+    done = 0
+    try:
+        for label, prompt, offset in (("positive", positive, 0), ("negative", negative, 0 if matched else samples)):
+            embeds = encode(pipe, prompt, negative_prompt, guidance)
+            controller = MedSteer(selected, mode="record", state=ControlState(row_roles=roles))
+            seeds = [base_seed + offset + n for n in range(samples)]
+            with _quiet_progress(pipe):
+                for start in range(0, samples, batch_size):
+                    chunk = seeds[start:start + batch_size]
+                    # a fresh state per call: the step index restarts at 0; the sums carry on
+                    controller.state = ControlState(row_roles=roles)
+                    with attach(denoiser, controller):
+                        pipe(
+                            **embeds, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                            width=width, num_images_per_prompt=len(chunk),
+                            generator=_seeds_generators(chunk), output_type="latent", **_call_kwargs(pipe),
+                        )
+                    bar.update(len(chunk))
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, 2 * samples)
+            means[label] = controller.means()
+    finally:
+        bar.close()
+
+    vectors = unit_directions(means["positive"], means["negative"])
+    norms = torch.stack([(means["positive"][n] - means["negative"][n]).norm(dim=-1) for n in selected])
+    if not bool((norms > NORM_EPS).any()):
+        raise UserInputError(
+            "The two prompts give the same cross-attention means, so their difference is zero and there is no "
+            "direction to steer along; give two different concepts."
+        )
+    meta = {
+        "model": model_name(pipe),
+        "family": models.family(pipe),
+        "positive": positive,
+        "negative": negative,
+        "negative_prompt": negative_prompt,
+        "samples": samples,
+        "steps": steps,
+        "guidance": guidance,
+        "height": height,
+        "width": width,
+        "base_seed": base_seed,
+        "matched": bool(matched),
+        "scheduler": type(pipe.scheduler).__name__,
+        "layers": len(selected),
+        "layer_pattern": layers,
+        "zero_entries": int((norms <= NORM_EPS).sum()),
+    }
+    return Directions(vectors, meta)
+
+
+# ------------------------------------------------------------------------------ pairs
+
+
+def difference_heatmap(original: np.ndarray, steered: np.ndarray) -> tuple[Image.Image, float, float]:
+    """JET heatmap of |original - steered| (mean over RGB, scaled to its maximum), mean and max."""
+    diff = np.abs(original.astype(np.float32) - steered.astype(np.float32)).mean(-1)
+    peak = float(diff.max())
+    scaled = diff / peak if peak > 0 else diff
+    colour = cv2.applyColorMap(np.uint8(np.clip(scaled, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    return Image.fromarray(np.ascontiguousarray(colour)), float(diff.mean()), peak
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.uint8(np.clip(array * 255, 0, 255).round()))
+
+
+@dataclass
+class PairResult:
+    original: Image.Image
+    steered: Image.Image
+    heatmap: Image.Image
+    mean_abs_diff: float  # in [0, 1] image units
+    seed: int
+    params: dict = field(default_factory=dict)
+    original_array: np.ndarray | None = field(default=None, repr=False)  # float (H, W, 3) in [0, 1]
+    steered_array: np.ndarray | None = field(default=None, repr=False)
+
+    def file_names(self) -> dict[str, str]:
+        s = self.seed
+        return {"original": f"orig_seed{s}.png", "steered": f"steered_seed{s}.png", "difference": f"diff_seed{s}.png"}
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write orig_seed{s}.png, steered_seed{s}.png, diff_seed{s}.png, then pair_seed{s}.json."""
+        folder = Path(folder)
+        names = self.file_names()
+        written = []
+        for key, image in (("original", self.original), ("steered", self.steered), ("difference", self.heatmap)):
+            written += save_image(image, folder / names[key], None)
+        record = {**self.params, **names, "seed": self.seed, "mean_abs_diff": self.mean_abs_diff}
+        sidecar = folder / f"pair_seed{self.seed}.json"
+        with atomic_path(sidecar) as temp:
+            temp.write_text(json.dumps(record, indent=2, default=str))
+        return written + [sidecar]
+
+
+def _steer_roles(cfg: bool, steer: str, batched: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(row roles of the batch, roles to steer)."""
+    halves = ("uncond", "cond") if cfg else ("cond",)
+    wanted = halves if steer == "both" else ("cond",)
+    if not batched:
+        return halves, wanted
+    roles = tuple(f"{h}_{kind}" for h in halves for kind in ("base", "steer"))
+    return roles, tuple(f"{h}_steer" for h in wanted)
+
+
+def _render(pipe, embeds, seed, steps, guidance, height, width, controller=None, images=1, latents=None) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = dict(embeds, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                  generator=generator, output_type="np", num_images_per_prompt=images, **_call_kwargs(pipe))
+    if latents is not None:
+        kwargs["latents"] = latents
+    if controller is None:
+        return pipe(**kwargs).images
+    with attach(_denoiser(pipe), controller):
+        return pipe(**kwargs).images
+
+
+def _initial_latents(pipe, seed, height, width, dtype) -> torch.Tensor:
+    """The noise the pipeline draws itself for one image with this seed (CPU generator)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    channels = _denoiser(pipe).config.in_channels
+    shape = (1, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), device=pipe._execution_device, dtype=dtype)
+
+
+@dataclass
+class _Settings:
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    negative_prompt: str
+    beta: float
+    steer: str
+    step_map: str
+    batched: bool
+
+
+def _settings(pipe, directions: Directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
+              batched, allow_other_model) -> _Settings:
+    _check_family(pipe)
+    meta = directions.meta
+    steps = int(steps or meta.get("steps") or directions.steps)
+    guidance = float(meta.get("guidance", _default_guidance(pipe)) if guidance is None else guidance)
+    height = int(height or meta.get("height") or default_size(pipe)[0])
+    width = int(width or meta.get("width") or default_size(pipe)[1])
+    negative_prompt = meta.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+    beta = validate_beta(beta)
+    if steer not in STEER_CHOICES:
+        raise UserInputError(f"Steer must be one of {', '.join(STEER_CHOICES)}, not {steer!r}.")
+    _validate_common(pipe, steps, guidance, height, width)
+    directions.check(pipe, steps, step_map, allow_other_model)
+    return _Settings(steps, guidance, height, width, negative_prompt, beta, steer, step_map, bool(batched))
+
+
+def _pair(pipe, directions: Directions, embeds: dict, prompt: str, seed: int, s: _Settings) -> PairResult:
+    cfg = _uses_cfg_batch(pipe, s.guidance)
+    args = (s.steps, s.guidance, s.height, s.width)
+    if s.beta == 0:  # exact no-op: no processor installed at all
+        original = _render(pipe, embeds, seed, *args)[0]
+        steered = original.copy()
+    else:
+        roles, steer_roles = _steer_roles(cfg, s.steer, s.batched)
+        controller = MedSteer(
+            directions.layers, mode="steer", directions=directions.vectors, beta=s.beta,
+            steer_roles=steer_roles, step_map=s.step_map, run_steps=s.steps, state=ControlState(row_roles=roles),
+        )
+        if s.batched:
+            latents = _initial_latents(pipe, seed, s.height, s.width, embeds["prompt_embeds"].dtype)
+            both = _render(pipe, embeds, seed, *args, controller=controller, images=2, latents=latents.repeat(2, 1, 1, 1))
+            original, steered = both[0], both[1]
+        else:
+            original = _render(pipe, embeds, seed, *args)[0]
+            steered = _render(pipe, embeds, seed, *args, controller=controller)[0]
+    original_image, steered_image = _to_pil(original), _to_pil(steered)
+    heatmap, mean_diff, _ = difference_heatmap(np.asarray(original_image), np.asarray(steered_image))
+    params = {
+        "task": "steering",
+        "model": model_name(pipe),
+        "prompt": prompt,
+        "seed": seed,
+        "beta": s.beta,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "height": s.height,
+        "width": s.width,
+        "negative_prompt": s.negative_prompt,
+        "steer": s.steer,
+        "step_map": s.step_map,
+        "scheduler": type(pipe.scheduler).__name__,
+        "directions": {k: directions.meta.get(k) for k in ("positive", "negative", "samples", "steps", "model")},
+    }
+    return PairResult(original_image, steered_image, heatmap, mean_diff / 255.0, seed, params,
+                      original_array=original, steered_array=steered)
+
+
+def counterfactual_pair(
+    pipe,
+    directions: Directions,
+    prompt: str,
+    seed: int | None = None,
+    beta: float = PAPER_DEFAULTS["beta"],
+    steps: int | None = None,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steer: str = PAPER_DEFAULTS["steer"],
+    step_map: str = PAPER_DEFAULTS["step_map"],
+    batched: bool = True,
+    allow_other_model: bool = False,
+) -> PairResult:
+    """The plain and the steered image of `prompt` with the same seed, and their difference.
+
+    Steps, guidance, size and the CFG negative prompt default to those the directions were
+    estimated with.  seed None (or negative) draws a random seed, reported in the result.
+    """
+    prompt = _check_prompt(prompt, "prompt to steer")
+    s = _settings(pipe, directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
+                  batched, allow_other_model)
+    seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else _check_seed(seed)
+    embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)
+    return _pair(pipe, directions, embeds, prompt, seed, s)
+
+
+# ------------------------------------------------------------------------------ dataset
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """The part of `items` process `index` of `count` handles: every count-th item."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process index {index} is not in 0..{count - 1}")
+    return list(items[index::count])
+
+
+@dataclass
+class DatasetSummary:
+    folder: Path
+    written: list[int]  # seeds generated by this process
+    skipped: list[int]  # seeds of this process already finished
+    manifest: Path | None  # written by process 0 once every process is done
+
+
+def _pair_done(folder: Path, seed: int) -> bool:
+    sidecar = folder / f"pair_seed{seed}.json"
+    if not sidecar.is_file():
+        return False
+    try:
+        record = json.loads(sidecar.read_text())
+        return all((folder / record[k]).is_file() for k in ("original", "steered", "difference"))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _run_config(pipe, directions: Directions, prompt: str, s: _Settings) -> dict:
+    return {
+        "model": model_name(pipe), "prompt": prompt, "beta": s.beta, "steps": s.steps, "guidance": s.guidance,
+        "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt, "steer": s.steer,
+        "step_map": s.step_map,
+        "directions": {k: directions.meta.get(k) for k in ("model", "positive", "negative", "samples", "steps")},
+    }
+
+
+def write_manifest(folder: str | Path, seeds: list[int]) -> Path:
+    """manifest.jsonl: one line per finished pair of `seeds` (seed order), written atomically."""
+    folder = Path(folder)
+    lines = []
+    for seed in seeds:
+        if _pair_done(folder, seed):
+            record = json.loads((folder / f"pair_seed{seed}.json").read_text())
+            lines.append(json.dumps({k: record.get(k) for k in
+                                     ("seed", "prompt", "beta", "original", "steered", "difference", "mean_abs_diff")}))
+    manifest = folder / "manifest.jsonl"
+    with atomic_path(manifest) as temp:
+        temp.write_text("".join(line + "\n" for line in lines))
+    return manifest
+
+
+def generate_dataset(
+    pipe,
+    directions: Directions,
+    prompt: str,
+    seeds: str | Iterable[int],
+    output_dir: str | Path,
+    beta: float = PAPER_DEFAULTS["beta"],
+    steps: int | None = None,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steer: str = PAPER_DEFAULTS["steer"],
+    step_map: str = PAPER_DEFAULTS["step_map"],
+    batched: bool = True,
+    allow_other_model: bool = False,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait: Callable[[], None] | None = None,
+) -> DatasetSummary:
+    """Counterfactual pairs for every seed into `output_dir`, with manifest.jsonl.
+
+    Resumable: pairs whose files and pair_seed{s}.json exist are skipped (every file is written
+    atomically, the JSON last).  A folder made with other settings is refused.  Under
+    `accelerate launch` pass the process index and count and `wait` (wait_for_everyone):
+    process i takes seeds i, i+count, ...; process 0 writes the manifest once all are done.
+    """
+    from tqdm.auto import tqdm
+
+    prompt = _check_prompt(prompt, "prompt to steer")
+    seed_list = parse_seeds(seeds)
+    if not seed_list:
+        raise UserInputError("Please give at least one seed.")
+    s = _settings(pipe, directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
+                  batched, allow_other_model)
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"The output {folder} is a file; give a folder.")
+    config = _run_config(pipe, directions, prompt, s)
+    config_path = folder / "run.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if config_path.is_file():
+            previous = json.loads(config_path.read_text())
+            if previous != json.loads(json.dumps(config)):
+                changed = sorted(k for k in set(config) | set(previous) if previous.get(k) != config.get(k))
+                raise UserInputError(
+                    f"{folder} holds pairs made with other settings ({', '.join(changed)}); use a new folder to "
+                    "change them, or the same settings to resume."
+                )
+        else:
+            with atomic_path(config_path) as temp:
+                temp.write_text(json.dumps(config, indent=2))
+    except OSError as error:
+        raise UserInputError(f"Cannot write to {folder}: {error.strerror or error}.") from error
+    except ValueError as error:
+        if isinstance(error, UserInputError):
+            raise
+        raise UserInputError(f"{config_path} is damaged; use a new folder.") from error
+
+    mine = shard(seed_list, process_index, num_processes)
+    skipped = [seed for seed in mine if _pair_done(folder, seed)]
+    todo = [seed for seed in mine if seed not in set(skipped)]
+    written = []
+    if todo:
+        embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)
+        with _quiet_progress(pipe):
+            for seed in tqdm(todo, desc=f"Pairs (process {process_index})" if num_processes > 1 else "Pairs"):
+                result = _pair(pipe, directions, embeds, prompt, seed, s)
+                try:
+                    result.save(folder)
+                except OSError as error:
+                    raise UserInputError(f"Cannot write to {folder}: {error.strerror or error}.") from error
+                written.append(seed)
+    if wait is not None:
+        wait()
+    manifest = write_manifest(folder, seed_list) if process_index == 0 else None
+    return DatasetSummary(folder, written, skipped, manifest)

@@ -1,0 +1,226 @@
+"""The "Counterfactual steer" tab: MedSteer steering directions and counterfactual pairs.
+
+Two named API endpoints: `/steer_directions` (estimate, or fetch from the in-memory cache, the
+directions of a positive/negative prompt pair; returns a status line and the .safetensors file)
+and `/steer_pair` (the plain and the steered image of a prompt with one seed, and their
+difference heatmap; uses an uploaded directions file if given, otherwise the cached or freshly
+estimated directions of the prompt pair).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import gradio as gr
+
+from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+
+ORDER = 40  # position among the tabs
+CACHE_SIZE = 8  # directions kept in memory, most recently used last
+
+# Offline examples (tiny models: fast on a CPU, images are noise).
+EXAMPLES = [
+    ["a photo of a cat", "a photo of a dog", "a photo of a cat on a sofa"],
+    ["An endoscopic image of dyed lifted polyps", "An endoscopic image of normal cecum",
+     "An endoscopic image of dyed lifted polyps"],
+]
+
+
+class DirectionCache:
+    """Directions per (model, prompts, samples, steps, guidance, size), in memory, LRU."""
+
+    def __init__(self, size: int = CACHE_SIZE):
+        self.size = size
+        self._items: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+def _size(value) -> int | None:
+    return int(value) if value else None
+
+
+def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
+    """(steer_directions, steer_pair): the event handlers, also the API endpoints."""
+    cache = cache or DirectionCache()
+
+    def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress):
+        from pipelines.steering import estimate_directions
+
+        pipe = ctx.load(model)
+        key = (model or ctx.default_model, positive, negative, int(samples), int(steps), float(guidance),
+               _size(height), _size(width))
+        directions = cache.get(key)
+        if directions is not None:
+            return pipe, directions, True
+        progress(0, desc="Estimating directions")
+        directions = estimate_directions(
+            pipe, positive, negative, samples=int(samples), steps=int(steps), guidance=float(guidance),
+            height=_size(height), width=_size(width),
+        )
+        cache.put(key, directions)
+        return pipe, directions, False
+
+    def describe(directions, cached: bool, source: str = "") -> str:
+        m = directions.meta
+        origin = source or ("from the cache" if cached else "estimated now")
+        return (f"Directions {origin}: **{m.get('positive')}** → **{m.get('negative')}**, "
+                f"{m.get('samples')} images per prompt, {directions.steps} steps × {len(directions.layers)} "
+                f"layers, model `{m.get('model')}`.")
+
+    @user_errors_as_gradio
+    def steer_directions(
+        model: str,
+        positive: str,
+        negative: str,
+        samples: float = 8,
+        steps: float = 20,
+        guidance: float = 4.5,
+        width: float | None = 0,
+        height: float | None = 0,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """Estimate (or reuse) the steering directions of a prompt pair.
+
+        Returns a status line and the directions as a .safetensors file to download.
+        Width/height 0 use the model's default size.
+        """
+        pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
+                                                  width, height, progress)
+        path = directions.save(ctx.outputs.new_run_dir("steer") / "directions.safetensors")
+        return describe(directions, cached), str(path)
+
+    @user_errors_as_gradio
+    def steer_pair(
+        model: str,
+        positive: str,
+        negative: str,
+        samples: float = 8,
+        steps: float = 20,
+        guidance: float = 4.5,
+        width: float | None = 0,
+        height: float | None = 0,
+        directions_file: str | None = None,
+        prompt: str = "",
+        seed: float | None = 0,
+        randomize_seed: bool = False,
+        beta: float = 2.0,
+        steer: str = "both",
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """Generate the plain and the steered image of `prompt` with one seed, and their difference.
+
+        With `directions_file` (a .safetensors from /steer_directions or the CLI) that file is
+        used and the prompt pair is ignored; otherwise the pair's directions are taken from the
+        cache or estimated first.  Seed -1 or randomize_seed=True draws a random seed.  Returns
+        original, steered, difference heatmap, the seed used, the files and a status line.
+        """
+        from pipelines.steering import Directions, counterfactual_pair, validate_beta
+
+        validate_beta(beta)
+        if directions_file:
+            pipe = ctx.load(model)
+            directions = Directions.load(directions_file)
+            status = describe(directions, False, "from the uploaded file")
+        else:
+            pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
+                                                      width, height, progress)
+            status = describe(directions, cached)
+        use_seed = None if randomize_seed or seed is None or seed < 0 else int(seed)
+        progress(0, desc="Generating the pair")
+        result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, beta=float(beta), steer=steer)
+        written = result.save(ctx.outputs.new_run_dir("steer"))
+        status += f" Mean absolute difference: {result.mean_abs_diff:.4f}."
+        return result.original, result.steered, result.heatmap, result.seed, [str(p) for p in written], status
+
+    return steer_directions, steer_pair
+
+
+def build_tab(ctx: AppContext) -> dict:
+    """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    from pipelines.steering import MAX_BETA, PAPER_DEFAULTS
+
+    with gr.Tab("Counterfactual steer", id="steer"):
+        gr.Markdown(
+            "**MedSteer**: estimate a steering direction from a *positive* concept (to remove) and a "
+            "*negative* concept (to steer towards), then generate a prompt twice with the same seed, "
+            "plainly and with the concept steered out of every cross-attention layer. Beta 1 removes "
+            "the concept's component, 2 (the paper's) reflects it."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
+                                    elem_id="st-model")
+                positive = gr.Textbox(label="Positive prompt (concept to remove)", elem_id="st-positive",
+                                      placeholder=PAPER_DEFAULTS["positive"])
+                negative = gr.Textbox(label="Negative prompt (concept to steer towards)", elem_id="st-negative",
+                                      placeholder=PAPER_DEFAULTS["negative"])
+                with gr.Row():
+                    samples = gr.Number(value=8, precision=0, minimum=1, label="Samples per prompt",
+                                        elem_id="st-samples")
+                    steps = gr.Number(value=PAPER_DEFAULTS["steps"], precision=0, minimum=2, maximum=200,
+                                      label="Steps", elem_id="st-steps")
+                    guidance = gr.Number(value=PAPER_DEFAULTS["guidance"], minimum=0, maximum=30, step=0.5,
+                                         label="Guidance", elem_id="st-guidance")
+                with gr.Row():
+                    width = gr.Number(value=0, precision=0, step=8, minimum=0,
+                                      label="Width (0 = model default)", elem_id="st-width")
+                    height = gr.Number(value=0, precision=0, step=8, minimum=0,
+                                       label="Height (0 = model default)", elem_id="st-height")
+                estimate = gr.Button("Estimate directions", elem_id="st-estimate")
+                directions_out = gr.File(label="Directions (download)", interactive=False,
+                                         elem_id="st-directions-out")
+                directions_in = gr.File(label="Or upload a directions file (.safetensors)", file_types=[".safetensors"],
+                                        type="filepath", elem_id="st-directions-in")
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt to steer", lines=2, elem_id="st-prompt")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="st-seed")
+                    randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="st-randomize")
+                    beta = gr.Slider(0, MAX_BETA, value=PAPER_DEFAULTS["beta"], step=0.1, label="Beta",
+                                     elem_id="st-beta")
+                    steer = gr.Radio(["both", "cond"], value="both", label="CFG halves steered",
+                                     elem_id="st-steer")
+                generate = gr.Button("Generate pair", variant="primary", elem_id="st-generate")
+                status = gr.Markdown(elem_id="st-status")
+                with gr.Row():
+                    original = gr.Image(label="Original", type="pil", format="png", interactive=False,
+                                        elem_id="st-original")
+                    steered = gr.Image(label="Steered", type="pil", format="png", interactive=False,
+                                       elem_id="st-steered")
+                    heatmap = gr.Image(label="|difference|", type="pil", format="png", interactive=False,
+                                       elem_id="st-heatmap")
+                with gr.Row():
+                    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="st-seed-used")
+                    reuse = gr.Button("Reuse this seed", elem_id="st-reuse-seed")
+                files = gr.File(label="Downloads (original, steered, difference, JSON)", file_count="multiple",
+                                interactive=False, elem_id="st-files")
+
+        gr.Examples(examples=EXAMPLES, inputs=[positive, negative, prompt],
+                    label="Examples (fast with the tiny models)")
+
+        steer_directions, steer_pair = make_handlers(ctx)
+        pair_inputs = [model, positive, negative, samples, steps, guidance, width, height]
+        estimate.click(steer_directions, pair_inputs, [status, directions_out], api_name="steer_directions",
+                       **GPU_CONCURRENCY)
+        generate.click(steer_pair, pair_inputs + [directions_in, prompt, seed, randomize_seed, beta, steer],
+                       [original, steered, heatmap, seed_used, files, status], api_name="steer_pair",
+                       **GPU_CONCURRENCY)
+        reuse.click(lambda used, current: (current if used is None else used, False), [seed_used, seed],
+                    [seed, randomize_seed], api_visibility="private", queue=False)
+    return {"prompt": prompt, "positive": positive, "negative": negative, "original": original,
+            "steered": steered, "seed": seed}
