@@ -1,0 +1,817 @@
+"""The "Segment by text" task: RefAM zero-shot referring segmentation of images and video.
+
+Given an image (or video frames) and a referring expression ("the man in the red shirt on the
+left"), RefAM (arXiv 2509.22650) reads where the image tokens of a diffusion transformer attend
+among the expression's tokens in ONE forward pass of a noised latent, and thresholds that map:
+
+1. prompt = expression + k appended "attention magnets" (stop words) + one colour word; every token
+   gets a role from the tokenizer's offsets: content, stop, magnet, aux, special, padding
+   (`token_roles`).  Stop words come from `assets/stopwords_en.txt` (another language: another
+   file, `load_stopwords`).
+2. the image is resized (long side `size`, aspect kept), padded to the model's multiple, VAE
+   encoded, noised once (FLUX/SD3: x = (1 - sigma) x0 + sigma eps; UNet: the scheduler's
+   `add_noise` at timestep t) and passed once through the denoiser with
+   `attention_processors.refam.RefAMCapture` attached: image x text attention on the chosen
+   layers, sink detection, and an early exit after the last captured layer (no full forward, no
+   denoising loop, no VAE decode).
+3. heatmap = mean over layers and content columns, rows renormalised over the word columns
+   (content, stop, magnets: the magnets compete for the mass there) with specials, padding and
+   sinks dropped; magnet and stop columns never enter the mean.  Then a Gaussian (sigma = 1
+   token cell), bilinear upsampling to the padded working size, padding cropped, resizing to the
+   image and min-max normalisation.
+4. mask = heatmap > Otsu threshold (or a fixed one), keeping the connected component of the
+   argmax; optionally refined by self-attention propagation (UNets) or replaced by SAM2's
+   point-prompted mask when the user has SAM2 weights.
+5. video: frames in batches through the same forward, the same noise for every frame, per-frame
+   heatmaps smoothed over a centred window of frames, one mask per frame.
+
+Every default is in `GroundingSettings` (one place).  The paper's layers, noise level,
+normalisation, sink criterion and point strategy are not public: all are ours (see
+shared/methods/grounding.md section 4) and exposed as parameters.
+
+Deviations and choices (ours):
+- backbones: FLUX (the paper's), SD3 and SD 1.x/2.x UNets (our extension); SDXL and PixArt are
+  refused with a sentence;
+- the VAE posterior mode is used (no sampling): one fewer random draw;
+- "head" target = the content word before the first stop word that follows a content word (a
+  heuristic instead of a parser), e.g. "the man in red" -> "man";
+- redirect mode appends `n_aux` "." tokens after the magnets (always dropped) and suppresses the
+  sinks found by a first observe pass (two passes); suppress mode does the same without the dots;
+- an expression + magnets longer than the text window is refused (never silently truncated);
+- video: the keyframe + SAM2 video-predictor route of the spec is not implemented; every frame
+  gets its own heatmap (the issue's route), with temporal smoothing;
+- min-max normalisation is applied after cropping the padding, so padding never sets the scale;
+- the rows are renormalised over the word columns, not over the target columns only as the spec's
+  3.5 reads (that makes the heatmap constant; see attention_processors/refam.py);
+- SAM2: transformers' Sam2Processor needs torchvision, so `sam2_mask` does SAM2's preprocessing
+  itself (square resize, ImageNet normalisation) and calls `Sam2Model` directly;
+- the SD UNet's start-of-text sink is always outside the normaliser (it is a special token);
+- the optional LLM rewrite hook of spec 3.1, box prompts and the SAM2 oracle metric are not built.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from attention_processors import ControlState, attach, attention_layer_names
+from attention_processors.refam import (
+    BLOCK_FAMILIES,
+    DEPTH_RANGES,
+    GAS_MODES,
+    NORMS,
+    RefAMCapture,
+    StopForward,
+    choose_layers,
+    self_attention_layers,
+)
+
+from . import models
+from .errors import UserInputError
+from .io import atomic_path, load_image, mask_image, read_video, save_image, write_video
+
+STOPWORDS_PATH = Path(__file__).resolve().parent.parent / "assets" / "stopwords_en.txt"
+MAGNET_WORDS = ("and", "of", "the", "a", "with", "on", "in", "to")  # ours (spec 3.1), in order
+COLOUR_WORDS = ("green", "blue", "yellow", "purple")  # the first one absent from the expression
+SUPPORTED_FAMILIES = ("flux", "sd3", "sd")
+ROLES = ("content", "context", "stop", "magnet", "aux", "special", "padding")
+MAX_FRAMES = 600
+_WORD = re.compile(r"[\w]+(?:['’-][\w]+)*")
+_TEXT_CACHE: dict[tuple, object] = {}
+
+
+@dataclass(frozen=True)
+class GroundingSettings:
+    """Every RefAM parameter with its default (ours unless marked; spec section 4)."""
+
+    depth: str = "middle+last"  # DiT layers: first / middle / last third, middle+last, all
+    blocks: str = "both"  # FLUX block family: dual, single, both
+    unet_levels: tuple[int, ...] = (1, 2)  # UNet attn2 levels: the 32x32 and 16x16 grids at 512 px
+    sigma: float = 0.3  # DiT noise level
+    timestep: int = 300  # UNet noise timestep
+    guidance: float = 3.5  # FLUX-dev guidance embedding
+    norm: str = "text_softmax"  # text_softmax, full_row, raw
+    magnets: int = 4  # appended stop words k (0 = none)
+    colour: bool = True  # append one colour word
+    filter_magnets: bool = True  # drop magnet and stop-word columns before aggregation
+    gas: str = "exclude"  # none, exclude, suppress, redirect
+    l_gas: float = 0.5  # sinks are looked for at depth >= l_gas
+    tau_mass: float = 4.0
+    tau_cv: float = 0.5
+    n_aux: int = 4  # "." tokens appended in redirect mode
+    target: str = "content"  # content, head
+    t5_length: str = "native"  # native (512 FLUX-dev / 256 SD3) or trimmed to the prompt
+    text_part: str = "t5"  # SD3: t5, clip, both
+    renorm: bool = True
+    smooth: bool = True  # Gaussian, sigma = 1 token cell
+    threshold: str | float = "otsu"  # "otsu" or a number in (0, 1)
+    component: bool = True  # keep the connected component containing the argmax
+    refine: bool = False  # UNet only: propagate the heatmap by self-attention
+    refine_steps: int = 1
+    n_noise: int = 1  # noise draws averaged
+    size: int | None = None  # working long side; None: 1024 (FLUX, SD3) or 512 (SD)
+    early_exit: bool = True
+    seed: int = 0
+    sam2: str | None = None  # local SAM2 folder / cached id; None: Otsu mask
+    sam2_selection: str = "sam_score"  # sam_score, heatmap_iou, product
+    sam2_points: int = 1  # positive points: the argmax, or the top-k peaks after NMS
+    sam2_negatives: int = 0  # negative points at the lowest-heat locations
+    temporal_window: int = 3  # video: centred moving average over this many frames
+    batch_frames: int = 4  # video: frames per forward
+
+
+@dataclass
+class GroundingResult:
+    image: Image.Image
+    heatmap: np.ndarray  # float32 (H, W) in [0, 1]
+    mask: np.ndarray  # bool (H, W)
+    tokens: list[tuple[str, str]]  # (token text, role) of the visible prompt tokens
+    token_maps: np.ndarray  # float32 (T_visible, H, W) in [0, 1]
+    sinks: list[str]  # tokens flagged as global attention sinks in some deep layer
+    threshold: float
+    params: dict = field(default_factory=dict)
+
+    def overlay(self, alpha: float = 0.5) -> Image.Image:
+        return overlay(self.image, self.heatmap, alpha)
+
+    def gallery(self) -> list[tuple[Image.Image, str]]:
+        """(per-token map over the image, "i: token (role[, sink])") for every visible token."""
+        out = []
+        for i, ((text, role), heat) in enumerate(zip(self.tokens, self.token_maps)):
+            tag = role + (", sink" if text in self.sinks and role != "padding" else "")
+            out.append((overlay(self.image, heat), f"{i}: {text} ({tag})"))
+        return out
+
+    def save(self, output: str | Path, heatmap: str | Path | None = None) -> list[Path]:
+        """Write the black/white mask PNG (+ JSON sidecar of every setting) and the heatmap overlay."""
+        record = {**self.params, "threshold": self.threshold, "sinks": self.sinks,
+                  "tokens": [f"{t} ({r})" for t, r in self.tokens]}
+        written = save_image(mask_image(self.mask), output, record)
+        if heatmap is not None:
+            written += save_image(self.overlay(), heatmap, None)
+        return written
+
+
+@dataclass
+class VideoGroundingResult:
+    frames: list[Image.Image]
+    heatmaps: np.ndarray  # (F, H, W)
+    masks: np.ndarray  # (F, H, W) bool
+    fps: float
+    params: dict = field(default_factory=dict)
+
+    def overlays(self) -> list[Image.Image]:
+        return [overlay(f, h) for f, h in zip(self.frames, self.heatmaps)]
+
+    def save(self, output: str | Path, overlay_path: str | Path | None = None) -> list[Path]:
+        """The mask video, the overlay video (default <output>_overlay.mp4) and a JSON sidecar."""
+        output = Path(output)
+        overlay_path = Path(overlay_path) if overlay_path else output.with_name(f"{output.stem}_overlay.mp4")
+        write_video([mask_image(m).convert("RGB") for m in self.masks], output, self.fps)
+        write_video(self.overlays(), overlay_path, self.fps)
+        sidecar = output.with_suffix(".json")
+        with atomic_path(sidecar) as temp:
+            temp.write_text(json.dumps({**self.params, "frames": len(self.masks)}, indent=2, default=str))
+        return [output, overlay_path, sidecar]
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """A [0, 1] map drawn over `image` with the JET colour map."""
+    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray(np.uint8(base * (1 - alpha) + colour.astype(np.float32) * alpha))
+
+
+# --------------------------------------------------------------------------- prompt and roles
+
+
+def load_stopwords(path: str | Path = STOPWORDS_PATH) -> frozenset[str]:
+    """Lower-case stop words, one per line; '#' starts a comment (re-read when the file changes)."""
+    path = Path(path)
+    return _read_stopwords(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_stopwords(path: Path, mtime_ns: int) -> frozenset[str]:
+    words = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip().lower()
+        if line:
+            words.add(line)
+    return frozenset(words)
+
+
+def build_prompt(expression: str, magnets: int = 4, colour: bool = True, n_aux: int = 0) -> tuple[str, list[tuple[int, int, str]]]:
+    """The expression with magnets, colour word and aux dots appended; (start, end, role) of each."""
+    words = {w.lower() for w in _WORD.findall(expression)}
+    appended = [(w, "magnet") for w in MAGNET_WORDS[:magnets]]
+    if colour:
+        appended.append((next((c for c in COLOUR_WORDS if c not in words), COLOUR_WORDS[0]), "magnet"))
+    appended += [(".", "aux")] * n_aux
+    prompt, spans = expression.strip(), []
+    for word, role in appended:
+        prompt += " "
+        spans.append((len(prompt), len(prompt) + len(word), role))
+        prompt += word
+    return prompt, spans
+
+
+def token_roles(tokenizer, prompt: str, expression_end: int, spans, stopwords, max_length: int,
+                target: str = "content") -> tuple[list[str], list[str], int]:
+    """(role per token position, token text per position, number of real tokens) for `prompt`.
+
+    Positions are those of the encoder input padded to `max_length`.  Roles: special (BOS/SOT,
+    EOS/EOT), padding (everything after the first EOS), magnet/aux (appended words), and for the
+    expression's words content or stop (stop-word list; punctuation counts as stop).  With
+    target="head" only the head noun stays "content"; the other content words become "stop".
+    """
+    encoded = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=False,
+                        return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    if len(ids) > max_length:
+        raise UserInputError(
+            f"The expression is too long: with the appended magnet words it needs {len(ids)} text "
+            f"tokens and this model reads at most {max_length}; shorten it."
+        )
+    char_role = ["stop"] * expression_end
+    char_word = [-1] * len(prompt)
+    for index, m in enumerate(_WORD.finditer(prompt[:expression_end])):
+        role = "stop" if m.group().lower() in stopwords else "content"
+        char_role[m.start():m.end()] = [role] * (m.end() - m.start())
+        char_word[m.start():m.end()] = [index] * (m.end() - m.start())
+    char_role += ["space"] * (len(prompt) - expression_end)
+    for start, end, role in spans:
+        char_role[start:end] = [role] * (end - start)
+    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
+    roles, texts, words, ended, n_real = [], [], [], False, 0
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    for token_id, (start, end), piece in zip(ids, offsets, pieces):
+        if ended:
+            roles.append("padding")
+        elif token_id in specials or end <= start:
+            roles.append("special")
+            ended = token_id == tokenizer.eos_token_id
+        else:
+            role = next((char_role[c] for c in range(start, end) if char_role[c] != "space" and not prompt[c].isspace()), "stop")
+            roles.append("stop" if role == "space" else role)
+        words.append(char_word[start] if not ended and end > start else -1)
+        if not roles[-1] == "padding":
+            n_real += 1
+        texts.append(piece.replace("</w>", "").replace("▁", "") or piece)
+    if target == "head":
+        roles = _head_only(roles, words)
+    return roles, texts, n_real
+
+
+def _head_only(roles: list[str], words: list[int]) -> list[str]:
+    """Keep as "content" only the tokens of the head word, the last content word before the first
+    stop word that follows content (a parser-free heuristic: "the man in red" -> "man"); the other
+    content tokens become "context" (still in the normaliser, never in the heatmap)."""
+    head = None
+    for role, word in zip(roles, words):
+        if role == "content":
+            head = word
+        elif role == "stop" and head is not None:
+            break
+    if head is None:
+        return roles
+    return [("context" if r == "content" and w != head else r) for r, w in zip(roles, words)]
+
+
+# --------------------------------------------------------------------------- the forward pass
+
+
+def _denoiser(pipe):
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def _param(module: torch.nn.Module) -> torch.Tensor:
+    """One parameter (its device and dtype; `.device`/`.dtype` of diffusers models walk them all)."""
+    return next(module.parameters())
+
+
+def _check_family(pipe) -> str:
+    fam = models.family(pipe)
+    if fam not in SUPPORTED_FAMILIES:
+        raise UserInputError(
+            f"Segment by text works with FLUX, SD3 and SD 1.x/2.x models, not {models.FAMILY_LABELS.get(fam, fam)}."
+        )
+    return fam
+
+
+def _size_multiple(pipe, fam: str) -> int:
+    vae = getattr(pipe, "vae_scale_factor", 8)
+    if fam in ("flux", "sd3"):
+        return vae * 2
+    return vae * 2 ** (len(pipe.unet.down_blocks) - 1)
+
+
+def _working_size(image: Image.Image, long_side: int, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((w, h) of the resized content, (W, H) padded to `multiple`)."""
+    scale = long_side / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    pw, ph = -(-w // multiple) * multiple, -(-h // multiple) * multiple
+    return (w, h), (pw, ph)
+
+
+def _pixels(images: list[Image.Image], content: tuple[int, int], padded: tuple[int, int], device, dtype) -> torch.Tensor:
+    arrays = []
+    for image in images:
+        a = np.asarray(image.convert("RGB").resize(content, Image.BICUBIC), dtype=np.float32)
+        a = np.pad(a, ((0, padded[1] - content[1]), (0, padded[0] - content[0]), (0, 0)), mode="edge")
+        arrays.append(a)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return x.to(device=device, dtype=dtype)
+
+
+@dataclass
+class _Text:
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    text_ids: torch.Tensor | None
+    roles: list[str]
+    texts: list[str]
+    text_part: slice | None
+
+
+def _encode(pipe, fam, prompt, expression_end, spans, stopwords, settings, device) -> _Text:
+    def roles_for(tokenizer, length):
+        return token_roles(tokenizer, prompt, expression_end, spans, stopwords, length, settings.target)
+
+    with torch.no_grad():
+        if fam == "flux":
+            length = 512
+            roles, texts, n_real = roles_for(pipe.tokenizer_2, length)
+            if settings.t5_length == "trimmed":
+                length = n_real
+                roles, texts = roles[:n_real], texts[:n_real]
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=prompt, device=device,
+                                                          max_sequence_length=length)
+            return _Text(embeds, pooled, text_ids, roles, texts, None)
+        if fam == "sd3":
+            t5_len = 256
+            clip_roles, clip_texts, _ = roles_for(pipe.tokenizer, 77)
+            t5_roles, t5_texts, n_real = roles_for(pipe.tokenizer_3, t5_len)
+            if settings.t5_length == "trimmed":
+                t5_len = n_real
+                t5_roles, t5_texts = t5_roles[:n_real], t5_texts[:n_real]
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=t5_len)
+            if settings.text_part == "clip":
+                return _Text(embeds, pooled, None, clip_roles, clip_texts, slice(0, 77))
+            if settings.text_part == "t5":
+                return _Text(embeds, pooled, None, t5_roles, t5_texts, slice(77, 77 + t5_len))
+            return _Text(embeds, pooled, None, clip_roles + t5_roles, clip_texts + t5_texts, slice(0, 77 + t5_len))
+        roles, texts, _ = roles_for(pipe.tokenizer, pipe.tokenizer.model_max_length)
+        embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
+        return _Text(embeds, None, None, roles, texts, None)
+
+
+def _forward(pipe, fam, pixels, text: _Text, settings, controller, generator) -> None:
+    """One noisy forward of the denoiser on VAE latents of `pixels`, stopped after the last layer."""
+    denoiser = _denoiser(pipe)
+    vae = pipe.vae
+    b = pixels.shape[0]
+    device, dtype = pixels.device, _param(denoiser).dtype
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((latents - shift) * vae.config.scaling_factor).to(dtype)
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator, dtype=torch.float32)
+        noise = noise.to(device=device, dtype=dtype).expand_as(latents)
+        embeds = text.embeds.expand(b, -1, -1)
+        pooled = None if text.pooled is None else text.pooled.expand(b, -1)
+        controller.reset_forward()
+        try:
+            if fam == "flux":
+                sigma = torch.full((b,), settings.sigma, device=device, dtype=dtype)
+                noisy = (1 - settings.sigma) * latents + settings.sigma * noise
+                c, h, w = noisy.shape[1:]
+                packed = pipe._pack_latents(noisy, b, c, h, w)
+                img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+                guidance = (torch.full((b,), settings.guidance, device=device, dtype=torch.float32)
+                            if denoiser.config.guidance_embeds else None)
+                denoiser(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=pooled,
+                         encoder_hidden_states=embeds, txt_ids=text.text_ids, img_ids=img_ids, return_dict=False)
+            elif fam == "sd3":
+                noisy = (1 - settings.sigma) * latents + settings.sigma * noise
+                t = torch.full((b,), settings.sigma * 1000, device=device, dtype=dtype)
+                denoiser(hidden_states=noisy, timestep=t, encoder_hidden_states=embeds,
+                         pooled_projections=pooled, return_dict=False)
+            else:
+                t = torch.full((b,), settings.timestep, device=device, dtype=torch.long)
+                noisy = pipe.scheduler.add_noise(latents, noise, t)
+                denoiser(noisy, t, encoder_hidden_states=embeds, return_dict=False)
+        except StopForward:
+            pass
+
+
+# --------------------------------------------------------------------------- maps and masks
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 `values` (OpenCV's algorithm: pixels > t are foreground)."""
+    hist = np.bincount(np.asarray(values, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    levels = np.arange(256, dtype=np.float64)
+    q1 = np.cumsum(p)
+    q2 = 1.0 - q1
+    cum_mu = np.cumsum(levels * p)
+    mu = cum_mu[-1]
+    eps = np.finfo(np.float32).eps
+    valid = (np.minimum(q1, q2) >= eps) & (np.maximum(q1, q2) <= 1.0 - eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu1 = cum_mu / q1
+        mu2 = (mu - q1 * mu1) / q2
+        sigma = q1 * q2 * (mu1 - mu2) ** 2
+    sigma = np.where(valid, sigma, -1.0)
+    return int(np.argmax(sigma)) if sigma.max() > 0 else 0
+
+
+def heat_to_mask(heat: np.ndarray, threshold: str | float = "otsu", component: bool = True) -> tuple[np.ndarray, float]:
+    """A bool mask of the same shape and the threshold used (in [0, 1])."""
+    values = np.uint8(np.clip(np.round(heat * 255), 0, 255))
+    if threshold == "otsu":
+        level = otsu_threshold(values)
+    else:
+        level = int(np.clip(np.round(float(threshold) * 255), 0, 254))
+    mask = values > level
+    if component and mask.any():
+        _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        peak = np.unravel_index(int(np.argmax(np.where(mask, heat, -np.inf))), heat.shape)
+        mask = labels == labels[peak]
+    return mask, level / 255.0
+
+
+def _to_image_maps(grid_maps: torch.Tensor, padded: tuple[int, int], content: tuple[int, int],
+                   out_size: tuple[int, int], smooth: bool) -> np.ndarray:
+    """(N, h, w) grid maps -> (N, H, W) float32 [0, 1] at the image size, padding cropped."""
+    x = grid_maps.float().cpu()
+    if smooth:
+        x = torch.from_numpy(np.stack([cv2.GaussianBlur(m.numpy(), (0, 0), 1.0, borderType=cv2.BORDER_REPLICATE) for m in x]))
+    x = F.interpolate(x[:, None], size=(padded[1], padded[0]), mode="bilinear", align_corners=False)
+    x = x[..., : content[1], : content[0]]
+    x = F.interpolate(x, size=(out_size[1], out_size[0]), mode="bilinear", align_corners=False)[:, 0]
+    low = x.amin(dim=(1, 2), keepdim=True)
+    high = x.amax(dim=(1, 2), keepdim=True)
+    return ((x - low) / (high - low).clamp_min(1e-12)).numpy().astype(np.float32)
+
+
+def _validate(pipe, expression, settings: GroundingSettings, stopwords) -> str:
+    fam = _check_family(pipe)
+    if not isinstance(expression, str) or not expression.strip():
+        raise UserInputError("Please enter an expression that names the object, e.g. 'the dog on the left'.")
+    words = [w.lower() for w in _WORD.findall(expression)]
+    if not words:
+        raise UserInputError("The expression has no words; use letters or digits.")
+    if all(w in stopwords for w in words):
+        raise UserInputError("The expression has only stop words (like 'the', 'of'); name the object, e.g. 'the red car'.")
+    checks = [
+        (settings.depth in DEPTH_RANGES, f"depth must be one of {', '.join(DEPTH_RANGES)}"),
+        (settings.blocks in BLOCK_FAMILIES, f"blocks must be one of {', '.join(BLOCK_FAMILIES)}"),
+        (settings.norm in NORMS, f"norm must be one of {', '.join(NORMS)}"),
+        (settings.gas in GAS_MODES, f"GAS mode must be one of {', '.join(GAS_MODES)}"),
+        (settings.target in ("content", "head"), "target must be 'content' or 'head'"),
+        (settings.t5_length in ("native", "trimmed"), "T5 length must be 'native' or 'trimmed'"),
+        (settings.text_part in ("t5", "clip", "both"), "SD3 text part must be t5, clip or both"),
+        (0 < settings.sigma < 1, f"the noise level sigma must be between 0 and 1, not {settings.sigma}"),
+        (0 <= settings.timestep < 1000, f"the UNet timestep must be between 0 and 999, not {settings.timestep}"),
+        (0 <= settings.magnets <= len(MAGNET_WORDS), f"magnets must be between 0 and {len(MAGNET_WORDS)}"),
+        (1 <= settings.n_noise <= 16, "n_noise must be between 1 and 16"),
+        (settings.size is None or 64 <= settings.size <= 2048, "the working size must be between 64 and 2048 pixels"),
+        (settings.threshold == "otsu" or _is_fraction(settings.threshold), "the threshold must be 'otsu' or a number between 0 and 1"),
+        (settings.temporal_window >= 1 and settings.batch_frames >= 1, "temporal window and frame batch must be at least 1"),
+        (settings.sam2_selection in ("sam_score", "heatmap_iou", "product"), "SAM2 selection must be sam_score, heatmap_iou or product"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserInputError(message[0].upper() + message[1:] + ".")
+    if settings.refine and fam != "sd":
+        raise UserInputError("Refinement by self-attention propagation is available on SD UNet models only.")
+    return fam
+
+
+def _is_fraction(value) -> bool:
+    try:
+        return 0 < float(value) < 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: GroundingSettings, stopwords):
+    """Grid heatmaps of a batch of images: (heat (b, h, w), token maps (b, T, h, w), info)."""
+    fam = _validate(pipe, expression, settings, stopwords)
+    denoiser = _denoiser(pipe)
+    device = _param(denoiser).device
+    n_aux = settings.n_aux if settings.gas == "redirect" else 0
+    prompt, spans = build_prompt(expression, settings.magnets, settings.colour, n_aux)
+    expression_end = len(expression.strip())
+    key = (id(pipe), prompt, expression_end, stopwords, settings.t5_length, settings.text_part, settings.target)
+    cached = _TEXT_CACHE.get(key)
+    if cached is not None and cached[0] is pipe and cached[1].embeds.device == device:
+        text = cached[1]  # text encodings are cached per expression (video batches, repeated calls)
+    else:
+        text = _encode(pipe, fam, prompt, expression_end, spans, stopwords, settings, device)
+        if len(_TEXT_CACHE) >= 8:
+            _TEXT_CACHE.clear()
+        _TEXT_CACHE[key] = (pipe, text)
+    roles = text.roles
+    roles_array = np.array(roles)
+    content = torch.from_numpy(roles_array == "content")
+    if not content.any():
+        raise UserInputError("No word of the expression reached the model as a content token; name the object.")
+    words = torch.from_numpy(np.isin(roles_array, ("content", "context", "stop", "magnet")))
+    target = content if settings.filter_magnets else words
+    among = words
+    visible = torch.from_numpy(roles_array != "padding")
+    candidates = visible
+    aux = torch.from_numpy(roles_array == "aux")
+    layers, refine_layers = _layers(denoiser, fam, settings)
+
+    size = settings.size or (1024 if fam in ("flux", "sd3") else 512)
+    multiple = _size_multiple(pipe, fam)
+    size = max(multiple, size // multiple * multiple)
+    content_wh, padded = _working_size(images[0], size, multiple)
+    pixels = _pixels(images, content_wh, padded, device, pipe.vae.dtype)
+
+    def make(gas_mode, suppress):
+        return RefAMCapture(
+            layers, target=target, among=among, visible=visible, candidates=candidates, text_part=text.text_part,
+            norm=settings.norm, gas_mode=gas_mode, l_gas=settings.l_gas, tau_mass=settings.tau_mass,
+            tau_cv=settings.tau_cv, renorm=settings.renorm, suppress_keys=suppress,
+            refine_layers=refine_layers, early_exit=settings.early_exit, state=ControlState(("cond",)),
+        )
+
+    suppress = None
+    if settings.gas in ("suppress", "redirect"):  # first pass: observe and find the sinks
+        observer = make("exclude", None)
+        with attach(denoiser, observer):
+            _forward(pipe, fam, pixels, text, settings, observer, torch.Generator().manual_seed(settings.seed))
+        suppress = observer.sink_columns()
+        suppress = None if suppress is None else suppress & ~aux
+    controller = make("exclude" if settings.gas == "exclude" else ("none" if settings.gas == "none" else settings.gas), suppress)
+    generator = torch.Generator().manual_seed(settings.seed)
+    with attach(denoiser, controller):
+        for _ in range(settings.n_noise):
+            _forward(pipe, fam, pixels, text, settings, controller, generator)
+    heat = controller.heat()
+    if settings.refine:
+        heat = _propagate(heat, controller, settings.refine_steps)
+    sink_cols = controller.sink_columns() if suppress is None else suppress
+    sinks = [] if sink_cols is None else sorted({text.texts[j] for j in torch.nonzero(sink_cols & visible).flatten().tolist()})
+    info = dict(fam=fam, prompt=prompt, roles=roles, texts=text.texts, visible=visible, content_wh=content_wh,
+                padded=padded, layers=sorted(layers), sinks=sinks, suppressed=None if suppress is None else int(suppress.sum()))
+    return heat, controller.token_maps(), info
+
+
+_LAYER_CACHE: dict[tuple, tuple] = {}
+
+
+def _layers(denoiser, fam: str, settings: GroundingSettings) -> tuple[dict[str, float], list[str]]:
+    """Captured layers {name: depth} and refinement layers, cached per model and settings."""
+    key = (id(denoiser), settings.depth, settings.blocks, settings.unet_levels, settings.refine)
+    cached = _LAYER_CACHE.get(key)
+    if cached is not None and cached[0] is denoiser:
+        return cached[1], cached[2]
+    names = attention_layer_names(denoiser)
+    unet_depth = len(denoiser.down_blocks) if fam == "sd" else None
+    layers = choose_layers(names, settings.depth, settings.blocks, settings.unet_levels, unet_depth)
+    if not layers:
+        raise UserInputError("These layer settings select no attention layer of this model.")
+    refine_layers = self_attention_layers(names, min(settings.unet_levels), unet_depth) if settings.refine else []
+    if len(_LAYER_CACHE) >= 16:
+        _LAYER_CACHE.clear()
+    _LAYER_CACHE[key] = (denoiser, layers, refine_layers)
+    return layers, refine_layers
+
+
+def _propagate(heat: torch.Tensor, controller: RefAMCapture, steps: int) -> torch.Tensor:
+    """Heat diffused along the mean self-attention of the refinement layers: h <- A h, `steps` times."""
+    found = controller.self_attention()
+    if found is None:
+        return heat
+    attention, grid = found
+    b = heat.shape[0]
+    x = F.interpolate(heat[:, None], size=grid, mode="bilinear", align_corners=False).reshape(b, -1, 1)
+    for _ in range(steps):
+        x = attention @ x
+    x = x.reshape(b, 1, *grid)
+    return F.interpolate(x, size=heat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+def _params(pipe, expression, settings, info, extra=None) -> dict:
+    return {
+        "task": "segment",
+        "model": pipe.name_or_path or type(pipe).__name__,
+        "expression": expression,
+        "prompt": info["prompt"],
+        "layers": info["layers"],
+        "working_size": list(info["padded"]),
+        **asdict(settings),
+        **(extra or {}),
+    }
+
+
+def segment_image(pipe, image, expression: str, settings: GroundingSettings | None = None, **overrides) -> GroundingResult:
+    """Segment the object `expression` refers to in `image` (path, PIL image or array).
+
+    `settings` (default `GroundingSettings()`) and keyword overrides of its fields set every
+    parameter.  Raises UserInputError for anything the user can get wrong.
+    """
+    settings = replace(settings or GroundingSettings(), **overrides)
+    image = load_image(image)
+    stopwords = load_stopwords()
+    heat, token_maps, info = _heatmaps(pipe, [image], expression, settings, stopwords)
+    heatmap = _to_image_maps(heat, info["padded"], info["content_wh"], image.size, settings.smooth)[0]
+    visible_idx = torch.nonzero(info["visible"]).flatten().tolist()
+    tokens = [(info["texts"][j], info["roles"][j]) for j in visible_idx]
+    maps = _to_image_maps(token_maps[0], info["padded"], info["content_wh"], image.size, settings.smooth)
+    extra = {}
+    if settings.sam2:
+        mask, extra = sam2_mask(load_sam2(settings.sam2), image, heatmap, settings.sam2_selection,
+                                settings.sam2_points, settings.sam2_negatives)
+        level = float("nan")
+    else:
+        mask, level = heat_to_mask(heatmap, settings.threshold, settings.component)
+    return GroundingResult(image=image, heatmap=heatmap, mask=mask, tokens=tokens, token_maps=maps,
+                           sinks=info["sinks"], threshold=level,
+                           params=_params(pipe, expression, settings, info, extra))
+
+
+def temporal_smooth(heatmaps: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over `window` frames (edges use the frames that exist)."""
+    if window <= 1 or len(heatmaps) < 2:
+        return heatmaps
+    half = window // 2
+    out = np.empty_like(heatmaps)
+    for i in range(len(heatmaps)):
+        out[i] = heatmaps[max(0, i - half): i + half + 1].mean(0)
+    return out
+
+
+def segment_video(pipe, video, expression: str, settings: GroundingSettings | None = None,
+                  max_frames: int | None = MAX_FRAMES, progress=None, **overrides) -> VideoGroundingResult:
+    """One mask per frame of `video` (a path or a list of frames), with temporally smoothed heatmaps."""
+    settings = replace(settings or GroundingSettings(), **overrides)
+    if settings.sam2:
+        raise UserInputError("SAM2 prompting is available for images only; video masks come from the heatmaps.")
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise UserInputError("The video has no frames.")
+        frames, fps = [load_image(f, "video frame") for f in video], 8.0
+    else:
+        frames, fps = read_video(video, max_frames=max_frames)
+        frames = [load_image(f, "video frame") for f in frames]
+    stopwords = load_stopwords()
+    _validate(pipe, expression, settings, stopwords)
+    size = frames[0].size
+    heats, info = [], None
+    batches = range(0, len(frames), settings.batch_frames)
+    iterator = pipe.progress_bar(batches) if hasattr(pipe, "progress_bar") else batches
+    for start in iterator:
+        batch = [f if f.size == size else f.resize(size) for f in frames[start:start + settings.batch_frames]]
+        heat, _, info = _heatmaps(pipe, batch, expression, settings, stopwords)
+        heats.append(_to_image_maps(heat, info["padded"], info["content_wh"], size, settings.smooth))
+    heatmaps = temporal_smooth(np.concatenate(heats), settings.temporal_window)
+    masks = np.stack([heat_to_mask(h, settings.threshold, settings.component)[0] for h in heatmaps])
+    return VideoGroundingResult(frames=frames, heatmaps=heatmaps, masks=masks, fps=fps,
+                                params=_params(pipe, expression, settings, info, {"fps": fps}))
+
+
+# --------------------------------------------------------------------------- SAM2 point prompts
+
+_SAM2_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as SAM2's image processor uses
+_SAM2_STD = (0.229, 0.224, 0.225)
+_SAM2_CACHE: dict[str, object] = {}
+
+
+def heatmap_points(heat: np.ndarray, k: int = 1, negatives: int = 0, min_distance: float = 0.05):
+    """(points (n, 2) as (x, y) pixels, labels (n,) 1/0): the top-k peaks of `heat` with
+    non-maximum suppression (peaks closer than `min_distance` x the diagonal are skipped), then
+    `negatives` points at the lowest-heat locations, equally spaced apart the same way."""
+    h, w = heat.shape
+    radius = min_distance * float(np.hypot(h, w))
+
+    def pick(values: np.ndarray, n: int) -> list[tuple[int, int]]:
+        chosen: list[tuple[int, int]] = []
+        for index in np.argsort(-values, axis=None, kind="stable"):
+            y, x = divmod(int(index), w)
+            if all(np.hypot(x - cx, y - cy) >= radius for cx, cy in chosen):
+                chosen.append((x, y))
+                if len(chosen) == n:
+                    break
+        return chosen
+
+    positives = pick(heat, k)
+    negative = pick(-heat, negatives) if negatives else []
+    points = np.array(positives + negative, dtype=np.float32).reshape(-1, 2)
+    labels = np.array([1] * len(positives) + [0] * len(negative), dtype=np.int64)
+    return points, labels
+
+
+def select_mask(masks: np.ndarray, scores: np.ndarray, heat: np.ndarray, rule: str = "sam_score") -> int:
+    """Index of the chosen mask among SAM2's multimask outputs: by SAM2's predicted IoU
+    ("sam_score"), by IoU with the heatmap thresholded at 0.5 ("heatmap_iou"), or their product."""
+    hot = heat >= 0.5
+    ious = np.array([(m & hot).sum() / max(1, (m | hot).sum()) for m in masks])
+    value = {"sam_score": scores, "heatmap_iou": ious, "product": scores * ious}[rule]
+    return int(np.argmax(value))
+
+
+def load_sam2(source):
+    """A transformers `Sam2Model` from a local folder or a cached hub id (never downloaded)."""
+    if not isinstance(source, str):
+        return source  # already a model (tests, Python users)
+    if source not in _SAM2_CACHE:
+        from transformers import Sam2Model
+
+        try:
+            _SAM2_CACHE[source] = Sam2Model.from_pretrained(source, local_files_only=True).eval()
+        except Exception as error:  # OSError, ValueError: missing or incompatible files
+            raise UserInputError(
+                f"No SAM2 model at '{source}': pass a local folder or an already downloaded id such as "
+                "facebook/sam2.1-hiera-large, or leave SAM2 off to threshold the heatmap."
+            ) from error
+    return _SAM2_CACHE[source]
+
+
+def sam2_mask(model, image: Image.Image, heat: np.ndarray, selection: str = "sam_score", points: int = 1,
+              negatives: int = 0) -> tuple[np.ndarray, dict]:
+    """SAM2's mask for point prompts taken from `heat` (image-sized), and what was used.
+
+    Preprocessing follows SAM2's image processor (resize to the model's square input, ImageNet
+    normalisation; done here because transformers' processor needs torchvision), and the
+    low-resolution logits are resized to the image and thresholded at 0.
+    """
+    side = int(model.config.prompt_encoder_config.image_size)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pixels = np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float32) / 255.0
+    pixels = (pixels - np.array(_SAM2_MEAN, np.float32)) / np.array(_SAM2_STD, np.float32)
+    pixel_values = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, dtype)
+    xy, labels = heatmap_points(heat, points, negatives)
+    scale = np.array([side / image.width, side / image.height], dtype=np.float32)
+    input_points = torch.from_numpy(xy * scale)[None, None].to(device, dtype)
+    input_labels = torch.from_numpy(labels)[None, None].to(device)
+    with torch.no_grad():
+        out = model(pixel_values=pixel_values, input_points=input_points, input_labels=input_labels,
+                    multimask_output=True)
+    logits = out.pred_masks[0, 0].float()  # (3, h, w)
+    logits = F.interpolate(logits[None], size=(side, side), mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
+    masks = (logits > 0).cpu().numpy()
+    scores = out.iou_scores[0, 0].float().cpu().numpy()
+    chosen = select_mask(masks, scores, heat, selection)
+    extra = {"sam2_points": xy.tolist(), "sam2_labels": labels.tolist(), "sam2_scores": scores.tolist(),
+             "sam2_score": float(scores[chosen]), "sam2_choice": chosen}
+    return masks[chosen], extra
+
+
+# --------------------------------------------------------------------------- RefCOCO-like folders
+
+
+@dataclass
+class RefSample:
+    id: str  # "<sample id>_<expression index>"
+    image: Path
+    expression: str
+    mask: Path | None
+
+
+def read_refseg_folder(folder: str | Path) -> list[RefSample]:
+    """Samples of a RefCOCO-like folder, one per expression.
+
+    Layout (documented in benchmarks/refseg.py)::
+
+        FOLDER/expressions.json   {"samples": [{"id": "0001", "image": "images/0001.png",
+                                                 "mask": "masks/0001.png",
+                                                 "expressions": ["the red circle", "..."]}, ...]}
+        FOLDER/images/...         the images
+        FOLDER/masks/...          one binary mask (white = object) per referred object (optional)
+    """
+    folder = Path(folder)
+    index = folder / "expressions.json"
+    if not index.is_file():
+        raise UserInputError(f"'{folder}' has no expressions.json; see benchmarks/refseg.py for the folder layout.")
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))["samples"]
+        samples = []
+        for entry in entries:
+            mask = folder / entry["mask"] if entry.get("mask") else None
+            for k, expression in enumerate(entry["expressions"]):
+                samples.append(RefSample(f"{entry['id']}_{k}", folder / entry["image"], str(expression), mask))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserInputError(f"'{index}' is not a valid expressions file (see benchmarks/refseg.py): {error}.") from error
+    if not samples:
+        raise UserInputError(f"'{index}' lists no expressions.")
+    return samples

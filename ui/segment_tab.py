@@ -1,0 +1,175 @@
+"""The "Segment by text" tab: an image or a video + an expression -> heatmap, mask, per-token maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
+
+ORDER = 30  # position among the tabs
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "refseg_sample"
+# Offline examples from the shipped synthetic sample (fast with the tiny models; their heatmaps
+# are noise because the tiny weights are random).
+EXAMPLES = [
+    [str(SAMPLE_DIR / "images" / "0000.png"), "the red square"],
+    [str(SAMPLE_DIR / "images" / "0001.png"), "the circle on the left"],
+]
+GAS_CHOICES = ["exclude", "none", "suppress", "redirect"]
+NORM_CHOICES = ["text_softmax", "full_row", "raw"]
+
+
+def make_handler(ctx: AppContext):
+    """The event handler, also exposed as the `/segment` API endpoint."""
+
+    @user_errors_as_gradio
+    def segment(
+        model: str,
+        image,
+        video,
+        expression: str,
+        size: float | None = 0,
+        noise: float = 0.3,
+        gas: str = "exclude",
+        norm: str = "text_softmax",
+        magnets: float = 4,
+        threshold: float = 0,
+        refine: bool = False,
+        seed: float = 0,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """Segment the object the expression names in the image (or in every video frame).
+
+        size 0 uses the model's working size; noise is sigma for FLUX/SD3 (0-1) and is mapped to
+        timestep noise*1000 on SD UNets; threshold 0 means Otsu.  Returns the heatmap overlay,
+        the mask, the per-token maps, the overlay video (video input), the files and a summary.
+        """
+        from pipelines.errors import UserInputError
+        from pipelines.grounding import GroundingSettings, segment_image, segment_video
+
+        if image is None and not video:
+            raise UserInputError("Please upload an image or a video.")
+        progress(0, desc="Loading model")
+        pipe = ctx.load(model)
+        settings = GroundingSettings(
+            size=int(size) if size else None, sigma=float(noise), timestep=int(round(float(noise) * 1000)),
+            gas=gas, norm=norm, magnets=int(magnets), threshold=float(threshold) if threshold else "otsu",
+            refine=bool(refine), seed=int(seed or 0),
+        )
+        run_dir = ctx.outputs.new_run_dir("segment")
+        if video:
+            result = segment_video(pipe, video, expression, settings)
+            written = result.save(run_dir / "mask.mp4")
+            first = result.overlays()[0]
+            mask = Image.fromarray(np.uint8(result.masks[0]) * 255)
+            summary = f"{len(result.masks)} frames; mask video and overlay video in the downloads."
+            return first, mask, [], str(written[1]), [str(p) for p in written], summary
+        result = segment_image(pipe, image, expression, settings)
+        written = result.save(run_dir / "mask.png", heatmap=run_dir / "heatmap.png")
+        token_dir = run_dir / "tokens"
+        token_files = []
+        for i, (picture, _) in enumerate(result.gallery()):
+            path = token_dir / f"{i:02d}.png"
+            token_dir.mkdir(exist_ok=True)
+            picture.save(path)
+            token_files.append(path)
+        files = [str(p) for p in written]
+        if token_files:
+            files.append(str(zip_files(token_files, run_dir / "token_maps.zip")))
+        summary = (f"Mask: {result.mask.mean():.1%} of the image (threshold {result.threshold:.2f}). "
+                   f"Sinks: {', '.join(result.sinks) or 'none'}. Prompt read by the model: "
+                   f"\"{result.params['prompt']}\".")
+        mask = Image.fromarray(np.uint8(result.mask) * 255)
+        return result.overlay(), mask, result.gallery(), None, files, summary
+
+    return segment
+
+
+def build_tab(ctx: AppContext) -> dict:
+    """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    with gr.Tab("Segment by text", id="segment") as tab:
+        gr.Markdown(
+            "Upload an image (or a video), type what to find, e.g. *the dog on the left*, and press "
+            "**Segment**: one noisy pass of the diffusion model shows where its attention puts each "
+            "word (RefAM). Stop words and the appended *magnet* words soak up the background; their "
+            "maps are in the gallery."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
+                                    info="FLUX, SD3 or SD 1.x/2.x models", elem_id="seg-model")
+                image = gr.Image(label="Image", type="pil", format="png", elem_id="seg-image")
+                video = gr.Video(label="or a video (one mask per frame)", elem_id="seg-video")
+                expression = gr.Textbox(label="Expression", placeholder="the dog on the left", elem_id="seg-text")
+                with gr.Accordion("Settings", open=False):
+                    size = gr.Number(value=0, precision=0, minimum=0, maximum=2048, step=16,
+                                     label="Working size, long side (0 = model default)", elem_id="seg-size")
+                    noise = gr.Slider(0.05, 0.95, value=0.3, step=0.05, label="Noise level (sigma; UNet: x1000 = timestep)",
+                                      elem_id="seg-noise")
+                    gas = gr.Dropdown(GAS_CHOICES, value="exclude", label="Attention sinks", elem_id="seg-gas")
+                    norm = gr.Dropdown(NORM_CHOICES, value="text_softmax", label="Normalisation", elem_id="seg-norm")
+                    magnets = gr.Slider(0, 8, value=4, step=1, label="Magnet words appended", elem_id="seg-magnets")
+                    threshold = gr.Slider(0, 0.95, value=0, step=0.05, label="Threshold (0 = Otsu)",
+                                          elem_id="seg-threshold")
+                    refine = gr.Checkbox(value=False, label="Refine by self-attention (SD UNets)", elem_id="seg-refine")
+                    seed = gr.Number(value=0, precision=0, label="Noise seed", elem_id="seg-seed")
+                run = gr.Button("Segment", variant="primary", elem_id="seg-run")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    heat = gr.Image(label="Heatmap", type="pil", format="png", interactive=False, elem_id="seg-heatmap")
+                    mask = gr.Image(label="Mask", type="pil", format="png", interactive=False, elem_id="seg-mask")
+                summary = gr.Markdown(elem_id="seg-summary")
+                remove = gr.Button("Remove this object", elem_id="seg-remove")
+                gallery = gr.Gallery(label="Per-token maps (role; sinks marked)", columns=6, format="png",
+                                     elem_id="seg-tokens")
+                overlay_video = gr.Video(label="Overlay video", interactive=False, elem_id="seg-overlay-video")
+                files = gr.File(label="Downloads (mask PNG + JSON, heatmap, token maps zip / videos)",
+                                file_count="multiple", interactive=False, elem_id="seg-files")
+        gr.Examples(examples=[e for e in EXAMPLES if Path(e[0]).is_file()], inputs=[image, expression],
+                    label="Examples (synthetic shapes)")
+
+        inputs = [model, image, video, expression, size, noise, gas, norm, magnets, threshold, refine, seed]
+        outputs = [heat, mask, gallery, overlay_video, files, summary]
+        handler = make_handler(ctx)
+        run.click(handler, inputs, outputs, api_name="segment", **GPU_CONCURRENCY)
+        expression.submit(handler, inputs, outputs, api_visibility="private", **GPU_CONCURRENCY)
+    return {"tab": tab, "image": image, "expression": expression, "mask": mask, "remove": remove}
+
+
+def connect(ctx: AppContext, tabs: dict) -> None:
+    """"Remove this object": send the image and the mask to the Remove object tab, if it exists."""
+    ours = tabs["segment"]
+    eraser = tabs.get("eraser")
+    if not eraser or "image" not in eraser or "mask" not in eraser:
+        ours["remove"].click(lambda: gr.Info("This app has no Remove object tab."), None, None,
+                             api_visibility="private", queue=False)
+        return
+    targets = [eraser["image"], eraser["mask"]]
+    parent = getattr(ours["tab"], "parent", None)
+    switch = isinstance(parent, gr.Tabs)
+    if switch:
+        targets.append(parent)
+
+    def send(image, mask):
+        if image is None or mask is None:
+            raise gr.Error("Segment an image first; then its mask can be sent to Remove object.")
+        bw = Image.fromarray(np.uint8(np.asarray(mask.convert("L")) > 127) * 255)
+        values = [_value_for(eraser["image"], image), _value_for(eraser["mask"], bw)]
+        if switch:
+            values.append(gr.Tabs(selected=eraser.get("tab_id", "eraser")))
+        else:
+            gr.Info("Image and mask sent: open the Remove object tab.")
+        return values
+
+    ours["remove"].click(send, [ours["image"], ours["mask"]], targets, api_visibility="private", queue=False)
+
+
+def _value_for(component, picture: Image.Image):
+    """`picture` in the form `component` takes (an ImageEditor wants background + layers)."""
+    if isinstance(component, gr.ImageEditor):
+        return {"background": picture, "layers": [], "composite": picture}
+    return picture
