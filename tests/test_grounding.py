@@ -120,9 +120,8 @@ class Checking(RefAMCapture):
 
 
 @pytest.mark.parametrize("norm", ["text_softmax", "full_row"])
-def test_captured_slice_matches_float64_reference(pipe, norm):
-    if norm == "full_row" and grounding.models.family(pipe) == "sd":
-        pytest.skip("UNet cross-attention keys are all text: full_row is text_softmax there")
+def test_captured_slice_matches_float64_reference(pipe, norm, monkeypatch):
+    """Both normalisations (on UNets, whose keys are all text, they coincide) at several chunk sizes."""
     n, part = text_length(pipe)
     target = torch.zeros(n, dtype=torch.bool)
     target[1] = True
@@ -132,12 +131,11 @@ def test_captured_slice_matches_float64_reference(pipe, norm):
         controller.checked = []
         # full_row's chunked normaliser, at several chunk sizes
         original = AttentionCall.text_probs
-        AttentionCall.text_probs = lambda self, *a, **k: original(self, *a, **{**k, "chunk": chunk})
-        try:
-            with attach(denoiser_of(pipe), controller):
-                run_pipe(pipe)
-        finally:
-            AttentionCall.text_probs = original
+        monkeypatch.setattr(AttentionCall, "text_probs",
+                            lambda self, *a, _original=original, _chunk=chunk, **k: _original(self, *a, **{**k, "chunk": _chunk}))
+        with attach(denoiser_of(pipe), controller):
+            run_pipe(pipe)
+        monkeypatch.setattr(AttentionCall, "text_probs", original)
         kinds = {kind for _, kind in controller.checked}
         expected = {"sd": {"cross"}, "sd3": {"joint"}, "flux": {"joint", "single"}}
         assert kinds == expected[grounding.models.family(pipe)]
