@@ -114,6 +114,7 @@ _TINY_FAMILY = {
     "tiny-pixart": "pixart",
     "tiny-sd3": "sd3",
     "tiny-flux": "flux",
+    "tiny-sd2": "sd",
 }
 
 # Every tiny component is built right after seeding with this value, so the weights do not
@@ -302,6 +303,46 @@ def _build_tiny_sd() -> StableDiffusionPipeline:
     )
 
 
+def _build_tiny_sd2() -> StableDiffusionPipeline:
+    """SD 2.x-style: linear projections, per-level head widths, a text encoder of its own width
+    (64 here; 1024 in SD 2.x) and SD 2.1's v-prediction DDIM scheduler.  Loadable by name
+    ("tiny-sd2") but not listed in TINY_MODELS, which holds one model per family."""
+    with _seeded():
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            cross_attention_dim=2 * _CLIP_HIDDEN,
+        )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip_text(with_projection=False, hidden_size=2 * _CLIP_HIDDEN),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
 def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
     time_embed_dim = 8
     # SDXL: six micro-conditioning numbers (original size, crop, target size) plus the pooled
@@ -471,6 +512,7 @@ _TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-pixart": _build_tiny_pixart,
     "tiny-sd3": _build_tiny_sd3,
     "tiny-flux": _build_tiny_flux,
+    "tiny-sd2": _build_tiny_sd2,
 }
 
 

@@ -1,0 +1,766 @@
+"""The "Remove object" task: Attentive Eraser (AAS self-attention redirection + SARG guidance).
+
+Spec: shared/methods/eraser.md.  Training-free object removal on a plain text-to-image UNet
+(SD 1.x, SD 2.x, SDXL): no prompt, no classifier-free guidance.  Every step runs the UNet once on
+a doubled batch ``[normal, aas]`` with the same latents; the ``aas`` rows have AAS in their decoder
+self-attentions (attention_processors.attentive_eraser), and SARG combines the two outputs:
+
+    eps = eps_normal + s * (eps_aas - eps_normal)
+
+The loop is written out here (DDIM, eta 0, "leading" spacing, as the paper configures it):
+
+- SIP (default): encode the full image (object included), noise it once to the strength timestep
+  and, after every DDIM step, paste the background back from ``add_noise(z0, eps, t_next)`` with the
+  same noise, and ``z0`` itself after the last step.
+- DIP: DDIM-invert the image with the empty prompt, record the trajectory, denoise from its end
+  and paste the background from the recorded latent before every UNet call.
+
+Around the loop: the user mask is grown or shrunk (pixels), blurred and thresholded at 0.1 (a
+soft dilation whose kernel scales with the image side), the image is cut to the region to process
+(the whole image, or for a large photo a crop around the mask), scaled to the model's working
+area, padded to the model's size multiple, and the result is composited back with a feathered
+mask, so every pixel outside it equals the input exactly.  The output has the input's size.
+
+Paper defaults live in one place, `PAPER_DEFAULTS` below (50 DDIM steps, strength 0.8, SARG
+scale 9, SS on steps 0..9 with lambda 0.3, SIP; blur kernel 77 at 1024 px for SDXL).
+
+Deliberate differences from the released code, all exact or our documented choices:
+- AAS with one mask shared by every sample drops the masked keys instead of adding finfo.min
+  (the same probabilities, exactly; SDPA keeps its fused kernels); SS runs on the in-mask query
+  rows only.  A grid fully covered by the mask attends normally (the reference has no guard).
+- Any size: the processed region (the whole image, or for large photos a crop around the mask)
+  is scaled to the model's native area keeping its aspect ratio (the reference squashes to a
+  square 1024 or 512), padded (mirrored) to the model's multiple, and pasted back.
+- SD 1.x/2.x blur kernel: 13 at 512 px (the SD 2.1 scripts use 7 or 13); every kernel scales
+  with the working side.  Feathering: a Gaussian of radius 15 px at 512 (kernel 2r + 1,
+  OpenCV's sigma), computed at working size; always on (the SDXL pipeline has none).
+- FreeU (the SD 2.1 scripts' values) is on by default for SD 2.x only.
+- DIP takes `strength` too (default 1.0 = the paper); with less, the inversion stops at the
+  strength timestep.  For v-prediction models the inversion converts v to noise at the model's
+  timestep.
+- Latents stay float32 through the loop; each seed draws its VAE sample and its noise from its
+  own CPU generator, so a seed gives the same result on any device and in any batch.
+- s = 1 evaluates only the AAS rows and s = 0 only the normal rows (the same formula).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from attention_processors import ControlState, attach
+from attention_processors.attentive_eraser import AAS, NORMAL, AttentiveEraserAAS
+
+from . import models
+from .errors import UserInputError
+from .io import load_image, load_mask, save_image
+
+logger = logging.getLogger(__name__)
+
+#: The paper's defaults (eraser.md §3), the single source for the pipeline, the CLI and the tab.
+PAPER_DEFAULTS = {
+    "steps": 50,
+    "strength": 0.8,  # SIP; DIP starts from full noise (1.0)
+    "guidance": 9.0,  # SARG scale s of the paper's examples
+    "ss_steps": 9,  # similarity suppression on steps 0..9
+    "ss_scale": 0.3,  # lambda
+    "mode": "sip",
+}
+MODES = ("sip", "dip")
+CROP_MODES = ("auto", "always", "never")
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+MAX_IMAGES = 8
+MAX_GROW = 256
+#: A region larger than this many times the model's native area is cut around the mask.
+CROP_AREA_FACTOR = 2.25
+#: A region within this fraction of the native area's side is not rescaled.
+RESAMPLE_TOLERANCE = 0.1
+#: The paper's mask blur kernels: (kernel, at this image side).
+BLUR_REFERENCE = {"sdxl": (77, 1024), "sd": (13, 512)}
+#: Radius of the final feathering blur at 512 px (scaled with the side).
+FEATHER_RADIUS_AT_512 = 15
+#: FreeU as in the paper's SD 2.1 scripts.
+FREEU_SD2 = {"s1": 0.9, "s2": 0.2, "b1": 1.4, "b2": 1.6}
+#: DDIM as the released code configures it (betas come from the model, identical for SD/SDXL).
+DDIM_CONFIG = {
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 0,
+    "timestep_spacing": "leading",
+    "thresholding": False,
+}
+
+
+# --------------------------------------------------------------------------------- backbones
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the eraser needs to know about a model."""
+
+    family: str  # "sd" (1.x / 2.x) or "sdxl"
+    sd2: bool
+    native: int  # image side the model was trained at, px
+    multiple: int  # working sizes are padded to this (VAE factor x UNet downsampling)
+
+    def blur_kernel(self, side: float) -> int:
+        """The mask blur kernel for a working image of this side (paper kernel, scaled)."""
+        kernel, at = BLUR_REFERENCE[self.family]
+        return _odd(kernel * side / at)
+
+
+def backbone(pipe) -> Backbone:
+    fam = models.family(pipe)
+    if fam not in ("sd", "sdxl"):
+        raise UserInputError(
+            f"Remove object works with SD 1.x/2.x and SDXL models; this one is a {models.FAMILY_LABELS[fam]}."
+        )
+    unet = pipe.unet
+    if unet.config.in_channels != 4:
+        raise UserInputError(
+            "Remove object needs a plain text-to-image model; inpainting checkpoints "
+            f"({unet.config.in_channels}-channel UNets) are not supported, use their base model."
+        )
+    vae_factor = getattr(pipe, "vae_scale_factor", 8)
+    downsamples = len(unet.config.down_block_types) - 1
+    sample = unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    sd2 = fam == "sd" and (unet.config.cross_attention_dim == 1024 or bool(unet.config.use_linear_projection))
+    return Backbone(fam, sd2, int(sample) * vae_factor, vae_factor * 2**downsamples)
+
+
+def _odd(value: float) -> int:
+    """The odd integer nearest to `value` (at least 1)."""
+    return max(1, 2 * int(math.floor(value / 2)) + 1) if value >= 1 else 1
+
+
+# ----------------------------------------------------------------------------------- masks
+
+
+def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow (pixels > 0) or shrink (< 0) a boolean mask by a disc of that radius."""
+    if pixels == 0:
+        return mask
+    r = abs(int(pixels))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    op = cv2.dilate if pixels > 0 else cv2.erode
+    return op(mask.astype(np.uint8), disc, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+
+
+def dilate_mask(mask: np.ndarray, kernel: int) -> np.ndarray:
+    """The paper's soft dilation: Gaussian blur (OpenCV's default sigma for `kernel`), > 0.1."""
+    if kernel <= 1:
+        return mask.copy()
+    blurred = cv2.GaussianBlur(mask.astype(np.float32), (kernel, kernel), 0, borderType=cv2.BORDER_CONSTANT)
+    return (blurred > 0.1) | mask
+
+
+def feather_weights(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Composite weights m_f = 1 - (1 - m)(1 - G(m)): 1 on the mask, fading out over `radius`.
+
+    Exactly 0 farther than the blur kernel reaches, so those pixels keep the input exactly.
+    """
+    m = mask.astype(np.float32)
+    kernel = _odd(2 * radius + 1)
+    if kernel <= 1:
+        return m
+    blurred = cv2.GaussianBlur(m, (kernel, kernel), 0, borderType=cv2.BORDER_CONSTANT)
+    return 1.0 - (1.0 - m) * (1.0 - blurred)
+
+
+# ---------------------------------------------------------------------------------- regions
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of the input that is processed, and the working size it is scaled to."""
+
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in input pixels
+    size: tuple[int, int]  # (width, height) after scaling, before padding
+    padded: tuple[int, int]  # (width, height) padded to the model's multiple
+    cropped: bool
+
+    @property
+    def region_size(self) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.box
+        return x1 - x0, y1 - y0
+
+    @property
+    def side(self) -> float:
+        """Working side (geometric mean of the scaled width and height)."""
+        return math.sqrt(self.size[0] * self.size[1])
+
+
+def plan_region(image_size: tuple[int, int], mask: np.ndarray, bb: Backbone, crop: str = "auto",
+                working_side: int | None = None) -> Region:
+    """Where to work and at which size.
+
+    The region (the whole image, or a crop around the mask) is scaled so that its area is the
+    model's native area (``working_side`` squared), up or down, keeping its aspect ratio, then
+    padded to the model's multiple.  crop="auto" crops when the image is more than
+    `CROP_AREA_FACTOR` times the native area; the crop is at least native-sized and twice the
+    mask's bounding box, so a small object in a large photo is processed at full resolution.
+    """
+    if crop not in CROP_MODES:
+        raise UserInputError(f"Crop must be one of {', '.join(CROP_MODES)}, not {crop!r}.")
+    width, height = image_size
+    native = int(working_side or bb.native)
+    box = (0, 0, width, height)
+    cropped = False
+    if crop == "always" or (crop == "auto" and width * height > CROP_AREA_FACTOR * native * native):
+        ys, xs = np.nonzero(mask)
+        bx0, bx1, by0, by1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+        bw, bh = bx1 - bx0, by1 - by0
+        # room for the dilation and for context: twice the box, at least the native side
+        cw = min(width, max(native, 2 * bw, bw + native // 4))
+        ch = min(height, max(native, 2 * bh, bh + native // 4))
+        cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+        x0 = int(min(max(round(cx - cw / 2), 0), width - cw))
+        y0 = int(min(max(round(cy - ch / 2), 0), height - ch))
+        box = (x0, y0, x0 + cw, y0 + ch)
+        cropped = box != (0, 0, width, height)
+    rw, rh = box[2] - box[0], box[3] - box[1]
+    scale = min(native / math.sqrt(rw * rh), 2 * native / max(rw, rh))
+    if abs(scale - 1) < RESAMPLE_TOLERANCE:
+        scale = 1.0  # close enough: padding alone, no resampling blur
+    m = bb.multiple
+    size = (max(m, round(rw * scale)), max(m, round(rh * scale)))
+    padded = (math.ceil(size[0] / m) * m, math.ceil(size[1] / m) * m)
+    return Region(box, size, padded, cropped)
+
+
+@dataclass
+class Prepared:
+    """An image and mask made ready for the model (see `prepare`)."""
+
+    image: Image.Image  # the input, RGB
+    user_mask: np.ndarray  # bool (H, W): the user's mask after growing or shrinking
+    region: Region
+    work_image: np.ndarray  # uint8 (H_pad, W_pad, 3)
+    work_mask: np.ndarray  # bool (H_pad, W_pad): the dilated mask the model uses
+    mask: np.ndarray  # bool (H, W): the dilated mask at input size (includes user_mask)
+    weights: np.ndarray  # float32 (h_region, w_region): composite weights m_f
+    kernel: int
+    feather_radius: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.user_mask.any()
+
+
+def prepare(bb: Backbone, image, mask, grow: int = 0, crop: str = "auto", blur_kernel: int | None = None,
+            working_side: int | None = None) -> Prepared:
+    """Validate the inputs and compute the working image, the dilated mask and the composite weights.
+
+    An empty mask gives a `Prepared` with ``empty`` True and a note (nothing to remove); a mask
+    covering the whole image raises `UserInputError`.
+    """
+    picture = load_image(image)
+    user, note = load_mask(mask, size=picture.size)
+    notes = [note] if note else []
+    if not -MAX_GROW <= int(grow) <= MAX_GROW:
+        raise UserInputError(f"Mask growth must be between -{MAX_GROW} and {MAX_GROW} pixels, not {grow}.")
+    user = grow_mask(user, int(grow))
+    width, height = picture.size
+    if not user.any():
+        notes.append("The mask is empty, so nothing was removed; paint over the object to remove.")
+        region = Region((0, 0, width, height), (width, height), (width, height), False)
+        zeros = np.zeros((height, width), bool)
+        return Prepared(picture, user, region, np.asarray(picture), zeros, zeros,
+                        np.zeros((height, width), np.float32), 1, 0.0, notes)
+    if user.all():
+        raise UserInputError(
+            "The mask covers the whole image; leave some background for the model to rebuild the hole from."
+        )
+    if blur_kernel is not None and (int(blur_kernel) < 1 or int(blur_kernel) % 2 == 0 or blur_kernel > 301):
+        raise UserInputError(f"The mask blur kernel must be an odd number from 1 to 301, not {blur_kernel}.")
+    region = plan_region(picture.size, user, bb, crop, working_side)
+    x0, y0, x1, y1 = region.box
+    (w, h), (pw, ph) = region.size, region.padded
+    rgb = np.asarray(picture)[y0:y1, x0:x1]
+    user_region = user[y0:y1, x0:x1]
+    if (w, h) != region.region_size:
+        shrinking = w * h < user_region.size
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+        small = cv2.resize(user_region.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    else:
+        small = user_region
+    kernel = int(blur_kernel) if blur_kernel is not None else bb.blur_kernel(region.side)
+    dilated = dilate_mask(small, kernel)
+    if dilated.all():
+        raise UserInputError(
+            "After dilation the mask covers the whole image; paint a smaller mask or shrink it."
+        )
+    pad = ((0, ph - h), (0, pw - w))
+    work_image = np.pad(rgb, pad + ((0, 0),), mode="symmetric")
+    work_mask = np.pad(dilated, pad, mode="constant")
+    # back at input resolution: the dilated mask (never smaller than the user's) and the
+    # feathered weights, computed at working size and resized (exact zeros stay exact zeros)
+    radius = FEATHER_RADIUS_AT_512 * region.side / 512
+    weights = feather_weights(dilated, radius)
+    rw, rh = region.region_size
+    if (w, h) != (rw, rh):
+        big = cv2.resize(dilated.astype(np.uint8), (rw, rh), interpolation=cv2.INTER_NEAREST) > 0
+        weights = cv2.resize(weights, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    else:
+        big = dilated
+    big = big | user_region
+    weights = np.maximum(weights, big.astype(np.float32))
+    full = np.zeros((height, width), bool)
+    full[y0:y1, x0:x1] = big
+    if region.cropped:
+        notes.append(
+            f"The image is large, so only a {rw}x{rh} region around the mask was processed "
+            f"(at {w}x{h} pixels); the rest is unchanged."
+        )
+    return Prepared(picture, user, region, work_image, work_mask, full, weights, kernel, radius, notes)
+
+
+def overlay_mask(image: Image.Image, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> Image.Image:
+    """`mask` drawn over `image` in a translucent colour (for showing the dilated mask)."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tint = base * (1 - alpha) + np.asarray(colour, np.float32) * alpha
+    return Image.fromarray(np.where(mask[..., None], tint, base).round().astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- DDIM written out
+
+
+def ddim_scheduler(pipe, steps: int):
+    """A fresh DDIM scheduler configured as the paper does, with the model's betas and
+    prediction type; the pipeline's own scheduler is never touched."""
+    from diffusers import DDIMScheduler
+
+    config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    scheduler = DDIMScheduler.from_config({**config, **DDIM_CONFIG})
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def executed_timesteps(scheduler, steps: int, strength: float) -> list[int]:
+    """The timesteps that run at this strength: the last int(steps * strength) of the schedule."""
+    count = min(int(steps * strength), steps)
+    return [int(t) for t in scheduler.timesteps.tolist()[steps - count:]]
+
+
+class DDIM:
+    """DDIM (eta 0) on float32 latents, with the schedule's alphas as Python numbers."""
+
+    def __init__(self, scheduler):
+        self.alphas = scheduler.alphas_cumprod.double().tolist()
+        self.final = float(scheduler.final_alpha_cumprod)
+        self.ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        self.prediction = scheduler.config.prediction_type
+
+    def alpha(self, t: int) -> float:
+        return self.alphas[t] if t >= 0 else self.final
+
+    def x0_eps(self, output: torch.Tensor, z: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted clean latent and noise from the model output at alpha-bar `a`."""
+        if self.prediction == "epsilon":
+            return (z - math.sqrt(1 - a) * output) / math.sqrt(a), output
+        if self.prediction == "v_prediction":
+            return math.sqrt(a) * z - math.sqrt(1 - a) * output, math.sqrt(a) * output + math.sqrt(1 - a) * z
+        if self.prediction == "sample":
+            return output, (z - math.sqrt(a) * output) / math.sqrt(1 - a)
+        raise UserInputError(f"The model's prediction type {self.prediction!r} is not supported.")
+
+    def step(self, output: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+        """z_t -> z_{t - ratio}."""
+        a_prev = self.alpha(t - self.ratio)
+        x0, eps = self.x0_eps(output, z, self.alpha(t))
+        return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+
+    def invert_step(self, output: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+        """z_{t - ratio} -> z_t, with the model evaluated at t on z_{t - ratio} (MasaCtrl/DiffEdit)."""
+        a_cur, a_next = self.alpha(t - self.ratio), self.alpha(t)
+        if self.prediction == "epsilon":
+            eps = output
+        else:  # convert with the timestep the model was told
+            eps = self.x0_eps(output, z, a_next)[1]
+        x0 = (z - math.sqrt(1 - a_cur) * eps) / math.sqrt(a_cur)
+        return math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        a = self.alpha(t)
+        return math.sqrt(a) * z0 + math.sqrt(1 - a) * noise
+
+
+def sarg(eps_normal: torch.Tensor, eps_aas: torch.Tensor, scale: float) -> torch.Tensor:
+    """Self-attention redirection guidance: eps_normal + s * (eps_aas - eps_normal)."""
+    return eps_normal + scale * (eps_aas - eps_normal)
+
+
+def repaste(z: torch.Tensor, background: torch.Tensor, latent_mask: torch.Tensor) -> torch.Tensor:
+    """(1 - m) * background + m * z for a binary latent mask (exact: a selection, no arithmetic)."""
+    return torch.where(latent_mask, z, background)
+
+
+def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks (B, H, W) binarised (> 0.5) and max-pooled to the latent grid: (B, 1, h, w) bool."""
+    binary = (masks.float() > 0.5).float()[:, None]
+    return F.adaptive_max_pool2d(binary, latent_hw) > 0
+
+
+# -------------------------------------------------------------------------------- the model
+
+
+class _Conditioning:
+    """Empty-prompt embeddings (and SDXL's added conditions) repeated for n batch rows."""
+
+    def __init__(self, pipe, bb: Backbone, height: int, width: int, device, dtype):
+        with torch.no_grad():
+            if bb.family == "sdxl":
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    "", device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+                # micro-conditioning: original = target = working size, crop (0, 0)
+                time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+                self.added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+            else:
+                embeds, _ = pipe.encode_prompt("", device, 1, False)
+                self.added = None
+        self.embeds = embeds.to(dtype)
+        self._cache: dict[int, tuple] = {}
+
+    def rows(self, n: int) -> tuple[torch.Tensor, dict | None]:
+        if n not in self._cache:
+            added = None if self.added is None else {k: v.repeat(n, 1) for k, v in self.added.items()}
+            self._cache[n] = (self.embeds.repeat(n, 1, 1), added)
+        return self._cache[n]
+
+
+@contextmanager
+def _vae_float32(pipe):
+    """Run the VAE in float32 when it is float16 and its config asks for it (SDXL's VAE overflows)."""
+    vae = pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(dtype=torch.float32)
+        try:
+            yield torch.float32
+        finally:
+            vae.to(dtype=torch.float16)
+    else:
+        yield vae.dtype
+
+
+@contextmanager
+def _freeu(unet, enabled: bool, values: dict):
+    if not enabled:
+        yield
+        return
+    saved = [(block, {k: getattr(block, k, None) for k in values}) for block in unet.up_blocks]
+    unet.enable_freeu(**values)
+    try:
+        yield
+    finally:
+        for block, attrs in saved:
+            for k, v in attrs.items():
+                setattr(block, k, v)
+
+
+def run_sarg(
+    pipe,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    steps: int = PAPER_DEFAULTS["steps"],
+    strength: float = PAPER_DEFAULTS["strength"],
+    guidance: float = PAPER_DEFAULTS["guidance"],
+    ss_steps: int = PAPER_DEFAULTS["ss_steps"],
+    ss_scale: float = PAPER_DEFAULTS["ss_scale"],
+    mode: str = PAPER_DEFAULTS["mode"],
+    aas: bool = True,
+    freeu: bool = False,
+    working_size: tuple[int, int] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The Attentive Eraser loop on latents: returns the final float32 latents (B, C, h, w).
+
+    z0: scaled clean latents of the B samples; noise: the noise drawn once per sample (SIP);
+    masks: (B or 1, H, W) dilated object masks at working pixel size (latent size times the VAE
+    factor).  A sample whose mask is empty gets eps = eps_normal exactly.  `callback` receives
+    {"step", "timestep", "latents", "noise"} after every step (tests and progress).
+    """
+    bb = backbone(pipe)
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    batch = z0.shape[0]
+    latent_hw = tuple(z0.shape[-2:])
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    height, width = working_size or (latent_hw[0] * factor, latent_hw[1] * factor)
+    masks = masks.to(device)
+    if masks.shape[0] == 1 and batch > 1:
+        masks = masks.expand(batch, -1, -1)
+    m_lat = latent_mask(masks, latent_hw)
+    edited = m_lat.flatten(1).any(1)  # (B,)
+    scheduler = ddim_scheduler(pipe, steps)
+    ddim = DDIM(scheduler)
+    timesteps = executed_timesteps(scheduler, steps, strength)
+    cond = _Conditioning(pipe, bb, height, width, device, dtype)
+    z0, noise = z0.to(device, torch.float32), noise.to(device, torch.float32)
+
+    use_aas = aas and guidance != 0 and bool(edited.any())
+    use_normal = not use_aas or guidance != 1 or not bool(edited.all())
+    roles = tuple(r for r, used in ((NORMAL, use_normal), (AAS, use_aas)) if used)
+
+    def unet_out(z: torch.Tensor, t: int, n_roles: int) -> torch.Tensor:
+        embeds, added = cond.rows(n_roles * batch)
+        z_in = torch.cat([z] * n_roles) if n_roles > 1 else z
+        return unet(z_in.to(dtype), t, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                    return_dict=False)[0].float()
+
+    def guided(z: torch.Tensor, t: int) -> torch.Tensor:
+        out = unet_out(z, t, len(roles))
+        if len(roles) == 1:
+            return out
+        eps_normal, eps_aas = out.chunk(2)
+        return torch.where(edited[:, None, None, None], sarg(eps_normal, eps_aas, guidance), eps_normal)
+
+    total = len(timesteps) * (2 if mode == "dip" else 1)
+    bar = pipe.progress_bar(total=total) if progress else nullcontext()
+    with torch.no_grad(), _freeu(unet, freeu, FREEU_SD2), bar as bar:
+        record = None
+        if mode == "dip":
+            record, z = [], z0
+            for t in reversed(timesteps):
+                z = ddim.invert_step(unet_out(z, t, 1), t, z)
+                record.append(z)
+                if bar is not None:
+                    bar.update()
+            record.reverse()  # record[i] is the latent at timesteps[i]
+            z = record[0]
+        else:
+            z = ddim.add_noise(z0, noise, timesteps[0])
+        state = ControlState(row_roles=roles, latent_hw=latent_hw)
+        controller = AttentiveEraserAAS(masks, ss_steps=ss_steps, ss_scale=ss_scale, state=state)
+        context = attach(unet, controller, track_steps=False) if AAS in roles else nullcontext()
+        with context:
+            for i, t in enumerate(timesteps):
+                state.step = i
+                if mode == "dip":
+                    z = repaste(z, record[i], m_lat)
+                z = ddim.step(guided(z, t), t, z)
+                if mode == "sip":
+                    last = i + 1 == len(timesteps)
+                    z = repaste(z, z0 if last else ddim.add_noise(z0, noise, timesteps[i + 1]), m_lat)
+                if callback is not None:
+                    callback({"step": i, "timestep": t, "latents": z, "noise": noise, "controller": controller})
+                if bar is not None:
+                    bar.update()
+        if mode == "dip":
+            z = repaste(z, z0, m_lat)
+    return z
+
+
+# ------------------------------------------------------------------------------- the task
+
+
+@dataclass
+class EraserResult:
+    images: list[Image.Image]  # one per seed, each the input's size
+    seeds: list[int]
+    input: Image.Image
+    mask: np.ndarray  # bool (H, W): the dilated mask that was used (input size)
+    changed: np.ndarray  # bool (H, W): where the output may differ from the input (feathered mask)
+    params: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # warnings for the user (empty mask, resized mask, ...)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
+
+    def mask_overlay(self) -> Image.Image:
+        return overlay_mask(self.input, self.mask)
+
+    def output_paths(self, output: str | Path) -> list[Path]:
+        output = Path(output)
+        if len(self.images) == 1:
+            return [output]
+        return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(self.images))]
+
+    def save(self, output: str | Path) -> list[Path]:
+        """Write each image as PNG with its parameters (text chunk and JSON sidecar)."""
+        written = []
+        for path, image, seed in zip(self.output_paths(output), self.images, self.seeds):
+            written += save_image(image, path, {**self.params, "seed": seed, "notes": self.notes})
+        return written
+
+
+def _validate(steps, strength, guidance, ss_steps, ss_scale, mode, num_images) -> None:
+    if mode not in MODES:
+        raise UserInputError(f"Mode must be one of {', '.join(MODES)}, not {mode!r}.")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserInputError(f"Steps must be between 1 and {MAX_STEPS}, not {steps}.")
+    if not 0 < strength <= 1:
+        raise UserInputError(f"Strength must be above 0 and at most 1, not {strength:g}.")
+    if int(steps * strength) < 1:
+        raise UserInputError(
+            f"With {steps} steps at strength {strength:g} no step would run; raise the steps or the strength."
+        )
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise UserInputError(f"The removal guidance scale must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
+    if not -1 <= ss_steps <= MAX_STEPS:
+        raise UserInputError(f"SS steps must be between -1 (off) and {MAX_STEPS}, not {ss_steps}.")
+    if not 0 < ss_scale <= 1:
+        raise UserInputError(f"The SS scale must be above 0 and at most 1, not {ss_scale:g}.")
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise UserInputError(f"The number of images must be between 1 and {MAX_IMAGES}, not {num_images}.")
+
+
+def preview(pipe, image, mask, grow: int = 0, crop: str = "auto", blur_kernel: int | None = None) -> tuple[Image.Image, Prepared]:
+    """The dilated mask the model will use, drawn over the image (no diffusion)."""
+    prepared = prepare(backbone(pipe), image, mask, grow=grow, crop=crop, blur_kernel=blur_kernel)
+    return overlay_mask(prepared.image, prepared.mask), prepared
+
+
+def erase(
+    pipe,
+    image,
+    mask,
+    *,
+    seed: int | None = None,
+    num_images: int = 1,
+    steps: int = PAPER_DEFAULTS["steps"],
+    strength: float | None = None,
+    guidance: float = PAPER_DEFAULTS["guidance"],
+    ss_steps: int = PAPER_DEFAULTS["ss_steps"],
+    ss_scale: float = PAPER_DEFAULTS["ss_scale"],
+    mode: str = PAPER_DEFAULTS["mode"],
+    grow: int = 0,
+    crop: str = "auto",
+    blur_kernel: int | None = None,
+    working_side: int | None = None,
+    composite: bool = True,
+    freeu: bool | None = None,
+    aas: bool = True,
+    progress: bool = True,
+) -> EraserResult:
+    """Remove the masked object from `image`; returns images of the input's size.
+
+    image: path, PIL image or uint8 array; mask: path, PIL image, array (white/True/alpha =
+    remove), resized to the image with a note if its size differs.
+    seed: None or negative draws one; image i uses seed + i.
+    strength: None means 0.8 for SIP and 1.0 for DIP (the paper's).
+    guidance: the SARG scale s (paper examples: 9).
+    grow: grow (> 0) or shrink (< 0) the mask by this many input pixels before the dilation.
+    crop: "auto" processes a region around the mask in large photos, "always", "never".
+    blur_kernel: the dilation kernel at working size (odd; None: the paper's, scaled to the side).
+    working_side: the working resolution (None: the model's native side).
+    composite: paste the result back through the feathered mask (exact pixels outside it).
+    freeu: None means on for SD 2.x (the paper's scripts) and off otherwise.
+    aas: False runs the same loop without attention redirection (an ablation).
+    """
+    bb = backbone(pipe)
+    steps, num_images, ss_steps = int(steps), int(num_images), int(ss_steps)
+    strength = (1.0 if mode == "dip" else PAPER_DEFAULTS["strength"]) if strength is None else float(strength)
+    guidance, ss_scale = float(guidance), float(ss_scale)
+    _validate(steps, strength, guidance, ss_steps, ss_scale, mode, num_images)
+    base_seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
+    seeds = [base_seed + i for i in range(num_images)]
+    freeu = bb.sd2 if freeu is None else bool(freeu)
+    prepared = prepare(bb, image, mask, grow=grow, crop=crop, blur_kernel=blur_kernel, working_side=working_side)
+    region = prepared.region
+    params = {
+        "task": "erase",
+        "model": pipe.name_or_path or type(pipe).__name__,
+        "seeds": seeds,
+        "steps": steps,
+        "strength": strength,
+        "guidance": guidance,
+        "ss_steps": ss_steps,
+        "ss_scale": ss_scale,
+        "mode": mode,
+        "grow": int(grow),
+        "crop": crop,
+        "region": list(region.box),
+        "working_size": list(region.padded),
+        "blur_kernel": prepared.kernel,
+        "feather_radius": round(prepared.feather_radius, 2),
+        "composite": composite,
+        "freeu": freeu,
+        "aas": aas,
+    }
+    if prepared.empty:
+        for note in prepared.notes:
+            logger.warning(note)
+        return EraserResult([prepared.image.copy() for _ in seeds], seeds, prepared.image, prepared.mask,
+                            prepared.mask.copy(), params, prepared.notes)
+
+    device = pipe.unet.device
+    pw, ph = region.padded
+    pixels = torch.from_numpy(prepared.work_image).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    vae = pipe.vae
+    scaling = vae.config.scaling_factor
+    from diffusers.utils.torch_utils import randn_tensor
+
+    with torch.no_grad(), _vae_float32(pipe) as vae_dtype:
+        dist = vae.encode(pixels.to(device, vae_dtype)).latent_dist
+        z0s, noises = [], []
+        for s in seeds:  # per-sample generators: the same seed gives the same image in any batch
+            generator = torch.Generator().manual_seed(s)
+            z0s.append(dist.sample(generator=generator).float() * scaling)
+            noises.append(randn_tensor(z0s[-1].shape, generator=generator, device=device, dtype=torch.float32))
+    z0, noise = torch.cat(z0s), torch.cat(noises)
+    masks = torch.from_numpy(prepared.work_mask)[None]
+    warnings: list[str] = []
+
+    def collect(info):
+        warnings[:] = info["controller"].warnings
+
+    z = run_sarg(
+        pipe, z0, noise, masks, steps=steps, strength=strength, guidance=guidance, ss_steps=ss_steps,
+        ss_scale=ss_scale, mode=mode, aas=aas, freeu=freeu, working_size=(ph, pw), callback=collect,
+        progress=progress,
+    )
+    with torch.no_grad(), _vae_float32(pipe) as vae_dtype:
+        decoded = torch.cat([vae.decode((zi[None] / scaling).to(vae_dtype)).sample for zi in z])
+    arrays = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    arrays = arrays.permute(0, 2, 3, 1).cpu().numpy()
+    images = [_paste_back(prepared, array, composite) for array in arrays]
+    notes = list(prepared.notes)
+    if warnings:
+        notes.append("The mask is so large that the coarsest attention layers could not be redirected "
+                     "away from it; traces of the object may remain.")
+    x0, y0, x1, y1 = region.box
+    changed = np.zeros_like(prepared.mask)
+    changed[y0:y1, x0:x1] = prepared.weights > 0 if composite else True
+    return EraserResult(images, seeds, prepared.image, prepared.mask, changed, params, notes)
+
+
+def _paste_back(prepared: Prepared, decoded: np.ndarray, composite: bool) -> Image.Image:
+    """The decoded working image, unpadded, scaled back to the region and composited into the input."""
+    region = prepared.region
+    (w, h), (rw, rh) = region.size, region.region_size
+    x0, y0, x1, y1 = region.box
+    result = decoded[:h, :w]
+    if (w, h) != (rw, rh):
+        growing = rw * rh > w * h
+        result = cv2.resize(result, (rw, rh), interpolation=cv2.INTER_CUBIC if growing else cv2.INTER_AREA)
+    full = np.array(prepared.image)
+    original = full[y0:y1, x0:x1]
+    if composite:
+        m = prepared.weights[..., None]
+        blended = (m * result.astype(np.float32) + (1 - m) * original.astype(np.float32)).round()
+        result = np.where(m > 0, np.clip(blended, 0, 255).astype(np.uint8), original)
+    full[y0:y1, x0:x1] = result
+    return Image.fromarray(full)

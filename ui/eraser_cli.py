@@ -1,0 +1,220 @@
+"""`python app.py erase ...`: remove an object from one image, or from every image of a folder.
+
+    python app.py erase --image photo.jpg --mask mask.png --output clean.png [--seed 0] [--steps 50]
+    python app.py erase --image photos/ --mask masks/ --output cleaned/      # masks matched by name
+    python app.py erase --image photos/ --mask one_mask.png --output cleaned/ # one mask for all
+    accelerate launch app.py erase --image photos/ --mask masks/ --output cleaned/  # split over GPUs
+    torchrun --standalone --nproc_per_node 2 app.py erase ...                       # or CPU processes
+
+Folder mode writes OUTPUT/<image stem>.png (and a JSON sidecar) per image, skips images whose
+outputs already exist (an interrupted batch resumes where it stopped), and under
+`accelerate launch` gives each process a contiguous share of the sorted file list (accelerate's
+`PartialState.split_between_processes`).  A bad file is reported in one line and the batch goes
+on; the exit status is 2 if any image failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipelines.errors import UserInputError
+from ui.cli_common import Command, add_model_args
+
+
+def _freeu(value: str) -> bool | None:
+    choices = {"auto": None, "on": True, "off": False}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, not {value!r}")
+    return choices[value]
+
+
+def add_erase_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", type=Path, required=True,
+                        help="the image, or a folder of images")
+    parser.add_argument("--mask", type=Path, required=True,
+                        help="the object mask (white = remove), a folder of masks named like the images "
+                             "(<stem>.png or <stem>_mask.png), or one mask for every image of the folder")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="the .png to write, or a folder in folder mode; a JSON sidecar with the "
+                             "parameters goes next to each image")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed (default: a random one per image, printed and saved)")
+    # None: the paper's default from pipelines/eraser.py (PAPER_DEFAULTS), the one place they live
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="how far into the noise to start (default: 0.8 for SIP, 1.0 for DIP)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="removal guidance (SARG) scale (default: 9)")
+    parser.add_argument("--ss-steps", type=int, default=None,
+                        help="similarity suppression on steps 0..N (default: 9; -1: off)")
+    parser.add_argument("--ss-scale", type=float, default=None, help="similarity suppression scale (default: 0.3)")
+    parser.add_argument("--mode", default=None, choices=("sip", "dip"),
+                        help="latent process: sip (re-paste the noised background, default) or dip (DDIM inversion)")
+    parser.add_argument("--grow", type=int, default=0,
+                        help="grow (+) or shrink (-) the mask by this many pixels first (default: 0)")
+    parser.add_argument("--num-images", type=int, default=1,
+                        help="results per image, seeds seed, seed+1, ...; written as <name>_0.png, ... (default: 1)")
+    parser.add_argument("--crop", default="auto", choices=("auto", "always", "never"),
+                        help="process only a region around the mask of large photos (default: auto)")
+    parser.add_argument("--blur-kernel", type=int, default=None,
+                        help="mask dilation kernel at working size, odd (default: the paper's, scaled)")
+    parser.add_argument("--freeu", type=_freeu, default=None, metavar="auto|on|off",
+                        help="FreeU (default auto: on for SD 2.x as in the paper, off otherwise)")
+    parser.add_argument("--no-composite", action="store_true",
+                        help="keep the decoded pixels of the whole region instead of compositing "
+                             "the result into the input through the feathered mask")
+    add_model_args(parser)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    paper = dict(steps=args.steps, guidance=args.guidance, ss_steps=args.ss_steps, ss_scale=args.ss_scale,
+                 mode=args.mode)
+    return dict(
+        seed=args.seed, strength=args.strength, grow=args.grow, num_images=args.num_images, crop=args.crop,
+        blur_kernel=args.blur_kernel, freeu=args.freeu, composite=not args.no_composite,
+        **{k: v for k, v in paper.items() if v is not None},
+    )
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _save(result, output: Path) -> list[Path]:
+    try:
+        return result.save(output)
+    except OSError as error:
+        raise UserInputError(f"Cannot write the result: {error.strerror or error} ({error.filename or output}).") from error
+
+
+def output_paths(output: Path, num_images: int) -> list[Path]:
+    """The images one input produces (as `EraserResult.output_paths`)."""
+    if num_images == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(num_images)]
+
+
+def is_done(output: Path, num_images: int) -> bool:
+    """Every image of this output and its sidecar exist (both are written atomically)."""
+    return all(p.is_file() and p.with_suffix(".json").is_file() for p in output_paths(output, num_images))
+
+
+def run_erase(args: argparse.Namespace) -> int:
+    if args.image.is_dir():
+        return _run_folder(args)
+    if args.output.suffix.lower() != ".png":
+        raise UserInputError(f"--output must be a .png file, not '{args.output}'.")
+    if args.mask.is_dir():
+        raise UserInputError(f"--mask is a folder ('{args.mask}') but --image is one file; pass the mask file.")
+    for flag, path in (("image", args.image), ("mask", args.mask)):
+        if not path.is_file():
+            raise UserInputError(f"There is no {flag} file at '{path}'.")
+    from pipelines import models
+    from pipelines.eraser import erase
+
+    pipe = models.load(args.model, device=args.device)
+    result = erase(pipe, args.image, args.mask, **_options(args))
+    for note in result.notes:
+        _warn(note)
+    for path in _save(result, args.output):
+        print(path)
+    print("seed: " + ", ".join(str(s) for s in result.seeds))
+    return 0
+
+
+# ------------------------------------------------------------------------------ folder mode
+
+
+def _images_in(folder: Path, exclude_masks: bool) -> tuple[list[Path], list[Path]]:
+    from pipelines.io import IMAGE_SUFFIXES
+
+    images, others = [], []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            others.append(path)
+        elif not (exclude_masks and path.stem.endswith("_mask")):
+            images.append(path)
+    return images, others
+
+
+def _mask_for(image: Path, masks: Path) -> Path:
+    if masks.is_file():
+        return masks
+    from pipelines.io import IMAGE_SUFFIXES
+
+    for stem in (image.stem, f"{image.stem}_mask"):
+        for suffix in sorted(IMAGE_SUFFIXES):
+            for candidate in (masks / f"{stem}{suffix}", masks / f"{stem}{suffix.upper()}"):
+                if candidate.is_file() and candidate != image:
+                    return candidate
+    raise UserInputError(f"There is no mask for '{image.name}' in '{masks}' (expected {image.stem}.png or {image.stem}_mask.png).")
+
+
+def process_share(items: list, state) -> list:
+    """This process's contiguous share of `items` (accelerate's split; all of them in one process)."""
+    with state.split_between_processes(list(items)) as mine:
+        return list(mine)
+
+
+def _run_folder(args: argparse.Namespace) -> int:
+    if not args.mask.exists():
+        raise UserInputError(f"There is no mask file or folder at '{args.mask}'.")
+    if args.output.exists() and not args.output.is_dir():
+        raise UserInputError(f"--image is a folder, so --output must be a folder too, not the file '{args.output}'.")
+    if args.output.suffix.lower() == ".png":
+        raise UserInputError(f"--image is a folder, so --output must be a folder, not '{args.output}'.")
+    same_folder = args.mask.is_dir() and args.mask.resolve() == args.image.resolve()
+    images, others = _images_in(args.image, exclude_masks=same_folder)
+    if not images:
+        raise UserInputError(f"The folder '{args.image}' has no images (.png, .jpg, .webp, ...).")
+    import torch
+    from accelerate import PartialState
+
+    # on CPUs accelerate forms a process group only when asked to (torchrun / accelerate launch)
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    mine = process_share(images, state)
+    prefix = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
+    if others and state.is_main_process:
+        names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
+        _warn(f"{len(others)} file(s) in '{args.image}' are not images and were skipped: {names}")
+
+    options = _options(args)
+    pending = [p for p in mine if not is_done(args.output / f"{p.stem}.png", args.num_images)]
+    for path in mine:
+        if path not in pending:
+            print(f"{prefix}skipped (already done): {path.name}")
+    done = failed = 0
+    if pending:
+        from pipelines import models
+        from pipelines.eraser import erase
+
+        device = args.device or (state.device if state.num_processes > 1 else None)
+        pipe = models.load(args.model, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        for path in pending:
+            output = args.output / f"{path.stem}.png"
+            try:
+                result = erase(pipe, path, _mask_for(path, args.mask), progress=False, **options)
+                for note in result.notes:
+                    _warn(f"{path.name}: {note}")
+                written = _save(result, output)
+            except UserInputError as error:
+                _warn(f"{path.name}: {error}")
+                failed += 1
+                continue
+            done += 1
+            print(f"{prefix}{written[0]} (seed {', '.join(str(s) for s in result.seeds)})")
+    print(f"{prefix}done: {done}, skipped: {len(mine) - len(pending)}, failed: {failed}")
+    if failed:
+        raise UserInputError(f"{failed} of {len(mine)} images could not be processed (see the warnings above).")
+    return 0
+
+
+COMMANDS = {
+    "erase": Command("remove an object from an image (or a folder of images) with Attentive Eraser",
+                     add_erase_args, run_erase),
+}
