@@ -58,7 +58,7 @@ def prepare(args):
     pipe.set_progress_bar_config(disable=True)
     size = args.size = args.size or (512 if args.model in FULL_SIZE else 64)
     extra = models.call_defaults(pipe)
-    denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+    denoiser = models.denoiser(pipe)
     layers = text_attention_layers(attention_layer_names(denoiser))
 
     def method():

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import load_model
-from pipelines import grounding
+from pipelines import grounding, models
 
 TASK = "grounding"
 EXPRESSION = "the dog on the left"
@@ -103,7 +103,7 @@ def prepare(args):
 
     # the baseline's inputs: the same prompt (with magnets), text encoding and pixels
     prompt, spans = grounding.build_prompt(EXPRESSION, settings.magnets, settings.colour)
-    device = grounding._denoiser(pipe).device
+    device = models.denoiser(pipe).device
     text = grounding._encode(pipe, fam, prompt, len(EXPRESSION), spans, stopwords, settings, device)
     multiple = grounding._size_multiple(pipe, fam)
     content, padded = grounding._working_size(image, size, multiple)

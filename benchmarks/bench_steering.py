@@ -20,7 +20,7 @@ from attention_processors import ControlState, attention_layer_names
 from attention_processors.medsteer import MedSteer, cross_attention_layers
 from benchmarks.common import load_model
 from pipelines import models
-from pipelines.steering import _denoiser, _render, _uses_cfg_batch, encode
+from pipelines.steering import _render, encode
 
 TASK = "steering"
 PROMPT = "An endoscopic image of dyed lifted polyps"
@@ -82,7 +82,7 @@ def prepare(args):
         embeds = _random_t5_embeds(args.device, args.dtype)
     else:
         embeds = encode(pipe, PROMPT, "", guidance)
-    denoiser = _denoiser(pipe)
+    denoiser = models.denoiser(pipe)
     layers = cross_attention_layers(attention_layer_names(denoiser))
     modules = dict(denoiser.named_modules())
     g = torch.Generator().manual_seed(1)
@@ -90,7 +90,7 @@ def prepare(args):
     for name in layers:
         d = torch.randn(args.steps, modules[name].to_out[0].out_features, generator=g)
         directions[name] = d / d.norm(dim=-1, keepdim=True)
-    roles = ("uncond", "cond") if _uses_cfg_batch(pipe, guidance) else ("cond",)
+    roles = ("uncond", "cond") if models.uses_cfg_batch(pipe, guidance) else ("cond",)
 
     def steered(beta=2.0, steer_roles=roles):
         def run():

@@ -72,31 +72,6 @@ def _file_safe(word: str) -> str:
     return re.sub(r"[^\w-]+", "_", word)[:40] or "word"
 
 
-def size_multiple(pipe) -> int:
-    """Image sides must be multiples of this: the VAE factor, times the patch size of DiTs."""
-    fam = models.family(pipe)
-    vae_factor = getattr(pipe, "vae_scale_factor", 8)
-    if fam == "flux":
-        return vae_factor * 2  # 2x2 latent patches are packed into one token
-    if fam in ("sd3", "pixart"):
-        return vae_factor * pipe.transformer.config.patch_size
-    return vae_factor
-
-
-def default_size(pipe) -> tuple[int, int]:
-    """(height, width) the model was trained at."""
-    denoiser = _denoiser(pipe)
-    sample = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
-    if isinstance(sample, (list, tuple)):
-        return int(sample[0]) * pipe.vae_scale_factor, int(sample[1]) * pipe.vae_scale_factor
-    side = int(sample) * pipe.vae_scale_factor
-    return side, side
-
-
-def _denoiser(pipe):
-    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
-
-
 def _text_layout(pipe) -> tuple:
     """(tokenizer, max_length, text_part) of the text keys that hold the prompt."""
     fam = models.family(pipe)
@@ -144,23 +119,11 @@ def _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, lay
         raise UserInputError("PixArt models need at least 2 steps.")
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise UserInputError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
-    multiple = size_multiple(pipe)
-    for side_name, side in (("Height", height), ("Width", width)):
-        if side % multiple or not MIN_SIDE <= side <= MAX_SIDE:
-            raise UserInputError(
-                f"{side_name} must be a multiple of {multiple} between {MIN_SIDE} and {MAX_SIDE} for this model, not {side}."
-            )
+    models.check_size(pipe, height, width, MIN_SIDE, MAX_SIDE)
     if layers not in LAYER_CHOICES:
         raise UserInputError(f"Layers must be one of {', '.join(LAYER_CHOICES)}, not {layers!r}.")
     if fam == "flux" and negative_prompt.strip():
         raise UserInputError("FLUX models are guidance-distilled and take no negative prompt; leave it empty.")
-
-
-def _uses_cfg_batch(pipe, guidance: float) -> bool:
-    """Whether the pipeline stacks [uncond, cond] rows in one batch for this guidance."""
-    if models.family(pipe) == "flux":  # guidance is an embedding; no CFG batch
-        return False
-    return guidance > 1 and getattr(_denoiser(pipe).config, "time_cond_proj_dim", None) is None
 
 
 def generate_with_attention_maps(
@@ -179,7 +142,7 @@ def generate_with_attention_maps(
     seed None (or negative) draws a random seed, reported in the result.  Raises
     UserInputError for any input the model cannot take.
     """
-    default_h, default_w = default_size(pipe)
+    default_h, default_w = models.default_size(pipe)
     height, width = int(height or default_h), int(width or default_w)
     steps = int(steps)
     guidance = float(guidance)
@@ -187,11 +150,11 @@ def generate_with_attention_maps(
     _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, layers)
     seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
 
-    denoiser = _denoiser(pipe)
+    denoiser = models.denoiser(pipe)
     tokenizer, max_length, text_part = _text_layout(pipe)
     owners, n_tokens = token_words(tokenizer, prompt, max_length)
     selected = text_attention_layers(attention_layer_names(denoiser), layers)
-    roles = ("uncond", "cond") if _uses_cfg_batch(pipe, guidance) else ("cond",)
+    roles = ("uncond", "cond") if models.uses_cfg_batch(pipe, guidance) else ("cond",)
     controller = CrossAttentionHeatmaps(selected, text_part=text_part, keep=n_tokens, state=ControlState(row_roles=roles))
 
     kwargs = dict(models.call_defaults(pipe))

@@ -290,10 +290,6 @@ def _head_only(roles: list[str], words: list[int]) -> list[str]:
 # --------------------------------------------------------------------------- the forward pass
 
 
-def _denoiser(pipe):
-    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
-
-
 def _param(module: torch.nn.Module) -> torch.Tensor:
     """One parameter (its device and dtype; `.device`/`.dtype` of diffusers models walk them all)."""
     return next(module.parameters())
@@ -379,7 +375,7 @@ def _encode(pipe, fam, prompt, expression_end, spans, stopwords, settings, devic
 
 def _forward(pipe, fam, pixels, text: _Text, settings, controller, generator) -> None:
     """One noisy forward of the denoiser on VAE latents of `pixels`, stopped after the last layer."""
-    denoiser = _denoiser(pipe)
+    denoiser = models.denoiser(pipe)
     vae = pipe.vae
     b = pixels.shape[0]
     device, dtype = pixels.device, _param(denoiser).dtype
@@ -511,7 +507,7 @@ def _is_fraction(value) -> bool:
 def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: GroundingSettings, stopwords):
     """Grid heatmaps of a batch of images: (heat (b, h, w), token maps (b, T, h, w), info)."""
     fam = _validate(pipe, expression, settings, stopwords)
-    denoiser = _denoiser(pipe)
+    denoiser = models.denoiser(pipe)
     device = _param(denoiser).device
     n_aux = settings.n_aux if settings.gas == "redirect" else 0
     prompt, spans = build_prompt(expression, settings.magnets, settings.colour, n_aux)

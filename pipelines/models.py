@@ -82,15 +82,20 @@ __all__ = [
     "BUILTIN_DIR",
     "build_tiny",
     "call_defaults",
+    "check_size",
     "clear_cache",
     "default_device",
     "default_dtype",
+    "default_size",
+    "denoiser",
     "describe",
     "family",
     "is_tiny",
     "load",
     "load_as",
     "save_tiny",
+    "size_multiple",
+    "uses_cfg_batch",
 ]
 
 BUILTIN_DIR = ASSETS_DIR / "builtin"
@@ -610,6 +615,53 @@ def call_defaults(pipe: DiffusionPipeline) -> dict:
     if importlib.util.find_spec("bs4") is None or importlib.util.find_spec("ftfy") is None:
         defaults["clean_caption"] = False
     return defaults
+
+
+def denoiser(pipe: DiffusionPipeline):
+    """The pipeline's UNet or transformer: where attention processors are attached."""
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def uses_cfg_batch(pipe: DiffusionPipeline, guidance: float) -> bool:
+    """Whether the stock pipeline stacks [uncond, cond] rows in one batch at this guidance.
+
+    FLUX's guidance is an embedding (no CFG batch); UNets distilled with a guidance embedding
+    (time_cond_proj_dim, e.g. LCM) skip CFG too.
+    """
+    if family(pipe) == "flux":
+        return False
+    return guidance > 1 and getattr(denoiser(pipe).config, "time_cond_proj_dim", None) is None
+
+
+def size_multiple(pipe: DiffusionPipeline) -> int:
+    """Image sides must be multiples of this: the VAE factor, times the patch size of DiTs."""
+    fam = family(pipe)
+    vae_factor = getattr(pipe, "vae_scale_factor", 8)
+    if fam == "flux":
+        return vae_factor * 2  # 2x2 latent patches are packed into one token
+    if fam in ("sd3", "pixart"):
+        return vae_factor * pipe.transformer.config.patch_size
+    return vae_factor
+
+
+def default_size(pipe: DiffusionPipeline) -> tuple[int, int]:
+    """(height, width) in pixels the model was trained at."""
+    sample = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
+    if isinstance(sample, (list, tuple)):
+        return int(sample[0]) * pipe.vae_scale_factor, int(sample[1]) * pipe.vae_scale_factor
+    side = int(sample) * pipe.vae_scale_factor
+    return side, side
+
+
+def check_size(pipe: DiffusionPipeline, height: int, width: int, min_side: int = 64, max_side: int = 2048) -> None:
+    """Raise UserInputError unless both sides are multiples the model accepts, within bounds."""
+    multiple = size_multiple(pipe)
+    for side_name, side in (("Height", height), ("Width", width)):
+        if side % multiple or not min_side <= side <= max_side:
+            raise UserInputError(
+                f"{side_name} must be a multiple of {multiple} between {min_side} and {max_side} "
+                f"for this model, not {side}."
+            )
 
 
 # --------------------------------------------------------------------------------------------

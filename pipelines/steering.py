@@ -66,7 +66,6 @@ from attention_processors.medsteer import (
 )
 
 from . import models
-from .attention_maps import _denoiser, _uses_cfg_batch, default_size, size_multiple
 from .errors import UserInputError
 from .io import atomic_path, save_image
 
@@ -127,12 +126,7 @@ def _validate_common(pipe, steps: int, guidance: float, height: int, width: int)
         raise UserInputError(f"Steps must be between 2 and {MAX_STEPS}, not {steps}.")
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise UserInputError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
-    multiple = size_multiple(pipe)
-    for side_name, side in (("Height", height), ("Width", width)):
-        if side % multiple or not MIN_SIDE <= side <= MAX_SIDE:
-            raise UserInputError(
-                f"{side_name} must be a multiple of {multiple} between {MIN_SIDE} and {MAX_SIDE} for this model, not {side}."
-            )
+    models.check_size(pipe, height, width, MIN_SIDE, MAX_SIDE)
 
 
 def _check_prompt(prompt: str | None, what: str) -> str:
@@ -199,7 +193,7 @@ def _quiet_progress(pipe):
 def encode(pipe, prompt: str, negative_prompt: str, guidance: float) -> dict:
     """Prompt embeddings as `pipe(...)` keyword arguments: encode once, reuse for every image."""
     fam = _check_family(pipe)
-    cfg = _uses_cfg_batch(pipe, guidance)
+    cfg = models.uses_cfg_batch(pipe, guidance)
     device = pipe._execution_device
     with torch.no_grad():
         if fam == "pixart":
@@ -283,7 +277,7 @@ class Directions:
 
     def check(self, pipe, steps: int, step_map: str = "clamp", allow_other_model: bool = False) -> None:
         """Raise UserInputError with one sentence if these directions cannot steer `pipe`."""
-        denoiser = _denoiser(pipe)
+        denoiser = models.denoiser(pipe)
         names = cross_attention_layers(attention_layer_names(denoiser))
         made_for = self.meta.get("model", "another model")
         if len(names) != len(self.vectors):
@@ -360,13 +354,13 @@ def estimate_directions(
     if not 1 <= samples <= MAX_SAMPLES:
         raise UserInputError(f"Samples per prompt must be between 1 and {MAX_SAMPLES}, not {samples}.")
     guidance = _default_guidance(pipe) if guidance is None else float(guidance)
-    default_h, default_w = default_size(pipe)
+    default_h, default_w = models.default_size(pipe)
     height, width = int(height or default_h), int(width or default_w)
     _validate_common(pipe, steps, guidance, height, width)
     base_seed = _check_seed(base_seed)
     _check_seed(base_seed + 2 * samples)
     negative_prompt = negative_prompt or ""
-    denoiser = _denoiser(pipe)
+    denoiser = models.denoiser(pipe)
     try:
         selected = cross_attention_layers(attention_layer_names(denoiser), layers)
     except re.error as error:
@@ -374,7 +368,7 @@ def estimate_directions(
     if not selected:
         raise UserInputError(f"No cross-attention layer of this model matches {layers!r}.")
     batch_size = max(1, int(batch_size))
-    cfg = _uses_cfg_batch(pipe, guidance)
+    cfg = models.uses_cfg_batch(pipe, guidance)
     roles = ("uncond", "cond") if cfg else ("cond",)
 
     means = {}
@@ -495,7 +489,7 @@ def _render(pipe, embeds, seed, steps, guidance, height, width, controller=None,
         kwargs["latents"] = latents
     if controller is None:
         return pipe(**kwargs).images
-    with attach(_denoiser(pipe), controller):
+    with attach(models.denoiser(pipe), controller):
         return pipe(**kwargs).images
 
 
@@ -503,7 +497,7 @@ def _initial_latents(pipe, seed, height, width, dtype) -> torch.Tensor:
     """The noise the pipeline draws itself for one image with this seed (CPU generator)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    channels = _denoiser(pipe).config.in_channels
+    channels = models.denoiser(pipe).config.in_channels
     shape = (1, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), device=pipe._execution_device, dtype=dtype)
 
@@ -527,8 +521,8 @@ def _settings(pipe, directions: Directions, beta, steps, guidance, negative_prom
     meta = directions.meta
     steps = int(steps or meta.get("steps") or directions.steps)
     guidance = float(meta.get("guidance", _default_guidance(pipe)) if guidance is None else guidance)
-    height = int(height or meta.get("height") or default_size(pipe)[0])
-    width = int(width or meta.get("width") or default_size(pipe)[1])
+    height = int(height or meta.get("height") or models.default_size(pipe)[0])
+    width = int(width or meta.get("width") or models.default_size(pipe)[1])
     negative_prompt = meta.get("negative_prompt", "") if negative_prompt is None else negative_prompt
     beta = validate_beta(beta)
     if steer not in STEER_CHOICES:
@@ -539,7 +533,7 @@ def _settings(pipe, directions: Directions, beta, steps, guidance, negative_prom
 
 
 def _pair(pipe, directions: Directions, embeds: dict, prompt: str, seed: int, s: _Settings) -> PairResult:
-    cfg = _uses_cfg_batch(pipe, s.guidance)
+    cfg = models.uses_cfg_batch(pipe, s.guidance)
     args = (s.steps, s.guidance, s.height, s.width)
     if s.beta == 0:  # exact no-op: no processor installed at all
         original = _render(pipe, embeds, seed, *args)[0]
