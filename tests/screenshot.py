@@ -1,4 +1,5 @@
-"""Save the README screenshot: the app after one generation with the tiny model.
+"""Save the README screenshots: the app after one generation with the tiny model, then each
+other tab as it opens.
 
     python tests/screenshot.py [--output assets/screenshots/attention_maps.png] [--model tiny]
 
@@ -19,6 +20,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import ROOT, generate_attention_maps_in_browser, launch_chromium, launched_app  # noqa: E402
 
 MAX_BYTES = 300 * 1024
+# tab label -> file name, for the tabs shown as they open
+OTHER_TABS = {"Remove object": "remove_object.png", "Segment by text": "segment_by_text.png",
+              "Counterfactual steer": "counterfactual_steer.png"}
+
+
+def save_small_png(png: bytes, output: Path) -> None:
+    """Save a screenshot as a palette PNG, scaled down until it fits MAX_BYTES."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    scale = 1.0
+    while True:
+        size = (round(image.width * scale), round(image.height * scale))
+        small = image.resize(size, Image.LANCZOS) if scale < 1 else image
+        buffer = io.BytesIO()
+        small.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
+        if buffer.tell() <= MAX_BYTES or scale < 0.3:
+            break
+        scale *= 0.85
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(buffer.getvalue())
+    print(f"{output} ({buffer.tell() // 1024} KB, {size[0]}x{size[1]})")
 
 
 def main() -> int:
@@ -37,23 +58,13 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             generate_attention_maps_in_browser(page, server.url, args.prompt)
             page.wait_for_timeout(1000)  # let thumbnails finish painting
-            png = page.screenshot(full_page=True)
+            save_small_png(page.screenshot(full_page=True), args.output)
+            for label, name in OTHER_TABS.items():
+                page.get_by_role("tab", name=label).click()
+                page.wait_for_timeout(1500)
+                save_small_png(page.screenshot(), args.output.parent / name)
         finally:
             browser.close()
-
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    scale = 1.0
-    while True:
-        size = (round(image.width * scale), round(image.height * scale))
-        small = image.resize(size, Image.LANCZOS) if scale < 1 else image
-        buffer = io.BytesIO()
-        small.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
-        if buffer.tell() <= MAX_BYTES or scale < 0.3:
-            break
-        scale *= 0.85
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(buffer.getvalue())
-    print(f"{args.output} ({buffer.tell() // 1024} KB, {size[0]}x{size[1]})")
     return 0
 
 

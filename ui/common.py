@@ -105,14 +105,15 @@ def user_errors_as_gradio(fn):
 def header_markdown(default_model: str) -> str:
     text = (
         "# Attention-layer editing with diffusion models\n"
-        "Generate an image with a diffusion model and see, for every word of the prompt, where "
-        "the model's cross-attention looked (DAAM-style heatmaps). More tasks that edit images "
-        "and video through the attention layers are planned.\n"
+        "Edit and explain images by working inside the attention layers of diffusion models: "
+        "see where each prompt word looked (**Attention maps**), erase an object and rebuild the "
+        "background (**Remove object**), find what a sentence names (**Segment by text**), and make "
+        "same-seed pairs where only one concept changes (**Counterfactual steer**).\n"
     )
     if default_model.startswith("tiny"):
         text += (
             f"\n**Note:** the default model `{default_model}` is a tiny model with *random "
-            "weights*, built offline for tests: it runs in seconds on a CPU but its images and "
-            f"heatmaps are noise. {REAL_MODEL_HINT}\n"
+            "weights*, built offline for tests: it runs in seconds on a CPU but its images, "
+            f"heatmaps and masks are noise. {REAL_MODEL_HINT}\n"
         )
     return text
