@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipelines.errors import UserInputError
 from ui.cli_common import DEFAULT_MODEL, Command, add_model_args

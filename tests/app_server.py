@@ -141,3 +141,22 @@ def generate_attention_maps_in_browser(page, url: str, prompt: str = "a photo of
     page.locator("#am-image img").first.wait_for(state="visible", timeout=timeout_ms)
     page.locator("#am-heatmaps .thumbnail-item img").first.wait_for(state="visible",
                                                                     timeout=timeout_ms)
+
+
+def require_browser() -> None:
+    """Skip a browser test when playwright or chromium is missing, but fail under CI (CI set):
+    a green CI run always includes the real-browser tests."""
+    import pytest
+
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright Python package (pip install -r requirements-test.txt)")
+    if chromium_path() is None:
+        missing.append("Debian's chromium (apt-get install chromium)")
+    if missing:
+        reason = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; on CI it must run, not be skipped", pytrace=False)
+        pytest.skip(reason)

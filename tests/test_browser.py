@@ -6,34 +6,20 @@ browser test would hide a broken tab: there it fails instead.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import chromium_path, generate_attention_maps_in_browser, launch_chromium, launched_app  # noqa: E402
+from app_server import generate_attention_maps_in_browser, launch_chromium, launched_app, require_browser  # noqa: E402
 
 
-def _require_browser():
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright Python package (pip install -r requirements-test.txt)")
-    if chromium_path() is None:
-        missing.append("Debian's chromium (apt-get install chromium)")
-    if missing:
-        reason = "browser test needs " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; on CI it must run, not be skipped", pytrace=False)
-        pytest.skip(reason)
 
 
 @pytest.mark.timeout(600)
 def test_attention_maps_tab_in_a_real_browser():
-    _require_browser()
+    require_browser()
     from playwright.sync_api import expect, sync_playwright
 
     with launched_app("--model", "tiny") as server, sync_playwright() as playwright:

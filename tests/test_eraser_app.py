@@ -14,7 +14,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import chromium_path, launch_chromium, launched_app  # noqa: E402
+from app_server import launch_chromium, launched_app, require_browser  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 UPLOAD_LIMIT_MB = 0.2
@@ -105,23 +105,10 @@ def test_empty_mask_returns_the_input(client, files):
     assert np.array_equal(np.asarray(Image.open(pair[1]).convert("RGB")), np.asarray(Image.open(files / "photo.png")))
 
 
-def _require_browser():
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright Python package (pip install -r requirements-test.txt)")
-    if chromium_path() is None:
-        missing.append("Debian's chromium (apt-get install chromium)")
-    if missing:
-        reason = "browser test needs " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; on CI it must run, not be skipped", pytrace=False)
-        pytest.skip(reason)
 
 
 def test_brush_a_stroke_remove_and_see_the_result(server, tmp_path):
-    _require_browser()
+    require_browser()
     from playwright.sync_api import expect, sync_playwright
 
     rng = np.random.RandomState(1)

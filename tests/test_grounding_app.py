@@ -6,7 +6,6 @@ in-process through `app.main`, which is what `python app.py` runs.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import chromium_path, launch_chromium, launched_app  # noqa: E402
+from app_server import launch_chromium, launched_app, require_browser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "refseg_sample"
@@ -132,24 +131,11 @@ def test_segment_endpoint_returns_heatmap_mask_tokens_and_files(server, tmp_path
 # ------------------------------------------------------------------------------------ browser
 
 
-def _require_browser():
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright Python package")
-    if chromium_path() is None:
-        missing.append("Debian's chromium")
-    if missing:
-        reason = "browser test needs " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; on CI it must run, not be skipped", pytrace=False)
-        pytest.skip(reason)
 
 
 def test_segment_tab_in_a_real_browser(server):
     """Pick an example, type an expression, see the mask; send it to the Remove object tab."""
-    _require_browser()
+    require_browser()
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import chromium_path, launch_chromium, launched_app  # noqa: E402
+from app_server import launch_chromium, launched_app, require_browser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = dict(model="tiny-pixart", positive="a photo of a cat", negative="a photo of a dog", samples=2, steps=2,
@@ -119,18 +119,7 @@ def test_gradio_client_directions_pair_upload_and_errors(server):
 
 @pytest.mark.timeout(600)
 def test_steer_tab_in_a_real_browser(server):
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright Python package")
-    if chromium_path() is None:
-        missing.append("Debian's chromium")
-    if missing:
-        reason = "browser test needs " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; on CI it must run, not be skipped", pytrace=False)
-        pytest.skip(reason)
+    require_browser()
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
