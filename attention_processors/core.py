@@ -34,9 +34,11 @@ import torch.nn.functional as F
 
 from .grids import token_grid
 
-# SDPA needs a float mask in the query dtype; masked keys get the dtype's minimum rather than
-# -inf so that a row with every key masked degrades to a uniform softmax instead of NaN.
+
 def masked_value(dtype: torch.dtype) -> float:
+    """The logit bias of a masked key: the dtype's minimum rather than -inf, so that a row with
+    every key masked degrades to a uniform softmax instead of NaN (SDPA takes float masks in the
+    query dtype)."""
     return torch.finfo(dtype).min
 
 
