@@ -33,6 +33,21 @@ def _describe(source) -> str:
     return f"'{Path(source).name}'" if isinstance(source, (str, os.PathLike)) else "the image"
 
 
+def _open_image_file(source, what: str) -> Image.Image:
+    """A fully read, EXIF-rotated image from a path, or one sentence saying what is wrong."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserInputError(f"There is no {what} file at '{path}'.")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError as error:
+        raise UserInputError(f"{_describe(source)} has more than {MAX_PIXELS} pixels.") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise UserInputError(f"{_describe(source)} is not a readable {what} file.") from error
+
+
 def load_image(source, what: str = "image", min_side: int = MIN_SIDE) -> Image.Image:
     """An RGB image from a path, a PIL image or an (H, W[, C]) uint8 array, EXIF-rotated."""
     if source is None:
@@ -44,17 +59,7 @@ def load_image(source, what: str = "image", min_side: int = MIN_SIDE) -> Image.I
     elif isinstance(source, Image.Image):
         image = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise UserInputError(f"There is no {what} file at '{path}'.")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise UserInputError(f"{_describe(source)} is not a readable image file.") from error
-        except Image.DecompressionBombError as error:
-            raise UserInputError(f"{_describe(source)} has more than {MAX_PIXELS} pixels.") from error
+        image = _open_image_file(source, what)
     if min(image.size) < min_side:
         raise UserInputError(
             f"The {what} is {image.width}x{image.height} pixels; both sides must be at least {min_side}."
@@ -76,18 +81,7 @@ def load_mask(source, size: tuple[int, int] | None = None, threshold: int = 127)
     if isinstance(source, np.ndarray):
         array = source
     else:
-        if isinstance(source, Image.Image):
-            image = source
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise UserInputError(f"There is no mask file at '{path}'.")
-            try:
-                with Image.open(path) as opened:
-                    opened.load()
-                    image = opened.copy()
-            except (UnidentifiedImageError, OSError, SyntaxError) as error:
-                raise UserInputError(f"{_describe(source)} is not a readable mask image.") from error
+        image = source if isinstance(source, Image.Image) else _open_image_file(source, "mask")
         if image.mode in ("RGBA", "LA") and np.asarray(image.getchannel("A")).min() < 255:
             array = np.asarray(image.getchannel("A"))
         else:
