@@ -161,7 +161,9 @@ COMMANDS: dict[str, Command] = _commands()
 DEFAULT_COMMAND = "serve"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `only` set, of that command alone (the others are
+    listed without their arguments: adding some imports torch, which `--help` need not wait for)."""
     parser = CliParser(
         prog="app.py",
         description="Attention-layer editing of images and video with diffusion models. "
@@ -169,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, command in COMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+        subparser = sub.add_parser(name, help=command.help, description=command.help)
+        if only is None or only == name:
+            command.add_arguments(subparser)
     return parser
 
 
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, DEFAULT_COMMAND)  # `python app.py --port 7861` means `serve --port 7861`
-    args = build_parser().parse_args(argv)
+    args = build_parser(only=argv[0] if argv[0] in COMMANDS else "").parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
     except UserInputError as error:

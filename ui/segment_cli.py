@@ -24,7 +24,7 @@ def _threshold(value: str):
 
 
 def add_segment_args(parser: argparse.ArgumentParser) -> None:
-    from pipelines.grounding import GroundingSettings
+    from pipelines.grounding_settings import GroundingSettings
 
     d = GroundingSettings()
     source = parser.add_mutually_exclusive_group(required=True)
@@ -60,7 +60,7 @@ def add_segment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from pipelines.grounding import GroundingSettings
+    from pipelines.grounding_settings import GroundingSettings
 
     return GroundingSettings(
         size=args.size, sigma=args.sigma, timestep=args.timestep, depth=args.depth, blocks=args.blocks,
