@@ -122,11 +122,7 @@ class Backbone:
 
 
 def backbone(pipe) -> Backbone:
-    fam = models.family(pipe)
-    if fam not in ("sd", "sdxl"):
-        raise UserInputError(
-            f"Remove object works with SD 1.x/2.x and SDXL models; this one is a {models.FAMILY_LABELS[fam]}."
-        )
+    fam = models.require_family(pipe, ("sd", "sdxl"), "Remove object")
     unet = pipe.unet
     if unet.config.in_channels != 4:
         raise UserInputError(

@@ -257,12 +257,7 @@ def _param(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _check_family(pipe) -> str:
-    fam = models.family(pipe)
-    if fam not in SUPPORTED_FAMILIES:
-        raise UserInputError(
-            f"Segment by text works with FLUX, SD3 and SD 1.x/2.x models, not {models.FAMILY_LABELS.get(fam, fam)}."
-        )
-    return fam
+    return models.require_family(pipe, SUPPORTED_FAMILIES, "Segment by text")
 
 
 def _size_multiple(pipe, fam: str) -> int:

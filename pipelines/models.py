@@ -93,6 +93,7 @@ __all__ = [
     "is_tiny",
     "load",
     "load_as",
+    "require_family",
     "save_tiny",
     "size_multiple",
     "uses_cfg_batch",
@@ -105,7 +106,7 @@ BUILTIN_NAMES: tuple[str, ...] = TINY_MODELS + ("builtin",)
 
 # One line per family, for the UI's model picker.
 FAMILY_LABELS: dict[str, str] = {
-    "sd": "SD 1.x UNet",
+    "sd": "SD 1.x/2.x UNet",
     "sdxl": "SDXL UNet",
     "pixart": "PixArt-alpha DiT",
     "sd3": "SD3 MMDiT",
@@ -580,7 +581,7 @@ _PIPELINE_CLASS_FAMILY = {
 
 
 def describe(name_or_pipe: str | DiffusionPipeline) -> str:
-    """One line for the UI, e.g. "SD 1.x UNet" or "FLUX MMDiT (tiny, random weights)".
+    """One line for the UI, e.g. "SD 1.x/2.x UNet" or "FLUX MMDiT (tiny, random weights)".
 
     Tiny names and local diffusers folders are described without loading anything; any other
     name is loaded (and cached) first, because only its components tell the family.
@@ -615,6 +616,16 @@ def call_defaults(pipe: DiffusionPipeline) -> dict:
     if importlib.util.find_spec("bs4") is None or importlib.util.find_spec("ftfy") is None:
         defaults["clean_caption"] = False
     return defaults
+
+
+def require_family(pipe: DiffusionPipeline, supported: tuple[str, ...], task: str) -> str:
+    """The pipeline's family, or UserInputError naming the families `task` works with."""
+    fam = family(pipe)
+    if fam not in supported:
+        labels = [FAMILY_LABELS[f].rsplit(" ", 1)[0] for f in supported]  # "SD3 MMDiT" -> "SD3"
+        names = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+        raise UserInputError(f"{task} works with {names} models, not with this {FAMILY_LABELS[fam]}.")
+    return fam
 
 
 def denoiser(pipe: DiffusionPipeline):

@@ -98,12 +98,7 @@ SUPPORTED_FAMILIES = ("sd", "pixart")
 
 
 def _check_family(pipe) -> str:
-    fam = models.family(pipe)
-    if fam not in SUPPORTED_FAMILIES:
-        raise UserInputError(
-            f"Counterfactual steering supports PixArt-alpha and SD 1.x/2.x models, not this {models.describe(pipe)} model."
-        )
-    return fam
+    return models.require_family(pipe, SUPPORTED_FAMILIES, "Counterfactual steering")
 
 
 def model_name(pipe) -> str:
@@ -716,8 +711,9 @@ def generate_dataset(
         raise UserInputError(f"{config_path} is damaged; use a new folder.") from error
 
     mine = shard(seed_list, process_index, num_processes)
-    skipped = [seed for seed in mine if _pair_done(folder, seed)]
-    todo = [seed for seed in mine if seed not in set(skipped)]
+    done = {seed for seed in mine if _pair_done(folder, seed)}
+    skipped = [seed for seed in mine if seed in done]
+    todo = [seed for seed in mine if seed not in done]
     written = []
     if todo:
         embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)

@@ -231,7 +231,7 @@ def test_names_and_descriptions():
     assert models.TINY_MODELS == ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
     assert set(models.TINY_MODELS) < set(models.BUILTIN_NAMES) and "builtin" in models.BUILTIN_NAMES
     assert models.is_tiny("tiny-flux") and not models.is_tiny("builtin")
-    assert models.describe("tiny").startswith("SD 1.x UNet")
+    assert models.describe("tiny").startswith("SD 1.x/2.x UNet")
     assert models.describe("tiny-flux").startswith("FLUX MMDiT")
 
 

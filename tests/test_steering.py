@@ -323,7 +323,7 @@ def test_bad_estimation_inputs_are_one_sentence(tiny_pipe, kwargs, message):
 
 
 def test_unsupported_families_are_refused(tiny_pipe):
-    with pytest.raises(UserInputError, match="supports PixArt-alpha and SD 1.x/2.x models"):
+    with pytest.raises(UserInputError, match="works with SD 1.x/2.x and PixArt-alpha models"):
         estimate_directions(tiny_pipe("tiny-sd3"), "a cat", "a dog", samples=1, steps=STEPS)
 
 
