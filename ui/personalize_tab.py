@@ -1,0 +1,261 @@
+"""The "Personalize" tab: learn several concepts from one image, watch the attention, generate.
+
+Named API endpoints:
+- `/personalize_train` (a generator: one update per optimiser step): status line with the step
+  and the loss, the attention map of each learned token (and of the class words / the
+  background), AttenCraft's masks, the learned file (written at every checkpoint), and the run
+  folder.  Pressing *Train* again with the same settings resumes the run (also after *Cancel*,
+  which stops between steps and keeps the last checkpoint).
+- `/personalize_cancel`: stop the running training.
+- `/personalize_generate`: an image from a prompt with the learned tokens, using the uploaded
+  learned file if given, else the run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+
+ORDER = 50  # position among the tabs
+MAP_SIDE = 128  # pixels of one attention-map thumbnail
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+UI_DEFAULT_PRIOR = 8  # ours: a quick start in the UI (the papers use 200; raise it for real runs)
+
+
+def heat_image(heat: np.ndarray) -> Image.Image:
+    """A (h, w) map in [0, 1] as a JET-coloured square thumbnail (nearest upscaling: cells visible)."""
+    import cv2
+
+    heat = np.asarray(heat, dtype=np.float32)
+    lo, hi = float(heat.min()), float(heat.max())
+    heat = (heat - lo) / (hi - lo + 1e-8)
+    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    return Image.fromarray(np.ascontiguousarray(colour)).resize((MAP_SIDE, MAP_SIDE), Image.NEAREST)
+
+
+def _gallery(maps, labels) -> list:
+    if maps is None:
+        return []
+    return [(heat_image(m.numpy()), label) for m, label in zip(maps, labels)]
+
+
+def _user_errors_as_gradio_stream(fn):
+    """`user_errors_as_gradio` for a generator handler (errors raised while iterating)."""
+    import functools
+
+    from pipelines.errors import UserInputError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except UserInputError as error:
+            raise gr.Error(str(error)) from error
+
+    return wrapper
+
+
+def _snapshot_learned(folder: Path, step: int, previous: str | None) -> str:
+    """A name for this checkpoint's learned file that nothing rewrites (a hard link, else a copy):
+    learned.safetensors is replaced at every checkpoint while the browser may still download it."""
+    import os
+    import shutil
+
+    source = folder / "learned.safetensors"
+    target = folder / f"learned-step{step}.safetensors"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+    if previous and Path(previous).name.startswith("learned-step") and Path(previous) != target:
+        Path(previous).unlink(missing_ok=True)
+    return str(target)
+
+
+def make_handlers(ctx: AppContext):
+    """(personalize_train, personalize_generate): the event handlers, also the API endpoints."""
+
+    def load_fp32(model):
+        import torch
+
+        from pipelines import models
+
+        ctx.load(model)  # validates the name against the server's models
+        return models.load((model or "").strip() or ctx.default_model, device=ctx.device, dtype=torch.float32)
+
+    @_user_errors_as_gradio_stream
+    def personalize_train(
+        model: str,
+        image,
+        class_words: str,
+        method: str = "disendiff",
+        steps: float = 250,
+        prior_images: float = UI_DEFAULT_PRIOR,
+        tau: float = 0.1,
+        seed: float = 0,
+        run_folder: str | None = None,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """Train (or resume) DisenDiff / AttenCraft on one image; yields one update per step.
+
+        Yields (status, attention maps gallery, masks gallery, learned file, run folder).
+        `run_folder`: the folder of an earlier run of this session; it is resumed when its
+        settings match, otherwise a new folder is made.
+        """
+        from pipelines.errors import UserInputError
+        from pipelines.personalize import Trainer
+
+        if image is None:
+            raise UserInputError("Please upload an image holding the concepts.")
+        pipe = load_fp32(model)
+        options = {"steps": int(steps or 0), "prior_images": int(prior_images or 0), "seed": int(seed or 0)}
+        if method == "attencraft":
+            options["tau"] = float(tau)
+            if options["prior_images"] < 1:
+                raise UserInputError("AttenCraft needs prior-preservation images; set at least 1.")
+        folder = Path(run_folder) if run_folder and Path(run_folder).is_dir() else None
+        if folder is not None and not str(folder.resolve()).startswith(str(ctx.outputs.root)):
+            folder = None
+        trainer = Trainer(pipe, image, class_words, method, folder, **options)
+        if folder is None or not trainer.checkpoint_matches():
+            trainer.output = ctx.outputs.new_run_dir("personalize")
+        progress(0, desc="Preparing (regularisation images, masks)")
+        trainer.start()
+        resumed = f" (resumed from step {trainer.resumed_from})" if trainer.resumed_from else ""
+        maps, masks = [], []
+        learned = str(trainer.output / "learned.safetensors") if (trainer.output / "learned.safetensors").is_file() else None
+        if trainer.step >= trainer.total_steps:
+            yield f"Already trained {trainer.step} steps{resumed}.", maps, masks, learned, str(trainer.output)
+            return
+        for info in trainer.run():
+            if info.maps is not None:
+                maps = _gallery(info.maps, info.map_labels)
+            if info.masks is not None:
+                masks = _gallery(info.masks, info.mask_labels)
+            if info.note:  # a checkpoint was written: offer a frozen copy of this step's file
+                learned = _snapshot_learned(trainer.output, info.step, learned)
+                file_update = learned
+            else:
+                file_update = gr.skip()  # the file being served is never rewritten under it
+            parts = ", ".join(f"{k} {v:.4f}" for k, v in info.parts.items())
+            status = (f"Step {info.step}/{info.total}{resumed} · loss {info.loss:.4f} ({parts}) · "
+                      f"{trainer.method}, tokens " + ", ".join(f"`{t}` {w}" for t, w in zip(trainer.tokens, trainer.words)))
+            if info.step == info.total:
+                status += " · done: generate below with e.g. " + f"`a {trainer.tokens[0]} {trainer.words[0]} on the beach`"
+            progress((info.step, info.total), desc=f"loss {info.loss:.4f}")
+            yield status, maps, masks, file_update, str(trainer.output)
+
+    @user_errors_as_gradio
+    def personalize_generate(
+        model: str,
+        learned_file: str | None = None,
+        run_folder: str | None = None,
+        prompt: str = "",
+        seed: float | None = 42,
+        steps: float = 50,
+        guidance: float | None = None,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """Generate `prompt` (with a learned token such as <new1>) from the uploaded learned file,
+        or from the run folder's.  Seed -1 draws a random one.  Returns image, seed used, files."""
+        from pipelines.errors import UserInputError
+        from pipelines.personalize import Learned, generate
+
+        if learned_file:
+            path = Path(learned_file)
+        elif run_folder and (Path(run_folder) / "learned.safetensors").is_file():
+            path = Path(run_folder) / "learned.safetensors"
+        else:
+            raise UserInputError("Train first, or upload a learned file (.safetensors).")
+        learned = Learned.load(path)
+        pipe = load_fp32(model)
+        result = generate(pipe, learned, prompt, seed=None if seed is None else int(seed), steps=int(steps or 0) or None,
+                          guidance=None if guidance in (None, 0) else float(guidance))
+        out = ctx.outputs.new_run_dir("personalize") / f"personalized_seed{result.seed}.png"
+        written = result.save(out)
+        return result.image, result.seed, [str(p) for p in written]
+
+    return personalize_train, personalize_generate
+
+
+def build_tab(ctx: AppContext) -> dict:
+    """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    with gr.Tab("Personalize", id="personalize"):
+        gr.Markdown(
+            "**DisenDiff / AttenCraft**: learn each object of one photo as a new word (`<new1>`, `<new2>`) "
+            "by fine-tuning the cross-attention keys/values and the new token embeddings, with attention "
+            "losses that keep the concepts apart. Watch each token's attention map as it trains, then "
+            "generate e.g. *a &lt;new1&gt; cat on the beach*. Pressing Train again resumes a cancelled run."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
+                                    elem_id="pz-model")
+                image = gr.Image(label="Image with the concepts", type="pil", elem_id="pz-image")
+                class_words = gr.Textbox(label="Class word of each concept (comma-separated, one token each)",
+                                         value="cat,dog", elem_id="pz-classes")
+                method = gr.Radio(["disendiff", "attencraft"], value="disendiff", label="Method",
+                                  elem_id="pz-method")
+                with gr.Row():
+                    steps = gr.Number(value=250, precision=0, minimum=1, label="Steps (paper: 250 / 500)",
+                                      elem_id="pz-steps")
+                    prior = gr.Number(value=UI_DEFAULT_PRIOR, precision=0, minimum=0,
+                                      label="Prior images (paper: 200)", elem_id="pz-prior")
+                with gr.Row():
+                    tau = gr.Number(value=0.1, minimum=0, maximum=0.99, step=0.01, label="AttenCraft margin τ",
+                                    elem_id="pz-tau")
+                    train_seed = gr.Number(value=0, precision=0, label="Training seed", elem_id="pz-train-seed")
+                with gr.Row():
+                    train = gr.Button("Train", variant="primary", elem_id="pz-train")
+                    cancel = gr.Button("Cancel", elem_id="pz-cancel")
+                run_folder = gr.Textbox(visible=False, elem_id="pz-run")
+            with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="pz-status")
+                maps = gr.Gallery(label="Attention map per token", columns=6, format="png", height=200,
+                                  elem_id="pz-maps")
+                masks = gr.Gallery(label="AttenCraft masks (token assigned)", columns=6, format="png", height=200,
+                                   elem_id="pz-masks")
+                learned_out = gr.File(label="Learned file (download)", interactive=False, elem_id="pz-learned-out")
+                learned_in = gr.File(label="Or upload a learned file (.safetensors)", file_types=[".safetensors"],
+                                     type="filepath", elem_id="pz-learned-in")
+                prompt = gr.Textbox(label="Prompt with a learned token", value="a <new1> cat on the beach",
+                                    elem_id="pz-prompt")
+                with gr.Row():
+                    seed = gr.Number(value=42, precision=0, label="Seed (-1 = random)", elem_id="pz-seed")
+                    gen_steps = gr.Number(value=50, precision=0, minimum=1, label="Sampling steps",
+                                          elem_id="pz-gen-steps")
+                    guidance = gr.Number(value=0, minimum=0, maximum=30, label="Guidance (0 = method's)",
+                                         elem_id="pz-guidance")
+                generate = gr.Button("Generate", elem_id="pz-generate")
+                with gr.Row():
+                    result = gr.Image(label="Generated", type="pil", format="png", interactive=False,
+                                      elem_id="pz-result")
+                    with gr.Column():
+                        seed_used = gr.Number(label="Seed used", precision=0, interactive=False,
+                                              elem_id="pz-seed-used")
+                        files = gr.File(label="Downloads (image, JSON)", file_count="multiple", interactive=False,
+                                        elem_id="pz-files")
+
+        gr.Examples(
+            examples=[[str(EXAMPLES_DIR / "scene_1090003.png"), "circle,square", "disendiff", 100,
+                       "a <new1> circle on a striped background"],
+                      [str(EXAMPLES_DIR / "scene_1090004.png"), "triangle,square", "attencraft", 100,
+                       "a <new2> square on a white background"]],
+            inputs=[image, class_words, method, steps, prompt],
+            label="Examples (shapes-world scenes for the built-in model; about a minute of training on a CPU)",
+        )
+
+        personalize_train, personalize_generate = make_handlers(ctx)
+        train_event = train.click(
+            personalize_train, [model, image, class_words, method, steps, prior, tau, train_seed, run_folder],
+            [status, maps, masks, learned_out, run_folder], api_name="personalize_train", **GPU_CONCURRENCY)
+        cancel.click(lambda: None, None, None, cancels=[train_event], api_name="personalize_cancel", queue=False)
+        generate.click(personalize_generate, [model, learned_in, run_folder, prompt, seed, gen_steps, guidance],
+                       [result, seed_used, files], api_name="personalize_generate", **GPU_CONCURRENCY)
+    return {"image": image, "class_words": class_words, "prompt": prompt, "result": result, "status": status}
