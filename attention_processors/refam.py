@@ -341,6 +341,25 @@ def choose_layers(names: Iterable[str], depth_range: str = "middle+last", blocks
     return {n: i / len(cross) for i, n in enumerate(cross) if _unet_level(n, n_levels) in unet_levels}
 
 
+#: Automatic UNet level choice: the levels whose token grid has this many cells per side.  SD 1.5
+#: at 512 px (64x64 latent) gets levels 1 and 2 (32 and 16 cells, the paper's layers), SD 2.1 at
+#: 768 px the same levels (48 and 24).
+AUTO_GRID_SIDES = (16, 48)
+
+
+def auto_unet_levels(names: Iterable[str], latent_side: int, unet_depth: int | None = None) -> tuple[int, ...]:
+    """UNet levels to capture when none are given: those with cross-attention whose grid side
+    (latent side / 2^level) lies in AUTO_GRID_SIDES; if none does (a small model at a small
+    size), the finest level with cross-attention."""
+    names = list(names)
+    n_levels = unet_depth or _levels_from_names(names)
+    levels = sorted({_unet_level(n, n_levels) for n in names
+                     if n.endswith("attn2") and _unet_level(n, n_levels) is not None})
+    low, high = AUTO_GRID_SIDES
+    chosen = tuple(level for level in levels if low <= latent_side / 2**level <= high)
+    return chosen or tuple(levels[:1])
+
+
 def _levels_from_names(names: list[str]) -> int:
     return 1 + max((int(n.split(".")[1]) for n in names if n.startswith("down_blocks.")), default=0)
 

@@ -71,6 +71,7 @@ from attention_processors.refam import (
     NORMS,
     RefAMCapture,
     StopForward,
+    auto_unet_levels,
     choose_layers,
     self_attention_layers,
 )
@@ -488,13 +489,15 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
     visible = torch.from_numpy(roles_array != "padding")
     candidates = visible
     aux = torch.from_numpy(roles_array == "aux")
-    layers, refine_layers = _layers(denoiser, fam, settings)
 
-    size = settings.size or (1024 if fam in ("flux", "sd3") else 512)
+    # FLUX/SD3: the paper's 1024; UNets: the model's own size (512 for SD 1.5, 64 for ours).
+    size = settings.size or (1024 if fam in ("flux", "sd3") else max(models.default_size(pipe)))
     multiple = _size_multiple(pipe, fam)
     size = max(multiple, size // multiple * multiple)
     content_wh, padded = _working_size(images[0], size, multiple)
     pixels = _pixels(images, content_wh, padded, device, pipe.vae.dtype)
+    latent_side = min(padded) // getattr(pipe, "vae_scale_factor", 8)
+    layers, refine_layers = _layers(denoiser, fam, settings, latent_side)
 
     def make(gas_mode, suppress):
         return RefAMCapture(
@@ -529,18 +532,25 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
 _LAYER_CACHE: dict[tuple, tuple] = {}
 
 
-def _layers(denoiser, fam: str, settings: GroundingSettings) -> tuple[dict[str, float], list[str]]:
-    """Captured layers {name: depth} and refinement layers, cached per model and settings."""
-    key = (id(denoiser), settings.depth, settings.blocks, settings.unet_levels, settings.refine)
+def _layers(denoiser, fam: str, settings: GroundingSettings, latent_side: int) -> tuple[dict[str, float], list[str]]:
+    """Captured layers {name: depth} and refinement layers, cached per model and settings.
+
+    UNet levels: `settings.unet_levels`, or when None the levels whose token grid is 16 to 48
+    cells per side at this latent size (`auto_unet_levels`: SD 1.5 at 512 px gets the paper's
+    levels 1 and 2)."""
+    names = attention_layer_names(denoiser)
+    unet_depth = len(denoiser.down_blocks) if fam == "sd" else None
+    levels = settings.unet_levels
+    if levels is None:
+        levels = auto_unet_levels(names, latent_side, unet_depth) if fam == "sd" else (1, 2)
+    key = (id(denoiser), settings.depth, settings.blocks, levels, settings.refine)
     cached = _LAYER_CACHE.get(key)
     if cached is not None and cached[0] is denoiser:
         return cached[1], cached[2]
-    names = attention_layer_names(denoiser)
-    unet_depth = len(denoiser.down_blocks) if fam == "sd" else None
-    layers = choose_layers(names, settings.depth, settings.blocks, settings.unet_levels, unet_depth)
+    layers = choose_layers(names, settings.depth, settings.blocks, levels, unet_depth)
     if not layers:
         raise UserInputError("These layer settings select no attention layer of this model.")
-    refine_layers = self_attention_layers(names, min(settings.unet_levels), unet_depth) if settings.refine else []
+    refine_layers = self_attention_layers(names, min(levels), unet_depth) if settings.refine else []
     if len(_LAYER_CACHE) >= 16:
         _LAYER_CACHE.clear()
     _LAYER_CACHE[key] = (denoiser, layers, refine_layers)

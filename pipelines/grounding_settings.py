@@ -15,7 +15,9 @@ class GroundingSettings:
 
     depth: str = "middle+last"  # DiT layers: first / middle / last third, middle+last, all
     blocks: str = "both"  # FLUX block family: dual, single, both
-    unet_levels: tuple[int, ...] = (1, 2)  # UNet attn2 levels: the 32x32 and 16x16 grids at 512 px
+    # UNet attn2 levels; None: those with 16-48 token grids (SD 1.5 at 512 px: levels 1 and 2,
+    # the 32x32 and 16x16 grids, the paper's; our 64 px model: level 0, its 16x16 grid)
+    unet_levels: tuple[int, ...] | None = None
     sigma: float = 0.3  # DiT noise level
     timestep: int = 300  # UNet noise timestep
     guidance: float = 3.5  # FLUX-dev guidance embedding
@@ -38,7 +40,7 @@ class GroundingSettings:
     refine: bool = False  # UNet only: propagate the heatmap by self-attention
     refine_steps: int = 1
     n_noise: int = 1  # noise draws averaged
-    size: int | None = None  # working long side; None: 1024 (FLUX, SD3) or 512 (SD)
+    size: int | None = None  # working long side; None: 1024 (FLUX, SD3) or the UNet's own size (SD 1.5: 512)
     early_exit: bool = True
     seed: int = 0
     sam2: str | None = None  # local SAM2 folder / cached id; None: Otsu mask

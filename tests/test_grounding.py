@@ -20,7 +20,7 @@ from attention_processors import ControlState, attach, attention_layer_names
 from attention_processors.core import AttentionCall
 from attention_processors.processors import ControlledFluxAttnProcessor
 from attention_processors.refam import RefAMCapture, StopForward, choose_layers, detect_sinks, layer_heat
-from pipelines import grounding
+from pipelines import grounding, models
 from pipelines.errors import UserInputError
 from pipelines.grounding import (
     GroundingSettings,
@@ -537,3 +537,21 @@ def test_sample_generator_writes_the_documented_layout(tmp_path):
     assert len(samples) == 4 and all(s.image.is_file() and s.mask.is_file() for s in samples)
     mask = np.asarray(Image.open(samples[0].mask))
     assert set(np.unique(mask)) == {0, 255}
+
+
+def test_unet_levels_default_to_the_16_to_48_cell_grids():
+    """SD 1.5 at 512 px (64x64 latent) and SD 2.1 at 768 px get the paper's levels 1 and 2; a
+    model whose grids are all smaller falls back to its finest cross-attention level."""
+    from diffusers import UNet2DConditionModel
+
+    from attention_processors.refam import auto_unet_levels
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, layers_per_block=2,
+                                    block_out_channels=(320, 640, 1280, 1280))
+    names = attention_layer_names(sd15)
+    assert auto_unet_levels(names, 64, 4) == (1, 2)
+    assert auto_unet_levels(names, 96, 4) == (1, 2)
+    assert auto_unet_levels(names, 32, 4) == (0, 1)  # SD 1.5 at 256 px: its 32 and 16 grids
+    tiny = models.build_tiny("tiny").unet
+    assert auto_unet_levels(attention_layer_names(tiny), 8, len(tiny.down_blocks)) == (0,)

@@ -38,7 +38,7 @@ def add_segment_args(parser: argparse.ArgumentParser) -> None:
                         help="mask .png (image), mask video .mp4 (video) or a folder (--folder); "
                              "a JSON sidecar with every setting goes next to it")
     parser.add_argument("--heatmap", type=Path, default=None, help="also write the heatmap overlay here (.png, image only)")
-    parser.add_argument("--size", type=int, default=None, help="working long side in pixels (default: 1024 FLUX/SD3, 512 SD)")
+    parser.add_argument("--size", type=int, default=None, help="working long side in pixels (default: 1024 FLUX/SD3, the model's own size for UNets: 512 SD 1.5)")
     parser.add_argument("--sigma", type=float, default=d.sigma, help=f"DiT noise level (default: {d.sigma})")
     parser.add_argument("--timestep", type=int, default=d.timestep, help=f"UNet noise timestep (default: {d.timestep})")
     parser.add_argument("--depth", default=d.depth, help=f"DiT layers: first, middle, last, middle+last, all (default: {d.depth})")
