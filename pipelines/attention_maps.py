@@ -131,21 +131,23 @@ def generate_with_attention_maps(
     prompt: str,
     negative_prompt: str = "",
     seed: int | None = None,
-    steps: int = 25,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     layers: str = "all",
 ) -> AttentionMapsResult:
     """Generate one image and the attention heatmap of every word of `prompt`.
 
-    seed None (or negative) draws a random seed, reported in the result.  Raises
-    UserInputError for any input the model cannot take.
+    seed None (or negative) draws a random seed, reported in the result.  Steps and guidance
+    default to the model's (`models.generation_defaults`: 25 and 7.5 unless the model folder
+    names its own).  Raises UserInputError for any input the model cannot take.
     """
     default_h, default_w = models.default_size(pipe)
     height, width = int(height or default_h), int(width or default_w)
-    steps = int(steps)
-    guidance = float(guidance)
+    defaults = models.generation_defaults(pipe)
+    steps = int(defaults["steps"] if steps is None else steps)
+    guidance = float(defaults["guidance"] if guidance is None else guidance)
     negative_prompt = negative_prompt or ""
     _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, layers)
     seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)

@@ -29,6 +29,7 @@ and our own small T5-style vocabulary (see pipelines/tokenizers.py).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -90,6 +91,7 @@ __all__ = [
     "denoiser",
     "describe",
     "family",
+    "generation_defaults",
     "is_tiny",
     "load",
     "load_as",
@@ -596,8 +598,37 @@ def describe(name_or_pipe: str | DiffusionPipeline) -> str:
     if index_file.is_file():
         class_name = json.loads(index_file.read_text()).get("_class_name", "")
         label = FAMILY_LABELS[_PIPELINE_CLASS_FAMILY.get(class_name, "other")]
-        return f"{label} (built-in)" if name == "builtin" else label
+        return f"{label} (built-in, trained on the shapes world)" if name == "builtin" else label
     return FAMILY_LABELS[family(load(name))]
+
+
+#: Steps and guidance for text-to-image when a model folder does not say otherwise (SD's).
+GENERATION_DEFAULTS = {"steps": 25, "guidance": 7.5}
+
+
+def generation_defaults(pipe_or_name: DiffusionPipeline | str) -> dict:
+    """{"steps", "guidance"} to generate with this model by default.
+
+    A model folder may name its own in `training.json` ("inference_defaults", written by our
+    training script, e.g. the built-in model's); others get SD's.  Takes a pipeline or a model
+    name (read without loading anything, for the UI's initial values).
+    """
+    if isinstance(pipe_or_name, str):
+        folder = BUILTIN_DIR if pipe_or_name == "builtin" else Path(pipe_or_name).expanduser()
+    else:
+        folder = Path(str(getattr(pipe_or_name, "name_or_path", "") or ""))
+    return dict(_folder_generation_defaults(str(folder)) if folder.is_dir() else GENERATION_DEFAULTS)
+
+
+@functools.lru_cache(maxsize=32)
+def _folder_generation_defaults(folder: str) -> dict:
+    path = Path(folder) / "training.json"
+    try:
+        saved = json.loads(path.read_text()).get("inference_defaults", {})
+    except (OSError, ValueError, AttributeError):
+        return GENERATION_DEFAULTS
+    return {"steps": int(saved.get("num_inference_steps", GENERATION_DEFAULTS["steps"])),
+            "guidance": float(saved.get("guidance_scale", GENERATION_DEFAULTS["guidance"]))}
 
 
 def call_defaults(pipe: DiffusionPipeline) -> dict:
@@ -860,7 +891,8 @@ def _resolve(name_or_path: str) -> tuple[str, Callable[[torch.dtype], DiffusionP
     if name == "builtin":
         if not (BUILTIN_DIR / "model_index.json").is_file():
             raise UserInputError(
-                "The built-in model is not shipped yet; use 'tiny' or a local checkpoint instead."
+                f"The built-in model is missing from {BUILTIN_DIR} (it ships with the repository; restore that "
+                "folder with git, or use 'tiny' or a local checkpoint)."
             )
         return f"builtin:{BUILTIN_DIR}", lambda dtype: _load_folder(BUILTIN_DIR, dtype)
     path = Path(name).expanduser()

@@ -23,7 +23,8 @@ Deviations, all deliberate:
 - Seeds drive a CPU `torch.Generator` (the project's rule: the same image on any device); the
   paper seeds a generator on the model's device.
 - SD UNets use guidance 7.5 by default (`SD_GUIDANCE`, our choice; CASteer's settings are not
-  given) and the model's own scheduler.
+  given), or the model folder's own default (`models.generation_defaults`, e.g. the built-in
+  model's), and the model's own scheduler.
 - The positive class uses seeds base+0..N-1 and the negative class base+N..2N-1 (balanced
   classes, population means as in the paper); `matched=True` gives both classes the same seeds
   (our optional matched-seed estimator).
@@ -106,7 +107,10 @@ def model_name(pipe) -> str:
 
 
 def _default_guidance(pipe) -> float:
-    return PAPER_DEFAULTS["guidance"] if models.family(pipe) == "pixart" else SD_GUIDANCE
+    if models.family(pipe) == "pixart":
+        return PAPER_DEFAULTS["guidance"]
+    # SD UNets: the model folder's own default (the built-in model's), else SD_GUIDANCE.
+    return models.generation_defaults(pipe).get("guidance", SD_GUIDANCE)
 
 
 def _pipe_kwargs(pipe) -> dict:

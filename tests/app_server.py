@@ -129,12 +129,13 @@ def launch_chromium(playwright):
 
 
 def generate_attention_maps_in_browser(page, url: str, prompt: str = "a photo of a cat",
-                                       timeout_ms: int = 120_000) -> None:
-    """Open the app, fill the Attention maps tab (2 steps, 64 px), click Generate and wait
-    until the image and every heatmap of the gallery are shown."""
+                                       timeout_ms: int = 120_000, steps: str | None = "2") -> None:
+    """Open the app, fill the Attention maps tab (2 steps unless told, None = the model's
+    default; 64 px), click Generate and wait until the image and the heatmaps are shown."""
     page.goto(url)
     page.locator("#am-prompt textarea").fill(prompt)
-    page.locator("#am-steps input").fill("2")
+    if steps is not None:
+        page.locator("#am-steps input").fill(steps)
     page.locator("#am-width input").fill("64")
     page.locator("#am-height input").fill("64")
     page.locator("#am-generate").click()

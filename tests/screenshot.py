@@ -1,7 +1,8 @@
-"""Save the README screenshots: the app after one generation with the tiny model, then each
-other tab as it opens.
+"""Save the README screenshots with the built-in model: the Attention maps tab after one
+generation, Remove object and Segment by text after running their first example, and the other
+tabs as they open.
 
-    python tests/screenshot.py [--output assets/screenshots/attention_maps.png] [--model tiny]
+    python tests/screenshot.py [--output assets/screenshots/attention_maps.png] [--model builtin]
 
 Not a test (pytest does not collect it): it reuses the browser-test machinery, needs Debian's
 chromium, and writes a palette PNG kept under 300 KB.
@@ -22,7 +23,10 @@ from app_server import ROOT, generate_attention_maps_in_browser, launch_chromium
 MAX_BYTES = 300 * 1024
 # tab label -> file name, for the tabs shown as they open
 OTHER_TABS = {"Remove object": "remove_object.png", "Segment by text": "segment_by_text.png",
-              "Counterfactual steer": "counterfactual_steer.png"}
+              "Counterfactual steer": "counterfactual_steer.png", "Personalize": "personalize.png"}
+# tab label -> (examples block, run button, result image) to run the first example before the shot
+RUN_EXAMPLE = {"Remove object": ("#er-examples", "#er-run", "#er-compare img"),
+               "Segment by text": ("#seg-examples", "#seg-run", "#seg-mask img")}
 
 
 def save_small_png(png: bytes, output: Path) -> None:
@@ -46,8 +50,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path,
                         default=ROOT / "assets" / "screenshots" / "attention_maps.png")
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--prompt", default="a photo of a cat")
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--prompt", default="a red circle and a blue square on a striped background")
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -56,12 +60,19 @@ def main() -> int:
         browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            generate_attention_maps_in_browser(page, server.url, args.prompt)
+            generate_attention_maps_in_browser(page, server.url, args.prompt, steps=None)
             page.wait_for_timeout(1000)  # let thumbnails finish painting
             save_small_png(page.screenshot(full_page=True), args.output)
             for label, name in OTHER_TABS.items():
                 page.get_by_role("tab", name=label).click()
                 page.wait_for_timeout(1500)
+                if label in RUN_EXAMPLE:
+                    examples, run, result = RUN_EXAMPLE[label]
+                    page.locator(f"{examples} button").first.click()
+                    page.wait_for_timeout(2000)
+                    page.locator(run).click()
+                    page.locator(result).first.wait_for(state="visible", timeout=180_000)
+                    page.wait_for_timeout(1500)
                 save_small_png(page.screenshot(), args.output.parent / name)
         finally:
             browser.close()

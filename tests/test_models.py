@@ -244,11 +244,20 @@ def test_default_device_and_dtype_on_this_machine():
 
 @pytest.mark.parametrize(
     "name",
-    ["no such model", "/no/such/folder", "./missing", "missing.safetensors", "", "builtin"],
+    ["no such model", "/no/such/folder", "./missing", "missing.safetensors", ""],
 )
 def test_bad_names_raise_one_sentence(name):
     with pytest.raises(UserInputError) as error:
         models.load(name, device="cpu")
+    assert_one_sentence(error.value)
+
+
+def test_a_missing_builtin_folder_is_one_sentence(monkeypatch, tmp_path):
+    # A checkout without assets/builtin (e.g. a partial copy) must say so, not crash.
+    monkeypatch.setattr(models, "BUILTIN_DIR", tmp_path / "builtin")
+    models.clear_cache()
+    with pytest.raises(UserInputError) as error:
+        models.load("builtin", device="cpu")
     assert_one_sentence(error.value)
 
 

@@ -13,9 +13,10 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default="", help="what to avoid")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed (default: a random one, printed)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: the model's; 25 for the built-in model and SD)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's; SD's is 7.5)")
     parser.add_argument("--width", type=int, default=None, help="default: the model's size")
     parser.add_argument("--height", type=int, default=None, help="default: the model's size")
     parser.add_argument("--layers", default="all",

@@ -6,11 +6,12 @@ import gradio as gr
 
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
 
-# Prompts that run offline with the tiny model (few steps, small size keep them fast on a CPU).
+# Prompts in the built-in model's vocabulary (pipelines/world.py): they run offline in about a
+# second on a CPU.  The last column is the steps (0 = the model's default).
 EXAMPLES = [
-    ["a photo of a cat", "", 0, 4],
-    ["a red car parked next to a tree", "blurry", 1, 4],
-    ["an astronaut riding a horse on the moon", "", 2, 4],
+    ["a red circle and a blue square on a striped background", "", 0, 0],
+    ["a picture of a yellow triangle, a green circle and a purple square", "", 1, 0],
+    ["an orange square on a white background", "", 2, 0],
 ]
 
 
@@ -30,8 +31,8 @@ def make_handler(ctx: AppContext):
         negative_prompt: str = "",
         seed: float | None = 0,
         randomize_seed: bool = False,
-        steps: float = 25,
-        guidance: float = 7.5,
+        steps: float | None = 0,
+        guidance: float | None = None,
         width: float | None = 0,
         height: float | None = 0,
         layers: str = "all",
@@ -39,8 +40,8 @@ def make_handler(ctx: AppContext):
     ):
         """Generate an image and a heatmap per prompt word.
 
-        Width/height 0 (or empty) use the model's default size; seed -1 or randomize_seed=True
-        draws a random seed. Returns the image, the heatmap overlays, the seed used and the
+        Width/height 0 (or empty) use the model's default size, steps 0 and guidance empty the
+        model's defaults; seed -1 or randomize_seed=True draws a random seed. Returns the image, the heatmap overlays, the seed used and the
         files (PNG with parameters, JSON sidecar, heatmaps zip).
         """
         from pipelines.attention_maps import generate_with_attention_maps
@@ -53,8 +54,8 @@ def make_handler(ctx: AppContext):
             prompt,
             negative_prompt=negative_prompt or "",
             seed=use_seed,
-            steps=int(steps),
-            guidance=float(guidance),
+            steps=int(steps) if steps else None,
+            guidance=None if guidance is None else float(guidance),
             height=int(height) if height else None,
             width=int(width) if width else None,
             layers=layers,
@@ -77,6 +78,8 @@ ORDER = 10  # position among the tabs
 
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    from pipelines import models
+
     with gr.Tab("Attention maps", id="attention_maps"):
         gr.Markdown(
             "Type a prompt and press **Generate**: next to the image you get one heatmap per "
@@ -91,7 +94,7 @@ def build_tab(ctx: AppContext) -> dict:
                     info="the models this app was started with (--model, --allow-model) and the built-in ones",
                     elem_id="am-model",
                 )
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photo of a cat",
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle and a blue square on a striped background",
                                     elem_id="am-prompt")
                 negative_prompt = gr.Textbox(value="", label="Negative prompt", elem_id="am-negative")
                 with gr.Row():
@@ -99,10 +102,11 @@ def build_tab(ctx: AppContext) -> dict:
                                      elem_id="am-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed",
                                                  elem_id="am-randomize")
+                defaults = models.generation_defaults(ctx.default_model)
                 with gr.Row():
-                    steps = gr.Number(value=25, precision=0, minimum=1, maximum=200,
-                                      label="Steps", elem_id="am-steps")
-                    guidance = gr.Number(value=7.5, minimum=0, maximum=30, step=0.5,
+                    steps = gr.Number(value=defaults["steps"], precision=0, minimum=0, maximum=200,
+                                      label="Steps (0 = model default)", elem_id="am-steps")
+                    guidance = gr.Number(value=defaults["guidance"], minimum=0, maximum=30, step=0.5,
                                          label="Guidance", elem_id="am-guidance")
                 with gr.Row():
                     width = gr.Number(value=0, precision=0, step=8, minimum=0,
@@ -127,7 +131,7 @@ def build_tab(ctx: AppContext) -> dict:
         gr.Examples(
             examples=EXAMPLES,
             inputs=[prompt, negative_prompt, seed, steps],
-            label="Examples (fast with the tiny model)",
+            label="Examples (the built-in model's vocabulary; about a second each on a CPU)",
         )
 
         inputs = [model, prompt, negative_prompt, seed, randomize_seed, steps, guidance,

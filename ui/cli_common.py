@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
-DEFAULT_MODEL = "tiny"  # switch to "builtin" once our trained model ships
+DEFAULT_MODEL = "builtin"  # our trained model in assets/builtin: offline, real images on a CPU
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ def _device(value: str) -> str | None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="built-in name (tiny, tiny-sdxl, tiny-pixart, tiny-sd3, tiny-flux), "
+                        help="built-in name (builtin: our trained shapes model; tiny, tiny-sdxl, tiny-pixart, "
+                             "tiny-sd3, tiny-flux: random weights for tests), "
                              "a hub id already downloaded, a local diffusers folder or a single "
                              f".safetensors file (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", type=_device,

@@ -64,7 +64,7 @@ class AppContext:
     would let any visitor make the server read arbitrary paths or download from the hub.
     """
 
-    default_model: str = "tiny"
+    default_model: str = "builtin"
     device: str | None = None  # None = let pipelines.models pick
     outputs: OutputStore = field(default_factory=OutputStore)
     extra_models: tuple[str, ...] = ()
@@ -115,5 +115,13 @@ def header_markdown(default_model: str) -> str:
             f"\n**Note:** the default model `{default_model}` is a tiny model with *random "
             "weights*, built offline for tests: it runs in seconds on a CPU but its images, "
             f"heatmaps and masks are noise. {REAL_MODEL_HINT}\n"
+        )
+    elif default_model == "builtin":
+        text += (
+            "\n**Model:** `builtin`, our own small Stable-Diffusion-architecture model trained on a "
+            "world of coloured circles, squares and triangles on plain, striped, checkered and "
+            "gradient backgrounds (64 px; see `assets/builtin/README.md`). It runs offline on a CPU "
+            "in about a second; prompts like *a red circle and a blue square on a striped "
+            f"background* work, photos of cats do not. {REAL_MODEL_HINT}\n"
         )
     return text

@@ -15,6 +15,8 @@ The tab's id is "eraser" (for ``gr.Tabs(selected=...)``).  The event is also the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 import numpy as np
 from PIL import Image
@@ -27,6 +29,10 @@ ORDER = 20  # position among the tabs
 HISTORY_LIMIT = 20
 
 MODE_CHOICES = [("SIP: re-paste the noised background (default)", "sip"), ("DIP: DDIM inversion", "dip")]
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+# Offline examples: (world seed, object index) of shapes-world scenes shipped with their masks.
+EXAMPLES = [(1090003, 0), (1090004, 1), (1090005, 0)]
 
 
 def editor_image_and_mask(editor, mask) -> tuple[Image.Image | None, np.ndarray | None]:
@@ -244,6 +250,14 @@ def build_tab(ctx: AppContext) -> dict:
                     use = gr.Button("Use result as new input", elem_id="er-use-result")
                     back = gr.Button("Step back", elem_id="er-step-back")
                 history_text = gr.Markdown(_history_text([]), elem_id="er-history")
+
+        gr.Examples(
+            examples=[[str(EXAMPLES_DIR / f"scene_{seed}.png"), str(EXAMPLES_DIR / f"scene_{seed}_mask{index}.png")]
+                      for seed, index in EXAMPLES],
+            inputs=[editor, mask],
+            label="Examples (shapes-world scenes with the object's mask; fast with the built-in model)",
+            elem_id="er-examples",
+        )
 
         results = gr.State([])
         selected = gr.State(0)

@@ -248,7 +248,7 @@ def build_tab(ctx: AppContext) -> dict:
                       [str(EXAMPLES_DIR / "scene_1090004.png"), "triangle,square", "attencraft", 100,
                        "a <new2> square on a white background"]],
             inputs=[image, class_words, method, steps, prompt],
-            label="Examples (shapes-world scenes for the built-in model; about a minute of training on a CPU)",
+            label="Examples (shapes-world scenes for the built-in model; 100 steps train in one to two minutes on a CPU)",
         )
 
         personalize_train, personalize_generate = make_handlers(ctx)

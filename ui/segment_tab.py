@@ -12,12 +12,12 @@ from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_fi
 
 ORDER = 30  # position among the tabs
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "refseg_sample"
-# Offline examples from the shipped synthetic sample (fast with the tiny models; their heatmaps
-# are noise because the tiny weights are random).
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+# Offline examples: shapes-world scenes (pipelines/world.py) in the built-in model's vocabulary.
 EXAMPLES = [
-    [str(SAMPLE_DIR / "images" / "0000.png"), "the red square"],
-    [str(SAMPLE_DIR / "images" / "0001.png"), "the circle on the left"],
+    [str(EXAMPLES_DIR / "scene_1090003.png"), "the blue circle"],
+    [str(EXAMPLES_DIR / "scene_1090004.png"), "the purple square"],
+    [str(EXAMPLES_DIR / "scene_1090005.png"), "the red triangle"],
 ]
 GAS_CHOICES = ["exclude", "none", "suppress", "redirect"]
 NORM_CHOICES = ["text_softmax", "full_row", "raw"]
@@ -130,7 +130,7 @@ def build_tab(ctx: AppContext) -> dict:
                 files = gr.File(label="Downloads (mask PNG + JSON, heatmap, token maps zip / videos)",
                                 file_count="multiple", interactive=False, elem_id="seg-files")
         gr.Examples(examples=[e for e in EXAMPLES if Path(e[0]).is_file()], inputs=[image, expression],
-                    label="Examples (synthetic shapes)")
+                    label="Examples (shapes-world scenes, fast with the built-in model)", elem_id="seg-examples")
 
         inputs = [model, image, video, expression, size, noise, gas, norm, magnets, threshold, refine, seed]
         outputs = [heat, mask, gallery, overlay_video, files, summary]

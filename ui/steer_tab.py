@@ -19,9 +19,11 @@ from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
 ORDER = 40  # position among the tabs
 CACHE_SIZE = 8  # directions kept in memory, most recently used last
 
-# Offline examples (tiny models: fast on a CPU, images are noise).
+# Offline examples in the built-in model's vocabulary (pipelines/world.py); the last one is the
+# paper's medical prompt pair, for a model trained on Kvasir.
 EXAMPLES = [
-    ["a photo of a cat", "a photo of a dog", "a photo of a cat on a sofa"],
+    ["a red circle", "a blue circle", "a red circle on a striped background"],
+    ["a green square", "a yellow square", "a picture of a green square and a purple triangle"],
     ["An endoscopic image of dyed lifted polyps", "An endoscopic image of normal cecum",
      "An endoscopic image of dyed lifted polyps"],
 ]
@@ -211,7 +213,7 @@ def build_tab(ctx: AppContext) -> dict:
                                 interactive=False, elem_id="st-files")
 
         gr.Examples(examples=EXAMPLES, inputs=[positive, negative, prompt],
-                    label="Examples (fast with the tiny models)")
+                    label="Examples (the first two suit the built-in model)")
 
         steer_directions, steer_pair = make_handlers(ctx)
         pair_inputs = [model, positive, negative, samples, steps, guidance, width, height]

@@ -1,0 +1,339 @@
+"""Quality of every method on the shapes world, against its own ablation.
+
+    python benchmarks/quality.py TASK [--model builtin] [--scenes 50] [--markdown]
+
+TASK is generation, eraser, grounding, steering or all.  Scenes come from the world's test
+seeds (`world.TEST_SEED_START` + an offset per task), which training never saw.  One JSON line
+per task: the method's figures, its ablation's, and `beats_ablation` on the task's headline
+figure; `--markdown` adds the table the README shows.
+
+- **generation**: prompt = a scene's caption; the image is measured with OpenCV against the
+  world's definitions (`world.measure_objects`).  Headline: `exact`, the fraction of images
+  whose objects are exactly the prompted (colour, shape) pairs; also `object_recall` (prompted
+  objects found) and `colour_recall`.  Ablation: the same seeds without classifier-free
+  guidance (scale 1).
+- **eraser**: remove one object (mask dilated by 2 px, as a brush would); inside the mask,
+  `residual` = the fraction of pixels still of the removed object's colour and `mae` = mean
+  absolute error (0-255) against the scene rendered without the object.  Headline: residual
+  (lower is better).  Ablation: the same loop without AAS and SARG (plain blended-latent
+  inpainting with the empty prompt).
+- **grounding**: one referring expression per scene; `miou` and `oiou` against the exact mask.
+  Headline: mIoU.  Ablation: raw cross-attention of the same tokens (no magnets, no colour
+  word, no stop-word filtering, no GAS handling).
+- **steering**: prompts with one red object; MedSteer directions from "a red <shape>" vs "a
+  blue <shape>" prompts; `flip` = the steered image's object is blue, `red_removed` = no red
+  object left, `structure_iou` = IoU of the object masks of the pair.  Headline: structure_iou
+  (the counterfactual changes the concept, not the layout).  Ablation: re-prompting with
+  "blue" at the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines import world  # noqa: E402
+
+TASKS = ("generation", "eraser", "grounding", "steering")
+# Each task draws its scenes from its own block of test seeds.
+SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000}
+HEADLINE = {"generation": ("exact", "higher"), "eraser": ("residual", "lower"),
+            "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher")}
+
+
+def task_scenes(task: str, count: int, **kwargs) -> list[world.Scene]:
+    return list(world.scenes(world.TEST_SEED_START + SEED_OFFSETS[task], count, **kwargs))
+
+
+def _to_uint8(images) -> list[np.ndarray]:
+    return [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
+            for image in images]
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def _generation_figures(images: list[np.ndarray], scenes: list[world.Scene]) -> dict:
+    exact = found_objects = found_colours = total = 0
+    for image, scene in zip(images, scenes):
+        measured = world.measure_objects(image)
+        got = sorted((o.colour, o.shape) for o in measured)
+        want = sorted((o.colour, o.shape) for o in scene.objects)
+        exact += got == want
+        remaining, colours = list(got), [c for c, _ in got]
+        for pair in want:
+            total += 1
+            if pair in remaining:
+                remaining.remove(pair)
+                found_objects += 1
+            if pair[0] in colours:
+                colours.remove(pair[0])
+                found_colours += 1
+    n = len(scenes)
+    return {"exact": round(exact / n, 4), "object_recall": round(found_objects / total, 4),
+            "colour_recall": round(found_colours / total, 4)}
+
+
+def generate_scenes(pipe, scenes: list[world.Scene], guidance: float, steps: int, batch: int = 16) -> list[np.ndarray]:
+    from pipelines import models
+
+    height, width = models.default_size(pipe)
+    images = []
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start:start + batch]
+        out = pipe(prompt=[s.caption(0) for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=[torch.Generator().manual_seed(s.seed) for s in chunk],
+                   height=height, width=width, output_type="pil", **models.call_defaults(pipe))
+        images += _to_uint8(out.images)
+    return images
+
+
+def bench_generation(pipe, count: int) -> dict:
+    from pipelines import models
+
+    defaults = models.generation_defaults(pipe)
+    scenes = task_scenes("generation", count)
+    method = _generation_figures(generate_scenes(pipe, scenes, defaults["guidance"], defaults["steps"]), scenes)
+    ablation = _generation_figures(generate_scenes(pipe, scenes, 1.0, defaults["steps"]), scenes)
+    return {"method": "text-to-image, CFG " + str(defaults["guidance"]), "figures": method,
+            "ablation": "no guidance (scale 1)", "ablation_figures": ablation,
+            "seconds_per_image": seconds_per_image(pipe, defaults)}
+
+
+def seconds_per_image(pipe, defaults: dict, repeats: int = 3) -> float:
+    """Median wall seconds of one image at the model's size and default steps (batch 1)."""
+    scene = task_scenes("generation", 1)[0]
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        start = time.perf_counter()
+        generate_scenes(pipe, [scene], defaults["guidance"], defaults["steps"])
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times[1:])), 3)
+
+
+# ------------------------------------------------------------------------------ eraser
+
+
+def _eraser_case(scene: world.Scene, size: int):
+    import cv2
+
+    index = 0
+    mask = scene.mask(index, size)
+    brushed = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    return index, mask, brushed
+
+
+def _eraser_figures(results: list[np.ndarray], scenes: list[world.Scene], size: int) -> dict:
+    residual, errors = [], []
+    for output, scene in zip(results, scenes):
+        index, _mask, brushed = _eraser_case(scene, size)
+        colour_index = list(world.COLOURS).index(scene.objects[index].colour)
+        labels = world.colour_of_pixels(output)
+        residual.append(float((labels[brushed] == colour_index).mean()))
+        truth = scene.render_without(index, size).astype(np.float32)
+        errors.append(float(np.abs(output.astype(np.float32) - truth)[brushed].mean()))
+    return {"residual": round(float(np.mean(residual)), 4), "mae": round(float(np.mean(errors)), 2),
+            "clean": round(float(np.mean([r < 0.05 for r in residual])), 4)}
+
+
+def erase_scenes(pipe, scenes: list[world.Scene], aas: bool, steps: int | None = None) -> list[np.ndarray]:
+    from PIL import Image
+
+    from pipelines import eraser, models
+
+    size = models.default_size(pipe)[0]
+    outputs = []
+    for scene in scenes:
+        _index, _mask, brushed = _eraser_case(scene, size)
+        result = eraser.erase(pipe, Image.fromarray(scene.render(size)), brushed, seed=scene.seed, aas=aas,
+                              progress=False, steps=steps or eraser.PAPER_DEFAULTS["steps"])
+        outputs += _to_uint8([result.image])
+    return outputs
+
+
+def bench_eraser(pipe, count: int) -> dict:
+    from pipelines import models
+
+    size = models.default_size(pipe)[0]
+    scenes = task_scenes("eraser", count)
+    method = _eraser_figures(erase_scenes(pipe, scenes, aas=True), scenes, size)
+    ablation = _eraser_figures(erase_scenes(pipe, scenes, aas=False), scenes, size)
+    return {"method": "Attentive Eraser (AAS + SARG, paper defaults)", "figures": method,
+            "ablation": "blended-latent inpainting, empty prompt (no AAS, no SARG)", "ablation_figures": ablation}
+
+
+# ------------------------------------------------------------------------------ grounding
+
+
+def grounding_cases(count: int) -> list[tuple[world.Scene, world.ReferringExpression]]:
+    """One expression per scene (scenes with at least two objects, so there is a distractor)."""
+    cases, seed = [], world.TEST_SEED_START + SEED_OFFSETS["grounding"]
+    while len(cases) < count:
+        scene = world.make_scene(seed)
+        expressions = scene.referring_expressions()
+        if len(scene.objects) >= 2 and expressions:
+            cases.append((scene, expressions[seed % len(expressions)]))
+        seed += 1
+    return cases
+
+
+def ground_cases(pipe, cases, settings) -> dict:
+    from PIL import Image
+
+    from benchmarks.refseg import iou_terms, miou_oiou
+    from pipelines import grounding, models
+
+    size = models.default_size(pipe)[0]
+    terms = []
+    for scene, expression in cases:
+        result = grounding.segment_image(pipe, Image.fromarray(scene.render(size)), expression.text, settings)
+        terms.append(iou_terms(result.mask, scene.mask(expression.target, size)))
+    miou, oiou = miou_oiou(terms)
+    return {"miou": round(miou, 4), "oiou": round(oiou, 4)}
+
+
+def raw_attention_settings(settings):
+    return replace(settings, magnets=0, colour=False, filter_magnets=False, gas="none")
+
+
+def bench_grounding(pipe, count: int) -> dict:
+    from pipelines.grounding_settings import GroundingSettings
+
+    cases = grounding_cases(count)
+    settings = GroundingSettings()
+    return {"method": "RefAM (magnets, colour word, GAS exclude)", "figures": ground_cases(pipe, cases, settings),
+            "ablation": "raw cross-attention of the same tokens",
+            "ablation_figures": ground_cases(pipe, cases, raw_attention_settings(settings))}
+
+
+# ------------------------------------------------------------------------------ steering
+
+
+def steering_scenes(count: int) -> list[world.Scene]:
+    """One-object scenes whose object is red."""
+    return [replace(scene, objects=(replace(scene.objects[0], colour="red"),))
+            for scene in task_scenes("steering", count, num_objects=1)]
+
+
+def _object_masks(image: np.ndarray) -> np.ndarray:
+    return world.colour_of_pixels(image) >= 0
+
+
+def _steering_figures(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    flips, removed, ious = [], [], []
+    for original, changed in pairs:
+        objects = world.measure_objects(changed)
+        colours = {o.colour for o in objects}
+        largest = max(objects, key=lambda o: o.area).colour if objects else None
+        flips.append(largest == "blue")
+        removed.append("red" not in colours)
+        a, b = _object_masks(original), _object_masks(changed)
+        union = (a | b).sum()
+        ious.append(float((a & b).sum() / union) if union else 1.0)
+    return {"flip": round(float(np.mean(flips)), 4), "red_removed": round(float(np.mean(removed)), 4),
+            "structure_iou": round(float(np.mean(ious)), 4)}
+
+
+def steering_directions(pipe, samples: int, steps: int, guidance: float):
+    from pipelines import steering
+
+    return steering.estimate_directions(pipe, positive="a red circle", negative="a blue circle",
+                                        samples=samples, steps=steps, guidance=guidance)
+
+
+def steer_scenes(pipe, scenes, directions, beta: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    from pipelines import steering
+
+    pairs = []
+    for scene in scenes:
+        kwargs = {} if beta is None else {"beta": beta}
+        result = steering.counterfactual_pair(pipe, directions, scene.caption(0), seed=scene.seed, **kwargs)
+        pairs.append(tuple(_to_uint8([result.original, result.steered])))
+    return pairs
+
+
+def reprompt_scenes(pipe, scenes, steps: int, guidance: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    blue = [replace(s, objects=(replace(s.objects[0], colour="blue"),)) for s in scenes]
+    originals = generate_scenes(pipe, scenes, guidance, steps)
+    changed = generate_scenes(pipe, blue, guidance, steps)
+    return list(zip(originals, changed))
+
+
+def bench_steering(pipe, count: int, samples: int = 64) -> dict:
+    from pipelines import models
+
+    defaults = models.generation_defaults(pipe)
+    scenes = steering_scenes(count)
+    directions = steering_directions(pipe, samples, defaults["steps"], defaults["guidance"])
+    method = _steering_figures(steer_scenes(pipe, scenes, directions))
+    ablation = _steering_figures(reprompt_scenes(pipe, scenes, defaults["steps"], defaults["guidance"]))
+    return {"method": f"MedSteer (red -> blue directions from {samples}+{samples} images)", "figures": method,
+            "ablation": "re-prompting with 'blue' at the same seed", "ablation_figures": ablation}
+
+
+BENCHES = {"generation": bench_generation, "eraser": bench_eraser, "grounding": bench_grounding,
+           "steering": bench_steering}
+
+
+def beats(task: str, result: dict) -> bool:
+    key, better = HEADLINE[task]
+    method, ablation = result["figures"][key], result["ablation_figures"][key]
+    return method > ablation if better == "higher" else method < ablation
+
+
+def run_task(pipe, task: str, count: int) -> dict:
+    start = time.perf_counter()
+    result = BENCHES[task](pipe, count)
+    return {"task": task, "scenes": count, **result, "headline": HEADLINE[task][0],
+            "beats_ablation": beats(task, result), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| task | headline | method | ablation | other figures (method / ablation) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        key = row["headline"]
+        others = ", ".join(f"{k} {row['figures'][k]} / {row['ablation_figures'][k]}"
+                           for k in row["figures"] if k != key)
+        lines.append(f"| {row['task']} ({row['scenes']} scenes) | {key} | {row['figures'][key]} ({row['method']}) "
+                     f"| {row['ablation_figures'][key]} ({row['ablation']}) | {others} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("task", choices=TASKS + ("all",))
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--scenes", type=int, default=50, help="scenes per task (default: 50)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--markdown", action="store_true", help="also print the README table")
+    args = parser.parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipelines import models
+
+    diffusers_logging.disable_progress_bar()
+    pipe = models.load(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for task in TASKS if args.task == "all" else (args.task,):
+        row = {"model": args.model, **run_task(pipe, task, args.scenes)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.markdown:
+        print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""Train the built-in model (`builtin`) on the shapes world.
+
+    python -m pipelines.train_builtin --work runs/builtin --output assets/builtin
+
+A Stable-Diffusion-architecture latent diffusion model, small enough to train on two CPU cores
+in about an hour and to ship in the repository (< 25 MB):
+
+- **VAE**: `AutoencoderKL`, three levels (32, 64, 64 channels), downsampling factor 4, four
+  latent channels: a 64 px image becomes a 16x16x4 latent.  Trained first, alone, with an L1 +
+  MSE reconstruction loss in which object pixels weigh 10 times more than background pixels
+  (unweighted, 600 steps left small shapes blurred and purple turned red), and a small KL term; its `scaling_factor` is then set to 1/std of the
+  latents, as SD's 0.18215 was.
+- **Text encoder**: `CLIPTextModel` with the real CLIP tokenizer and vocabulary (49,408 ids,
+  77 positions), 4 layers of width 64, trained from scratch jointly with the UNet.
+- **UNet**: `UNet2DConditionModel`, levels of 64/96/128 channels; cross-attention at 16x16 and
+  8x8 (down and up), a cross-attention mid block at 4x4, self-attention (`attn1`) in every
+  transformer block, so `up_blocks.*.attn1` exists for the eraser.  Layer names follow SD 1.x.
+- **Objective**: epsilon prediction on SD's `scaled_linear` schedule (0.00085 -> 0.012, 1000
+  steps), with Min-SNR-5 loss weighting (Hang et al. 2023; converges faster at this budget),
+  10 % empty captions for classifier-free guidance, AdamW with warm-up and cosine decay, an EMA
+  of the weights (the EMA is what ships).
+- **Data**: fresh world scenes every step (seeds below `world.TEST_SEED_START`; never the
+  benchmark seeds), captions drawn from every phrasing the world has.
+
+The run is seeded and resumable: the full training state is checkpointed atomically (temporary
+file + rename) every `--checkpoint-every` steps into `--work`; rerunning the same command
+continues from the last checkpoint with the same data and noise it would have drawn.  The data,
+noise and timesteps of step k depend only on (seed, k), so an interrupted and resumed run
+trains on exactly what an uninterrupted one does.
+
+The shipped weights are stored in float16 (the registry loads them in the dtype asked for,
+float32 on CPU); the model card `assets/builtin/README.md` records data, config, steps, loss,
+time and the quality figures measured by `benchmarks/quality.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import world
+
+IMAGE_SIZE = 64
+VAE_BLOCKS = (32, 64, 64)
+UNET_BLOCKS = (64, 96, 128)
+TEXT_WIDTH = 64
+TEXT_LAYERS = 4
+EMPTY_CAPTION_RATE = 0.1
+MIN_SNR_GAMMA = 5.0
+OBJECT_WEIGHT = 10.0  # VAE loss weight of object pixels relative to background pixels
+
+# Defaults for the built-in model (used by `python app.py generate --model builtin`): a sweep of
+# guidance 2 to 7.5 on 48 test scenes changed no figure beyond noise, so SD's 7.5 is kept.
+INFERENCE_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5}
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
+        block_out_channels=VAE_BLOCKS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipelines.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        projection_dim=TEXT_WIDTH,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2 ** (len(VAE_BLOCKS) - 1),
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=UNET_BLOCKS,
+        layers_per_block=1,
+        norm_num_groups=16,
+        attention_head_dim=4,  # diffusers' legacy name: the number of heads
+        cross_attention_dim=TEXT_WIDTH,
+    )
+
+
+def train_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+
+
+def inference_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def scene_batch(step: int, batch_size: int, seed: int, stage: str, with_masks: bool = False):
+    """Images (B,3,64,64 in [-1,1]) and captions of step `step`: a function of (seed, step).
+
+    with_masks=True also returns (B,1,64,64) float masks of all objects (for the VAE's loss)."""
+    rng = random.Random(f"{seed}-{stage}-{step}")
+    images, texts, masks = [], [], []
+    for _ in range(batch_size):
+        scene = world.make_scene(rng.randrange(world.TEST_SEED_START))
+        images.append(scene.render(IMAGE_SIZE))
+        if with_masks:
+            masks.append(np.any(scene.masks(IMAGE_SIZE), axis=0))
+        if rng.random() < EMPTY_CAPTION_RATE:
+            texts.append("")
+        else:
+            texts.append(rng.choice(scene.captions()))
+    array = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    images = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    if not with_masks:
+        return images, texts
+    return images, texts, torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path):
+    if not path.is_file():
+        return None
+    # Our own checkpoint of plain tensors, dicts and numbers (written by save_atomic).
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def log(message: str, log_file: Path | None) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    if log_file is not None:
+        with open(log_file, "a") as handle:
+            handle.write(line + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the VAE
+
+
+def train_vae(args, work: Path, log_file: Path):
+    torch.manual_seed(args.seed)
+    vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    path = work / "vae.pt"
+    state = load_checkpoint(path)
+    step = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        log(f"vae: resumed at step {step}", log_file)
+    if step >= args.vae_steps:
+        return vae, state.get("loss", float("nan"))
+    vae.train()
+    started, running = time.time(), None
+    while step < args.vae_steps:
+        torch.manual_seed(args.seed * 7919 + step)
+        images, _, objects = scene_batch(step, args.vae_batch, args.seed, "vae", with_masks=True)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.vae_steps, args.vae_lr, 50)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        # Objects cover a few percent of the pixels but are what every method is judged on:
+        # their pixels weigh OBJECT_WEIGHT times more than the background's.
+        weights = 1.0 + (OBJECT_WEIGHT - 1.0) * objects
+        error = reconstruction - images
+        recon = ((error.abs() + error.square()) * weights).mean() / weights.mean()
+        kl = posterior.kl().mean() / images[0].numel()
+        loss = recon + 1e-4 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.vae_steps:
+            log(f"vae step {step}/{args.vae_steps} loss {running:.4f} ({time.time() - started:.0f}s)", log_file)
+        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+            save_atomic({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "loss": running}, path)
+    return vae, running
+
+
+@torch.no_grad()
+def latent_scale(vae, seed: int, count: int = 512) -> float:
+    """1 / std of the VAE's latents over `count` training scenes (SD's 0.18215 came the same way)."""
+    vae.eval()
+    latents = []
+    for step in range(0, count, 64):
+        images, _ = scene_batch(10_000 + step, min(64, count - step), seed, "scale")
+        latents.append(vae.encode(images).latent_dist.mean)
+    return float(1.0 / torch.cat(latents).std())
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: UNet + text encoder
+
+
+class EMA:
+    def __init__(self, modules: dict, decay: float):
+        self.decay = decay
+        self.shadow = {name: {k: v.detach().clone().float() for k, v in m.state_dict().items()}
+                       for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict, decay: float):
+        for name, module in modules.items():
+            shadow = self.shadow[name]
+            for key, value in module.state_dict().items():
+                if value.dtype.is_floating_point:
+                    shadow[key].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+                else:
+                    shadow[key].copy_(value)
+
+
+def encode_text(tokenizer, text_encoder, texts):
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_denoiser(args, vae, work: Path, log_file: Path):
+    from pipelines.tokenizers import clip_tokenizer
+
+    torch.manual_seed(args.seed)
+    unet, text_encoder = build_unet(), build_text_encoder()
+    tokenizer = clip_tokenizer()
+    scheduler = train_scheduler()
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema = EMA(modules, args.ema)
+    path = work / "denoiser.pt"
+    state = load_checkpoint(path)
+    step, running, history = 0, None, []
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.shadow = state["ema"]
+        step, running, history = state["step"], state["loss"], state["history"]
+        log(f"denoiser: resumed at step {step}", log_file)
+    vae.eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    unet.train(), text_encoder.train()
+    started = time.time()
+    while step < args.steps:
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        images, texts = scene_batch(step, args.batch, args.seed, "denoiser")
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator) * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        prediction = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, texts)).sample
+        # Min-SNR weighting for epsilon prediction: min(SNR, gamma) / SNR.
+        weights = torch.clamp(snr[timesteps], max=MIN_SNR_GAMMA) / snr[timesteps]
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weights).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        ema.update(modules, min(args.ema, (1 + step) / (10 + step)))
+        plain = per_sample.mean().item()
+        running = plain if running is None else 0.99 * running + 0.01 * plain
+        if step % 50 == 0 or step == args.steps:
+            rate = (time.time() - started) / max(1, step - (state["step"] if state else 0))
+            log(f"denoiser step {step}/{args.steps} mse {running:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"({rate:.2f} s/step)", log_file)
+            history.append((step, running))
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                         "optimizer": optimizer.state_dict(), "ema": ema.shadow, "step": step,
+                         "loss": running, "history": history}, path)
+    return ema, running, history
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def export(vae, ema: EMA, output: Path, card: dict) -> None:
+    """Write the EMA weights as a float16 diffusers folder, atomically (temp folder + rename)."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.tokenizers import clip_tokenizer
+
+    unet, text_encoder = build_unet(), build_text_encoder()
+    unet.load_state_dict(ema.shadow["unet"])
+    text_encoder.load_state_dict(ema.shadow["text_encoder"])
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False,
+    ).to(dtype=torch.float16)
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    # The CLIP tokenizer is rebuilt from assets/ by the registry; its files are small and keep
+    # the folder loadable by plain diffusers too.
+    (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    for path in tmp.rglob("*"):  # save_pretrained writes owner-only files; the repo wants 644
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+
+
+def export_snapshot(args) -> int:
+    """Export the EMA weights of the latest checkpoints without training further."""
+    vae_state, denoiser_state = load_checkpoint(args.work / "vae.pt"), load_checkpoint(args.work / "denoiser.pt")
+    if vae_state is None or denoiser_state is None:
+        print(f"No VAE and denoiser checkpoints in {args.work} yet.", file=sys.stderr)
+        return 1
+    vae = build_vae()
+    vae.load_state_dict(vae_state["model"])
+    vae.register_to_config(scaling_factor=latent_scale(vae, args.seed, args.scale_images))
+    ema = EMA({}, args.ema)
+    ema.shadow = denoiser_state["ema"]
+    export(vae, ema, args.output, {"snapshot_of_step": denoiser_state["step"], "mse": denoiser_state["loss"],
+                                   "inference_defaults": INFERENCE_DEFAULTS})
+    print(f"wrote {args.output} from step {denoiser_state['step']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/builtin"), help="checkpoints and log")
+    parser.add_argument("--output", type=Path, default=Path("assets/builtin"), help="diffusers folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--scale-images", type=int, default=512, help="scenes to measure the latent scale on")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="write --output from the latest checkpoints in --work (a snapshot of a run in progress)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_file = args.work / "train.log"
+    log(f"arguments: {vars(args)}", log_file)
+    started = time.time()
+    if args.export_only:
+        return export_snapshot(args)
+    vae, vae_loss = train_vae(args, args.work, log_file)
+    scale = latent_scale(vae, args.seed, args.scale_images)
+    vae.register_to_config(scaling_factor=scale)
+    log(f"vae done: loss {vae_loss:.4f}, latent scaling factor {scale:.4f}", log_file)
+    ema, loss, history = train_denoiser(args, vae, args.work, log_file)
+    elapsed = time.time() - started
+    card = {
+        "seed": args.seed,
+        "vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "vae_final_loss": round(vae_loss, 5),
+        "latent_scaling_factor": round(scale, 5),
+        "denoiser_steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema,
+        "final_mse": round(loss, 5), "loss_history": [(s, round(v, 5)) for s, v in history],
+        "wall_seconds_this_run": round(elapsed), "torch_threads": torch.get_num_threads(),
+        "inference_defaults": INFERENCE_DEFAULTS,
+    }
+    export(vae, ema, args.output, card)
+    log(f"wrote {args.output} ({sum(f.stat().st_size for f in args.output.rglob('*') if f.is_file()) / 1e6:.1f} MB)",
+        log_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
