@@ -68,11 +68,13 @@ def main() -> int:
                 page.wait_for_timeout(1500)
                 if label in RUN_EXAMPLE:
                     examples, run, result = RUN_EXAMPLE[label]
-                    page.locator(f"{examples} button").first.click()
+                    # Gradio renders multi-input examples as table rows, single ones as buttons.
+                    page.locator(f"{examples} tbody tr, {examples} button.gallery-item").first.click()
                     page.wait_for_timeout(2000)
                     page.locator(run).click()
                     page.locator(result).first.wait_for(state="visible", timeout=180_000)
-                    page.wait_for_timeout(1500)
+                    page.evaluate("window.scrollTo(0, 0)")
+                    page.wait_for_timeout(6000)  # let the result paint and the notice fade
                 save_small_png(page.screenshot(), args.output.parent / name)
         finally:
             browser.close()
