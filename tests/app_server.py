@@ -161,3 +161,23 @@ def require_browser() -> None:
         if os.environ.get("CI"):
             pytest.fail(reason + "; on CI it must run, not be skipped", pytrace=False)
         pytest.skip(reason)
+
+
+def run_app(*args: str, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python app.py ARGS` offline (HF_HUB_OFFLINE=1), output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, exactly one `error: ...` line last on stderr, no traceback; returns it."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("error: ")]
+    assert len(error_lines) == 1 and lines[-1] == error_lines[0], proc.stderr
+    message = error_lines[0]
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), message
+    return message

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from app_server import assert_user_error, run_app  # noqa: E402
 FAST = ["--model", "tiny", "--steps", "2", "--width", "64", "--height", "64"]
-
-
-def run_app(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Non-zero exit, exactly one `error: ...` line last on stderr, no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    error_lines = [line for line in lines if line.startswith("error: ")]
-    assert len(error_lines) == 1 and lines[-1] == error_lines[0], proc.stderr
-    message = error_lines[0]
-    for fragment in fragments:
-        assert fragment.lower() in message.lower(), message
-    return message
 
 
 @pytest.mark.timeout(300)

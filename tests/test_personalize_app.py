@@ -3,7 +3,6 @@ real browser that starts a short training and watches the loss and the maps upda
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import assert_user_error, launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import run_app as run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,17 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     if "--model" not in args:
         args = (*args, "--model", "tiny")  # the CLI's default is the built-in trained model
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment.lower() in lines[-1].lower(), lines[-1]
+    return run_cli(*args, cwd=cwd)
 
 
 def write_photo(path: Path, size=(96, 80)) -> Path:

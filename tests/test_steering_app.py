@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,25 +10,11 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import assert_user_error, launch_chromium, launched_app, require_browser, run_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = dict(model="tiny-pixart", positive="a photo of a cat", negative="a photo of a dog", samples=2, steps=2,
             guidance=4.5, width=64, height=64)
-
-
-def run_app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment.lower() in lines[-1].lower(), lines[-1]
 
 
 @pytest.mark.timeout(300)
