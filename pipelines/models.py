@@ -7,8 +7,9 @@
   a CPU.  They exist for tests, CI and trying the UI without downloads; their images are noise.
   One per backbone family the methods support: `tiny` (SD 1.x UNet), `tiny-sdxl`,
   `tiny-pixart` (PixArt-alpha DiT), `tiny-sd3` (MMDiT), `tiny-flux` (dual + single stream).
-- `builtin`: the project's own small trained model, stored in `assets/builtin/` in diffusers
-  `save_pretrained` layout once it exists;
+- `builtin`: the project's own small model trained on the shapes world (`pipelines/world.py`,
+  `pipelines/train_builtin.py`), stored in `assets/builtin/` in diffusers `save_pretrained`
+  layout (float16 safetensors, loaded in the dtype asked for); the app's default;
 - a local folder in `save_pretrained` layout;
 - a local single-file `.safetensors` checkpoint (SD 1.x/2.x, SDXL, SD3), whose base-model config
   must already be in the Hugging Face cache;
