@@ -86,6 +86,7 @@ __all__ = [
     "call_defaults",
     "check_size",
     "clear_cache",
+    "clip_text_config",
     "default_device",
     "default_dtype",
     "default_size",
@@ -231,22 +232,28 @@ def _tiny_vae(latent_channels: int = 4, **scaling) -> AutoencoderKL:
         )
 
 
-def _tiny_clip_text(with_projection: bool, hidden_size: int = _CLIP_HIDDEN):
-    config = CLIPTextConfig(
+def clip_text_config(hidden_size: int, num_layers: int, intermediate_size: int) -> CLIPTextConfig:
+    """A small CLIP text encoder config with the real vocabulary, 77 positions and the real
+    special-token ids (the pooled output is taken at the end-of-text token); used by the tiny
+    models and by the built-in model's training script."""
+    return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=CLIP_MAX_LENGTH,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        # SDXL reads hidden_states[-2]: keep at least two layers.
-        num_hidden_layers=2,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         projection_dim=hidden_size,
         hidden_act="quick_gelu",
-        # The real ids: the pooled output is taken at the end-of-text token.
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
     )
+
+
+def _tiny_clip_text(with_projection: bool, hidden_size: int = _CLIP_HIDDEN):
+    # SDXL reads hidden_states[-2]: keep at least two layers.
+    config = clip_text_config(hidden_size, num_layers=2, intermediate_size=2 * hidden_size)
     model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     with _seeded():
         return model_class(config).eval()

@@ -86,24 +86,11 @@ def build_vae():
 
 
 def build_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from pipelines.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
+    from pipelines.models import clip_text_config
 
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4,
-        projection_dim=TEXT_WIDTH,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return CLIPTextModel(config)
+    return CLIPTextModel(clip_text_config(TEXT_WIDTH, num_layers=TEXT_LAYERS, intermediate_size=4 * TEXT_WIDTH))
 
 
 def build_unet():
