@@ -163,9 +163,11 @@ def scene_batch(step: int, batch_size: int, seed: int, stage: str, with_masks: b
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """The checkpoint replaces the previous one only once it is completely written."""
+    from pipelines.io import atomic_path
+
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
 
 
 def load_checkpoint(path: Path):
