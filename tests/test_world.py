@@ -112,13 +112,27 @@ def test_referring_expressions_name_exactly_one_object():
 
 
 def test_every_generated_expression_is_unambiguous():
+    relations = {"left": ("x", min), "right": ("x", max), "top": ("y", min), "bottom": ("y", max)}
     for seed in TEST_SEEDS:
         scene = world.make_scene(seed)
         for expression in scene.referring_expressions():
             words = expression.text.removeprefix("the ").split()
-            target = scene.objects[expression.target]
-            assert all(word in (target.colour, target.shape, "shape", "on", "the", "left", "right", "top",
-                                "bottom", "larger", "smaller", "largest", "smallest") for word in words)
+            colours = [w for w in words if w in world.COLOURS]
+            shapes = [w for w in words if w in world.SHAPES]
+            matching = [i for i, o in enumerate(scene.objects)
+                        if all(o.colour == c for c in colours) and all(o.shape == t for t in shapes)]
+            if words[-1] in relations:  # "the square on the left": the extreme one of its shape
+                axis, pick = relations[words[-1]]
+                named = pick(matching, key=lambda i: getattr(scene.objects[i], axis))
+            elif words[0] in ("larger", "largest", "smaller", "smallest"):
+                pick = max if words[0] in ("larger", "largest") else min
+                named = pick(matching, key=lambda i: scene.objects[i].radius)
+                sizes = sorted(scene.objects[i].radius for i in matching)
+                assert len(set(sizes)) > 1 and sizes.count(scene.objects[named].radius) == 1
+            else:  # colour and/or shape alone must match exactly one object
+                assert len(matching) == 1, (expression, scene.objects)
+                named = matching[0]
+            assert named == expression.target, (expression, scene.objects)
 
 
 @pytest.mark.parametrize("frames", [8, 16])
