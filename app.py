@@ -15,7 +15,12 @@ A user mistake (bad argument, bad size, unknown model, missing file) prints one 
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from pipelines.errors import UserInputError
 from ui.cli_common import DEFAULT_MODEL, Command, add_model_args
@@ -92,11 +97,13 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     import gradio as gr
 
     from ui.common import AppContext, OutputStore, header_markdown
+    from ui.file_guard import GuardedBlocks
 
     ctx = AppContext(default_model=default_model, device=device,
                      outputs=outputs if outputs is not None else OutputStore(),
                      extra_models=tuple(extra_models))
-    with gr.Blocks(title="Attention-layer editing", analytics_enabled=False,
+    # GuardedBlocks: only this process's uploads and results reach a handler (ui/file_guard.py)
+    with GuardedBlocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
         gr.Markdown(header_markdown(default_model))
         tabs = {}
@@ -114,7 +121,22 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
 APP_CSS = "#am-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
+def private_gradio_folder() -> Path:
+    """Give this process its own Gradio upload/cache folder, removed at exit.
+
+    Gradio's default (`/tmp/gradio`) is shared by every Gradio process on the machine, outlives
+    them, and all of it is served by `/gradio_api/file=`.  Set before gradio is imported: some of
+    its modules read GRADIO_TEMP_DIR at import.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="attention-app-gradio-")).resolve()
+    os.environ["GRADIO_TEMP_DIR"] = str(folder / "uploads")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(folder / "examples")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    private_gradio_folder()
     blocks, ctx = build_app(default_model=args.model, device=args.device, extra_models=args.allow_model)
     blocks.launch(
         server_name=args.host,
@@ -122,7 +144,8 @@ def run_serve(args: argparse.Namespace) -> int:
         share=args.share,
         auth=args.auth,
         max_file_size=int(args.max_upload_mb * 1024 * 1024),
-        allowed_paths=[str(ctx.outputs.root)],
+        # No allowed_paths: results reach the browser as copies in the private Gradio folder
+        # (named by a salted hash), so `file=` serves nothing of the output store directly.
         ssr_mode=False,
         show_error=True,
         css=APP_CSS,

@@ -621,10 +621,8 @@ def generation_defaults(pipe_or_name: DiffusionPipeline | str) -> dict:
     training script, e.g. the built-in model's); others get SD's.  Takes a pipeline or a model
     name (read without loading anything, for the UI's initial values).
     """
-    if isinstance(pipe_or_name, str):
-        folder = BUILTIN_DIR if pipe_or_name == "builtin" else Path(pipe_or_name).expanduser()
-    else:
-        folder = Path(str(getattr(pipe_or_name, "name_or_path", "") or ""))
+    name = pipe_or_name if isinstance(pipe_or_name, str) else str(getattr(pipe_or_name, "name_or_path", "") or "")
+    folder = BUILTIN_DIR if name == "builtin" else Path(name).expanduser()
     return dict(_folder_generation_defaults(str(folder)) if folder.is_dir() else GENERATION_DEFAULTS)
 
 
@@ -950,9 +948,10 @@ def load(
             # Loaders get the dtype up front (from_pretrained keeps the modules a model marks
             # as float32-only in float32); only the device move is left.
             pipe = build(resolved_dtype).to(resolved_device)
-            # results record the model by the name the user gave (tiny pipelines have none)
-            if not pipe.name_or_path:
-                pipe.register_to_config(_name_or_path=str(name_or_path).strip())
+            # Results record the model by the name the user gave ("builtin", a hub id, the path
+            # as typed), never by the folder it was read from (a server path a visitor must not
+            # see, and one that differs between checkouts).
+            pipe.register_to_config(_name_or_path=str(name_or_path).strip())
             _cache[cache_key] = pipe
         return pipe
 

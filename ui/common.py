@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import re
 import shutil
 import tempfile
 import uuid
@@ -42,9 +43,21 @@ class OutputStore:
 
     def new_run_dir(self, task: str) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = self.root / f"{task}-{stamp}-{uuid.uuid4().hex[:8]}"
+        run_dir = self.root / f"{task}-{stamp}-{uuid.uuid4().hex}"
         run_dir.mkdir(parents=True)
         return run_dir
+
+    def run_dir_named(self, name: str | None, task: str) -> Path | None:
+        """The existing run folder of `task` called `name` (as `new_run_dir` made it), or None.
+
+        Visitors refer to a run by this name, never by a path: anything that is not exactly the
+        name of one of this store's `task` folders (a path, `..`, another task's run) is None.
+        """
+        name = (name or "").strip()
+        if not re.fullmatch(rf"{re.escape(task)}-\d{{8}}-\d{{6}}-[0-9a-f]{{32}}", name):
+            return None
+        folder = self.root / name
+        return folder if folder.is_dir() and folder.resolve().parent == self.root else None
 
 
 def zip_files(paths: list[Path], zip_path: Path) -> Path:

@@ -105,8 +105,8 @@ def make_handlers(ctx: AppContext):
         """Train (or resume) DisenDiff / AttenCraft on one image; yields one update per step.
 
         Yields (status, attention maps gallery, masks gallery, learned file, run folder).
-        `run_folder`: the folder of an earlier run of this session; it is resumed when its
-        settings match, otherwise a new folder is made.
+        `run_folder`: the name (not a path) of an earlier run's folder, as this function returned
+        it; it is resumed when its settings match, otherwise a new folder is made.
         """
         from pipelines.errors import UserInputError
         from pipelines.personalize import Trainer
@@ -119,9 +119,7 @@ def make_handlers(ctx: AppContext):
             options["tau"] = float(tau)
             if options["prior_images"] < 1:
                 raise UserInputError("AttenCraft needs prior-preservation images; set at least 1.")
-        folder = Path(run_folder) if run_folder and Path(run_folder).is_dir() else None
-        if folder is not None and not str(folder.resolve()).startswith(str(ctx.outputs.root)):
-            folder = None
+        folder = ctx.outputs.run_dir_named(run_folder, "personalize")
         trainer = Trainer(pipe, image, class_words, method, folder, **options)
         if folder is None or not trainer.checkpoint_matches():
             trainer.output = ctx.outputs.new_run_dir("personalize")
@@ -131,7 +129,7 @@ def make_handlers(ctx: AppContext):
         maps, masks = [], []
         learned = str(trainer.output / "learned.safetensors") if (trainer.output / "learned.safetensors").is_file() else None
         if trainer.step >= trainer.total_steps:
-            yield f"Already trained {trainer.step} steps{resumed}.", maps, masks, learned, str(trainer.output)
+            yield f"Already trained {trainer.step} steps{resumed}.", maps, masks, learned, trainer.output.name
             return
         for info in trainer.run():
             if info.maps is not None:
@@ -149,7 +147,7 @@ def make_handlers(ctx: AppContext):
             if info.step == info.total:
                 status += " · done: generate below with e.g. " + f"`a {trainer.tokens[0]} {trainer.words[0]} on the beach`"
             progress((info.step, info.total), desc=f"loss {info.loss:.4f}")
-            yield status, maps, masks, file_update, str(trainer.output)
+            yield status, maps, masks, file_update, trainer.output.name
 
     @user_errors_as_gradio
     def personalize_generate(
@@ -169,8 +167,8 @@ def make_handlers(ctx: AppContext):
 
         if learned_file:
             path = Path(learned_file)
-        elif run_folder and (Path(run_folder) / "learned.safetensors").is_file():
-            path = Path(run_folder) / "learned.safetensors"
+        elif (folder := ctx.outputs.run_dir_named(run_folder, "personalize")) and (folder / "learned.safetensors").is_file():
+            path = folder / "learned.safetensors"
         else:
             raise UserInputError("Train first, or upload a learned file (.safetensors).")
         learned = Learned.load(path)
