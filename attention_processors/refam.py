@@ -28,7 +28,7 @@ Per captured layer l (FLUX dual- and single-stream blocks, SD3 joint blocks, SD 
 Optionally (UNet refinement) the head-mean self-attention of ``refine_layers`` (attn1 at one grid)
 is accumulated for propagating the heatmap (`self_attention`).
 
-Deviations (the paper's code is not public; see shared/methods/grounding.md):
+Deviations (the paper's code is not public; see docs/methods/grounding.md):
 - the sink criterion, l_gas, tau_mass, tau_cv and every layer choice are ours (spec section 3.4);
 - the spec (3.5) renormalises rows over the target columns only; with the default target (every
   content token) that makes every row sum to one and the heatmap constant, and it would undo the

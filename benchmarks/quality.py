@@ -17,9 +17,12 @@ figure; `--markdown` adds the table the README shows.
   absolute error (0-255) against the scene rendered without the object.  Headline: residual
   (lower is better).  Ablation: the same loop without AAS and SARG (plain blended-latent
   inpainting with the empty prompt).
-- **grounding**: one referring expression per scene; `miou` and `oiou` against the exact mask.
-  Headline: mIoU.  Ablation: raw cross-attention of the same tokens (no magnets, no colour
-  word, no stop-word filtering, no GAS handling).
+- **grounding**: one referring expression per scene; `miou` (with its 95 % bootstrap interval)
+  against the exact mask.  Headline: mIoU.  Ablations, each separately: without magnets and
+  colour word, with the other renormalisation than the backbone's default, without sink
+  handling, and plain cross-attention of the target words (all three removed; the headline
+  ablation).  Baselines that read no attention: whole image, centred disc, union of all
+  objects.  `margins`: the method's lead over each, in units of the paired bootstrap spread.
 - **steering**: prompts with one red object; MedSteer directions from "a red <shape>" vs "a
   blue <shape>" prompts; `flip` = the steered image's object is blue, `red_removed` = no red
   object left, `structure_iou` = IoU of the object masks of the pair.  Headline: structure_iou
@@ -187,33 +190,94 @@ def grounding_cases(count: int) -> list[tuple[world.Scene, world.ReferringExpres
     return cases
 
 
-def ground_cases(pipe, cases, settings) -> dict:
+def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of the mean of `values` (cases resampled, seeded)."""
+    values = np.asarray(values, dtype=np.float64)
+    means = values[np.random.default_rng(seed).integers(0, len(values), (draws, len(values)))].mean(1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
+def bootstrap_spread(values, draws: int = 2000, seed: int = 0) -> float:
+    """Standard deviation of the bootstrap means of `values`: the noise a margin is compared with."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values[np.random.default_rng(seed).integers(0, len(values), (draws, len(values)))].mean(1).std())
+
+
+def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    union = int((pred | truth).sum())
+    return int((pred & truth).sum()) / union if union else 1.0
+
+
+def grounding_ious(pipe, cases, settings) -> np.ndarray:
+    """Per-case IoU of the grounding pipeline's mask with the target's exact mask."""
     from PIL import Image
 
-    from benchmarks.refseg import iou_terms, miou_oiou
     from pipelines import grounding, models
 
     size = models.default_size(pipe)[0]
-    terms = []
+    return np.array([_iou(grounding.segment_image(pipe, Image.fromarray(scene.render(size)), expression.text,
+                                                  settings).mask, scene.mask(expression.target, size))
+                     for scene, expression in cases])
+
+
+def grounding_baseline_ious(cases, size: int) -> dict[str, np.ndarray]:
+    """Masks that look at no attention: the whole image, a centred disc (radius a quarter of the
+    side), and the union of every object of the scene (a perfect saliency map that cannot tell
+    the objects apart)."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= (size / 4) ** 2
+    out = {"whole image": [], "centred disc": [], "union of all objects": []}
     for scene, expression in cases:
-        result = grounding.segment_image(pipe, Image.fromarray(scene.render(size)), expression.text, settings)
-        terms.append(iou_terms(result.mask, scene.mask(expression.target, size)))
-    miou, oiou = miou_oiou(terms)
-    return {"miou": round(miou, 4), "oiou": round(oiou, 4)}
+        truth = scene.mask(expression.target, size)
+        union = np.zeros_like(truth)
+        for index in range(len(scene.objects)):
+            union |= scene.mask(index, size)
+        out["whole image"].append(_iou(np.ones_like(truth), truth))
+        out["centred disc"].append(_iou(disc, truth))
+        out["union of all objects"].append(_iou(union, truth))
+    return {name: np.array(values) for name, values in out.items()}
 
 
-def raw_attention_settings(settings):
-    return replace(settings, magnets=0, colour=False, filter_magnets=False, gas="none")
+def grounding_ablations(settings) -> dict:
+    """RefAM's real ablations, each removing one of its parts from `settings`, and plain
+    cross-attention of the target words (all of them removed)."""
+    return {
+        "without magnets and colour word": replace(settings, magnets=0, colour=False),
+        "with the other renormalisation": None,  # filled per backbone in bench_grounding
+        "without sink handling": replace(settings, gas="none"),
+        "plain cross-attention of the target words": replace(settings, magnets=0, colour=False, gas="none",
+                                                              renorm=False),
+    }
+
+
+def _iou_figures(ious: np.ndarray) -> dict:
+    return {"miou": round(float(ious.mean()), 4), "miou_ci": bootstrap_interval(ious)}
 
 
 def bench_grounding(pipe, count: int) -> dict:
+    from pipelines import grounding, models
     from pipelines.grounding_settings import GroundingSettings
 
     cases = grounding_cases(count)
     settings = GroundingSettings()
-    return {"method": "RefAM (magnets, colour word, GAS exclude)", "figures": ground_cases(pipe, cases, settings),
-            "ablation": "raw cross-attention of the same tokens",
-            "ablation_figures": ground_cases(pipe, cases, raw_attention_settings(settings))}
+    renorm = grounding.default_renorm(models.family(pipe)) if settings.renorm is None else settings.renorm
+    method = grounding_ious(pipe, cases, settings)
+    ablations = grounding_ablations(settings)
+    ablations["with the other renormalisation"] = replace(settings, renorm=not renorm)
+    ablation_ious = {name: grounding_ious(pipe, cases, variant) for name, variant in ablations.items()}
+    baseline_ious = grounding_baseline_ious(cases, models.default_size(pipe)[0])
+    plain = ablation_ious["plain cross-attention of the target words"]
+    return {
+        "method": f"RefAM (magnets, colour word, GAS exclude, renorm {'on' if renorm else 'off'})",
+        "figures": _iou_figures(method),
+        "ablation": "plain cross-attention of the target words",
+        "ablation_figures": _iou_figures(plain),
+        "ablations": {name: _iou_figures(ious) for name, ious in ablation_ious.items()},
+        "baselines": {name: _iou_figures(ious) for name, ious in baseline_ious.items()},
+        # the margin over each alternative, in units of its paired bootstrap spread
+        "margins": {name: round(float((method - ious).mean()) / max(bootstrap_spread(method - ious), 1e-9), 2)
+                    for name, ious in {**ablation_ious, **baseline_ious}.items()},
+    }
 
 
 # ------------------------------------------------------------------------------ steering

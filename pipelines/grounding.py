@@ -14,9 +14,9 @@ among the expression's tokens in ONE forward pass of a noised latent, and thresh
    `attention_processors.refam.RefAMCapture` attached: image x text attention on the chosen
    layers, sink detection, and an early exit after the last captured layer (no full forward, no
    denoising loop, no VAE decode).
-3. heatmap = mean over layers and content columns, rows renormalised over the word columns
-   (content, stop, magnets: the magnets compete for the mass there) with specials, padding and
-   sinks dropped; magnet and stop columns never enter the mean.  Then a Gaussian (sigma = 1
+3. heatmap = mean over layers and content columns, rows renormalised (DiTs; UNets by default
+   not) over the word columns (content, stop, magnets: the magnets compete for the mass there)
+   with specials, padding and sinks dropped; magnet and stop columns never enter the mean.  Then a Gaussian (sigma = 1
    token cell), bilinear upsampling to the padded working size, padding cropped, resizing to the
    image and min-max normalisation.
 4. mask = heatmap > Otsu threshold (or a fixed one), keeping the connected component of the
@@ -27,7 +27,7 @@ among the expression's tokens in ONE forward pass of a noised latent, and thresh
 
 Every default is in `GroundingSettings` (one place).  The paper's layers, noise level,
 normalisation, sink criterion and point strategy are not public: all are ours (see
-shared/methods/grounding.md section 4) and exposed as parameters.
+docs/methods/grounding.md) and exposed as parameters.
 
 Deviations and choices (ours):
 - backbones: FLUX (the paper's), SD3 and SD 1.x/2.x UNets (our extension); SDXL and PixArt are
@@ -42,7 +42,9 @@ Deviations and choices (ours):
   gets its own heatmap (the issue's route), with temporal smoothing;
 - min-max normalisation is applied after cropping the padding, so padding never sets the scale;
 - the rows are renormalised over the word columns, not over the target columns only as the spec's
-  3.5 reads (that makes the heatmap constant; see attention_processors/refam.py);
+  3.5 reads (that makes the heatmap constant; see attention_processors/refam.py), and on DiTs
+  only: on UNets the default is no renormalisation, because on the built-in model it inverts
+  the heatmap (mIoU 0.020 vs 0.189 without; `GroundingSettings.renorm`, docs/methods/grounding.md);
 - SAM2: transformers' Sam2Processor needs torchvision, so `sam2_mask` does SAM2's preprocessing
   itself (square resize, ImageNet normalisation) and calls `Sam2Model` directly;
 - the SD UNet's start-of-text sink is always outside the normaliser (it is a special token);
@@ -454,6 +456,12 @@ def _validate(pipe, expression, settings: GroundingSettings, stopwords) -> str:
     return fam
 
 
+def default_renorm(fam: str) -> bool:
+    """Whether rows are renormalised over the word columns when the settings leave it open:
+    on DiTs (FLUX, SD3), off on UNets (measured; see `GroundingSettings.renorm`)."""
+    return fam in ("flux", "sd3")
+
+
 def _is_fraction(value) -> bool:
     try:
         return 0 < float(value) < 1
@@ -498,12 +506,13 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
     pixels = _pixels(images, content_wh, padded, device, pipe.vae.dtype)
     latent_side = min(padded) // getattr(pipe, "vae_scale_factor", 8)
     layers, refine_layers = _layers(denoiser, fam, settings, latent_side)
+    renorm = default_renorm(fam) if settings.renorm is None else settings.renorm
 
     def make(gas_mode, suppress):
         return RefAMCapture(
             layers, target=target, among=among, visible=visible, candidates=candidates, text_part=text.text_part,
             norm=settings.norm, gas_mode=gas_mode, l_gas=settings.l_gas, tau_mass=settings.tau_mass,
-            tau_cv=settings.tau_cv, renorm=settings.renorm, suppress_keys=suppress,
+            tau_cv=settings.tau_cv, renorm=renorm, suppress_keys=suppress,
             refine_layers=refine_layers, early_exit=settings.early_exit, state=ControlState(("cond",)),
         )
 
@@ -524,7 +533,7 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
         heat = _propagate(heat, controller, settings.refine_steps)
     sink_cols = controller.sink_columns() if suppress is None else suppress
     sinks = [] if sink_cols is None else sorted({text.texts[j] for j in torch.nonzero(sink_cols & visible).flatten().tolist()})
-    info = dict(fam=fam, prompt=prompt, roles=roles, texts=text.texts, visible=visible, content_wh=content_wh,
+    info = dict(fam=fam, renorm=renorm, prompt=prompt, roles=roles, texts=text.texts, visible=visible, content_wh=content_wh,
                 padded=padded, layers=sorted(layers), sinks=sinks, suppressed=None if suppress is None else int(suppress.sum()))
     return heat, controller.token_maps(), info
 
@@ -580,6 +589,7 @@ def _params(pipe, expression, settings, info, extra=None) -> dict:
         "layers": info["layers"],
         "working_size": list(info["padded"]),
         **asdict(settings),
+        "renorm": info["renorm"],  # as used (the settings' None means the backbone's default)
         **(extra or {}),
     }
 

@@ -33,7 +33,12 @@ class GroundingSettings:
     target: str = "content"  # content, head
     t5_length: str = "native"  # native (512 FLUX-dev / 256 SD3) or trimmed to the prompt
     text_part: str = "t5"  # SD3: t5, clip, both
-    renorm: bool = True
+    # Rows renormalised over the word columns before the target mean (refam.layer_heat).
+    # None: per backbone, on for FLUX and SD3 (the paper's family, where magnets compete for the
+    # word mass), off for UNets: on `builtin`, 50 grounding scenes of benchmarks/quality.py,
+    # mIoU 0.020 with it vs 0.189 [0.117, 0.262] without, and the heatmap is hotter outside the
+    # target than inside (-0.18 vs +0.24).  No other UNet with real weights could be measured.
+    renorm: bool | None = None
     smooth: bool = True  # Gaussian, sigma = 1 token cell
     threshold: str | float = "otsu"  # "otsu" or a number in (0, 1)
     component: bool = True  # keep the connected component containing the argmax

@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Samples (scenes per check) and floors.  Measured on the shipped weights, CPU float32, on
 # exactly these samples (2026-11-26): generation exact 0.167 (no CFG 0.125), object recall 0.50
-# (0.31), colour recall 0.76; eraser residual 0.642 (plain inpainting 0.684); grounding mIoU
-# 0.021 (raw cross-attention 0.008); steering red removed 1.0, structure IoU 0.061 (re-prompting
+# (0.31), colour recall 0.76; eraser residual 0.642 (plain inpainting 0.684); steering red removed 1.0, structure IoU 0.061 (re-prompting
 # 0.013).  The model is weak (see assets/builtin/README.md for why), so the floors are low; they
 # still catch a model that does not load, draws noise, or a method that stops working.
 GENERATION_SAMPLE = 24
@@ -36,8 +35,7 @@ GENERATION_EXACT_FLOOR = 0.10
 GENERATION_COLOUR_FLOOR = 0.65
 ERASER_SAMPLE = 6
 ERASER_RESIDUAL_CEILING = 0.72
-GROUNDING_SAMPLE = 10
-GROUNDING_MIOU_FLOOR = 0.012
+GROUNDING_SAMPLE = 50  # enough scenes for margins of three bootstrap spreads (see the test)
 STEERING_SAMPLE = 6
 STEERING_DIRECTION_SAMPLES = 16
 STEERING_REMOVED_FLOOR = 0.8
@@ -119,16 +117,32 @@ def test_attentive_eraser_removal_stays_at_its_measured_level(builtin):
     assert figures["mae"] < 80, figures  # 0-255 scale; measured 61
 
 
-@pytest.mark.timeout(300)
-def test_refam_segments_better_than_raw_cross_attention(builtin):
-    """Both are poor on this model: its text encoder gives nearly collinear token states (next
-    test), so every word's cross-attention map is the same saliency blob; RefAM's column
-    renormalisation then leaves little signal.  Kept as a regression check of the measured
-    values."""
+@pytest.mark.timeout(600)
+def test_refam_on_the_builtin_model_beats_its_renormalised_variant_and_masks_that_read_no_attention(builtin):
+    """On 50 fresh scenes the default (no row renormalisation on UNets) leads the renormalised
+    variant, the whole image and a centred disc by at least three paired bootstrap spreads
+    (measured 4.5, 4.1 and 3.4: mIoU 0.189 vs 0.022, 0.044, 0.073).  It does not beat the union
+    of all objects (0.44): this model's word maps are nearly identical (model card), which the
+    built-in model v2 has to fix; the test asserts nothing about that comparison."""
     result = quality.bench_grounding(builtin, GROUNDING_SAMPLE)
-    figures, ablation = result["figures"], result["ablation_figures"]
-    assert figures["miou"] >= GROUNDING_MIOU_FLOOR, figures
-    assert figures["miou"] > ablation["miou"], (figures, ablation)
+    margins = result["margins"]
+    for name in ("with the other renormalisation", "whole image", "centred disc"):
+        assert margins[name] >= 3, (name, margins, result["figures"], result["ablations"], result["baselines"])
+
+
+def test_the_plain_cross_attention_ablation_is_a_map_not_a_constant(builtin):
+    """The old ablation renormalised each row over the very columns it averaged, so its heatmap
+    was exactly constant; plain cross-attention must vary over the image."""
+    from dataclasses import replace
+
+    from pipelines import grounding
+    from pipelines.grounding_settings import GroundingSettings
+
+    plain = quality.grounding_ablations(GroundingSettings())["plain cross-attention of the target words"]
+    for scene, expression in quality.grounding_cases(3):
+        for settings in (plain, replace(plain, filter_magnets=False)):
+            result = grounding.segment_image(builtin, Image.fromarray(scene.render(64)), expression.text, settings)
+            assert float(np.std(result.heatmap)) > 0.05, expression.text
 
 
 @pytest.mark.timeout(600)
@@ -138,13 +152,3 @@ def test_medsteer_changes_the_colour_and_keeps_the_layout(builtin):
     assert figures["red_removed"] >= STEERING_REMOVED_FLOOR, figures
     assert figures["structure_iou"] >= STEERING_IOU_FLOOR, figures
     assert figures["structure_iou"] > ablation["structure_iou"], (figures, ablation)
-
-
-def test_the_builtin_text_encoder_barely_tells_tokens_apart(builtin):
-    """The measured reason for the weak grounding figures (README, model card): the token
-    states of a caption are nearly collinear (cosine 0.85-1.0), so cross-attention is almost
-    the same for every word."""
-    ids = builtin.tokenizer(["a red circle and a blue square"], return_tensors="pt").input_ids
-    with torch.no_grad():
-        states = torch.nn.functional.normalize(builtin.text_encoder(ids)[0][0], dim=-1)
-    assert float((states @ states.T).min()) > 0.8
