@@ -1,33 +1,38 @@
-"""Quality of every method on the shapes world, against its own ablation.
+"""Quality of every method on the shapes world, against its real ablations and trivial baselines.
 
     python benchmarks/quality.py TASK [--model builtin] [--scenes 50] [--markdown]
 
 TASK is generation, eraser, grounding, steering or all.  Scenes come from the world's test
 seeds (`world.TEST_SEED_START` + an offset per task), which training never saw.  One JSON line
-per task: the method's figures, its ablation's, and `beats_ablation` on the task's headline
-figure; `--markdown` adds the table the README shows.
+per task: the method's figures (means over scenes, the headline's 95 % bootstrap interval as
+`<headline>_ci`), each ablation's and baseline's on the same scenes, the headline ablation
+(`ablation_figures`, `beats_ablation`), and `margins`: the method's lead on the headline over
+each alternative in units of the paired bootstrap spread (positive: the method is better; a
+claim needs at least 3).  `--markdown` adds the table the README shows.
 
 - **generation**: prompt = a scene's caption; the image is measured with OpenCV against the
   world's definitions (`world.measure_objects`).  Headline: `exact`, the fraction of images
-  whose objects are exactly the prompted (colour, shape) pairs; also `object_recall` (prompted
-  objects found) and `colour_recall`.  Ablation: the same seeds without classifier-free
-  guidance (scale 1).
+  whose objects are exactly the prompted (colour, shape) pairs; also `object_recall` and
+  `colour_recall`.  Ablation: the same seeds without classifier-free guidance (scale 1).  Also
+  `content_word_cosine`: the mean pairwise cosine of the text encoder's states at each
+  caption's content words (near 1: the words are indistinguishable to cross-attention).
 - **eraser**: remove one object (mask dilated by 2 px, as a brush would); inside the mask,
-  `residual` = the fraction of pixels still of the removed object's colour and `mae` = mean
-  absolute error (0-255) against the scene rendered without the object.  Headline: residual
-  (lower is better).  Ablation: the same loop without AAS and SARG (plain blended-latent
-  inpainting with the empty prompt).
-- **grounding**: one referring expression per scene; `miou` (with its 95 % bootstrap interval)
-  against the exact mask.  Headline: mIoU.  Ablations, each separately: without magnets and
-  colour word, with the other renormalisation than the backbone's default, without sink
-  handling, and plain cross-attention of the target words (all three removed; the headline
-  ablation).  Baselines that read no attention: whole image, centred disc, union of all
-  objects.  `margins`: the method's lead over each, in units of the paired bootstrap spread.
-- **steering**: prompts with one red object; MedSteer directions from "a red <shape>" vs "a
-  blue <shape>" prompts; `flip` = the steered image's object is blue, `red_removed` = no red
-  object left, `structure_iou` = IoU of the object masks of the pair.  Headline: structure_iou
-  (the counterfactual changes the concept, not the layout).  Ablation: re-prompting with
-  "blue" at the same seed.
+  `residual` = the fraction of pixels still of the removed object's colour, `mae` = mean
+  absolute error (0-255) against the scene rendered without the object, `clean` = residual
+  below 5 %.  Headline: residual (lower is better).  Ablation: the same loop without AAS and
+  SARG (plain blended-latent inpainting with the empty prompt).  Baselines: the input
+  unchanged, OpenCV's Telea inpainting.
+- **grounding**: one referring expression per scene; `miou` against the exact mask.  Ablations,
+  each separately: without magnets and colour word, with the other renormalisation than the
+  backbone's default, without sink handling, and plain cross-attention of the target words (all
+  three removed; the headline ablation).  Baselines that read no attention: whole image,
+  centred disc, union of all objects.
+- **steering**: prompts with one red object; MedSteer directions from "a red circle" vs "a
+  blue circle" prompts; `flip` = the steered image's largest object is blue, `red_removed` =
+  no red object left, `structure_iou` = IoU of the object masks of the pair.  Headline:
+  structure_iou (the counterfactual changes the concept, not the layout), to be read with
+  `flip`.  Ablation: re-prompting with "blue" at the same seed.  Baseline: no change at all
+  (structure IoU 1, flip 0).
 """
 
 from __future__ import annotations
@@ -54,6 +59,52 @@ HEADLINE = {"generation": ("exact", "higher"), "eraser": ("residual", "lower"),
             "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher")}
 
 
+def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of the mean of `values` (cases resampled, seeded)."""
+    values = np.asarray(values, dtype=np.float64)
+    means = values[np.random.default_rng(seed).integers(0, len(values), (draws, len(values)))].mean(1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
+def bootstrap_spread(values, draws: int = 2000, seed: int = 0) -> float:
+    """Standard deviation of the bootstrap means of `values`: the noise a margin is compared with."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values[np.random.default_rng(seed).integers(0, len(values), (draws, len(values)))].mean(1).std())
+
+
+def _figures(task: str, cases: dict[str, np.ndarray]) -> dict:
+    """Means of per-scene figures, and the headline's 95 % bootstrap interval as `<key>_ci`."""
+    key = HEADLINE[task][0]
+    return {**{name: round(float(np.mean(values)), 4) for name, values in cases.items()},
+            f"{key}_ci": bootstrap_interval(cases[key])}
+
+
+def summarise(task: str, method: str, method_cases: dict, ablation: str, ablations: dict,
+              baselines: dict | None = None) -> dict:
+    """The result of one task: the method's figures, each ablation's and baseline's (same scenes),
+    the headline ablation's, and `margins`: the method's lead on the headline over each
+    alternative in units of the paired bootstrap spread (positive: the method is better; None
+    when the difference is the same on every scene)."""
+    key, better = HEADLINE[task]
+    sign = 1.0 if better == "higher" else -1.0
+    baselines = baselines or {}
+
+    def margin(other: np.ndarray) -> float | None:
+        difference = sign * (np.asarray(method_cases[key], float) - np.asarray(other, float))
+        spread = bootstrap_spread(difference)
+        if spread < 1e-12:  # the same difference on every scene: 0 when equal, else no spread to count in
+            return 0.0 if abs(difference.mean()) < 1e-12 else None
+        return round(float(difference.mean()) / spread, 2)
+
+    return {
+        "method": method, "figures": _figures(task, method_cases),
+        "ablation": ablation, "ablation_figures": _figures(task, ablations[ablation]),
+        "ablations": {name: _figures(task, cases) for name, cases in ablations.items()},
+        "baselines": {name: _figures(task, cases) for name, cases in baselines.items()},
+        "margins": {name: margin(cases[key]) for name, cases in {**ablations, **baselines}.items()},
+    }
+
+
 def task_scenes(task: str, count: int, **kwargs) -> list[world.Scene]:
     return list(world.scenes(world.TEST_SEED_START + SEED_OFFSETS[task], count, **kwargs))
 
@@ -66,25 +117,26 @@ def _to_uint8(images) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------ generation
 
 
-def _generation_figures(images: list[np.ndarray], scenes: list[world.Scene]) -> dict:
-    exact = found_objects = found_colours = total = 0
+def generation_cases(images: list[np.ndarray], scenes: list[world.Scene]) -> dict[str, np.ndarray]:
+    """Per scene: `exact` (the objects found are exactly the prompted (colour, shape) pairs),
+    `object_recall` and `colour_recall` (fractions of the prompted objects / colours found)."""
+    exact, objects, colours = [], [], []
     for image, scene in zip(images, scenes):
-        measured = world.measure_objects(image)
-        got = sorted((o.colour, o.shape) for o in measured)
+        got = sorted((o.colour, o.shape) for o in world.measure_objects(image))
         want = sorted((o.colour, o.shape) for o in scene.objects)
-        exact += got == want
-        remaining, colours = list(got), [c for c, _ in got]
+        remaining, got_colours = list(got), [c for c, _ in got]
+        found_objects = found_colours = 0
         for pair in want:
-            total += 1
             if pair in remaining:
                 remaining.remove(pair)
                 found_objects += 1
-            if pair[0] in colours:
-                colours.remove(pair[0])
+            if pair[0] in got_colours:
+                got_colours.remove(pair[0])
                 found_colours += 1
-    n = len(scenes)
-    return {"exact": round(exact / n, 4), "object_recall": round(found_objects / total, 4),
-            "colour_recall": round(found_colours / total, 4)}
+        exact.append(float(got == want))
+        objects.append(found_objects / len(want))
+        colours.append(found_colours / len(want))
+    return {"exact": np.array(exact), "object_recall": np.array(objects), "colour_recall": np.array(colours)}
 
 
 def generate_scenes(pipe, scenes: list[world.Scene], guidance: float, steps: int, batch: int = 16) -> list[np.ndarray]:
@@ -106,11 +158,35 @@ def bench_generation(pipe, count: int) -> dict:
 
     defaults = models.generation_defaults(pipe)
     scenes = task_scenes("generation", count)
-    method = _generation_figures(generate_scenes(pipe, scenes, defaults["guidance"], defaults["steps"]), scenes)
-    ablation = _generation_figures(generate_scenes(pipe, scenes, 1.0, defaults["steps"]), scenes)
-    return {"method": "text-to-image, CFG " + str(defaults["guidance"]), "figures": method,
-            "ablation": "no guidance (scale 1)", "ablation_figures": ablation,
+    method = generation_cases(generate_scenes(pipe, scenes, defaults["guidance"], defaults["steps"]), scenes)
+    ablation = generation_cases(generate_scenes(pipe, scenes, 1.0, defaults["steps"]), scenes)
+    return {**summarise("generation", "text-to-image, CFG " + str(defaults["guidance"]), method,
+                        "no guidance (scale 1)", {"no guidance (scale 1)": ablation}),
+            "content_word_cosine": (lambda c: {"mean": round(float(c.mean()), 4), "ci": bootstrap_interval(c)})(
+                content_word_cosines(pipe, scenes)),
             "seconds_per_image": seconds_per_image(pipe, defaults)}
+
+
+def content_word_cosines(pipe, scenes: list[world.Scene]) -> np.ndarray:
+    """Per caption: the mean pairwise cosine of the text encoder's output states at the content
+    words (not stop words, not special tokens).  Near 1, every word attends alike and no method
+    that reads cross-attention per word can work; the next built-in model's goal is <= 0.5."""
+    from pipelines.grounding import load_stopwords
+
+    stopwords = load_stopwords()
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    device = next(encoder.parameters()).device
+    values = []
+    for scene in scenes:
+        ids = tokenizer([scene.caption(0)], return_tensors="pt").input_ids
+        tokens = tokenizer.convert_ids_to_tokens(ids[0])
+        keep = [i for i, token in enumerate(tokens)
+                if token not in tokenizer.all_special_tokens and token.removesuffix("</w>") not in stopwords]
+        with torch.no_grad():
+            states = torch.nn.functional.normalize(encoder(ids.to(device))[0][0, keep].float(), dim=-1)
+        cosines = states @ states.T
+        values.append(float(cosines[~torch.eye(len(keep), dtype=torch.bool, device=cosines.device)].mean()))
+    return np.array(values)
 
 
 def seconds_per_image(pipe, defaults: dict, repeats: int = 3) -> float:
@@ -136,17 +212,30 @@ def _eraser_case(scene: world.Scene, size: int):
     return index, mask, brushed
 
 
-def _eraser_figures(results: list[np.ndarray], scenes: list[world.Scene], size: int) -> dict:
+def eraser_cases(results: list[np.ndarray], scenes: list[world.Scene], size: int) -> dict[str, np.ndarray]:
+    """Per scene, inside the brushed mask: `residual` (fraction of pixels still of the removed
+    object's colour), `mae` (0-255, against the scene rendered without it), `clean` (residual
+    below 5 %)."""
     residual, errors = [], []
     for output, scene in zip(results, scenes):
         index, _mask, brushed = _eraser_case(scene, size)
         colour_index = list(world.COLOURS).index(scene.objects[index].colour)
-        labels = world.colour_of_pixels(output)
-        residual.append(float((labels[brushed] == colour_index).mean()))
+        residual.append(float((world.colour_of_pixels(output)[brushed] == colour_index).mean()))
         truth = scene.render_without(index, size).astype(np.float32)
         errors.append(float(np.abs(output.astype(np.float32) - truth)[brushed].mean()))
-    return {"residual": round(float(np.mean(residual)), 4), "mae": round(float(np.mean(errors)), 2),
-            "clean": round(float(np.mean([r < 0.05 for r in residual])), 4)}
+    residual = np.array(residual)
+    return {"residual": residual, "mae": np.array(errors), "clean": (residual < 0.05).astype(float)}
+
+
+def classical_inpaint_scenes(scenes: list[world.Scene], size: int) -> list[np.ndarray]:
+    """The trivial baseline: OpenCV's Telea inpainting of the brushed mask (no model)."""
+    import cv2
+
+    outputs = []
+    for scene in scenes:
+        _index, _mask, brushed = _eraser_case(scene, size)
+        outputs.append(cv2.inpaint(scene.render(size), brushed.astype(np.uint8), 3, cv2.INPAINT_TELEA))
+    return outputs
 
 
 def erase_scenes(pipe, scenes: list[world.Scene], aas: bool, steps: int | None = None) -> list[np.ndarray]:
@@ -169,10 +258,13 @@ def bench_eraser(pipe, count: int) -> dict:
 
     size = models.default_size(pipe)[0]
     scenes = task_scenes("eraser", count)
-    method = _eraser_figures(erase_scenes(pipe, scenes, aas=True), scenes, size)
-    ablation = _eraser_figures(erase_scenes(pipe, scenes, aas=False), scenes, size)
-    return {"method": "Attentive Eraser (AAS + SARG, paper defaults)", "figures": method,
-            "ablation": "blended-latent inpainting, empty prompt (no AAS, no SARG)", "ablation_figures": ablation}
+    plain = "blended-latent inpainting, empty prompt (no AAS, no SARG)"
+    return summarise(
+        "eraser", "Attentive Eraser (AAS + SARG, paper defaults)",
+        eraser_cases(erase_scenes(pipe, scenes, aas=True), scenes, size),
+        plain, {plain: eraser_cases(erase_scenes(pipe, scenes, aas=False), scenes, size)},
+        {"no-op (the input)": eraser_cases([scene.render(size) for scene in scenes], scenes, size),
+         "OpenCV Telea inpainting": eraser_cases(classical_inpaint_scenes(scenes, size), scenes, size)})
 
 
 # ------------------------------------------------------------------------------ grounding
@@ -188,19 +280,6 @@ def grounding_cases(count: int) -> list[tuple[world.Scene, world.ReferringExpres
             cases.append((scene, expressions[seed % len(expressions)]))
         seed += 1
     return cases
-
-
-def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
-    """95 % percentile-bootstrap interval of the mean of `values` (cases resampled, seeded)."""
-    values = np.asarray(values, dtype=np.float64)
-    means = values[np.random.default_rng(seed).integers(0, len(values), (draws, len(values)))].mean(1)
-    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
-
-
-def bootstrap_spread(values, draws: int = 2000, seed: int = 0) -> float:
-    """Standard deviation of the bootstrap means of `values`: the noise a margin is compared with."""
-    values = np.asarray(values, dtype=np.float64)
-    return float(values[np.random.default_rng(seed).integers(0, len(values), (draws, len(values)))].mean(1).std())
 
 
 def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -250,10 +329,6 @@ def grounding_ablations(settings) -> dict:
     }
 
 
-def _iou_figures(ious: np.ndarray) -> dict:
-    return {"miou": round(float(ious.mean()), 4), "miou_ci": bootstrap_interval(ious)}
-
-
 def bench_grounding(pipe, count: int) -> dict:
     from pipelines import grounding, models
     from pipelines.grounding_settings import GroundingSettings
@@ -264,20 +339,11 @@ def bench_grounding(pipe, count: int) -> dict:
     method = grounding_ious(pipe, cases, settings)
     ablations = grounding_ablations(settings)
     ablations["with the other renormalisation"] = replace(settings, renorm=not renorm)
-    ablation_ious = {name: grounding_ious(pipe, cases, variant) for name, variant in ablations.items()}
-    baseline_ious = grounding_baseline_ious(cases, models.default_size(pipe)[0])
-    plain = ablation_ious["plain cross-attention of the target words"]
-    return {
-        "method": f"RefAM (magnets, colour word, GAS exclude, renorm {'on' if renorm else 'off'})",
-        "figures": _iou_figures(method),
-        "ablation": "plain cross-attention of the target words",
-        "ablation_figures": _iou_figures(plain),
-        "ablations": {name: _iou_figures(ious) for name, ious in ablation_ious.items()},
-        "baselines": {name: _iou_figures(ious) for name, ious in baseline_ious.items()},
-        # the margin over each alternative, in units of its paired bootstrap spread
-        "margins": {name: round(float((method - ious).mean()) / max(bootstrap_spread(method - ious), 1e-9), 2)
-                    for name, ious in {**ablation_ious, **baseline_ious}.items()},
-    }
+    ablation_cases = {name: {"miou": grounding_ious(pipe, cases, variant)} for name, variant in ablations.items()}
+    baseline_cases = {name: {"miou": ious}
+                      for name, ious in grounding_baseline_ious(cases, models.default_size(pipe)[0]).items()}
+    return summarise("grounding", f"RefAM (magnets, colour word, GAS exclude, renorm {'on' if renorm else 'off'})",
+                     {"miou": method}, "plain cross-attention of the target words", ablation_cases, baseline_cases)
 
 
 # ------------------------------------------------------------------------------ steering
@@ -293,19 +359,20 @@ def _object_masks(image: np.ndarray) -> np.ndarray:
     return world.colour_of_pixels(image) >= 0
 
 
-def _steering_figures(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+def steering_cases(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per pair: `flip` (the changed image's largest object is blue), `red_removed` (no red object
+    left) and `structure_iou` (IoU of the object masks of the two images)."""
     flips, removed, ious = [], [], []
     for original, changed in pairs:
         objects = world.measure_objects(changed)
         colours = {o.colour for o in objects}
         largest = max(objects, key=lambda o: o.area).colour if objects else None
-        flips.append(largest == "blue")
-        removed.append("red" not in colours)
+        flips.append(float(largest == "blue"))
+        removed.append(float("red" not in colours))
         a, b = _object_masks(original), _object_masks(changed)
         union = (a | b).sum()
         ious.append(float((a & b).sum() / union) if union else 1.0)
-    return {"flip": round(float(np.mean(flips)), 4), "red_removed": round(float(np.mean(removed)), 4),
-            "structure_iou": round(float(np.mean(ious)), 4)}
+    return {"flip": np.array(flips), "red_removed": np.array(removed), "structure_iou": np.array(ious)}
 
 
 def steering_directions(pipe, samples: int, steps: int, guidance: float):
@@ -339,10 +406,13 @@ def bench_steering(pipe, count: int, samples: int = 64) -> dict:
     defaults = models.generation_defaults(pipe)
     scenes = steering_scenes(count)
     directions = steering_directions(pipe, samples, defaults["steps"], defaults["guidance"])
-    method = _steering_figures(steer_scenes(pipe, scenes, directions))
-    ablation = _steering_figures(reprompt_scenes(pipe, scenes, defaults["steps"], defaults["guidance"]))
-    return {"method": f"MedSteer (red -> blue directions from {samples}+{samples} images)", "figures": method,
-            "ablation": "re-prompting with 'blue' at the same seed", "ablation_figures": ablation}
+    pairs = steer_scenes(pipe, scenes, directions)
+    reprompt = "re-prompting with 'blue' at the same seed"
+    return summarise(
+        "steering", f"MedSteer (red -> blue directions from {samples}+{samples} images)", steering_cases(pairs),
+        reprompt, {reprompt: steering_cases(reprompt_scenes(pipe, scenes, defaults["steps"], defaults["guidance"]))},
+        # keeps the layout perfectly and changes nothing: structure IoU 1, flip 0
+        {"no-op (the original image)": steering_cases([(original, original) for original, _ in pairs])})
 
 
 BENCHES = {"generation": bench_generation, "eraser": bench_eraser, "grounding": bench_grounding,
@@ -363,14 +433,23 @@ def run_task(pipe, task: str, count: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| task | headline | method | ablation | other figures (method / ablation) |",
+    """One table row per task: the headline with its interval for the method, each ablation and
+    each baseline (with the method's margin over it in bootstrap spreads), and the other figures."""
+
+    def cell(figures: dict, key: str) -> str:
+        low, high = figures[f"{key}_ci"]
+        return f"{figures[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+    lines = ["| task | headline | method | ablations and baselines (margin in spreads) | other figures |",
              "|---|---|---|---|---|"]
     for row in rows:
         key = row["headline"]
-        others = ", ".join(f"{k} {row['figures'][k]} / {row['ablation_figures'][k]}"
-                           for k in row["figures"] if k != key)
-        lines.append(f"| {row['task']} ({row['scenes']} scenes) | {key} | {row['figures'][key]} ({row['method']}) "
-                     f"| {row['ablation_figures'][key]} ({row['ablation']}) | {others} |")
+        others = ", ".join(f"{k} {v}" for k, v in row["figures"].items() if k not in (key, f"{key}_ci"))
+        lead = lambda name: "constant difference" if row["margins"][name] is None else f"{row['margins'][name]:+.1f}"  # noqa: E731
+        alternatives = "; ".join(f"{name}: {cell(figures, key)} ({lead(name)})"
+                                 for name, figures in {**row["ablations"], **row["baselines"]}.items())
+        lines.append(f"| {row['task']} ({row['scenes']} scenes) | {key} | {cell(row['figures'], key)} "
+                     f"({row['method']}) | {alternatives} | {others} |")
     return "\n".join(lines)
 
 

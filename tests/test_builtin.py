@@ -27,14 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Samples (scenes per check) and floors.  Measured on the shipped weights, CPU float32, on
 # exactly these samples (2026-11-26): generation exact 0.167 (no CFG 0.125), object recall 0.50
-# (0.31), colour recall 0.76; eraser residual 0.642 (plain inpainting 0.684); steering red removed 1.0, structure IoU 0.061 (re-prompting
+# (0.31), colour recall 0.76; steering red removed 1.0, structure IoU 0.061 (re-prompting
 # 0.013).  The model is weak (see assets/builtin/README.md for why), so the floors are low; they
 # still catch a model that does not load, draws noise, or a method that stops working.
 GENERATION_SAMPLE = 24
 GENERATION_EXACT_FLOOR = 0.10
 GENERATION_COLOUR_FLOOR = 0.65
-ERASER_SAMPLE = 6
-ERASER_RESIDUAL_CEILING = 0.72
+ERASER_SAMPLE = 50  # enough scenes for a margin of three bootstrap spreads (see the test)
 GROUNDING_SAMPLE = 50  # enough scenes for margins of three bootstrap spreads (see the test)
 STEERING_SAMPLE = 6
 STEERING_DIRECTION_SAMPLES = 16
@@ -82,11 +81,12 @@ def test_builtin_loads_offline(monkeypatch):
 @pytest.mark.timeout(300)
 def test_generation_draws_the_prompted_colours_and_shapes(builtin):
     result = quality.bench_generation(builtin, GENERATION_SAMPLE)
-    figures, ablation = result["figures"], result["ablation_figures"]
+    figures = result["figures"]
     assert figures["exact"] >= GENERATION_EXACT_FLOOR, figures
     assert figures["colour_recall"] >= GENERATION_COLOUR_FLOOR, figures
-    # Guidance is what makes prompted objects appear: more of them than without it.
-    assert figures["object_recall"] > ablation["object_recall"], (figures, ablation)
+    # Not asserted: that guidance finds more of the prompted objects than no guidance.  It leads
+    # on these 24 scenes (0.48 vs 0.31, 3.2 spreads) but by only 2.2 spreads on 50 (0.47 vs 0.36),
+    # short of the three a claim needs.
 
 
 @pytest.mark.timeout(300)
@@ -106,15 +106,19 @@ def test_generate_cli_with_the_builtin_model_draws_a_red_object(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_attentive_eraser_removal_stays_at_its_measured_level(builtin):
-    """Not a win on this model: on 50 scenes Attentive Eraser leaves 0.38 of the mask in the
-    object's colour against 0.34 for plain inpainting (README, model card: the world has no
-    empty backgrounds, so the model's prior puts objects back into any hole).  This checks the
-    level only; on this 6-scene sample the eraser happens to lead (0.642 vs 0.684)."""
-    result = quality.bench_eraser(builtin, ERASER_SAMPLE)
-    figures = result["figures"]
-    assert figures["residual"] <= ERASER_RESIDUAL_CEILING, figures
-    assert figures["mae"] < 80, figures  # 0-255 scale; measured 61
+def test_attentive_eraser_removes_more_of_the_object_than_doing_nothing(builtin):
+    """On 50 fresh scenes the eraser leaves 0.38 of the mask in the object's colour against 0.54
+    for the untouched input: a lead of 4.0 paired bootstrap spreads (2.9 on 30 scenes, so fewer
+    would not do).  Not asserted, because it is not true on this model: beating plain inpainting
+    (0.34, the eraser trails by 1.3 spreads) or OpenCV's Telea inpainting (0.00).  The world has
+    no empty backgrounds, so the model's prior puts objects back into any hole (model card)."""
+    size = 64
+    scenes = quality.task_scenes("eraser", ERASER_SAMPLE)
+    erased = quality.eraser_cases(quality.erase_scenes(builtin, scenes, aas=True), scenes, size)
+    untouched = quality.eraser_cases([scene.render(size) for scene in scenes], scenes, size)
+    lead = untouched["residual"] - erased["residual"]
+    assert lead.mean() >= 3 * quality.bootstrap_spread(lead), (erased["residual"].mean(), untouched["residual"].mean())
+    assert erased["mae"].mean() < 60, erased["mae"].mean()  # 0-255 scale; measured 44
 
 
 @pytest.mark.timeout(600)
@@ -127,7 +131,8 @@ def test_refam_on_the_builtin_model_beats_its_renormalised_variant_and_masks_tha
     result = quality.bench_grounding(builtin, GROUNDING_SAMPLE)
     margins = result["margins"]
     for name in ("with the other renormalisation", "whole image", "centred disc"):
-        assert margins[name] >= 3, (name, margins, result["figures"], result["ablations"], result["baselines"])
+        assert margins[name] is not None and margins[name] >= 3, (name, margins, result["figures"],
+                                                                  result["ablations"], result["baselines"])
 
 
 def test_the_plain_cross_attention_ablation_is_a_map_not_a_constant(builtin):
@@ -148,7 +153,9 @@ def test_the_plain_cross_attention_ablation_is_a_map_not_a_constant(builtin):
 @pytest.mark.timeout(600)
 def test_medsteer_changes_the_colour_and_keeps_the_layout(builtin):
     result = quality.bench_steering(builtin, STEERING_SAMPLE, samples=STEERING_DIRECTION_SAMPLES)
-    figures, ablation = result["figures"], result["ablation_figures"]
+    figures = result["figures"]
     assert figures["red_removed"] >= STEERING_REMOVED_FLOOR, figures
     assert figures["structure_iou"] >= STEERING_IOU_FLOOR, figures
-    assert figures["structure_iou"] > ablation["structure_iou"], (figures, ablation)
+    # Not asserted: keeping more of the layout than re-prompting.  With the benchmark's 64+64
+    # direction images MedSteer leads on 50 scenes (structure IoU 0.133 vs 0.080) by 2.2 paired
+    # bootstrap spreads, short of three.
