@@ -97,12 +97,12 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     import gradio as gr
 
     from ui.common import AppContext, OutputStore, header_markdown
-    from ui.file_guard import GuardedBlocks
+    from ui.request_guard import GuardedBlocks
 
     ctx = AppContext(default_model=default_model, device=device,
                      outputs=outputs if outputs is not None else OutputStore(),
                      extra_models=tuple(extra_models))
-    # GuardedBlocks: only this process's uploads and results reach a handler (ui/file_guard.py)
+    # GuardedBlocks: only this process's uploads and results reach a handler (ui/request_guard.py)
     with GuardedBlocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
         gr.Markdown(header_markdown(default_model))

@@ -14,7 +14,6 @@ part); FLUX's is T5 only (`pipe.tokenizer_2`).
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from attention_processors.heatmaps import LAYER_GROUPS, CrossAttentionHeatmaps, 
 from . import models
 from .errors import UserInputError
 from .io import save_image
+from .seeds import resolve_seed
+from .tokenizers import check_fits
 
 LAYER_CHOICES = LAYER_GROUPS
 MAX_STEPS = 200
@@ -124,6 +125,9 @@ def _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, lay
         raise UserInputError(f"Layers must be one of {', '.join(LAYER_CHOICES)}, not {layers!r}.")
     if fam == "flux" and negative_prompt.strip():
         raise UserInputError("FLUX models are guidance-distilled and take no negative prompt; leave it empty.")
+    tokenizer, max_length, _ = _text_layout(pipe)
+    check_fits(tokenizer, prompt, max_length)
+    check_fits(tokenizer, negative_prompt, max_length, "negative prompt")
 
 
 def generate_with_attention_maps(
@@ -150,7 +154,7 @@ def generate_with_attention_maps(
     guidance = float(defaults["guidance"] if guidance is None else guidance)
     negative_prompt = negative_prompt or ""
     _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, layers)
-    seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
+    seed = resolve_seed(seed)
 
     denoiser = models.denoiser(pipe)
     tokenizer, max_length, text_part = _text_layout(pipe)

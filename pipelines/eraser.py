@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +64,7 @@ from attention_processors.attentive_eraser import AAS, NORMAL, AttentiveEraserAA
 from . import models
 from .errors import UserInputError
 from .io import load_image, load_mask, save_image
+from .seeds import resolve_seed
 
 logger = logging.getLogger(__name__)
 
@@ -671,7 +671,7 @@ def erase(
     strength = (1.0 if mode == "dip" else PAPER_DEFAULTS["strength"]) if strength is None else float(strength)
     guidance, ss_scale = float(guidance), float(ss_scale)
     _validate(steps, strength, guidance, ss_steps, ss_scale, mode, num_images)
-    base_seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
+    base_seed = resolve_seed(seed)
     seeds = [base_seed + i for i in range(num_images)]
     freeu = bb.sd2 if freeu is None else bool(freeu)
     prepared = prepare(bb, image, mask, grow=grow, crop=crop, blur_kernel=blur_kernel, working_side=working_side)

@@ -88,6 +88,7 @@ from attention_processors.personalize import (
 from . import models
 from .errors import UserInputError
 from .io import atomic_path, load_image, save_image
+from .seeds import resolve_seed
 
 METHODS = ("disendiff", "attencraft")
 FORMAT = "personalize-learned/1"
@@ -1119,8 +1120,6 @@ def _check_prompt(prompt: str, learned: Learned) -> str:
 def generate(pipe, learned: Learned, prompt: str, seed: int | None = 42, steps: int | None = None,
              guidance: float | None = None, negative_prompt: str = "") -> Generated:
     """Sample `prompt` with the learned tokens and K/V on the base pipeline (method's settings)."""
-    import secrets
-
     from diffusers import DDIMScheduler
 
     prompt = _check_prompt(prompt, learned)
@@ -1129,7 +1128,7 @@ def generate(pipe, learned: Learned, prompt: str, seed: int | None = 42, steps: 
     if not 1 <= steps <= 500:
         raise UserInputError(f"Steps must be between 1 and 500, not {steps}.")
     guidance = float(cfg["sample_guidance"] if guidance is None else guidance)
-    seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
+    seed = resolve_seed(seed)
     scheduler = None
     if cfg["sample_scheduler"] == "ddim":
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +68,8 @@ from attention_processors.medsteer import (
 from . import models
 from .errors import UserInputError
 from .io import atomic_path, save_image
+from .seeds import MAX_SEED, resolve_seed
+from .tokenizers import check_fits
 
 #: MedSteer's settings (PixArt-alpha 512, Kvasir): the one place they are named.
 PAPER_DEFAULTS = {
@@ -148,8 +149,8 @@ def validate_beta(beta: float) -> float:
 
 def _check_seed(seed: int) -> int:
     seed = int(seed)
-    if not 0 <= seed < 2**32:
-        raise UserInputError(f"Seeds must be between 0 and {2**32 - 1}, not {seed}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserInputError(f"Seeds must be between 0 and {MAX_SEED}, not {seed}.")
     return seed
 
 
@@ -192,6 +193,9 @@ def _quiet_progress(pipe):
 def encode(pipe, prompt: str, negative_prompt: str, guidance: float) -> dict:
     """Prompt embeddings as `pipe(...)` keyword arguments: encode once, reuse for every image."""
     fam = _check_family(pipe)
+    window = 120 if fam == "pixart" else pipe.tokenizer.model_max_length  # what encode_prompt keeps
+    check_fits(pipe.tokenizer, prompt, window)
+    check_fits(pipe.tokenizer, negative_prompt, window, "negative prompt")
     cfg = models.uses_cfg_batch(pipe, guidance)
     device = pipe._execution_device
     with torch.no_grad():
@@ -596,7 +600,7 @@ def counterfactual_pair(
     prompt = _check_prompt(prompt, "prompt to steer")
     s = _settings(pipe, directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
                   batched, allow_other_model)
-    seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else _check_seed(seed)
+    seed = resolve_seed(seed)
     embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)
     return _pair(pipe, directions, embeds, prompt, seed, s)
 

@@ -7,6 +7,9 @@ as those of `openai/clip-vit-large-patch14` (49,408 entries; "a photo of a cat" 
 [49406, 320, 1125, 539, 320, 2368, 49407]).  The tiny built-in models use it, and so can any
 CLIP-based checkpoint whose own tokenizer files are missing.
 
+`check_fits(tokenizer, text, max_length)` refuses a text longer than the model's text window in
+one sentence, so that no prompt is silently cut.
+
 T5: `t5_tokenizer()` builds a small Unigram (sentencepiece-style) tokenizer in memory.  This
 vocabulary is OURS and serves the tiny built-in models only (PixArt, SD3, FLUX variants): it has
 nothing to do with the 32k vocabulary of the real T5 checkpoints, which always bring their own
@@ -161,3 +164,15 @@ def t5_tokenizer() -> T5Tokenizer:
 def t5_vocab_size() -> int:
     """Size of the tiny T5 vocabulary, for the embedding table of the tiny T5 encoders."""
     return len(_t5_vocab())
+
+
+def check_fits(tokenizer, text: str, max_length: int, what: str = "prompt") -> int:
+    """The token count of `text` (special tokens included); a text over `max_length` tokens is
+    refused in one sentence instead of being cut silently by the pipeline."""
+    from .errors import UserInputError
+
+    count = len(tokenizer(text or "", truncation=False).input_ids)
+    if count > max_length:
+        raise UserInputError(f"The {what} is {count} tokens long, but this model reads at most {max_length} "
+                             f"(special tokens included); shorten it.")
+    return count

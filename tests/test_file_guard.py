@@ -1,4 +1,4 @@
-"""No request can make the server read a file it did not receive or write (ui/file_guard.py).
+"""No request can make the server read a file it did not receive or write (ui/request_guard.py).
 
 Every endpoint and every file parameter is found in the API description (`/gradio_api/info`),
 so a new tab is covered without editing this file.  Each is sent, through raw HTTP and through
@@ -271,7 +271,7 @@ def test_results_name_the_model_not_its_folder(server):
 
 
 def test_messages_lose_their_server_paths():
-    from ui.file_guard import without_server_paths
+    from ui.request_guard import without_server_paths
 
     assert without_server_paths("cannot identify image file '/tmp/gradio/ab12/cat.png'") == \
         "cannot identify image file 'cat.png'"

@@ -296,7 +296,7 @@ def test_identical_means_are_refused_with_a_sentence(tiny_pipe, monkeypatch):
     (dict(beta="strong"), "Beta must be a number"),
     (dict(steer="uncond"), "Steer must be one of both, cond"),
     (dict(prompt="  "), "Please enter the prompt to steer"),
-    (dict(seed=2**32), "Seeds must be between 0"),
+    (dict(seed=2**32), "seed must be at most 4294967295"),
     (dict(width=65), "Width must be a multiple of"),
     (dict(step_map="nearest"), "step map must be one of"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
 
 # Prompts in the built-in model's vocabulary (pipelines/world.py): they run offline in about a
@@ -48,7 +49,7 @@ def make_handler(ctx: AppContext):
 
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
-        use_seed = None if randomize_seed or seed is None or seed < 0 else int(seed)
+        use_seed = resolve_seed(seed, randomize_seed)
         result = generate_with_attention_maps(
             pipe,
             prompt,

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipelines.eraser import PAPER_DEFAULTS
 from pipelines.errors import UserInputError
+from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
 
 ORDER = 20  # position among the tabs
@@ -116,7 +117,7 @@ def make_handler(ctx: AppContext):
             painted = np.zeros((picture.height, picture.width), bool)
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
-        use_seed = None if randomize_seed or seed is None or seed < 0 else int(seed)
+        use_seed = resolve_seed(seed, randomize_seed)
         mode = (mode or "sip").lower()
         result = run_erase(
             pipe, picture, painted, seed=use_seed, num_images=int(num_images), steps=int(steps),

@@ -19,6 +19,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
 
 ORDER = 50  # position among the tabs
@@ -114,7 +115,7 @@ def make_handlers(ctx: AppContext):
         if image is None:
             raise UserInputError("Please upload an image holding the concepts.")
         pipe = load_fp32(model)
-        options = {"steps": int(steps or 0), "prior_images": int(prior_images or 0), "seed": int(seed or 0)}
+        options = {"steps": int(steps or 0), "prior_images": int(prior_images or 0), "seed": resolve_seed(0 if seed is None else seed)}
         if method == "attencraft":
             options["tau"] = float(tau)
             if options["prior_images"] < 1:
@@ -165,6 +166,7 @@ def make_handlers(ctx: AppContext):
         from pipelines.errors import UserInputError
         from pipelines.personalize import Learned, generate
 
+        seed = resolve_seed(seed)  # cheap checks first: no file is read for a bad seed
         if learned_file:
             path = Path(learned_file)
         elif (folder := ctx.outputs.run_dir_named(run_folder, "personalize")) and (folder / "learned.safetensors").is_file():
@@ -173,7 +175,7 @@ def make_handlers(ctx: AppContext):
             raise UserInputError("Train first, or upload a learned file (.safetensors).")
         learned = Learned.load(path)
         pipe = load_fp32(model)
-        result = generate(pipe, learned, prompt, seed=None if seed is None else int(seed), steps=int(steps or 0) or None,
+        result = generate(pipe, learned, prompt, seed=seed, steps=int(steps or 0) or None,
                           guidance=None if guidance in (None, 0) else float(guidance))
         out = ctx.outputs.new_run_dir("personalize") / f"personalized_seed{result.seed}.png"
         written = result.save(out)

@@ -8,6 +8,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
 
 ORDER = 30  # position among the tabs
@@ -58,7 +59,7 @@ def make_handler(ctx: AppContext):
         settings = GroundingSettings(
             size=int(size) if size else None, sigma=float(noise), timestep=int(round(float(noise) * 1000)),
             gas=gas, norm=norm, magnets=int(magnets), threshold=float(threshold) if threshold else "otsu",
-            refine=bool(refine), seed=int(seed or 0),
+            refine=bool(refine), seed=resolve_seed(0 if seed is None else seed),
         )
         run_dir = ctx.outputs.new_run_dir("segment")
         if video:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import gradio as gr
 
+from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
 
 ORDER = 40  # position among the tabs
@@ -142,7 +143,7 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
             pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
                                                       width, height, progress)
             status = describe(directions, cached)
-        use_seed = None if randomize_seed or seed is None or seed < 0 else int(seed)
+        use_seed = resolve_seed(seed, randomize_seed)
         progress(0, desc="Generating the pair")
         result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, beta=float(beta), steer=steer)
         written = result.save(ctx.outputs.new_run_dir("steer"))

@@ -1,10 +1,11 @@
-"""Which files a request may name, and which server paths a visitor may see.
+"""Which files a request may name, which numbers it may send, and which server paths a visitor may see.
 
 The app's `gr.Blocks` is a `GuardedBlocks`: before any component reads its input, every file
 reference in a request (a `{"path": ...}` object at any depth, for every input component) must
 name a file that this server process received as an upload or wrote itself (its results, its
-examples); anything else gets one sentence and never reaches a component or a handler.  Every
-message a visitor gets back has absolute server paths reduced to file names.
+examples); anything else gets one sentence and never reaches a component or a handler.  NaN
+and infinity are refused for every Number and Slider.  Every message a visitor gets back has
+absolute server paths reduced to file names.
 
 Why this is needed on top of Gradio (measured on gradio 6.31.0, the newest release, through raw
 HTTP against `python app.py`):
@@ -33,6 +34,7 @@ name only files it uploaded or was given.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -110,8 +112,19 @@ class GuardedBlocks(gr.Blocks):
                 if not isinstance(path, str) or path not in known:
                     raise gr.Error(NOT_AN_UPLOAD.format(what=_label(component)), print_exception=False)
 
+    @staticmethod
+    def check_numbers(block_fn, inputs: list) -> None:
+        """NaN and infinity pass Gradio's Number and Slider checks (every comparison with NaN is
+        false) and then fail deep inside a task; refuse them here, for every numeric input."""
+        for component, value in zip(block_fn.inputs, inputs):
+            if (isinstance(component, (gr.Number, gr.Slider)) and isinstance(value, float)
+                    and not math.isfinite(value)):
+                raise gr.Error(f"The {_label(component)} must be a finite number, not {value}.",
+                               print_exception=False)
+
     async def preprocess_data(self, block_fn, inputs, state, *args, **kwargs):
         self.check_file_references(block_fn, list(inputs or []))
+        self.check_numbers(block_fn, list(inputs or []))
         try:
             return await super().preprocess_data(block_fn, inputs, state, *args, **kwargs)
         except ComponentProcessingError as error:
