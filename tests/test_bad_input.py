@@ -134,3 +134,17 @@ def test_seed_rule():
     for bad in (MAX_SEED + 1, 2**70, 1.5, float("nan"), float("inf"), "seven", True):
         with pytest.raises(UserInputError):
             resolve_seed(bad)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--seed", str(2**70)), "seed"),
+    (("--prompt", " ".join(["cat"] * 100)), "tokens long"),
+])
+def test_the_command_line_says_the_same_sentence(tmp_path, args, fragment):
+    from app_server import assert_user_error, run_app
+
+    base = {"--model": "tiny", "--prompt": "a cat", "--steps": "1", "--output": str(tmp_path / "out.png")}
+    base.update(dict(zip(args[::2], args[1::2])))
+    proc = run_app("generate", *[item for pair in base.items() for item in pair])
+    assert_user_error(proc, fragment)
+    assert not (tmp_path / "out.png").exists()
