@@ -521,6 +521,7 @@ class StepInfo:
     masks: torch.Tensor | None = None  # AttenCraft: (K, h, w) binary
     mask_labels: list[str] = field(default_factory=list)
     note: str = ""
+    stopped: bool = False  # the run stopped here on request (`Trainer.run(stop=...)`)
 
 
 @dataclass
@@ -1018,8 +1019,12 @@ class Trainer:
         """Whether the output folder holds a checkpoint of this very run (same settings)."""
         return checkpoint_fingerprint(self.output) == self.fingerprint()
 
-    def run(self) -> Iterator[StepInfo]:
-        """Train from the current (or resumed) step to `steps`, yielding one report per step."""
+    def run(self, stop: Callable[[], bool] | None = None) -> Iterator[StepInfo]:
+        """Train from the current (or resumed) step to `steps`, yielding one report per step.
+
+        `stop` is asked after every step; when it answers True the run saves a checkpoint (so
+        no step is lost and the same settings resume from here), reports `stopped=True` and ends.
+        """
         self.start()
         every = int(self.cfg["checkpoint_every"])
         while self.step < self.total_steps:
@@ -1027,11 +1032,14 @@ class Trainer:
             refresh = self.method == "attencraft" and self.attention_losses and step % int(self.cfg["refresh_every"]) == 0
             batches = [self.make_batch(step) for _ in range(int(self.cfg["grad_accum"]))]
             info = self.optimizer_step(batches, refresh=refresh)
-            if self.step % every == 0 or self.step == self.total_steps:
+            info.stopped = self.step < self.total_steps and stop is not None and bool(stop())
+            if info.stopped or self.step % every == 0 or self.step == self.total_steps:
                 self.accelerator.wait_for_everyone()
                 self.save_checkpoint()
                 info.note = f"checkpoint saved at step {self.step}"
             yield info
+            if info.stopped:
+                return
 
 
 def train(pipe, image, class_words, method: str = "disendiff", output: str | Path | None = None,

@@ -144,6 +144,40 @@ def test_gradio_client_train_generate_upload_and_errors(server, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_the_cancel_endpoint_stops_a_run_at_a_step_and_loses_nothing(server, tmp_path):
+    """An API client names the run (streamed from the first update) to /personalize_cancel; the
+    run stops after its current step with a checkpoint there, and the same settings resume from
+    exactly that step (not from the last periodic checkpoint)."""
+    from gradio_client import Client, handle_file
+
+    photo = write_photo(tmp_path / "photo.png")
+    client = Client(server.url, verbose=False)
+    long = dict(model="tiny", image=handle_file(str(photo)), class_words="cat,dog", method="disendiff",
+                steps=2000, prior_images=1, tau=0.1, seed=2)
+    job = client.submit(**long, run_folder="", api_name="/personalize_train")
+    deadline, name = time.monotonic() + 200, None
+    while time.monotonic() < deadline:
+        outs = [o for o in job.outputs() if isinstance(o, (list, tuple))]
+        if outs:
+            name = outs[-1][4]
+            done = re.search(r"Step (\d+)/", outs[-1][0])
+            if done and int(done.group(1)) >= 3:
+                break
+        time.sleep(0.2)
+    assert name and name.startswith("personalize-"), outs
+    assert "Stopping" in client.predict(run_folder=name, api_name="/personalize_cancel")
+    status = job.result(timeout=120)[0]
+    stopped = re.search(r"Stopped at step (\d+)/2000", status)
+    assert stopped, status
+    step = int(stopped.group(1))
+    assert 3 <= step < 50, status  # before the first periodic checkpoint: only the stop saved it
+    assert "No training" in client.predict(run_folder=name, api_name="/personalize_cancel")
+    resumed = client.submit(**dict(long, steps=step + 1), run_folder=name, api_name="/personalize_train")
+    status = resumed.result(timeout=120)[0]
+    assert f"resumed from step {step}" in status and f"Step {step + 1}/{step + 1}" in status, status
+
+
+@pytest.mark.timeout(300)
 def test_personalize_tab_in_a_real_browser(server, tmp_path):
     require_browser()
     from playwright.sync_api import expect, sync_playwright

@@ -134,6 +134,24 @@ def test_resume_continues_from_the_checkpoint_with_the_same_optimizer_state(pipe
     assert all(torch.equal(resumed.kv[k], straight.kv[k]) for k in straight.kv)
 
 
+def test_a_stop_request_saves_the_step_and_the_run_resumes_identically(pipe, photo, tmp_path):
+    """Stopped after step 3 of 5 (periodic checkpoints every 50): the stop writes the checkpoint,
+    reports `stopped`, and resuming ends bit-identical to an uninterrupted run."""
+    opts = dict(_kwargs("disendiff"), steps=5, checkpoint_every=50)
+    straight = Trainer(pipe, photo, "cat,dog", "disendiff", tmp_path / "a", **opts)
+    list(straight.run())
+
+    stopped = Trainer(pipe, photo, "cat,dog", "disendiff", tmp_path / "b", **opts)
+    infos = list(stopped.run(stop=lambda: stopped.step >= 3))
+    assert [info.step for info in infos] == [1, 2, 3] and infos[-1].stopped and not infos[0].stopped
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["step"] == 3
+    resumed = Trainer(pipe, photo, "cat,dog", "disendiff", tmp_path / "b", **opts)
+    list(resumed.run(stop=lambda: False))
+    assert resumed.resumed_from == 3 and resumed.step == 5
+    assert torch.equal(resumed.token_rows, straight.token_rows)
+    assert all(torch.equal(resumed.kv[k], straight.kv[k]) for k in straight.kv)
+
+
 def test_disk_full_keeps_the_previous_checkpoint(pipe, photo, tmp_path, monkeypatch):
     trainer = Trainer(pipe, photo, "cat,dog", "disendiff", tmp_path, **dict(_kwargs("disendiff"), steps=4,
                                                                             checkpoint_every=2))

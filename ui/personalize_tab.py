@@ -4,9 +4,10 @@ Named API endpoints:
 - `/personalize_train` (a generator: one update per optimiser step): status line with the step
   and the loss, the attention map of each learned token (and of the class words / the
   background), AttenCraft's masks, the learned file (written at every checkpoint), and the run
-  folder.  Pressing *Train* again with the same settings resumes the run (also after *Cancel*,
-  which stops between steps and keeps the last checkpoint).
-- `/personalize_cancel`: stop the running training.
+  folder's name.  Pressing *Train* again with the same settings resumes the run (also after
+  *Cancel*).
+- `/personalize_cancel(run_folder)`: stop the training run of that name after its current step;
+  it saves a checkpoint there and reports "Stopped at step N".
 - `/personalize_generate`: an image from a prompt with the learned tokens, using the uploaded
   learned file if given, else the run's.
 """
@@ -80,7 +81,14 @@ def _snapshot_learned(folder: Path, step: int, previous: str | None) -> str:
 
 
 def make_handlers(ctx: AppContext):
-    """(personalize_train, personalize_generate): the event handlers, also the API endpoints."""
+    """(personalize_train, personalize_generate, personalize_cancel): the event handlers, also
+    the API endpoints."""
+    import threading
+
+    # run name -> its stop flag, for the runs training now (any session may stop a run it can
+    # name: the browser that started it, or an API client that got the name from the stream)
+    stop_flags: dict[str, threading.Event] = {}
+    stop_flags_lock = threading.Lock()
 
     def load_fp32(model):
         import torch
@@ -124,15 +132,29 @@ def make_handlers(ctx: AppContext):
         trainer = Trainer(pipe, image, class_words, method, folder, **options)
         if folder is None or not trainer.checkpoint_matches():
             trainer.output = ctx.outputs.new_run_dir("personalize")
-        progress(0, desc="Preparing (regularisation images, masks)")
+        name = trainer.output.name
+        stop = threading.Event()
+        with stop_flags_lock:
+            stop_flags[name] = stop
+        try:
+            # the run's name reaches the page (and an API client) before the preparation, so
+            # Cancel can name it from the start
+            yield "Preparing (regularisation images, masks) ...", gr.skip(), gr.skip(), gr.skip(), name
+            progress(0, desc="Preparing (regularisation images, masks)")
+            yield from _train_steps(trainer, name, stop, progress)
+        finally:
+            with stop_flags_lock:
+                stop_flags.pop(name, None)
+
+    def _train_steps(trainer, name, stop, progress):
         trainer.start()
         resumed = f" (resumed from step {trainer.resumed_from})" if trainer.resumed_from else ""
         maps, masks = [], []
         learned = str(trainer.output / "learned.safetensors") if (trainer.output / "learned.safetensors").is_file() else None
         if trainer.step >= trainer.total_steps:
-            yield f"Already trained {trainer.step} steps{resumed}.", maps, masks, learned, trainer.output.name
+            yield f"Already trained {trainer.step} steps{resumed}.", maps, masks, learned, name
             return
-        for info in trainer.run():
+        for info in trainer.run(stop=stop.is_set):
             if info.maps is not None:
                 maps = _gallery(info.maps, info.map_labels)
             if info.masks is not None:
@@ -147,8 +169,21 @@ def make_handlers(ctx: AppContext):
                       f"{trainer.method}, tokens " + ", ".join(f"`{t}` {w}" for t, w in zip(trainer.tokens, trainer.words)))
             if info.step == info.total:
                 status += " · done: generate below with e.g. " + f"`a {trainer.tokens[0]} {trainer.words[0]} on the beach`"
+            if info.stopped:
+                status = (f"Stopped at step {info.step}/{info.total} (checkpoint saved); press Train with the "
+                          "same settings to resume.")
             progress((info.step, info.total), desc=f"loss {info.loss:.4f}")
-            yield status, maps, masks, file_update, trainer.output.name
+            yield status, maps, masks, file_update, name
+
+    def personalize_cancel(run_folder: str | None = None) -> str:
+        """Stop the training run named `run_folder` (as personalize_train streams it) after its
+        current step; it saves a checkpoint there, so the same settings resume from that step."""
+        with stop_flags_lock:
+            stop = stop_flags.get((run_folder or "").strip())
+        if stop is None:
+            return "No training with this run name is running."
+        stop.set()
+        return "Stopping after the current step ..."
 
     @user_errors_as_gradio
     def personalize_generate(
@@ -181,7 +216,7 @@ def make_handlers(ctx: AppContext):
         written = result.save(out)
         return result.image, result.seed, [str(p) for p in written]
 
-    return personalize_train, personalize_generate
+    return personalize_train, personalize_generate, personalize_cancel
 
 
 def build_tab(ctx: AppContext) -> dict:
@@ -251,11 +286,13 @@ def build_tab(ctx: AppContext) -> dict:
             label="Examples (shapes-world scenes for the built-in model; 100 steps train in one to two minutes on a CPU)",
         )
 
-        personalize_train, personalize_generate = make_handlers(ctx)
-        train_event = train.click(
+        personalize_train, personalize_generate, personalize_cancel = make_handlers(ctx)
+        train.click(
             personalize_train, [model, image, class_words, method, steps, prior, tau, train_seed, run_folder],
             [status, maps, masks, learned_out, run_folder], api_name="personalize_train", **GPU_CONCURRENCY)
-        cancel.click(lambda: None, None, None, cancels=[train_event], api_name="personalize_cancel", queue=False)
+        # not Gradio's `cancels=`: that kills the job mid-step (losing the steps since the last
+        # checkpoint) and works only for the page that started it, never for an API client
+        cancel.click(personalize_cancel, [run_folder], [status], api_name="personalize_cancel", queue=False)
         generate.click(personalize_generate, [model, learned_in, run_folder, prompt, seed, gen_steps, guidance],
                        [result, seed_used, files], api_name="personalize_generate", **GPU_CONCURRENCY)
     return {"image": image, "class_words": class_words, "prompt": prompt, "result": result, "status": status}
