@@ -10,7 +10,9 @@ it is terminated (then killed) when the block exits, also when the test fails.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,3 +184,55 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str
     for fragment in fragments:
         assert fragment.lower() in message.lower(), message
     return message
+
+
+# --------------------------------------------------------------------------- raw HTTP helpers
+
+FILE_META = {"_type": "gradio.FileData"}
+# an absolute POSIX path inside a message (what a visitor must never see)
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:[^\s'\"`,;:()\[\]{}<>|]+/)+")
+
+
+def api_info(url: str) -> dict:
+    """The running app's API description (`/gradio_api/info`): endpoints and their parameters."""
+    with urllib.request.urlopen(url + "/gradio_api/info", timeout=30) as response:
+        return json.load(response)
+
+
+def upload(url: str, path: Path) -> str:
+    """Upload `path` as the browser does (`/gradio_api/upload`); returns the server's path of it."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{url}/gradio_api/upload", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        [uploaded] = json.load(response)
+    return uploaded
+
+
+def call_raw(url: str, endpoint: str, data: list, timeout: float = 120) -> tuple[str, str]:
+    """POST /gradio_api/call/<endpoint>, then read its event stream: ("complete"|"error", data)."""
+    body = json.dumps({"data": data}).encode()
+    request = urllib.request.Request(f"{url}/gradio_api/call{endpoint}", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}/gradio_api/call{endpoint}/{event_id}", timeout=timeout) as response:
+        stream = response.read().decode()
+    events = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, flags=re.M)
+    final = [(kind, payload) for kind, payload in events if kind in ("complete", "error")]
+    assert final, stream
+    return final[-1]
+
+
+def error_message(payload: str) -> str:
+    return str((json.loads(payload) or {}).get("error"))
+
+
+def assert_one_clean_sentence(message: str, *fragments: str) -> None:
+    assert message and message != "None", message
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    assert not ABSOLUTE_PATH.search(message), f"server path in: {message}"
+    for fragment in fragments:
+        assert fragment in message, message

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,11 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import launched_app  # noqa: E402
-from test_file_guard import _multipart, assert_one_clean_sentence, call_raw, error_message  # noqa: E402
+from app_server import (FILE_META, api_info, assert_one_clean_sentence, call_raw, error_message,  # noqa: E402
+                        launched_app, upload)
 
 pytestmark = pytest.mark.timeout(600)
 
-FILE_META = {"_type": "gradio.FileData"}
 # plausible values for the text inputs, so that the one bad value is what a call is judged on
 TEXT_VALUES = {"prompt": "a red circle", "positive": "a red circle", "negative": "a blue circle",
                "expression": "the circle", "class_words": "cat,dog"}
@@ -37,8 +35,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def info(server):
-    with urllib.request.urlopen(server.url + "/gradio_api/info", timeout=30) as response:
-        return json.load(response)
+    return api_info(server.url)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +43,7 @@ def uploaded_image(server, tmp_path_factory):
     """A 64 px PNG uploaded to the server, as a file reference the guard accepts."""
     path = tmp_path_factory.mktemp("upload") / "scene.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path)
-    body, boundary = _multipart(path)
-    request = urllib.request.Request(f"{server.url}/gradio_api/upload", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        [uploaded] = json.load(response)
-    return {"path": uploaded, "orig_name": "scene.png", "meta": FILE_META}
+    return {"path": upload(server.url, path), "orig_name": "scene.png", "meta": FILE_META}
 
 
 def plausible_arguments(endpoint: dict, image: dict) -> list:

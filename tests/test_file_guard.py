@@ -11,7 +11,6 @@ names no server path, and no such file may be served by `/gradio_api/file=`.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import urllib.error
 import urllib.request
@@ -23,12 +22,11 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import launched_app  # noqa: E402
+from app_server import (FILE_META, api_info, assert_one_clean_sentence, call_raw, error_message,  # noqa: E402
+                        launched_app, upload)
 
 pytestmark = pytest.mark.timeout(600)
 
-FILE_META = {"_type": "gradio.FileData"}
-ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:[^\s'\"`,;:()\[\]{}<>|]+/)+")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -85,33 +83,6 @@ def base_arguments(endpoint: dict) -> list:
     return values
 
 
-def call_raw(url: str, endpoint: str, data: list, timeout: float = 120) -> tuple[str, str]:
-    """POST /gradio_api/call/<endpoint>, then read its event stream: ("complete"|"error", data)."""
-    body = json.dumps({"data": data}).encode()
-    request = urllib.request.Request(f"{url}/gradio_api/call{endpoint}", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        event_id = json.load(response)["event_id"]
-    with urllib.request.urlopen(f"{url}/gradio_api/call{endpoint}/{event_id}", timeout=timeout) as response:
-        stream = response.read().decode()
-    events = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, flags=re.M)
-    final = [(kind, payload) for kind, payload in events if kind in ("complete", "error")]
-    assert final, stream
-    return final[-1]
-
-
-def error_message(payload: str) -> str:
-    return str((json.loads(payload) or {}).get("error"))
-
-
-def assert_one_clean_sentence(message: str, *fragments: str) -> None:
-    assert message and message != "None", message
-    assert "\n" not in message.strip() and "Traceback" not in message, message
-    assert not ABSOLUTE_PATH.search(message), f"server path in: {message}"
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def write_png(path: Path, value: int = 200) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(path)
@@ -126,8 +97,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def info(server):
-    with urllib.request.urlopen(server.url + "/gradio_api/info", timeout=30) as response:
-        return json.load(response)
+    return api_info(server.url)
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +176,9 @@ def test_gradio_client_cannot_pass_a_server_path_either(server, info, server_fil
 def test_files_this_app_received_still_pass_and_bad_ones_get_a_sentence(server, info, tmp_path):
     """The guard is no blanket refusal: an upload gets past it (here a text file, so each input
     then fails to read it, in one sentence that names no server path, and nothing runs)."""
-    upload = tmp_path / "notes.txt"
-    upload.write_text("not an image, a video or a safetensors file")
-    body, boundary = _multipart(upload)
-    request = urllib.request.Request(f"{server.url}/gradio_api/upload", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        [uploaded] = json.load(response)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image, a video or a safetensors file")
+    uploaded = upload(server.url, notes)
     for name, index, parameter in file_parameters(info):
         endpoint = info["named_endpoints"][name]
         schema = parameter["type"]
@@ -224,13 +190,6 @@ def test_files_this_app_received_still_pass_and_bad_ones_get_a_sentence(server, 
         message = error_message(result)
         assert "uploaded through this app" not in message, (name, message)
         assert_one_clean_sentence(message)
-
-
-def _multipart(path: Path) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
-            "Content-Type: text/plain\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    return body, boundary
 
 
 def test_file_route_serves_neither_server_files_nor_other_processes_copies(server, server_files):
