@@ -317,12 +317,13 @@ def grounding_baseline_ious(cases, size: int) -> dict[str, np.ndarray]:
     return {name: np.array(values) for name, values in out.items()}
 
 
-def grounding_ablations(settings) -> dict:
-    """RefAM's real ablations, each removing one of its parts from `settings`, and plain
-    cross-attention of the target words (all of them removed)."""
+def grounding_ablations(settings, renorm: bool) -> dict:
+    """RefAM's real ablations, each removing (or flipping) one of its parts from `settings`, and
+    plain cross-attention of the target words (all of them removed).  `renorm`: the
+    renormalisation the backbone uses by default (`grounding.default_renorm`)."""
     return {
         "without magnets and colour word": replace(settings, magnets=0, colour=False),
-        "with the other renormalisation": None,  # filled per backbone in bench_grounding
+        "with the other renormalisation": replace(settings, renorm=not renorm),
         "without sink handling": replace(settings, gas="none"),
         "plain cross-attention of the target words": replace(settings, magnets=0, colour=False, gas="none",
                                                               renorm=False),
@@ -337,8 +338,7 @@ def bench_grounding(pipe, count: int) -> dict:
     settings = GroundingSettings()
     renorm = grounding.default_renorm(models.family(pipe)) if settings.renorm is None else settings.renorm
     method = grounding_ious(pipe, cases, settings)
-    ablations = grounding_ablations(settings)
-    ablations["with the other renormalisation"] = replace(settings, renorm=not renorm)
+    ablations = grounding_ablations(settings, renorm)
     ablation_cases = {name: {"miou": grounding_ious(pipe, cases, variant)} for name, variant in ablations.items()}
     baseline_cases = {name: {"miou": ious}
                       for name, ious in grounding_baseline_ious(cases, models.default_size(pipe)[0]).items()}

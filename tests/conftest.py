@@ -9,6 +9,7 @@ import pytest
 
 # Tests import the project's packages (pipelines/, attention_processors/) from the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers in tests/app_server.py
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,20 @@ def tiny_pipe():
         return models.load(name, device="cpu", dtype=None)
 
     return get
+
+
+@pytest.fixture(scope="module")
+def tiny_app():
+    """`python app.py --model tiny` running for the module's tests (an `app_server.AppServer`)."""
+    from app_server import launched_app
+
+    with launched_app("--model", "tiny") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def tiny_app_api(tiny_app):
+    """The running tiny app's API description (`/gradio_api/info`)."""
+    from app_server import api_info
+
+    return api_info(tiny_app.url)

@@ -11,7 +11,7 @@ from gradio_client import Client
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import launched_app, listening_addresses  # noqa: E402
+from app_server import listening_addresses  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -20,14 +20,13 @@ FAST = dict(model="tiny", negative_prompt="", seed=0, randomize_seed=False, step
 
 
 @pytest.fixture(scope="module")
-def server():
-    with launched_app("--model", "tiny") as running:
-        yield running
+def server(tiny_app):
+    return tiny_app
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return Client(server.url, verbose=False)
+def client(tiny_app):
+    return Client(tiny_app.url, verbose=False)
 
 
 def test_listens_on_localhost_only_by_default(server):

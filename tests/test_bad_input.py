@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import (FILE_META, api_info, assert_one_clean_sentence, call_raw, error_message,  # noqa: E402
-                        launched_app, upload)
+from app_server import FILE_META, assert_one_clean_sentence, call_raw, error_message, upload  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -28,22 +27,11 @@ TEXT_VALUES = {"prompt": "a red circle", "positive": "a red circle", "negative":
 
 
 @pytest.fixture(scope="module")
-def server():
-    with launched_app("--model", "tiny") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def info(server):
-    return api_info(server.url)
-
-
-@pytest.fixture(scope="module")
-def uploaded_image(server, tmp_path_factory):
+def uploaded_image(tiny_app, tmp_path_factory):
     """A 64 px PNG uploaded to the server, as a file reference the guard accepts."""
     path = tmp_path_factory.mktemp("upload") / "scene.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path)
-    return {"path": upload(server.url, path), "orig_name": "scene.png", "meta": FILE_META}
+    return {"path": upload(tiny_app.url, path), "orig_name": "scene.png", "meta": FILE_META}
 
 
 def plausible_arguments(endpoint: dict, image: dict) -> list:
@@ -63,56 +51,56 @@ def plausible_arguments(endpoint: dict, image: dict) -> list:
     return values
 
 
-def numeric_parameters(info: dict):
-    for name, endpoint in info["named_endpoints"].items():
+def numeric_parameters(api: dict):
+    for name, endpoint in api["named_endpoints"].items():
         for index, parameter in enumerate(endpoint["parameters"]):
             if parameter.get("component") in ("Number", "Slider"):
                 yield name, index, parameter
 
 
-def test_nan_and_infinity_are_refused_for_every_numeric_input(server, info, uploaded_image):
+def test_nan_and_infinity_are_refused_for_every_numeric_input(tiny_app, tiny_app_api, uploaded_image):
     checked = 0
-    for name, index, parameter in numeric_parameters(info):
+    for name, index, parameter in numeric_parameters(tiny_app_api):
         for value in (float("nan"), float("inf"), float("-inf")):
-            data = plausible_arguments(info["named_endpoints"][name], uploaded_image)
+            data = plausible_arguments(tiny_app_api["named_endpoints"][name], uploaded_image)
             data[index] = value
-            kind, result = call_raw(server.url, name, data)
+            kind, result = call_raw(tiny_app.url, name, data)
             assert kind == "error", (name, parameter["parameter_name"], value, result)
             assert_one_clean_sentence(error_message(result), "finite number")
             checked += 1
     assert checked >= 3 * 20, checked  # about 30 numeric inputs today
 
 
-def test_huge_or_fractional_seeds_are_one_sentence_on_every_endpoint(server, info, uploaded_image):
-    seeded = [(name, index) for name, endpoint in info["named_endpoints"].items()
+def test_huge_or_fractional_seeds_are_one_sentence_on_every_endpoint(tiny_app, tiny_app_api, uploaded_image):
+    seeded = [(name, index) for name, endpoint in tiny_app_api["named_endpoints"].items()
               for index, parameter in enumerate(endpoint["parameters"]) if parameter["parameter_name"] == "seed"]
     assert len(seeded) >= 5, seeded
     for name, index in seeded:
         for value in (2**70, 2**40):  # fractions are rounded by the Number field itself
-            data = plausible_arguments(info["named_endpoints"][name], uploaded_image)
+            data = plausible_arguments(tiny_app_api["named_endpoints"][name], uploaded_image)
             data[index] = value
-            kind, result = call_raw(server.url, name, data)
+            kind, result = call_raw(tiny_app.url, name, data)
             assert kind == "error", (name, value, result)
             assert_one_clean_sentence(error_message(result), "seed")
 
 
 @pytest.mark.parametrize("endpoint, parameter", [("/attention_maps", "prompt"), ("/attention_maps", "negative_prompt"),
                                                  ("/steer_directions", "positive"), ("/steer_pair", "prompt")])
-def test_an_over_long_prompt_is_refused_not_cut(server, info, uploaded_image, endpoint, parameter):
-    spec = info["named_endpoints"][endpoint]
+def test_an_over_long_prompt_is_refused_not_cut(tiny_app, tiny_app_api, uploaded_image, endpoint, parameter):
+    spec = tiny_app_api["named_endpoints"][endpoint]
     data = plausible_arguments(spec, uploaded_image)
     data[[p["parameter_name"] for p in spec["parameters"]].index(parameter)] = " ".join(["circle"] * 2000)
-    kind, result = call_raw(server.url, endpoint, data)
+    kind, result = call_raw(tiny_app.url, endpoint, data)
     assert kind == "error", result
     assert_one_clean_sentence(error_message(result), "tokens long", "shorten it")
 
 
-def test_the_server_still_answers_after_the_corpus(server, info, uploaded_image):
-    data = plausible_arguments(info["named_endpoints"]["/attention_maps"], uploaded_image)
-    names = [p["parameter_name"] for p in info["named_endpoints"]["/attention_maps"]["parameters"]]
+def test_the_server_still_answers_after_the_corpus(tiny_app, tiny_app_api, uploaded_image):
+    data = plausible_arguments(tiny_app_api["named_endpoints"]["/attention_maps"], uploaded_image)
+    names = [p["parameter_name"] for p in tiny_app_api["named_endpoints"]["/attention_maps"]["parameters"]]
     for key, value in {"steps": 1, "width": 64, "height": 64, "seed": 3}.items():
         data[names.index(key)] = value
-    kind, result = call_raw(server.url, "/attention_maps", data)
+    kind, result = call_raw(tiny_app.url, "/attention_maps", data)
     assert kind == "complete", result
     assert json.loads(result)[2] == 3  # the seed used comes back
 

@@ -143,7 +143,7 @@ def test_the_plain_cross_attention_ablation_is_a_map_not_a_constant(builtin):
     from pipelines import grounding
     from pipelines.grounding_settings import GroundingSettings
 
-    plain = quality.grounding_ablations(GroundingSettings())["plain cross-attention of the target words"]
+    plain = quality.grounding_ablations(GroundingSettings(), renorm=False)["plain cross-attention of the target words"]
     for scene, expression in quality.grounding_cases(3):
         for settings in (plain, replace(plain, filter_magnets=False)):
             result = grounding.segment_image(builtin, Image.fromarray(scene.render(64)), expression.text, settings)

@@ -22,8 +22,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import (FILE_META, api_info, assert_one_clean_sentence, call_raw, error_message,  # noqa: E402
-                        launched_app, upload)
+from app_server import FILE_META, assert_one_clean_sentence, call_raw, error_message, upload  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -64,9 +63,9 @@ def _fill(schema: dict, defs: dict, file_value):
     return None
 
 
-def file_parameters(info: dict):
+def file_parameters(api: dict):
     """(endpoint, parameter index, parameter) for every parameter that takes a file."""
-    for name, endpoint in info["named_endpoints"].items():
+    for name, endpoint in api["named_endpoints"].items():
         for index, parameter in enumerate(endpoint["parameters"]):
             schema = parameter.get("type", {})
             if isinstance(schema, dict) and _holds_file(schema, schema.get("$defs", {})):
@@ -90,17 +89,6 @@ def write_png(path: Path, value: int = 200) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server():
-    with launched_app("--model", "tiny") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def info(server):
-    return api_info(server.url)
-
-
-@pytest.fixture(scope="module")
 def server_files(tmp_path_factory):
     """Images on the server's disk that no visitor uploaded: one anywhere, one as another Gradio
     process (sharing the machine's default Gradio folder) would have left it."""
@@ -114,57 +102,57 @@ def server_files(tmp_path_factory):
 # --------------------------------------------------------------------------- tests
 
 
-def test_the_api_description_lists_the_file_parameters(info):
-    found = {(name, parameter["parameter_name"]) for name, _, parameter in file_parameters(info)}
+def test_the_api_description_lists_the_file_parameters(tiny_app_api):
+    found = {(name, parameter["parameter_name"]) for name, _, parameter in file_parameters(tiny_app_api)}
     # the ones that exist today; a new tab only adds to this set
     assert {("/erase", "image"), ("/erase", "mask"), ("/segment", "image"), ("/segment", "video"),
             ("/steer_pair", "directions_file"), ("/personalize_train", "image"),
             ("/personalize_generate", "learned_file")} <= found, found
 
 
-def test_server_files_sent_as_payloads_never_reach_a_handler(server, info, server_files):
+def test_server_files_sent_as_payloads_never_reach_a_handler(tiny_app, tiny_app_api, server_files):
     secret, shared = str(server_files["secret"]), str(server_files["shared"])
     payloads = {
         "path without meta (what gr.Image alone lets through)": {"path": secret},
         "path with meta": {"path": secret, "meta": FILE_META},
-        "path with a file= url": {"path": secret, "url": f"{server.url}/gradio_api/file={secret}",
+        "path with a file= url": {"path": secret, "url": f"{tiny_app.url}/gradio_api/file={secret}",
                                   "meta": FILE_META},
         "copy in the machine's shared Gradio folder": {"path": shared, "meta": FILE_META},
         "same, without meta": {"path": shared},
-        "an http URL as path": {"path": f"{server.url}/gradio_api/info", "meta": FILE_META},
-        "an http URL and no path": {"url": f"{server.url}/gradio_api/info", "meta": FILE_META},
+        "an http URL as path": {"path": f"{tiny_app.url}/gradio_api/info", "meta": FILE_META},
+        "an http URL and no path": {"url": f"{tiny_app.url}/gradio_api/info", "meta": FILE_META},
     }
     checked = 0
-    for name, index, parameter in file_parameters(info):
-        endpoint = info["named_endpoints"][name]
+    for name, index, parameter in file_parameters(tiny_app_api):
+        endpoint = tiny_app_api["named_endpoints"][name]
         schema = parameter["type"]
         for label, payload in payloads.items():
             data = base_arguments(endpoint)
             data[index] = _fill(schema, schema.get("$defs", {}), payload)
-            kind, result = call_raw(server.url, name, data)
+            kind, result = call_raw(tiny_app.url, name, data)
             assert kind == "error", (name, parameter["parameter_name"], label, result)
             assert_one_clean_sentence(error_message(result), "uploaded through this app")
             checked += 1
     assert checked >= 7 * len(payloads)
 
 
-def test_a_plain_string_path_is_refused_for_every_file_parameter(server, info, server_files):
-    for name, index, parameter in file_parameters(info):
-        data = base_arguments(info["named_endpoints"][name])
+def test_a_plain_string_path_is_refused_for_every_file_parameter(tiny_app, tiny_app_api, server_files):
+    for name, index, parameter in file_parameters(tiny_app_api):
+        data = base_arguments(tiny_app_api["named_endpoints"][name])
         data[index] = str(server_files["secret"])
-        kind, result = call_raw(server.url, name, data)
+        kind, result = call_raw(tiny_app.url, name, data)
         assert kind == "error", (name, parameter["parameter_name"], result)
         assert_one_clean_sentence(error_message(result))
 
 
-def test_gradio_client_cannot_pass_a_server_path_either(server, info, server_files):
+def test_gradio_client_cannot_pass_a_server_path_either(tiny_app, tiny_app_api, server_files):
     """`gradio_client` uploads (its own copy of) a file only when the reference carries meta;
     without meta it forwards the path as is: the hole's client-side form."""
     from gradio_client import Client
 
-    client = Client(server.url, verbose=False)
-    for name, index, parameter in file_parameters(info):
-        endpoint = info["named_endpoints"][name]
+    client = Client(tiny_app.url, verbose=False)
+    for name, index, parameter in file_parameters(tiny_app_api):
+        endpoint = tiny_app_api["named_endpoints"][name]
         schema = parameter["type"]
         data = base_arguments(endpoint)
         data[index] = _fill(schema, schema.get("$defs", {}), {"path": str(server_files["secret"])})
@@ -173,33 +161,33 @@ def test_gradio_client_cannot_pass_a_server_path_either(server, info, server_fil
         assert_one_clean_sentence(str(caught.value), "uploaded through this app")
 
 
-def test_files_this_app_received_still_pass_and_bad_ones_get_a_sentence(server, info, tmp_path):
+def test_files_this_app_received_still_pass_and_bad_ones_get_a_sentence(tiny_app, tiny_app_api, tmp_path):
     """The guard is no blanket refusal: an upload gets past it (here a text file, so each input
     then fails to read it, in one sentence that names no server path, and nothing runs)."""
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image, a video or a safetensors file")
-    uploaded = upload(server.url, notes)
-    for name, index, parameter in file_parameters(info):
-        endpoint = info["named_endpoints"][name]
+    uploaded = upload(tiny_app.url, notes)
+    for name, index, parameter in file_parameters(tiny_app_api):
+        endpoint = tiny_app_api["named_endpoints"][name]
         schema = parameter["type"]
         data = base_arguments(endpoint)
         data[index] = _fill(schema, schema.get("$defs", {}),
                             {"path": uploaded, "orig_name": "notes.txt", "meta": FILE_META})
-        kind, result = call_raw(server.url, name, data)
+        kind, result = call_raw(tiny_app.url, name, data)
         assert kind == "error", (name, parameter["parameter_name"], result)
         message = error_message(result)
         assert "uploaded through this app" not in message, (name, message)
         assert_one_clean_sentence(message)
 
 
-def test_file_route_serves_neither_server_files_nor_other_processes_copies(server, server_files):
+def test_file_route_serves_neither_server_files_nor_other_processes_copies(tiny_app, server_files):
     for path in (server_files["secret"], server_files["shared"], Path("/etc/hostname")):
         with pytest.raises(urllib.error.HTTPError) as caught:
-            urllib.request.urlopen(f"{server.url}/gradio_api/file={path}", timeout=30)
+            urllib.request.urlopen(f"{tiny_app.url}/gradio_api/file={path}", timeout=30)
         assert caught.value.code in (403, 404), (path, caught.value.code)
 
 
-def test_run_folders_are_named_not_given_as_server_paths(server, tmp_path):
+def test_run_folders_are_named_not_given_as_server_paths(tiny_app, tmp_path):
     """A personalize run is referred to by its folder's name: a server path (even one holding a
     learned.safetensors) is never read."""
     from gradio_client import Client
@@ -207,7 +195,7 @@ def test_run_folders_are_named_not_given_as_server_paths(server, tmp_path):
     planted = tmp_path / "planted"
     planted.mkdir()
     (planted / "learned.safetensors").write_bytes(b"not read")
-    client = Client(server.url, verbose=False)
+    client = Client(tiny_app.url, verbose=False)
     for run_folder in (str(planted), "../" * 8 + str(planted), "personalize-20260101-000000-" + "0" * 32):
         with pytest.raises(Exception) as caught:
             client.predict(model="tiny", learned_file=None, run_folder=run_folder, prompt="a <new1> cat",
@@ -215,11 +203,11 @@ def test_run_folders_are_named_not_given_as_server_paths(server, tmp_path):
         assert_one_clean_sentence(str(caught.value), "Train first")
 
 
-def test_results_name_the_model_not_its_folder(server):
+def test_results_name_the_model_not_its_folder(tiny_app):
     """The built-in model is recorded as 'builtin', never as the checkout's folder."""
     from gradio_client import Client
 
-    client = Client(server.url, verbose=False)
+    client = Client(tiny_app.url, verbose=False)
     _, _, _, files = client.predict(model="builtin", prompt="a red circle", negative_prompt="", seed=0,
                                     randomize_seed=False, steps=2, guidance=7.5, width=64, height=64,
                                     layers="all", api_name="/attention_maps")
