@@ -1,6 +1,6 @@
 """Attentive Eraser's AAS (attention activation and suppression), as a policy on the core.
 
-Paper: Attentive Eraser, AAAI 2025 (arXiv 2412.12974); spec: shared/methods/eraser.md §2.2-2.4.
+Paper: Attentive Eraser, AAAI 2025 (arXiv 2412.12974); method notes: docs/methods/eraser.md.
 
 The pipeline runs one UNet batch with two row roles, declared in ``state.row_roles``:
 ``"normal"`` (the plain model) and ``"aas"`` (this policy).  On every decoder self-attention

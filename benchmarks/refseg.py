@@ -13,7 +13,7 @@ objects):
     FOLDER/images/            the images (any format PIL reads)
     FOLDER/masks/             one binary mask per sample (white = the referred object), image-sized
 
-Every expression is one evaluation term.  Metrics (shared/methods/grounding.md section 8):
+Every expression is one evaluation term.  Metrics (the referring-segmentation standard):
     mIoU  = mean over expressions of |P & G| / |P | G|
     oIoU  = sum |P & G| / sum |P | G|    (cumulative; favours large objects)
     hit   = fraction of expressions whose heatmap argmax lies inside G (grounding without SAM2)

@@ -1,6 +1,6 @@
 """The "Remove object" task: Attentive Eraser (AAS self-attention redirection + SARG guidance).
 
-Spec: shared/methods/eraser.md.  Training-free object removal on a plain text-to-image UNet
+Method notes: docs/methods/eraser.md.  Training-free object removal on a plain text-to-image UNet
 (SD 1.x, SD 2.x, SDXL): no prompt, no classifier-free guidance.  Every step runs the UNet once on
 a doubled batch ``[normal, aas]`` with the same latents; the ``aas`` rows have AAS in their decoder
 self-attentions (attention_processors.attentive_eraser), and SARG combines the two outputs:
