@@ -131,18 +131,18 @@ def _policy(cls):
 
 def prepare(args):
     """Method: `pipelines.eraser.erase` (SIP, the defaults).  Baseline: diffusers img2img with CFG."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    import diffusers
 
     pipe = load_model(args)
     pipe.set_progress_bar_config(disable=True)
     size = args.size = args.size or (1024 if args.model in FULL_SIZE else 64)
     image, mask = scene(size)
-    fam = models.family(pipe)
-    plain = (StableDiffusionXLImg2ImgPipeline if fam == "sdxl" else StableDiffusionImg2ImgPipeline).from_pipe(pipe)
+    backbone = models.backbone(pipe)
+    plain = getattr(diffusers, backbone.img2img_class).from_pipe(pipe)
     plain.set_progress_bar_config(disable=True)
     options = dict(seed=SEED, steps=args.steps, strength=STRENGTH, guidance=9.0, ss_steps=9, ss_scale=0.3,
                    mode="sip", crop="never", working_side=size, progress=False)
-    print(json.dumps({"eraser_settings": {**options, "backbone": fam, "size": size, "mask_fraction":
+    print(json.dumps({"eraser_settings": {**options, "backbone": backbone.name, "size": size, "mask_fraction":
                       round(float(mask.mean()), 3), "baseline": type(plain).__name__, "baseline_guidance": 7.5}}),
           file=sys.stderr)
 

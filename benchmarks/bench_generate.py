@@ -57,7 +57,7 @@ def prepare(args):
     pipe = load_model(args)
     pipe.set_progress_bar_config(disable=True)
     size = args.size = args.size or (512 if args.model in FULL_SIZE else 64)
-    extra = models.call_defaults(pipe)
+    extra = models.backbone(pipe).call_defaults(pipe, exact_size=True, raw_prompt=True)  # as the task calls it
     denoiser = models.denoiser(pipe)
     layers = text_attention_layers(attention_layer_names(denoiser))
 

@@ -95,7 +95,7 @@ def prepare(args):
     rng = np.random.RandomState(0)
     image = Image.fromarray(rng.randint(0, 255, (size, size, 3), np.uint8))
     settings = grounding.GroundingSettings(size=size)
-    fam = grounding._check_family(pipe)
+    backbone = grounding._check_backbone(pipe)
     stopwords = grounding.load_stopwords()
 
     def method(**overrides):
@@ -104,13 +104,13 @@ def prepare(args):
     # the baseline's inputs: the same prompt (with magnets), text encoding and pixels
     prompt, spans = grounding.build_prompt(EXPRESSION, settings.magnets, settings.colour)
     device = models.denoiser(pipe).device
-    text = grounding._encode(pipe, fam, prompt, len(EXPRESSION), spans, stopwords, settings, device)
-    multiple = grounding._size_multiple(pipe, fam)
+    text = grounding._encode(pipe, backbone, prompt, len(EXPRESSION), spans, stopwords, settings, device)
+    multiple = backbone.grid_multiple(pipe)
     content, padded = grounding._working_size(image, size, multiple)
 
     def baseline():
         pixels = grounding._pixels([image], content, padded, device, pipe.vae.dtype)
-        grounding._forward(pipe, fam, pixels, text, settings, _Plain(), torch.Generator().manual_seed(0))
+        grounding._forward(pipe, backbone, pixels, text, settings, _Plain(), torch.Generator().manual_seed(0))
 
     variants = {
         "no_early_exit": lambda: method(early_exit=False),

@@ -20,7 +20,7 @@ from attention_processors import ControlState, attention_layer_names
 from attention_processors.medsteer import MedSteer, cross_attention_layers
 from benchmarks.common import load_model
 from pipelines import models
-from pipelines.steering import _render, encode
+from pipelines.steering import _render, default_guidance, encode
 
 TASK = "steering"
 PROMPT = "An endoscopic image of dyed lifted polyps"
@@ -77,7 +77,7 @@ def prepare(args):
     pipe = load_model(args)
     pipe.set_progress_bar_config(disable=True)
     size = args.size = args.size or (512 if args.model in FULL_SIZE else 64)
-    guidance = 4.5 if models.family(pipe) == "pixart" else 7.5
+    guidance = default_guidance(pipe)
     if args.model in FULL_SIZE:
         embeds = _random_t5_embeds(args.device, args.dtype)
     else:
@@ -90,7 +90,7 @@ def prepare(args):
     for name in layers:
         d = torch.randn(args.steps, modules[name].to_out[0].out_features, generator=g)
         directions[name] = d / d.norm(dim=-1, keepdim=True)
-    roles = ("uncond", "cond") if models.uses_cfg_batch(pipe, guidance) else ("cond",)
+    roles = ("uncond", "cond") if models.backbone(pipe).uses_cfg_batch(pipe, guidance) else ("cond",)
 
     def steered(beta=2.0, steer_roles=roles):
         def run():

@@ -148,7 +148,7 @@ def generate_scenes(pipe, scenes: list[world.Scene], guidance: float, steps: int
         chunk = scenes[start:start + batch]
         out = pipe(prompt=[s.caption(0) for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
                    generator=[torch.Generator().manual_seed(s.seed) for s in chunk],
-                   height=height, width=width, output_type="pil", **models.call_defaults(pipe))
+                   height=height, width=width, output_type="pil", **models.backbone(pipe).call_defaults(pipe))
         images += _to_uint8(out.images)
     return images
 
@@ -336,7 +336,7 @@ def bench_grounding(pipe, count: int) -> dict:
 
     cases = grounding_cases(count)
     settings = GroundingSettings()
-    renorm = grounding.default_renorm(models.family(pipe)) if settings.renorm is None else settings.renorm
+    renorm = grounding.default_renorm(models.backbone(pipe)) if settings.renorm is None else settings.renorm
     method = grounding_ious(pipe, cases, settings)
     ablations = grounding_ablations(settings, renorm)
     ablation_cases = {name: {"miou": grounding_ious(pipe, cases, variant)} for name, variant in ablations.items()}

@@ -26,7 +26,7 @@ from PIL import Image
 from attention_processors import ControlState, attach, attention_layer_names
 from attention_processors.heatmaps import LAYER_GROUPS, CrossAttentionHeatmaps, text_attention_layers
 
-from . import models
+from . import backbones, models
 from .errors import UserInputError
 from .io import save_image
 from .seeds import resolve_seed
@@ -74,17 +74,9 @@ def _file_safe(word: str) -> str:
 
 
 def _text_layout(pipe) -> tuple:
-    """(tokenizer, max_length, text_part) of the text keys that hold the prompt."""
-    fam = models.family(pipe)
-    if fam == "flux":
-        return pipe.tokenizer_2, 512, None
-    if fam == "sd3":
-        return pipe.tokenizer, 77, slice(0, 77)  # CLIP part first, then T5
-    if fam == "pixart":
-        return pipe.tokenizer, 120, None
-    if fam in ("sd", "sdxl"):
-        return pipe.tokenizer, pipe.tokenizer.model_max_length, None
-    raise UserInputError(f"attention maps support SD, SDXL, PixArt, SD3 and FLUX models, not {type(pipe).__name__}")
+    """(tokenizer, max_length, text_part) of the text keys that hold the prompt: the first text
+    segment of the backbone (SD3: its CLIP part, ahead of the T5 part)."""
+    return models.backbone(pipe).text_layout(pipe).first()
 
 
 def prompt_words(prompt: str) -> list[tuple[str, int, int]]:
@@ -115,16 +107,16 @@ def _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, lay
         raise UserInputError("The prompt has no words to map; use letters or digits.")
     if not 1 <= steps <= MAX_STEPS:
         raise UserInputError(f"Steps must be between 1 and {MAX_STEPS}, not {steps}.")
-    fam = models.family(pipe)
-    if fam == "pixart" and steps < 2:
-        raise UserInputError("PixArt models need at least 2 steps.")
+    backbone = backbones.require(pipe, backbones.ALL, "Capturing attention maps")
+    if steps < backbone.min_steps:
+        raise UserInputError(f"{backbone.short} models need at least {backbone.min_steps} steps.")
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise UserInputError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
     models.check_size(pipe, height, width, MIN_SIDE, MAX_SIDE)
     if layers not in LAYER_CHOICES:
         raise UserInputError(f"Layers must be one of {', '.join(LAYER_CHOICES)}, not {layers!r}.")
-    if fam == "flux" and negative_prompt.strip():
-        raise UserInputError("FLUX models are guidance-distilled and take no negative prompt; leave it empty.")
+    if backbone.guidance_embedded and negative_prompt.strip():
+        raise UserInputError(f"{backbone.short} models are guidance-distilled and take no negative prompt; leave it empty.")
     tokenizer, max_length, _ = _text_layout(pipe)
     check_fits(tokenizer, prompt, max_length)
     check_fits(tokenizer, negative_prompt, max_length, "negative prompt")
@@ -160,15 +152,14 @@ def generate_with_attention_maps(
     tokenizer, max_length, text_part = _text_layout(pipe)
     owners, n_tokens = token_words(tokenizer, prompt, max_length)
     selected = text_attention_layers(attention_layer_names(denoiser), layers)
-    roles = ("uncond", "cond") if models.uses_cfg_batch(pipe, guidance) else ("cond",)
+    backbone = models.backbone(pipe)
+    roles = ("uncond", "cond") if backbone.uses_cfg_batch(pipe, guidance) else ("cond",)
     controller = CrossAttentionHeatmaps(selected, text_part=text_part, keep=n_tokens, state=ControlState(row_roles=roles))
 
-    kwargs = dict(models.call_defaults(pipe))
-    fam = models.family(pipe)
-    if fam != "flux":
+    # the prompt text as typed, so that tokens map back onto its words; the size asked for
+    kwargs = backbone.call_defaults(pipe, exact_size=True, raw_prompt=True)
+    if not backbone.guidance_embedded:
         kwargs["negative_prompt"] = negative_prompt
-    if fam == "pixart":  # keep the prompt text as typed, so tokens map back onto its words
-        kwargs.update(clean_caption=False, use_resolution_binning=False)
     generator = torch.Generator().manual_seed(seed)  # CPU generator: same image on any device
     with attach(denoiser, controller):
         image = pipe(

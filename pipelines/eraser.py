@@ -61,7 +61,7 @@ from PIL import Image
 from attention_processors import ControlState, attach
 from attention_processors.attentive_eraser import AAS, NORMAL, AttentiveEraserAAS
 
-from . import models
+from . import backbones
 from .errors import UserInputError
 from .io import load_image, load_mask, save_image
 from .seeds import resolve_seed
@@ -88,7 +88,8 @@ CROP_AREA_FACTOR = 2.25
 #: A region within this fraction of the native area's side is not rescaled.
 RESAMPLE_TOLERANCE = 0.1
 #: The paper's mask blur kernels: (kernel, at this image side).
-BLUR_REFERENCE = {"sdxl": (77, 1024), "sd": (13, 512)}
+BLUR_REFERENCE = {backbones.SDXL: (77, 1024), backbones.SD: (13, 512)}
+SUPPORTED = tuple(BLUR_REFERENCE)
 #: Radius of the final feathering blur at 512 px (scaled with the side).
 FEATHER_RADIUS_AT_512 = 15
 #: FreeU as in the paper's SD 2.1 scripts.
@@ -107,34 +108,31 @@ DDIM_CONFIG = {
 
 
 @dataclass(frozen=True)
-class Backbone:
+class EraserBackbone:
     """What the eraser needs to know about a model."""
 
-    family: str  # "sd" (1.x / 2.x) or "sdxl"
+    backbone: backbones.Backbone  # SD (1.x / 2.x) or SDXL
     sd2: bool
     native: int  # image side the model was trained at, px
     multiple: int  # working sizes are padded to this (VAE factor x UNet downsampling)
 
     def blur_kernel(self, side: float) -> int:
         """The mask blur kernel for a working image of this side (paper kernel, scaled)."""
-        kernel, at = BLUR_REFERENCE[self.family]
+        kernel, at = BLUR_REFERENCE[self.backbone]
         return _odd(kernel * side / at)
 
 
-def backbone(pipe) -> Backbone:
-    fam = models.require_family(pipe, ("sd", "sdxl"), "Remove object")
+def backbone(pipe) -> EraserBackbone:
+    fam = backbones.require(pipe, SUPPORTED, "Remove object")
     unet = pipe.unet
     if unet.config.in_channels != 4:
         raise UserInputError(
             "Remove object needs a plain text-to-image model; inpainting checkpoints "
             f"({unet.config.in_channels}-channel UNets) are not supported, use their base model."
         )
-    vae_factor = getattr(pipe, "vae_scale_factor", 8)
-    downsamples = len(unet.config.down_block_types) - 1
     sample = unet.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    sd2 = fam == "sd" and (unet.config.cross_attention_dim == 1024 or bool(unet.config.use_linear_projection))
-    return Backbone(fam, sd2, int(sample) * vae_factor, vae_factor * 2**downsamples)
+    return EraserBackbone(fam, fam.is_v2(unet), int(sample) * fam.vae_factor(pipe), fam.grid_multiple(pipe))
 
 
 def _odd(value: float) -> int:
@@ -199,7 +197,7 @@ class Region:
         return math.sqrt(self.size[0] * self.size[1])
 
 
-def plan_region(image_size: tuple[int, int], mask: np.ndarray, bb: Backbone, crop: str = "auto",
+def plan_region(image_size: tuple[int, int], mask: np.ndarray, bb: EraserBackbone, crop: str = "auto",
                 working_side: int | None = None) -> Region:
     """Where to work and at which size.
 
@@ -257,7 +255,7 @@ class Prepared:
         return not self.user_mask.any()
 
 
-def prepare(bb: Backbone, image, mask, grow: int = 0, crop: str = "auto", blur_kernel: int | None = None,
+def prepare(bb: EraserBackbone, image, mask, grow: int = 0, crop: str = "auto", blur_kernel: int | None = None,
             working_side: int | None = None) -> Prepared:
     """Validate the inputs and compute the working image, the dilated mask and the composite weights.
 
@@ -417,19 +415,9 @@ def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor
 class _Conditioning:
     """Empty-prompt embeddings (and SDXL's added conditions) repeated for n batch rows."""
 
-    def __init__(self, pipe, bb: Backbone, height: int, width: int, device, dtype):
+    def __init__(self, pipe, bb: EraserBackbone, height: int, width: int, device, dtype):
         with torch.no_grad():
-            if bb.family == "sdxl":
-                embeds, _, pooled, _ = pipe.encode_prompt(
-                    "", device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-                )
-                # micro-conditioning: original = target = working size, crop (0, 0)
-                time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
-                self.added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
-            else:
-                embeds, _ = pipe.encode_prompt("", device, 1, False)
-                self.added = None
-        self.embeds = embeds.to(dtype)
+            self.embeds, self.added = bb.backbone.unconditional(pipe, height, width, device, dtype)
         self._cache: dict[int, tuple] = {}
 
     def rows(self, n: int) -> tuple[torch.Tensor, dict | None]:

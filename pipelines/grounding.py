@@ -78,7 +78,7 @@ from attention_processors.refam import (
     self_attention_layers,
 )
 
-from . import models
+from . import backbones, models
 from .grounding_settings import GroundingSettings
 from .errors import UserInputError
 from .io import atomic_path, load_image, mask_image, read_video, save_image, write_video
@@ -86,7 +86,10 @@ from .io import atomic_path, load_image, mask_image, read_video, save_image, wri
 STOPWORDS_PATH = Path(__file__).resolve().parent.parent / "assets" / "stopwords_en.txt"
 MAGNET_WORDS = ("and", "of", "the", "a", "with", "on", "in", "to")  # ours (spec 3.1), in order
 COLOUR_WORDS = ("green", "blue", "yellow", "purple")  # the first one absent from the expression
-SUPPORTED_FAMILIES = ("flux", "sd3", "sd")
+SUPPORTED = (backbones.FLUX, backbones.SD3, backbones.SD)
+#: the backbones of the paper (RefAM on FLUX and SD3); elsewhere its settings are our extrapolation
+PAPER_BACKBONES = (backbones.FLUX, backbones.SD3)
+PAPER_SIZE = 1024
 ROLES = ("content", "context", "stop", "magnet", "aux", "special", "padding")
 MAX_FRAMES = 600
 _WORD = re.compile(r"[\w]+(?:['’-][\w]+)*")
@@ -259,15 +262,8 @@ def _param(module: torch.nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
 
-def _check_family(pipe) -> str:
-    return models.require_family(pipe, SUPPORTED_FAMILIES, "Segment by text")
-
-
-def _size_multiple(pipe, fam: str) -> int:
-    vae = getattr(pipe, "vae_scale_factor", 8)
-    if fam in ("flux", "sd3"):
-        return vae * 2
-    return vae * 2 ** (len(pipe.unet.down_blocks) - 1)
+def _check_backbone(pipe) -> backbones.Backbone:
+    return backbones.require(pipe, SUPPORTED, "Segment by text")
 
 
 def _working_size(image: Image.Image, long_side: int, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -298,75 +294,48 @@ class _Text:
     text_part: slice | None
 
 
-def _encode(pipe, fam, prompt, expression_end, spans, stopwords, settings, device) -> _Text:
-    def roles_for(tokenizer, length):
-        return token_roles(tokenizer, prompt, expression_end, spans, stopwords, length, settings.target)
+def _encode(pipe, backbone, prompt, expression_end, spans, stopwords, settings, device) -> _Text:
+    """The prompt encoded once, with the role of every key position of the chosen text segments.
 
+    Trimmable segments (T5) are cut to the real tokens with `t5_length="trimmed"`; with several
+    segments (SD3: CLIP then T5) `settings.text_part` picks "clip", "t5" or "both"."""
+    parts, lengths = [], {}
+    for segment, tokenizer, length in backbone.text_layout(pipe).segments:
+        roles, texts, n_real = token_roles(tokenizer, prompt, expression_end, spans, stopwords, length,
+                                           settings.target)
+        if segment.trimmable and settings.t5_length == "trimmed":
+            length, roles, texts = n_real, roles[:n_real], texts[:n_real]
+        lengths[segment.name] = length
+        parts.append((segment.name, roles, texts, length))
     with torch.no_grad():
-        if fam == "flux":
-            length = 512
-            roles, texts, n_real = roles_for(pipe.tokenizer_2, length)
-            if settings.t5_length == "trimmed":
-                length = n_real
-                roles, texts = roles[:n_real], texts[:n_real]
-            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=prompt, device=device,
-                                                          max_sequence_length=length)
-            return _Text(embeds, pooled, text_ids, roles, texts, None)
-        if fam == "sd3":
-            t5_len = 256
-            clip_roles, clip_texts, _ = roles_for(pipe.tokenizer, 77)
-            t5_roles, t5_texts, n_real = roles_for(pipe.tokenizer_3, t5_len)
-            if settings.t5_length == "trimmed":
-                t5_len = n_real
-                t5_roles, t5_texts = t5_roles[:n_real], t5_texts[:n_real]
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=device,
-                                                      do_classifier_free_guidance=False,
-                                                      max_sequence_length=t5_len)
-            if settings.text_part == "clip":
-                return _Text(embeds, pooled, None, clip_roles, clip_texts, slice(0, 77))
-            if settings.text_part == "t5":
-                return _Text(embeds, pooled, None, t5_roles, t5_texts, slice(77, 77 + t5_len))
-            return _Text(embeds, pooled, None, clip_roles + t5_roles, clip_texts + t5_texts, slice(0, 77 + t5_len))
-        roles, texts, _ = roles_for(pipe.tokenizer, pipe.tokenizer.model_max_length)
-        embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
-        return _Text(embeds, None, None, roles, texts, None)
+        encoded = backbone.encode_text(pipe, prompt, device, lengths)
+    if len(parts) == 1:
+        _, roles, texts, _ = parts[0]
+        return _Text(encoded.embeds, encoded.pooled, encoded.text_ids, roles, texts, None)
+    roles, texts, start, stop, offset = [], [], None, None, 0
+    for name, part_roles, part_texts, length in parts:
+        if settings.text_part in ("both", name):
+            roles += part_roles
+            texts += part_texts
+            start = offset if start is None else start
+            stop = offset + length
+        offset += length
+    return _Text(encoded.embeds, encoded.pooled, encoded.text_ids, roles, texts, slice(start, stop))
 
 
-def _forward(pipe, fam, pixels, text: _Text, settings, controller, generator) -> None:
+def _forward(pipe, backbone, pixels, text: _Text, settings, controller, generator) -> None:
     """One noisy forward of the denoiser on VAE latents of `pixels`, stopped after the last layer."""
     denoiser = models.denoiser(pipe)
-    vae = pipe.vae
-    b = pixels.shape[0]
     device, dtype = pixels.device, _param(denoiser).dtype
     with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = ((latents - shift) * vae.config.scaling_factor).to(dtype)
+        latents = backbone.encode_latents(pipe, pixels, dtype)
         noise = torch.randn((1, *latents.shape[1:]), generator=generator, dtype=torch.float32)
         noise = noise.to(device=device, dtype=dtype).expand_as(latents)
-        embeds = text.embeds.expand(b, -1, -1)
-        pooled = None if text.pooled is None else text.pooled.expand(b, -1)
+        encoded = backbones.EncodedText(text.embeds, text.pooled, text.text_ids)
         controller.reset_forward()
         try:
-            if fam == "flux":
-                sigma = torch.full((b,), settings.sigma, device=device, dtype=dtype)
-                noisy = (1 - settings.sigma) * latents + settings.sigma * noise
-                c, h, w = noisy.shape[1:]
-                packed = pipe._pack_latents(noisy, b, c, h, w)
-                img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
-                guidance = (torch.full((b,), settings.guidance, device=device, dtype=torch.float32)
-                            if denoiser.config.guidance_embeds else None)
-                denoiser(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=pooled,
-                         encoder_hidden_states=embeds, txt_ids=text.text_ids, img_ids=img_ids, return_dict=False)
-            elif fam == "sd3":
-                noisy = (1 - settings.sigma) * latents + settings.sigma * noise
-                t = torch.full((b,), settings.sigma * 1000, device=device, dtype=dtype)
-                denoiser(hidden_states=noisy, timestep=t, encoder_hidden_states=embeds,
-                         pooled_projections=pooled, return_dict=False)
-            else:
-                t = torch.full((b,), settings.timestep, device=device, dtype=torch.long)
-                noisy = pipe.scheduler.add_noise(latents, noise, t)
-                denoiser(noisy, t, encoder_hidden_states=embeds, return_dict=False)
+            backbone.noisy_forward(pipe, latents, noise, encoded, sigma=settings.sigma,
+                                   timestep=settings.timestep, guidance=settings.guidance)
         except StopForward:
             pass
 
@@ -422,8 +391,8 @@ def _to_image_maps(grid_maps: torch.Tensor, padded: tuple[int, int], content: tu
     return ((x - low) / (high - low).clamp_min(1e-12)).numpy().astype(np.float32)
 
 
-def _validate(pipe, expression, settings: GroundingSettings, stopwords) -> str:
-    fam = _check_family(pipe)
+def _validate(pipe, expression, settings: GroundingSettings, stopwords) -> backbones.Backbone:
+    backbone = _check_backbone(pipe)
     if not isinstance(expression, str) or not expression.strip():
         raise UserInputError("Please enter an expression that names the object, e.g. 'the dog on the left'.")
     words = [w.lower() for w in _WORD.findall(expression)]
@@ -451,15 +420,15 @@ def _validate(pipe, expression, settings: GroundingSettings, stopwords) -> str:
     for ok, message in checks:
         if not ok:
             raise UserInputError(message[0].upper() + message[1:] + ".")
-    if settings.refine and fam != "sd":
+    if settings.refine and backbone.unet_depth(models.denoiser(pipe)) is None:
         raise UserInputError("Refinement by self-attention propagation is available on SD UNet models only.")
-    return fam
+    return backbone
 
 
-def default_renorm(fam: str) -> bool:
+def default_renorm(backbone: backbones.Backbone) -> bool:
     """Whether rows are renormalised over the word columns when the settings leave it open:
-    on DiTs (FLUX, SD3), off on UNets (measured; see `GroundingSettings.renorm`)."""
-    return fam in ("flux", "sd3")
+    on the paper's backbones (FLUX, SD3), off on UNets (measured; see `GroundingSettings.renorm`)."""
+    return backbone in PAPER_BACKBONES
 
 
 def _is_fraction(value) -> bool:
@@ -471,7 +440,7 @@ def _is_fraction(value) -> bool:
 
 def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: GroundingSettings, stopwords):
     """Grid heatmaps of a batch of images: (heat (b, h, w), token maps (b, T, h, w), info)."""
-    fam = _validate(pipe, expression, settings, stopwords)
+    backbone = _validate(pipe, expression, settings, stopwords)
     denoiser = models.denoiser(pipe)
     device = _param(denoiser).device
     n_aux = settings.n_aux if settings.gas == "redirect" else 0
@@ -482,7 +451,7 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
     if cached is not None and cached[0] is pipe and cached[1].embeds.device == device:
         text = cached[1]  # text encodings are cached per expression (video batches, repeated calls)
     else:
-        text = _encode(pipe, fam, prompt, expression_end, spans, stopwords, settings, device)
+        text = _encode(pipe, backbone, prompt, expression_end, spans, stopwords, settings, device)
         if len(_TEXT_CACHE) >= 8:
             _TEXT_CACHE.clear()
         _TEXT_CACHE[key] = (pipe, text)
@@ -499,14 +468,14 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
     aux = torch.from_numpy(roles_array == "aux")
 
     # FLUX/SD3: the paper's 1024; UNets: the model's own size (512 for SD 1.5, 64 for ours).
-    size = settings.size or (1024 if fam in ("flux", "sd3") else max(models.default_size(pipe)))
-    multiple = _size_multiple(pipe, fam)
+    size = settings.size or (PAPER_SIZE if backbone in PAPER_BACKBONES else max(models.default_size(pipe)))
+    multiple = backbone.grid_multiple(pipe)
     size = max(multiple, size // multiple * multiple)
     content_wh, padded = _working_size(images[0], size, multiple)
     pixels = _pixels(images, content_wh, padded, device, pipe.vae.dtype)
     latent_side = min(padded) // getattr(pipe, "vae_scale_factor", 8)
-    layers, refine_layers = _layers(denoiser, fam, settings, latent_side)
-    renorm = default_renorm(fam) if settings.renorm is None else settings.renorm
+    layers, refine_layers = _layers(denoiser, backbone, settings, latent_side)
+    renorm = default_renorm(backbone) if settings.renorm is None else settings.renorm
 
     def make(gas_mode, suppress):
         return RefAMCapture(
@@ -520,20 +489,20 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
     if settings.gas in ("suppress", "redirect"):  # first pass: observe and find the sinks
         observer = make("exclude", None)
         with attach(denoiser, observer):
-            _forward(pipe, fam, pixels, text, settings, observer, torch.Generator().manual_seed(settings.seed))
+            _forward(pipe, backbone, pixels, text, settings, observer, torch.Generator().manual_seed(settings.seed))
         suppress = observer.sink_columns()
         suppress = None if suppress is None else suppress & ~aux
     controller = make("exclude" if settings.gas == "exclude" else ("none" if settings.gas == "none" else settings.gas), suppress)
     generator = torch.Generator().manual_seed(settings.seed)
     with attach(denoiser, controller):
         for _ in range(settings.n_noise):
-            _forward(pipe, fam, pixels, text, settings, controller, generator)
+            _forward(pipe, backbone, pixels, text, settings, controller, generator)
     heat = controller.heat()
     if settings.refine:
         heat = _propagate(heat, controller, settings.refine_steps)
     sink_cols = controller.sink_columns() if suppress is None else suppress
     sinks = [] if sink_cols is None else sorted({text.texts[j] for j in torch.nonzero(sink_cols & visible).flatten().tolist()})
-    info = dict(fam=fam, renorm=renorm, prompt=prompt, roles=roles, texts=text.texts, visible=visible, content_wh=content_wh,
+    info = dict(fam=backbone.name, renorm=renorm, prompt=prompt, roles=roles, texts=text.texts, visible=visible, content_wh=content_wh,
                 padded=padded, layers=sorted(layers), sinks=sinks, suppressed=None if suppress is None else int(suppress.sum()))
     return heat, controller.token_maps(), info
 
@@ -541,17 +510,17 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
 _LAYER_CACHE: dict[tuple, tuple] = {}
 
 
-def _layers(denoiser, fam: str, settings: GroundingSettings, latent_side: int) -> tuple[dict[str, float], list[str]]:
+def _layers(denoiser, backbone, settings: GroundingSettings, latent_side: int) -> tuple[dict[str, float], list[str]]:
     """Captured layers {name: depth} and refinement layers, cached per model and settings.
 
     UNet levels: `settings.unet_levels`, or when None the levels whose token grid is 16 to 48
     cells per side at this latent size (`auto_unet_levels`: SD 1.5 at 512 px gets the paper's
     levels 1 and 2)."""
     names = attention_layer_names(denoiser)
-    unet_depth = len(denoiser.down_blocks) if fam == "sd" else None
+    unet_depth = backbone.unet_depth(denoiser)
     levels = settings.unet_levels
     if levels is None:
-        levels = auto_unet_levels(names, latent_side, unet_depth) if fam == "sd" else (1, 2)
+        levels = auto_unet_levels(names, latent_side, unet_depth) if unet_depth is not None else (1, 2)
     key = (id(denoiser), settings.depth, settings.blocks, levels, settings.refine)
     cached = _LAYER_CACHE.get(key)
     if cached is not None and cached[0] is denoiser:

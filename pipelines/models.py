@@ -31,7 +31,6 @@ and our own small T5-style vocabulary (see pipelines/tokenizers.py).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -67,6 +66,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from pipelines import backbones
 from pipelines.errors import UserInputError
 from pipelines.tokenizers import (
     ASSETS_DIR,
@@ -79,11 +79,10 @@ from pipelines.tokenizers import (
 
 __all__ = [
     "BUILTIN_NAMES",
-    "FAMILY_LABELS",
     "TINY_MODELS",
     "BUILTIN_DIR",
+    "backbone",
     "build_tiny",
-    "call_defaults",
     "check_size",
     "clear_cache",
     "clip_text_config",
@@ -97,10 +96,7 @@ __all__ = [
     "is_tiny",
     "load",
     "load_as",
-    "require_family",
     "save_tiny",
-    "size_multiple",
-    "uses_cfg_batch",
 ]
 
 BUILTIN_DIR = ASSETS_DIR / "builtin"
@@ -108,23 +104,13 @@ BUILTIN_DIR = ASSETS_DIR / "builtin"
 TINY_MODELS: tuple[str, ...] = ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
 BUILTIN_NAMES: tuple[str, ...] = TINY_MODELS + ("builtin",)
 
-# One line per family, for the UI's model picker.
-FAMILY_LABELS: dict[str, str] = {
-    "sd": "SD 1.x/2.x UNet",
-    "sdxl": "SDXL UNet",
-    "pixart": "PixArt-alpha DiT",
-    "sd3": "SD3 MMDiT",
-    "flux": "FLUX MMDiT",
-    "other": "diffusers pipeline",
-}
-
-_TINY_FAMILY = {
-    "tiny": "sd",
-    "tiny-sdxl": "sdxl",
-    "tiny-pixart": "pixart",
-    "tiny-sd3": "sd3",
-    "tiny-flux": "flux",
-    "tiny-sd2": "sd",
+_TINY_BACKBONE = {
+    "tiny": backbones.SD,
+    "tiny-sdxl": backbones.SDXL,
+    "tiny-pixart": backbones.PIXART,
+    "tiny-sd3": backbones.SD3,
+    "tiny-flux": backbones.FLUX,
+    "tiny-sd2": backbones.SD,
 }
 
 # Every tiny component is built right after seeding with this value, so the weights do not
@@ -407,7 +393,7 @@ def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
 
 def _build_tiny_pixart() -> PixArtAlphaPipeline:
     # sample_size=8 (a 64 px default) is none of PixArt's resolution-binning sizes (32/64/128):
-    # call this tiny model with use_resolution_binning=False (`call_defaults()` says so).
+    # call this tiny model with use_resolution_binning=False (its backbone's `call_defaults()` says so).
     with _seeded():
         transformer = PixArtTransformer2DModel(
             sample_size=8,
@@ -558,36 +544,17 @@ def save_tiny(name: str, folder: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Families
+# Families: the facts live in pipelines/backbones/; these answer for a pipeline or a model name
+
+
+def backbone(pipe: DiffusionPipeline) -> backbones.Backbone:
+    """The pipeline's backbone (`backbones.OTHER` for a family the tasks do not know)."""
+    return backbones.of(pipe)
 
 
 def family(pipe: DiffusionPipeline) -> str:
-    """"sd", "sdxl", "pixart", "sd3" or "flux" from the denoiser's class; "other" otherwise.
-
-    Decided from the components rather than the pipeline class so that every variant derived
-    with `from_pipe` (inpainting, img2img, ControlNet, ...) keeps its backbone's family.
-    """
-    components = pipe.components
-    denoiser = components.get("transformer") or components.get("unet")
-    if isinstance(denoiser, UNet2DConditionModel):
-        return "sdxl" if denoiser.config.addition_embed_type == "text_time" else "sd"
-    if isinstance(denoiser, PixArtTransformer2DModel):
-        return "pixart"
-    if isinstance(denoiser, SD3Transformer2DModel):
-        return "sd3"
-    if isinstance(denoiser, FluxTransformer2DModel):
-        return "flux"
-    return "other"
-
-
-_PIPELINE_CLASS_FAMILY = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "PixArtAlphaPipeline": "pixart",
-    "PixArtSigmaPipeline": "pixart",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
+    """The backbone's name ("sd", "sdxl", "pixart", "sd3", "flux" or "other"), as results record it."""
+    return backbones.of(pipe).name
 
 
 def describe(name_or_pipe: str | DiffusionPipeline) -> str:
@@ -597,17 +564,17 @@ def describe(name_or_pipe: str | DiffusionPipeline) -> str:
     name is loaded (and cached) first, because only its components tell the family.
     """
     if isinstance(name_or_pipe, DiffusionPipeline):
-        return FAMILY_LABELS[family(name_or_pipe)]
+        return backbones.of(name_or_pipe).label
     name = str(name_or_pipe)
     if is_tiny(name):
-        return f"{FAMILY_LABELS[_TINY_FAMILY[name]]} (tiny, random weights)"
+        return f"{_TINY_BACKBONE[name].label} (tiny, random weights)"
     folder = BUILTIN_DIR if name == "builtin" else Path(name).expanduser()
     index_file = folder / "model_index.json"
     if index_file.is_file():
         class_name = json.loads(index_file.read_text()).get("_class_name", "")
-        label = FAMILY_LABELS[_PIPELINE_CLASS_FAMILY.get(class_name, "other")]
+        label = backbones.by_pipeline_class(class_name).label
         return f"{label} (built-in, trained on the shapes world)" if name == "builtin" else label
-    return FAMILY_LABELS[family(load(name))]
+    return backbones.of(load(name)).label
 
 
 #: Steps and guidance for text-to-image when a model folder does not say otherwise (SD's).
@@ -637,59 +604,9 @@ def _folder_generation_defaults(folder: str) -> dict:
             "guidance": float(saved.get("guidance_scale", GENERATION_DEFAULTS["guidance"]))}
 
 
-def call_defaults(pipe: DiffusionPipeline) -> dict:
-    """Keyword arguments to add to `pipe(...)` so that this model accepts any size, quietly.
-
-    PixArt pipelines snap sizes to aspect-ratio bins that exist only for sample sizes 32, 64 and
-    128 (256/512/1024 px models) and raise for anything else, such as the tiny model.
-    """
-    if family(pipe) != "pixart":
-        return {}
-    defaults = {}
-    if pipe.transformer.config.sample_size not in (32, 64, 128):
-        defaults["use_resolution_binning"] = False
-    # Caption cleaning needs beautifulsoup4 and ftfy; without them the pipeline prints a long
-    # notice on every call and then skips cleaning anyway.
-    if importlib.util.find_spec("bs4") is None or importlib.util.find_spec("ftfy") is None:
-        defaults["clean_caption"] = False
-    return defaults
-
-
-def require_family(pipe: DiffusionPipeline, supported: tuple[str, ...], task: str) -> str:
-    """The pipeline's family, or UserInputError naming the families `task` works with."""
-    fam = family(pipe)
-    if fam not in supported:
-        labels = [FAMILY_LABELS[f].rsplit(" ", 1)[0] for f in supported]  # "SD3 MMDiT" -> "SD3"
-        names = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
-        raise UserInputError(f"{task} works with {names} models, not with this {FAMILY_LABELS[fam]}.")
-    return fam
-
-
 def denoiser(pipe: DiffusionPipeline):
     """The pipeline's UNet or transformer: where attention processors are attached."""
     return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
-
-
-def uses_cfg_batch(pipe: DiffusionPipeline, guidance: float) -> bool:
-    """Whether the stock pipeline stacks [uncond, cond] rows in one batch at this guidance.
-
-    FLUX's guidance is an embedding (no CFG batch); UNets distilled with a guidance embedding
-    (time_cond_proj_dim, e.g. LCM) skip CFG too.
-    """
-    if family(pipe) == "flux":
-        return False
-    return guidance > 1 and getattr(denoiser(pipe).config, "time_cond_proj_dim", None) is None
-
-
-def size_multiple(pipe: DiffusionPipeline) -> int:
-    """Image sides must be multiples of this: the VAE factor, times the patch size of DiTs."""
-    fam = family(pipe)
-    vae_factor = getattr(pipe, "vae_scale_factor", 8)
-    if fam == "flux":
-        return vae_factor * 2  # 2x2 latent patches are packed into one token
-    if fam in ("sd3", "pixart"):
-        return vae_factor * pipe.transformer.config.patch_size
-    return vae_factor
 
 
 def default_size(pipe: DiffusionPipeline) -> tuple[int, int]:
@@ -703,7 +620,7 @@ def default_size(pipe: DiffusionPipeline) -> tuple[int, int]:
 
 def check_size(pipe: DiffusionPipeline, height: int, width: int, min_side: int = 64, max_side: int = 2048) -> None:
     """Raise UserInputError unless both sides are multiples the model accepts, within bounds."""
-    multiple = size_multiple(pipe)
+    multiple = backbones.of(pipe).size_multiple(pipe)
     for side_name, side in (("Height", height), ("Width", width)):
         if side % multiple or not min_side <= side <= max_side:
             raise UserInputError(

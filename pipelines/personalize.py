@@ -85,7 +85,7 @@ from attention_processors.personalize import (
     unet_personalization_layers,
 )
 
-from . import models
+from . import backbones, models
 from .errors import UserInputError
 from .io import atomic_path, load_image, save_image
 from .seeds import resolve_seed
@@ -156,7 +156,7 @@ PRIOR_STEPS = 50  # ours: sampling steps of the generated regularisation images
 PRIOR_GUIDANCE = 7.5  # ours
 MIN_CONCEPTS = 2
 MAX_STEPS = 100_000
-SUPPORTED_FAMILIES = ("sd",)
+SUPPORTED = (backbones.SD,)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -550,7 +550,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.method = _check_method(method)
-        models.require_family(pipe, SUPPORTED_FAMILIES, "Personalization")
+        backbones.require(pipe, SUPPORTED, "Personalization")
         unknown = set(overrides) - set(PAPER_DEFAULTS[self.method])
         if unknown:
             raise TypeError(f"unknown option(s) for {self.method}: {', '.join(sorted(unknown))}")

@@ -65,7 +65,7 @@ from attention_processors.medsteer import (
     unit_directions,
 )
 
-from . import models
+from . import backbones, models
 from .errors import UserInputError
 from .io import atomic_path, save_image
 from .seeds import MAX_SEED, resolve_seed
@@ -93,32 +93,32 @@ MAX_SEEDS = 100_000
 MIN_SIDE, MAX_SIDE = 64, 2048
 STEER_CHOICES = ("both", "cond")
 FORMAT = "medsteer-directions/1"
-SUPPORTED_FAMILIES = ("sd", "pixart")
+SUPPORTED = (backbones.SD, backbones.PIXART)
+#: the paper's backbone (MedSteer on PixArt-alpha): its guidance is the paper's
+PAPER_BACKBONES = (backbones.PIXART,)
 
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def _check_family(pipe) -> str:
-    return models.require_family(pipe, SUPPORTED_FAMILIES, "Counterfactual steering")
+def _check_backbone(pipe) -> backbones.Backbone:
+    return backbones.require(pipe, SUPPORTED, "Counterfactual steering")
 
 
 def model_name(pipe) -> str:
     return str(pipe.name_or_path or type(pipe).__name__)
 
 
-def _default_guidance(pipe) -> float:
-    if models.family(pipe) == "pixart":
+def default_guidance(pipe) -> float:
+    """The paper's guidance on its backbone; elsewhere the model's own default."""
+    if models.backbone(pipe) in PAPER_BACKBONES:
         return PAPER_DEFAULTS["guidance"]
     # SD UNets: the model folder's own default (the built-in model's), else SD_GUIDANCE.
     return models.generation_defaults(pipe).get("guidance", SD_GUIDANCE)
 
 
 def _pipe_kwargs(pipe) -> dict:
-    kwargs = dict(models.call_defaults(pipe))
-    if models.family(pipe) == "pixart":
-        kwargs["use_resolution_binning"] = False  # paper setting
-    return kwargs
+    return models.backbone(pipe).call_defaults(pipe, exact_size=True)  # the paper's: no resolution bins
 
 
 def _validate_common(pipe, steps: int, guidance: float, height: int, width: int) -> None:
@@ -192,31 +192,19 @@ def _quiet_progress(pipe):
 
 def encode(pipe, prompt: str, negative_prompt: str, guidance: float) -> dict:
     """Prompt embeddings as `pipe(...)` keyword arguments: encode once, reuse for every image."""
-    fam = _check_family(pipe)
-    window = 120 if fam == "pixart" else pipe.tokenizer.model_max_length  # what encode_prompt keeps
-    check_fits(pipe.tokenizer, prompt, window)
-    check_fits(pipe.tokenizer, negative_prompt, window, "negative prompt")
-    cfg = models.uses_cfg_batch(pipe, guidance)
-    device = pipe._execution_device
+    backbone = _check_backbone(pipe)
+    tokenizer, window, _ = backbone.text_layout(pipe).first()  # what encode_prompt keeps
+    check_fits(tokenizer, prompt, window)
+    check_fits(tokenizer, negative_prompt, window, "negative prompt")
+    cfg = backbone.uses_cfg_batch(pipe, guidance)
     with torch.no_grad():
-        if fam == "pixart":
-            pe, pm, ne, nm = pipe.encode_prompt(
-                prompt, cfg, negative_prompt=negative_prompt, num_images_per_prompt=1, device=device,
-                clean_caption=_pipe_kwargs(pipe).get("clean_caption", True), max_sequence_length=120,
-            )
-            embeds = dict(prompt_embeds=pe, prompt_attention_mask=pm)
-            if cfg:
-                embeds.update(negative_prompt_embeds=ne, negative_prompt_attention_mask=nm)
-            return embeds
-        pe, ne = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
-        return dict(prompt_embeds=pe, negative_prompt_embeds=ne) if cfg else dict(prompt_embeds=pe)
+        return backbone.prompt_embeds(pipe, prompt, negative_prompt, cfg, pipe._execution_device,
+                                      clean_caption=_pipe_kwargs(pipe).get("clean_caption", True))
 
 
 def _call_kwargs(pipe) -> dict:
     kwargs = _pipe_kwargs(pipe)
     kwargs.pop("clean_caption", None)  # the prompt is already encoded
-    if models.family(pipe) == "pixart":
-        kwargs["negative_prompt"] = None  # its default "" may not come with negative embeddings
     return kwargs
 
 
@@ -345,7 +333,7 @@ def estimate_directions(
     """
     from tqdm.auto import tqdm
 
-    _check_family(pipe)
+    _check_backbone(pipe)
     positive = _check_prompt(positive, "positive prompt (the concept to remove)")
     negative = _check_prompt(negative, "negative prompt (the concept to steer towards)")
     if " ".join(positive.split()).casefold() == " ".join(negative.split()).casefold():
@@ -356,7 +344,7 @@ def estimate_directions(
     samples, steps = int(samples), int(steps)
     if not 1 <= samples <= MAX_SAMPLES:
         raise UserInputError(f"Samples per prompt must be between 1 and {MAX_SAMPLES}, not {samples}.")
-    guidance = _default_guidance(pipe) if guidance is None else float(guidance)
+    guidance = default_guidance(pipe) if guidance is None else float(guidance)
     default_h, default_w = models.default_size(pipe)
     height, width = int(height or default_h), int(width or default_w)
     _validate_common(pipe, steps, guidance, height, width)
@@ -371,7 +359,7 @@ def estimate_directions(
     if not selected:
         raise UserInputError(f"No cross-attention layer of this model matches {layers!r}.")
     batch_size = max(1, int(batch_size))
-    cfg = models.uses_cfg_batch(pipe, guidance)
+    cfg = models.backbone(pipe).uses_cfg_batch(pipe, guidance)
     roles = ("uncond", "cond") if cfg else ("cond",)
 
     means = {}
@@ -410,7 +398,7 @@ def estimate_directions(
         )
     meta = {
         "model": model_name(pipe),
-        "family": models.family(pipe),
+        "family": models.backbone(pipe).name,
         "positive": positive,
         "negative": negative,
         "negative_prompt": negative_prompt,
@@ -520,10 +508,10 @@ class _Settings:
 
 def _settings(pipe, directions: Directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
               batched, allow_other_model) -> _Settings:
-    _check_family(pipe)
+    _check_backbone(pipe)
     meta = directions.meta
     steps = int(steps or meta.get("steps") or directions.steps)
-    guidance = float(meta.get("guidance", _default_guidance(pipe)) if guidance is None else guidance)
+    guidance = float(meta.get("guidance", default_guidance(pipe)) if guidance is None else guidance)
     height = int(height or meta.get("height") or models.default_size(pipe)[0])
     width = int(width or meta.get("width") or models.default_size(pipe)[1])
     negative_prompt = meta.get("negative_prompt", "") if negative_prompt is None else negative_prompt
@@ -536,7 +524,7 @@ def _settings(pipe, directions: Directions, beta, steps, guidance, negative_prom
 
 
 def _pair(pipe, directions: Directions, embeds: dict, prompt: str, seed: int, s: _Settings) -> PairResult:
-    cfg = models.uses_cfg_batch(pipe, s.guidance)
+    cfg = models.backbone(pipe).uses_cfg_batch(pipe, s.guidance)
     args = (s.steps, s.guidance, s.height, s.width)
     if s.beta == 0:  # exact no-op: no processor installed at all
         original = _render(pipe, embeds, seed, *args)[0]

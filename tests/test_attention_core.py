@@ -25,7 +25,7 @@ def denoiser_of(pipe):
 
 
 def run(pipe, height=64, width=64, steps=2, seed=0):
-    extra = models.call_defaults(pipe)
+    extra = models.backbone(pipe).call_defaults(pipe)
     generator = torch.Generator().manual_seed(seed)
     return pipe(
         PROMPT, num_inference_steps=steps, height=height, width=width, generator=generator,

@@ -13,10 +13,10 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from pipelines import io, models
+from pipelines import backbones, io, models
 from pipelines.eraser import (
     DDIM,
-    Backbone,
+    EraserBackbone,
     backbone,
     ddim_scheduler,
     dilate_mask,
@@ -190,13 +190,13 @@ def test_mask_preprocessing_dilates_and_feathers():
     assert (dilated >= mask).all() and dilated.sum() > mask.sum()
     weights = feather_weights(dilated, 4)
     assert (weights[dilated] == 1).all() and (weights == 0).any() and ((weights > 0) & (weights < 1)).any()
-    sdxl, sd = Backbone("sdxl", False, 1024, 32), Backbone("sd", True, 512, 64)
+    sdxl, sd = EraserBackbone(backbones.SDXL, False, 1024, 32), EraserBackbone(backbones.SD, True, 512, 64)
     assert sdxl.blur_kernel(1024) == 77 and sd.blur_kernel(512) == 13 and sdxl.blur_kernel(512) == 39
     assert sd.blur_kernel(64) % 2 == 1
 
 
 def test_regions_keep_the_aspect_and_crop_large_photos():
-    bb = Backbone("sd", False, 512, 64)
+    bb = EraserBackbone(backbones.SD, False, 512, 64)
     mask = np.zeros((217, 333), bool)
     mask[50:100, 60:200] = True
     whole = plan_region((333, 217), mask, bb)

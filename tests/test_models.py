@@ -34,7 +34,7 @@ def generate(pipe, height: int = 64, width: int = 64, seed: int = 0) -> np.ndarr
         width=width,
         output_type="np",
         generator=torch.Generator("cpu").manual_seed(seed),
-        **models.call_defaults(pipe),
+        **models.backbone(pipe).call_defaults(pipe),
     ).images
 
 
@@ -151,7 +151,7 @@ def test_save_pretrained_then_load_folder_gives_same_images(tiny_pipe, saved_tin
     assert not list(folder.rglob("*.bin"))
     reloaded = models.load(str(folder), device="cpu")
     assert type(reloaded) is type(tiny_pipe(name))
-    assert models.describe(str(folder)) == models.FAMILY_LABELS[FAMILIES[name]]
+    assert models.describe(str(folder)) == models.backbone(tiny_pipe(name)).label
     # Bit-identical for most families; loaded weights are not 64-byte aligned in memory, which
     # makes CPU BLAS take other kernels for some matmuls (seen as ~1e-6 on FLUX).
     np.testing.assert_allclose(generate(reloaded), generate(tiny_pipe(name)), rtol=0, atol=1e-5)

@@ -151,9 +151,7 @@ def setup(request, tiny_pipe):
 
 
 def _plain(pipe, prompt: str, seed: int, guidance: float) -> np.ndarray:
-    extra = dict(models.call_defaults(pipe))
-    if models.family(pipe) == "pixart":
-        extra["use_resolution_binning"] = False
+    extra = models.backbone(pipe).call_defaults(pipe, exact_size=True)
     return pipe(prompt, num_inference_steps=STEPS, guidance_scale=guidance, height=64, width=64,
                 generator=torch.Generator().manual_seed(seed), output_type="np", **extra).images[0]
 
