@@ -122,6 +122,7 @@ def _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, lay
     check_fits(tokenizer, negative_prompt, max_length, "negative prompt")
 
 
+@models.one_call_at_a_time
 def generate_with_attention_maps(
     pipe,
     prompt: str,

@@ -61,7 +61,7 @@ from PIL import Image
 from attention_processors import ControlState, attach
 from attention_processors.attentive_eraser import AAS, NORMAL, AttentiveEraserAAS
 
-from . import backbones
+from . import backbones, models
 from .errors import UserInputError
 from .io import load_image, load_mask, save_image
 from .seeds import resolve_seed
@@ -456,6 +456,7 @@ def _freeu(unet, enabled: bool, values: dict):
                 setattr(block, k, v)
 
 
+@models.one_call_at_a_time
 def run_sarg(
     pipe,
     z0: torch.Tensor,
@@ -617,6 +618,7 @@ def preview(pipe, image, mask, grow: int = 0, crop: str = "auto", blur_kernel: i
     return overlay_mask(prepared.image, prepared.mask), prepared
 
 
+@models.one_call_at_a_time
 def erase(
     pipe,
     image,

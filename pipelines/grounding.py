@@ -438,6 +438,7 @@ def _is_fraction(value) -> bool:
         return False
 
 
+@models.one_call_at_a_time
 def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: GroundingSettings, stopwords):
     """Grid heatmaps of a batch of images: (heat (b, h, w), token maps (b, T, h, w), info)."""
     backbone = _validate(pipe, expression, settings, stopwords)

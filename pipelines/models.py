@@ -35,7 +35,9 @@ import json
 import os
 import re
 import threading
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -90,12 +92,14 @@ __all__ = [
     "default_dtype",
     "default_size",
     "denoiser",
+    "exclusive",
     "describe",
     "family",
     "generation_defaults",
     "is_tiny",
     "load",
     "load_as",
+    "one_call_at_a_time",
     "save_tiny",
 ]
 
@@ -607,6 +611,45 @@ def _folder_generation_defaults(folder: str) -> dict:
 def denoiser(pipe: DiffusionPipeline):
     """The pipeline's UNet or transformer: where attention processors are attached."""
     return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+
+# --------------------------------------------------------------------------------------------
+# One call at a time per model
+#
+# A cached pipeline is shared by every tab, thread and Python caller, and a task cannot run it
+# without changing it for the duration of the call: every pipeline call sets the scheduler's
+# timesteps, tasks install attention processors and forward hooks, Remove object runs a float16
+# VAE in float32 and switches FreeU on, Personalize swaps attention weights, freezes parameters
+# and changes the scheduler.  Each of those is undone when the call ends; the lock makes sure no
+# other call sees the model in between.  It is keyed on the denoiser, which every `from_pipe`
+# variant shares, and re-entrant, so a task may call another locked function inside its own call.
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def exclusive(pipe: DiffusionPipeline) -> Iterator[None]:
+    """Hold this model's lock: no other locked call on the same model runs meanwhile."""
+    module = denoiser(pipe)
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(module)
+        if lock is None:
+            lock = _MODEL_LOCKS[module] = threading.RLock()
+    with lock:
+        yield
+
+
+def one_call_at_a_time(function: Callable) -> Callable:
+    """Decorate a task function whose first argument is the pipeline: it runs under `exclusive`."""
+
+    @functools.wraps(function)
+    def locked(pipe, *args, **kwargs):
+        with exclusive(pipe):
+            return function(pipe, *args, **kwargs)
+
+    return locked
 
 
 def default_size(pipe: DiffusionPipeline) -> tuple[int, int]:

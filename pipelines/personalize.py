@@ -981,7 +981,7 @@ class Trainer:
         """One optimiser step over `batches` (gradient accumulation); returns its report."""
         self.optimizer.zero_grad(set_to_none=True)
         total, info = 0.0, None
-        with self._frozen():
+        with models.exclusive(self.pipe), self._frozen():
             for i, batch in enumerate(batches):
                 loss, parts, step_info = self.compute_loss(batch, refresh=refresh and i == 0)
                 self.accelerator.backward(loss / len(batches))
@@ -1009,10 +1009,11 @@ class Trainer:
                 raise UserInputError(f"The output must be a folder, not the file '{self.output}'.")
             self.output.mkdir(parents=True, exist_ok=True)
         self.try_resume()
-        self.prepare_data()
-        if self.method == "attencraft":
-            with self._frozen():
-                self.init_masks()
+        with models.exclusive(self.pipe):  # the regularisation images and AttenCraft's masks run the model
+            self.prepare_data()
+            if self.method == "attencraft":
+                with self._frozen():
+                    self.init_masks()
         self._started = True
 
     def checkpoint_matches(self) -> bool:
@@ -1125,6 +1126,7 @@ def _check_prompt(prompt: str, learned: Learned) -> str:
     return str(prompt)
 
 
+@models.one_call_at_a_time
 def generate(pipe, learned: Learned, prompt: str, seed: int | None = 42, steps: int | None = None,
              guidance: float | None = None, negative_prompt: str = "") -> Generated:
     """Sample `prompt` with the learned tokens and K/V on the base pipeline (method's settings)."""

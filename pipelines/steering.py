@@ -190,6 +190,7 @@ def _quiet_progress(pipe):
             del pipe._progress_bar_config
 
 
+@models.one_call_at_a_time
 def encode(pipe, prompt: str, negative_prompt: str, guidance: float) -> dict:
     """Prompt embeddings as `pipe(...)` keyword arguments: encode once, reuse for every image."""
     backbone = _check_backbone(pipe)
@@ -309,6 +310,7 @@ def _seeds_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+@models.one_call_at_a_time
 def estimate_directions(
     pipe,
     positive: str = PAPER_DEFAULTS["positive"],
@@ -472,6 +474,7 @@ def _steer_roles(cfg: bool, steer: str, batched: bool) -> tuple[tuple[str, ...],
     return roles, tuple(f"{h}_steer" for h in wanted)
 
 
+@models.one_call_at_a_time
 def _render(pipe, embeds, seed, steps, guidance, height, width, controller=None, images=1, latents=None) -> np.ndarray:
     generator = torch.Generator().manual_seed(seed)
     kwargs = dict(embeds, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
@@ -523,6 +526,7 @@ def _settings(pipe, directions: Directions, beta, steps, guidance, negative_prom
     return _Settings(steps, guidance, height, width, negative_prompt, beta, steer, step_map, bool(batched))
 
 
+@models.one_call_at_a_time
 def _pair(pipe, directions: Directions, embeds: dict, prompt: str, seed: int, s: _Settings) -> PairResult:
     cfg = models.backbone(pipe).uses_cfg_batch(pipe, s.guidance)
     args = (s.steps, s.guidance, s.height, s.width)

@@ -1,0 +1,128 @@
+"""A cached model is shared: every task leaves it exactly as it found it, and tasks run at the
+same time from several threads get exactly the results they get one after the other.
+
+(Tasks change the model during a call, and undo it; `models.exclusive` keeps other calls out
+meanwhile.  See the comment above it in pipelines/models.py.)
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import attention_maps, eraser, grounding, models, personalize, steering
+
+FREEU_ATTRIBUTES = ("b1", "b2", "s1", "s2")
+
+
+def photo(width=64, height=64, seed=0):
+    array = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
+    array[30:56, 34:60] = [40, 40, 230]
+    return Image.fromarray(array)
+
+
+def mask():
+    m = np.zeros((64, 64), bool)
+    m[30:56, 34:60] = True
+    return m
+
+
+def snapshot(pipe) -> dict:
+    """Everything a task could leave changed: weights, dtypes, devices, gradient flags, modes,
+    hooks, attention processors, FreeU attributes, the scheduler object and its config, the
+    progress-bar settings.  (Not the scheduler's timesteps: every pipeline call sets those.)"""
+    state = {"progress": dict(getattr(pipe, "_progress_bar_config", {}))}
+    for part, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            for name, p in component.named_parameters():
+                state[f"{part}.{name}"] = (p.dtype, p.device, p.requires_grad, p.data_ptr(),
+                                          float(p.detach().double().sum()))
+            for name, m in component.named_modules():
+                state[f"{part}.{name}#module"] = (
+                    m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+                    id(m.get_processor()) if hasattr(m, "get_processor") else None,
+                    tuple(getattr(m, a, None) for a in FREEU_ATTRIBUTES),
+                )
+        elif hasattr(component, "config") and hasattr(component, "set_timesteps"):
+            state[f"{part}#scheduler"] = (id(component), dict(component.config))
+        else:
+            state[f"{part}#object"] = id(component)
+    return state
+
+
+def run_attention_maps(pipe):
+    result = attention_maps.generate_with_attention_maps(pipe, "a red circle and a blue square", seed=3, steps=2,
+                                                         guidance=4.0, height=64, width=64)
+    return [np.asarray(result.image), result.maps]
+
+
+def run_erase(pipe):
+    result = eraser.erase(pipe, photo(), mask(), seed=1, steps=3, strength=1.0, freeu=True, progress=False)
+    return [np.asarray(result.image)]
+
+
+def run_segment(pipe):
+    result = grounding.segment_image(pipe, photo(96, 64), "the blue square on the right", size=64)
+    return [result.heatmap, result.mask]
+
+
+def run_steer(pipe):
+    directions = steering.estimate_directions(pipe, "a photo of a cat", "a photo of a dog", samples=1, steps=2,
+                                              height=64, width=64)
+    pair = steering.counterfactual_pair(pipe, directions, "a photo of a cat", seed=3, beta=2)
+    return [np.asarray(pair.original), np.asarray(pair.steered)]
+
+
+def run_personalize(pipe):
+    trainer = personalize.Trainer(pipe, photo(96, 72), "cat,dog", "disendiff", None, steps=2, prior_images=1,
+                                  batch_size=1, grad_accum=1, prior_steps=2, lr=1e-3)
+    losses = [info.loss for info in trainer.run()]
+    learned = trainer.learned()
+    image = personalize.generate(pipe, learned, f"a photo of {learned.tokens[0]}", seed=5, steps=2).image
+    return [np.array(losses), np.asarray(image)]
+
+
+TASKS = {"attention_maps": run_attention_maps, "erase": run_erase, "segment": run_segment, "steer": run_steer,
+         "personalize": run_personalize}
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One cached model, as the app and every Python caller get it."""
+    return models.load("tiny", device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_task_leaves_the_cached_model_as_it_found_it(shared, task):
+    before = snapshot(shared)
+    TASKS[task](shared)
+    after = snapshot(shared)
+    changed = [key for key in before if before[key] != after.get(key)] + [key for key in after if key not in before]
+    assert not changed, f"{task} left changed: {changed[:10]}"
+
+
+def test_tasks_in_threads_at_once_give_the_results_they_give_one_after_the_other(shared):
+    alone = {task: run(shared) for task, run in TASKS.items()}
+    together: dict[str, list] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(TASKS))
+
+    def worker(task):
+        try:
+            start.wait()
+            together[task] = TASKS[task](shared)
+        except BaseException as error:  # reported below, with the task's name
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(task,), name=task) for task in TASKS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert sorted(together) == sorted(TASKS)
+    for task in TASKS:
+        for got, expected in zip(together[task], alone[task]):
+            np.testing.assert_array_equal(got, expected, err_msg=task)
