@@ -20,9 +20,10 @@ raises `UserInputError` with one sentence; nothing waits minutes on an unreachab
 
 Loaded pipelines are cached per (resolved name, device, dtype) so switching tasks in the UI does
 not reload weights; `load_as()` derives another pipeline class (inpainting, img2img, ...) from the
-cached one with `from_pipe`, sharing its modules.  Everything returned is shared: callers attach
-attention processors for the duration of one call and restore them (see attention_processors/),
-and must not move or cast a cached pipeline in place.
+cached one with `from_pipe`, sharing its modules.  Everything returned is shared: a task runs the
+model only inside `exclusive(pipe)` (one call at a time per cached model), and undoes whatever it
+changes (processors, hooks, dtypes, FreeU, weights) before that ends; see docs/architecture.md.
+Family facts are not here but in pipelines/backbones/.
 
 The tiny models' text side: CLIP tokenizers rebuilt offline from OpenAI's BPE file (exact SD ids),
 and our own small T5-style vocabulary (see pipelines/tokenizers.py).
