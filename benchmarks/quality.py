@@ -248,7 +248,7 @@ def erase_scenes(pipe, scenes: list[world.Scene], aas: bool, steps: int | None =
     for scene in scenes:
         _index, _mask, brushed = _eraser_case(scene, size)
         result = eraser.erase(pipe, Image.fromarray(scene.render(size)), brushed, seed=scene.seed, aas=aas,
-                              progress=False, steps=steps or eraser.PAPER_DEFAULTS["steps"])
+                              progress=False, steps=steps or eraser.PAPER.steps)
         outputs += _to_uint8([result.image])
     return outputs
 

@@ -21,8 +21,9 @@ soft dilation whose kernel scales with the image side), the image is cut to the 
 area, padded to the model's size multiple, and the result is composited back with a feathered
 mask, so every pixel outside it equals the input exactly.  The output has the input's size.
 
-Paper defaults live in one place, `PAPER_DEFAULTS` below (50 DDIM steps, strength 0.8, SARG
-scale 9, SS on steps 0..9 with lambda 0.3, SIP; blur kernel 77 at 1024 px for SDXL).
+Paper defaults live in one place, `EraserSettings` below (50 DDIM steps, strength 0.8, SARG
+scale 9, SS on steps 0..9 with lambda 0.3, SIP; blur kernel 77 at 1024 px for SDXL); the CLI and
+the tab derive their flags and controls from it.
 
 Deliberate differences from the released code, all exact or our documented choices:
 - AAS with one mask shared by every sample drops the masked keys instead of adding finfo.min
@@ -65,31 +66,25 @@ from . import backbones, models
 from .errors import UserInputError
 from .io import load_image, load_mask, save_image
 from .seeds import resolve_seed
+from .eraser_settings import (
+    CROP_MODES,
+    MAX_BLUR_KERNEL,
+    MAX_GROW,
+    PAPER,
+    EraserSettings,
+)
 
 logger = logging.getLogger(__name__)
 
-#: The paper's defaults (eraser.md §3), the single source for the pipeline, the CLI and the tab.
-PAPER_DEFAULTS = {
-    "steps": 50,
-    "strength": 0.8,  # SIP; DIP starts from full noise (1.0)
-    "guidance": 9.0,  # SARG scale s of the paper's examples
-    "ss_steps": 9,  # similarity suppression on steps 0..9
-    "ss_scale": 0.3,  # lambda
-    "mode": "sip",
-}
-MODES = ("sip", "dip")
-CROP_MODES = ("auto", "always", "never")
-MAX_STEPS = 200
-MAX_GUIDANCE = 30.0
-MAX_IMAGES = 8
-MAX_GROW = 256
 #: A region larger than this many times the model's native area is cut around the mask.
 CROP_AREA_FACTOR = 2.25
 #: A region within this fraction of the native area's side is not rescaled.
 RESAMPLE_TOLERANCE = 0.1
 #: The paper's mask blur kernels: (kernel, at this image side).
 BLUR_REFERENCE = {backbones.SDXL: (77, 1024), backbones.SD: (13, 512)}
-SUPPORTED = tuple(BLUR_REFERENCE)
+SUPPORTED = (backbones.SD, backbones.SDXL)
+
+
 #: Radius of the final feathering blur at 512 px (scaled with the side).
 FEATHER_RADIUS_AT_512 = 15
 #: FreeU as in the paper's SD 2.1 scripts.
@@ -279,8 +274,8 @@ def prepare(bb: EraserBackbone, image, mask, grow: int = 0, crop: str = "auto", 
         raise UserInputError(
             "The mask covers the whole image; leave some background for the model to rebuild the hole from."
         )
-    if blur_kernel is not None and (int(blur_kernel) < 1 or int(blur_kernel) % 2 == 0 or blur_kernel > 301):
-        raise UserInputError(f"The mask blur kernel must be an odd number from 1 to 301, not {blur_kernel}.")
+    if blur_kernel is not None and (int(blur_kernel) < 1 or int(blur_kernel) % 2 == 0 or blur_kernel > MAX_BLUR_KERNEL):
+        raise UserInputError(f"The mask blur kernel must be an odd number from 1 to {MAX_BLUR_KERNEL}, not {blur_kernel}.")
     region = plan_region(picture.size, user, bb, crop, working_side)
     x0, y0, x1, y1 = region.box
     (w, h), (pw, ph) = region.size, region.padded
@@ -463,12 +458,12 @@ def run_sarg(
     noise: torch.Tensor,
     masks: torch.Tensor,
     *,
-    steps: int = PAPER_DEFAULTS["steps"],
-    strength: float = PAPER_DEFAULTS["strength"],
-    guidance: float = PAPER_DEFAULTS["guidance"],
-    ss_steps: int = PAPER_DEFAULTS["ss_steps"],
-    ss_scale: float = PAPER_DEFAULTS["ss_scale"],
-    mode: str = PAPER_DEFAULTS["mode"],
+    steps: int = PAPER.steps,
+    strength: float = EraserSettings.SIP_STRENGTH,
+    guidance: float = PAPER.guidance,
+    ss_steps: int = PAPER.ss_steps,
+    ss_scale: float = PAPER.ss_scale,
+    mode: str = PAPER.mode,
     aas: bool = True,
     freeu: bool = False,
     working_size: tuple[int, int] | None = None,
@@ -591,27 +586,6 @@ class EraserResult:
         return written
 
 
-def _validate(steps, strength, guidance, ss_steps, ss_scale, mode, num_images) -> None:
-    if mode not in MODES:
-        raise UserInputError(f"Mode must be one of {', '.join(MODES)}, not {mode!r}.")
-    if not 1 <= steps <= MAX_STEPS:
-        raise UserInputError(f"Steps must be between 1 and {MAX_STEPS}, not {steps}.")
-    if not 0 < strength <= 1:
-        raise UserInputError(f"Strength must be above 0 and at most 1, not {strength:g}.")
-    if int(steps * strength) < 1:
-        raise UserInputError(
-            f"With {steps} steps at strength {strength:g} no step would run; raise the steps or the strength."
-        )
-    if not 0 <= guidance <= MAX_GUIDANCE:
-        raise UserInputError(f"The removal guidance scale must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
-    if not -1 <= ss_steps <= MAX_STEPS:
-        raise UserInputError(f"SS steps must be between -1 (off) and {MAX_STEPS}, not {ss_steps}.")
-    if not 0 < ss_scale <= 1:
-        raise UserInputError(f"The SS scale must be above 0 and at most 1, not {ss_scale:g}.")
-    if not 1 <= num_images <= MAX_IMAGES:
-        raise UserInputError(f"The number of images must be between 1 and {MAX_IMAGES}, not {num_images}.")
-
-
 def preview(pipe, image, mask, grow: int = 0, crop: str = "auto", blur_kernel: int | None = None) -> tuple[Image.Image, Prepared]:
     """The dilated mask the model will use, drawn over the image (no diffusion)."""
     prepared = prepare(backbone(pipe), image, mask, grow=grow, crop=crop, blur_kernel=blur_kernel)
@@ -619,72 +593,44 @@ def preview(pipe, image, mask, grow: int = 0, crop: str = "auto", blur_kernel: i
 
 
 @models.one_call_at_a_time
-def erase(
-    pipe,
-    image,
-    mask,
-    *,
-    seed: int | None = None,
-    num_images: int = 1,
-    steps: int = PAPER_DEFAULTS["steps"],
-    strength: float | None = None,
-    guidance: float = PAPER_DEFAULTS["guidance"],
-    ss_steps: int = PAPER_DEFAULTS["ss_steps"],
-    ss_scale: float = PAPER_DEFAULTS["ss_scale"],
-    mode: str = PAPER_DEFAULTS["mode"],
-    grow: int = 0,
-    crop: str = "auto",
-    blur_kernel: int | None = None,
-    working_side: int | None = None,
-    composite: bool = True,
-    freeu: bool | None = None,
-    aas: bool = True,
-    progress: bool = True,
-) -> EraserResult:
+def erase(pipe, image, mask, settings: EraserSettings | None = None, *, seed: int | None = None,
+          progress: bool = True, **options) -> EraserResult:
     """Remove the masked object from `image`; returns images of the input's size.
 
     image: path, PIL image or uint8 array; mask: path, PIL image, array (white/True/alpha =
     remove), resized to the image with a note if its size differs.
+    settings: `EraserSettings` (the paper's by default); `options` override its fields by name
+    (`erase(pipe, image, mask, steps=20)`); an unknown name is a TypeError.
     seed: None or negative draws one; image i uses seed + i.
-    strength: None means 0.8 for SIP and 1.0 for DIP (the paper's).
-    guidance: the SARG scale s (paper examples: 9).
-    grow: grow (> 0) or shrink (< 0) the mask by this many input pixels before the dilation.
-    crop: "auto" processes a region around the mask in large photos, "always", "never".
-    blur_kernel: the dilation kernel at working size (odd; None: the paper's, scaled to the side).
-    working_side: the working resolution (None: the model's native side).
-    composite: paste the result back through the feathered mask (exact pixels outside it).
-    freeu: None means on for SD 2.x (the paper's scripts) and off otherwise.
-    aas: False runs the same loop without attention redirection (an ablation).
     """
     bb = backbone(pipe)
-    steps, num_images, ss_steps = int(steps), int(num_images), int(ss_steps)
-    strength = (1.0 if mode == "dip" else PAPER_DEFAULTS["strength"]) if strength is None else float(strength)
-    guidance, ss_scale = float(guidance), float(ss_scale)
-    _validate(steps, strength, guidance, ss_steps, ss_scale, mode, num_images)
+    settings = (settings or PAPER).replace(**options).validated()
+    strength = settings.resolved_strength()
     base_seed = resolve_seed(seed)
-    seeds = [base_seed + i for i in range(num_images)]
-    freeu = bb.sd2 if freeu is None else bool(freeu)
-    prepared = prepare(bb, image, mask, grow=grow, crop=crop, blur_kernel=blur_kernel, working_side=working_side)
+    seeds = [base_seed + i for i in range(settings.num_images)]
+    freeu = bb.sd2 if settings.freeu is None else settings.freeu
+    prepared = prepare(bb, image, mask, grow=settings.grow, crop=settings.crop, blur_kernel=settings.blur_kernel,
+                       working_side=settings.working_side)
     region = prepared.region
     params = {
         "task": "erase",
         "model": pipe.name_or_path or type(pipe).__name__,
         "seeds": seeds,
-        "steps": steps,
+        "steps": settings.steps,
         "strength": strength,
-        "guidance": guidance,
-        "ss_steps": ss_steps,
-        "ss_scale": ss_scale,
-        "mode": mode,
-        "grow": int(grow),
-        "crop": crop,
+        "guidance": settings.guidance,
+        "ss_steps": settings.ss_steps,
+        "ss_scale": settings.ss_scale,
+        "mode": settings.mode,
+        "grow": settings.grow,
+        "crop": settings.crop,
         "region": list(region.box),
         "working_size": list(region.padded),
         "blur_kernel": prepared.kernel,
         "feather_radius": round(prepared.feather_radius, 2),
-        "composite": composite,
+        "composite": settings.composite,
         "freeu": freeu,
-        "aas": aas,
+        "aas": settings.aas,
     }
     if prepared.empty:
         for note in prepared.notes:
@@ -714,22 +660,22 @@ def erase(
         warnings[:] = info["controller"].warnings
 
     z = run_sarg(
-        pipe, z0, noise, masks, steps=steps, strength=strength, guidance=guidance, ss_steps=ss_steps,
-        ss_scale=ss_scale, mode=mode, aas=aas, freeu=freeu, working_size=(ph, pw), callback=collect,
+        pipe, z0, noise, masks, steps=settings.steps, strength=strength, guidance=settings.guidance, ss_steps=settings.ss_steps,
+        ss_scale=settings.ss_scale, mode=settings.mode, aas=settings.aas, freeu=freeu, working_size=(ph, pw), callback=collect,
         progress=progress,
     )
     with torch.no_grad(), _vae_float32(pipe) as vae_dtype:
         decoded = torch.cat([vae.decode((zi[None] / scaling).to(vae_dtype)).sample for zi in z])
     arrays = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     arrays = arrays.permute(0, 2, 3, 1).cpu().numpy()
-    images = [_paste_back(prepared, array, composite) for array in arrays]
+    images = [_paste_back(prepared, array, settings.composite) for array in arrays]
     notes = list(prepared.notes)
     if warnings:
         notes.append("The mask is so large that the coarsest attention layers could not be redirected "
                      "away from it; traces of the object may remain.")
     x0, y0, x1, y1 = region.box
     changed = np.zeros_like(prepared.mask)
-    changed[y0:y1, x0:x1] = prepared.weights > 0 if composite else True
+    changed[y0:y1, x0:x1] = prepared.weights > 0 if settings.composite else True
     return EraserResult(images, seeds, prepared.image, prepared.mask, changed, params, notes)
 
 

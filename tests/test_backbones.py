@@ -65,7 +65,7 @@ def test_a_pipeline_of_no_known_family_is_refused_in_one_sentence(tiny_pipe):
         components = {"unet": object()}
 
     assert backbones.of(Unknown()) is backbones.OTHER
-    with pytest.raises(Exception, match=r"^Remove object works with SD and SDXL models, not with this diffusers pipeline\.$"):
+    with pytest.raises(Exception, match=r"^Remove object works with SD 1.x/2.x and SDXL models, not with this diffusers pipeline\.$"):
         backbones.require(Unknown(), (backbones.SD, backbones.SDXL), "Remove object")
 
 

@@ -19,15 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipelines.eraser_settings import EraserSettings
 from pipelines.errors import UserInputError
 from ui.cli_common import Command, add_model_args
-
-
-def _freeu(value: str) -> bool | None:
-    choices = {"auto": None, "on": True, "off": False}
-    if value not in choices:
-        raise argparse.ArgumentTypeError(f"expected auto, on or off, not {value!r}")
-    return choices[value]
+from ui.cli_settings import add_settings_arguments, settings_from_args
 
 
 def add_erase_args(parser: argparse.ArgumentParser) -> None:
@@ -41,41 +36,13 @@ def add_erase_args(parser: argparse.ArgumentParser) -> None:
                              "parameters goes next to each image")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed (default: a random one per image, printed and saved)")
-    # None: the paper's default from pipelines/eraser.py (PAPER_DEFAULTS), the one place they live
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
-    parser.add_argument("--strength", type=float, default=None,
-                        help="how far into the noise to start (default: 0.8 for SIP, 1.0 for DIP)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="removal guidance (SARG) scale (default: 9)")
-    parser.add_argument("--ss-steps", type=int, default=None,
-                        help="similarity suppression on steps 0..N (default: 9; -1: off)")
-    parser.add_argument("--ss-scale", type=float, default=None, help="similarity suppression scale (default: 0.3)")
-    parser.add_argument("--mode", default=None, choices=("sip", "dip"),
-                        help="latent process: sip (re-paste the noised background, default) or dip (DDIM inversion)")
-    parser.add_argument("--grow", type=int, default=0,
-                        help="grow (+) or shrink (-) the mask by this many pixels first (default: 0)")
-    parser.add_argument("--num-images", type=int, default=1,
-                        help="results per image, seeds seed, seed+1, ...; written as <name>_0.png, ... (default: 1)")
-    parser.add_argument("--crop", default="auto", choices=("auto", "always", "never"),
-                        help="process only a region around the mask of large photos (default: auto)")
-    parser.add_argument("--blur-kernel", type=int, default=None,
-                        help="mask dilation kernel at working size, odd (default: the paper's, scaled)")
-    parser.add_argument("--freeu", type=_freeu, default=None, metavar="auto|on|off",
-                        help="FreeU (default auto: on for SD 2.x as in the paper, off otherwise)")
-    parser.add_argument("--no-composite", action="store_true",
-                        help="keep the decoded pixels of the whole region instead of compositing "
-                             "the result into the input through the feathered mask")
+    # every setting of the method, with its default, from pipelines.eraser.EraserSettings
+    add_settings_arguments(parser, EraserSettings)
     add_model_args(parser)
 
 
 def _options(args: argparse.Namespace) -> dict:
-    paper = dict(steps=args.steps, guidance=args.guidance, ss_steps=args.ss_steps, ss_scale=args.ss_scale,
-                 mode=args.mode)
-    return dict(
-        seed=args.seed, strength=args.strength, grow=args.grow, num_images=args.num_images, crop=args.crop,
-        blur_kernel=args.blur_kernel, freeu=args.freeu, composite=not args.no_composite,
-        **{k: v for k, v in paper.items() if v is not None},
-    )
+    return dict(seed=args.seed, settings=settings_from_args(args, EraserSettings))
 
 
 def _warn(message: str) -> None:
@@ -183,7 +150,7 @@ def _run_folder(args: argparse.Namespace) -> int:
         _warn(f"{len(others)} file(s) in '{args.image}' are not images and were skipped: {names}")
 
     options = _options(args)
-    pending = [p for p in mine if not is_done(args.output / f"{p.stem}.png", args.num_images)]
+    pending = [p for p in mine if not is_done(args.output / f"{p.stem}.png", options["settings"].num_images)]
     for path in mine:
         if path not in pending:
             print(f"{prefix}skipped (already done): {path.name}")

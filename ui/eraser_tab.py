@@ -21,10 +21,11 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pipelines.eraser import PAPER_DEFAULTS
+from pipelines.eraser_settings import PAPER, EraserSettings
 from pipelines.errors import UserInputError
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+from ui.settings_controls import radio, slider
 
 ORDER = 20  # position among the tabs
 HISTORY_LIMIT = 20
@@ -90,13 +91,13 @@ def make_handler(ctx: AppContext):
         grow: float = 0,
         seed: float | None = 0,
         randomize_seed: bool = False,
-        steps: float = PAPER_DEFAULTS["steps"],
-        strength: float = PAPER_DEFAULTS["strength"],
-        guidance: float = PAPER_DEFAULTS["guidance"],
-        ss_steps: float = PAPER_DEFAULTS["ss_steps"],
-        ss_scale: float = PAPER_DEFAULTS["ss_scale"],
-        mode: str = PAPER_DEFAULTS["mode"],
-        num_images: float = 1,
+        steps: float = PAPER.steps,
+        strength: float = EraserSettings.SIP_STRENGTH,
+        guidance: float = PAPER.guidance,
+        ss_steps: float = PAPER.ss_steps,
+        ss_scale: float = PAPER.ss_scale,
+        mode: str = PAPER.mode,
+        num_images: float = PAPER.num_images,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Remove the painted (or sent) object.
@@ -118,12 +119,12 @@ def make_handler(ctx: AppContext):
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
         use_seed = resolve_seed(seed, randomize_seed)
-        mode = (mode or "sip").lower()
-        result = run_erase(
-            pipe, picture, painted, seed=use_seed, num_images=int(num_images), steps=int(steps),
-            strength=float(strength) if mode == "sip" else None, guidance=float(guidance),
-            ss_steps=int(ss_steps), ss_scale=float(ss_scale), mode=mode, grow=int(grow or 0),
+        mode = (mode or PAPER.mode).lower()
+        settings = PAPER.replace(
+            steps=steps, strength=strength if mode == "sip" else None, guidance=guidance, ss_steps=ss_steps,
+            ss_scale=ss_scale, mode=mode, num_images=num_images, grow=grow or 0,
         )
+        result = run_erase(pipe, picture, painted, settings, seed=use_seed)
         _notify(result.notes)
         run_dir = ctx.outputs.new_run_dir("erase")
         written = result.save(run_dir / "result.png")
@@ -216,24 +217,25 @@ def build_tab(ctx: AppContext) -> dict:
                 mask = gr.Image(label="Mask (optional; white = remove; other tabs can send one)",
                                 type="pil", image_mode="L", sources=("upload", "clipboard"),
                                 format="png", height=160, elem_id="er-mask")
-                grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) or shrink (-) the mask, pixels",
-                                 elem_id="er-grow")
+                grow = slider(EraserSettings, "grow", minimum=-64, maximum=64, info=None,
+                              label="Grow (+) or shrink (-) the mask, pixels", elem_id="er-grow")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="er-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="er-randomize")
                 with gr.Accordion("Advanced", open=False, elem_id="er-advanced"):
-                    steps = gr.Slider(1, 200, value=PAPER_DEFAULTS["steps"], step=1, label="Steps", elem_id="er-steps")
-                    strength = gr.Slider(0.05, 1.0, value=PAPER_DEFAULTS["strength"], step=0.05, label="Strength (SIP)",
-                                         elem_id="er-strength")
-                    guidance = gr.Slider(0, 30, value=PAPER_DEFAULTS["guidance"], step=0.5, label="Removal guidance (SARG) scale",
-                                         elem_id="er-guidance")
-                    ss_steps = gr.Slider(-1, 50, value=PAPER_DEFAULTS["ss_steps"], step=1,
-                                         label="Similarity suppression steps (0..N; -1 = off)", elem_id="er-ss-steps")
-                    ss_scale = gr.Slider(0.05, 1.0, value=PAPER_DEFAULTS["ss_scale"], step=0.05, label="Similarity suppression scale",
-                                         elem_id="er-ss-scale")
-                    mode = gr.Radio(MODE_CHOICES, value=PAPER_DEFAULTS["mode"], label="Latent process", elem_id="er-mode")
-                    num_images = gr.Slider(1, 4, value=1, step=1, label="Results (seeds seed, seed+1, ...)",
-                                           elem_id="er-num-images")
+                    # ranges, steps and defaults come from EraserSettings (the paper's)
+                    steps = slider(EraserSettings, "steps", elem_id="er-steps")
+                    strength = slider(EraserSettings, "strength", value=EraserSettings.SIP_STRENGTH,
+                                      label="Strength (SIP)", elem_id="er-strength")
+                    guidance = slider(EraserSettings, "guidance", label="Removal guidance (SARG) scale",
+                                      elem_id="er-guidance")
+                    ss_steps = slider(EraserSettings, "ss_steps", maximum=50,
+                                      label="Similarity suppression steps (0..N; -1 = off)", elem_id="er-ss-steps")
+                    ss_scale = slider(EraserSettings, "ss_scale", label="Similarity suppression scale",
+                                      elem_id="er-ss-scale")
+                    mode = radio(EraserSettings, "mode", MODE_CHOICES, label="Latent process", elem_id="er-mode")
+                    num_images = slider(EraserSettings, "num_images", maximum=4,
+                                        label="Results (seeds seed, seed+1, ...)", info=None, elem_id="er-num-images")
                 run = gr.Button("Remove", variant="primary", elem_id="er-run")
             with gr.Column(scale=1):
                 compare = gr.ImageSlider(label="Before / after", type="pil", format="png", interactive=False,

@@ -38,8 +38,9 @@ def by_pipeline_class(class_name: str) -> Backbone:
 
 
 def sentence_list(backbones: tuple[Backbone, ...]) -> str:
-    """"SD", "SD and SDXL", "FLUX, SD3 and SD"."""
-    names = [backbone.short for backbone in backbones]
+    """"SD 1.x/2.x", "SD 1.x/2.x and SDXL", "FLUX, SD3 and SD 1.x/2.x": the labels without the
+    architecture word ("SD3 MMDiT" -> "SD3")."""
+    names = [backbone.label.rsplit(" ", 1)[0] for backbone in backbones]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 

@@ -1,0 +1,37 @@
+"""Gradio controls made from a task's settings dataclass (pipelines/settings.py).
+
+The control's range, step, default value and info line come from the field, so a tab never
+re-types a default; a tab may narrow the range or pick its own label (keyword overrides).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from pipelines.settings import Settings
+
+
+def slider(settings: type[Settings], name: str, **overrides) -> gr.Slider:
+    """A slider over the field's range; an exclusive lower bound starts one step above it."""
+    f, spec, kind = settings.specs()[name]
+    step = spec.step or (1 if kind is int else 0.01)
+    minimum = spec.minimum if spec.minimum is not None else spec.above + step
+    options = dict(minimum=minimum, maximum=spec.maximum, value=f.default, step=step,
+                   label=settings.label(name), info=spec.help)
+    options.update(overrides)
+    return gr.Slider(**options)
+
+
+def radio(settings: type[Settings], name: str, choices=None, **overrides) -> gr.Radio:
+    """A radio over the field's choices (or (label, value) pairs naming them)."""
+    f, spec, _ = settings.specs()[name]
+    options = dict(choices=choices or list(spec.choices), value=f.default, label=settings.label(name))
+    options.update(overrides)
+    return gr.Radio(**options)
+
+
+def checkbox(settings: type[Settings], name: str, **overrides) -> gr.Checkbox:
+    f, spec, _ = settings.specs()[name]
+    options = dict(value=bool(f.default), label=settings.label(name), info=spec.help)
+    options.update(overrides)
+    return gr.Checkbox(**options)
