@@ -35,8 +35,6 @@ import torch
 
 from .core import AttentionCall, AttentionController, ControlState
 
-#: Paper default strength (MedSteer's README recommends 1-3).
-DEFAULT_BETA = 2.0
 #: Denominator guard of the norm restoration (paper value).
 NORM_EPS = 1e-8
 STEP_MAPS = ("clamp", "relative")
@@ -102,7 +100,7 @@ class MedSteer(AttentionController):
         mode: str = "steer",
         *,
         directions: dict[str, torch.Tensor] | None = None,
-        beta: float = DEFAULT_BETA,
+        beta: float | None = None,
         record_role: str = "cond",
         steer_roles: tuple[str, ...] = ("uncond", "cond"),
         step_map: str = "clamp",
@@ -114,10 +112,12 @@ class MedSteer(AttentionController):
             raise ValueError(f"unknown mode {mode!r}: use 'record' or 'steer'")
         if step_map not in STEP_MAPS:
             raise ValueError(f"unknown step map {step_map!r}; choose one of {', '.join(STEP_MAPS)}")
+        if mode == "steer" and beta is None:
+            raise ValueError("steer mode needs a beta (the task's settings hold the paper's)")
         self.layers = list(layers)
         self._selected = set(self.layers)
         self.mode = mode
-        self.beta = float(beta)
+        self.beta = float(beta or 0.0)
         self.record_role = record_role
         self.steer_roles = tuple(steer_roles)
         self.step_map = step_map

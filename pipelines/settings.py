@@ -33,13 +33,15 @@ class Spec:
     choices: tuple | None = None
     step: float | None = None  # slider step
     optional: bool = False  # None is a value (it means "decided from other settings or the model")
+    flag: str | None = None  # the CLI flag when it is not --<field-name>
 
 
 def setting(default: Any, help: str, *, label: str | None = None, minimum: float | None = None,
             maximum: float | None = None, above: float | None = None, choices: tuple | None = None,
-            step: float | None = None) -> Any:
+            step: float | None = None, flag: str | None = None) -> Any:
     """A dataclass field with its `Spec`; a None default makes None an allowed value."""
-    spec = Spec(help, label, minimum, maximum, above, tuple(choices) if choices else None, step, default is None)
+    spec = Spec(help, label, minimum, maximum, above, tuple(choices) if choices else None, step, default is None,
+                flag)
     return field(default=default, metadata={"spec": spec})
 
 

@@ -15,7 +15,8 @@
 Backbones: PixArt-alpha (the paper's) and SD 1.x/2.x UNets (the CASteer lineage): every
 ``transformer_blocks.*.attn2`` layer.  The policy is `attention_processors.medsteer.MedSteer`.
 
-Paper defaults live in `PAPER_DEFAULTS` (MedSteer, PixArt-alpha 512): 20 steps, CFG 4.5, the
+Paper defaults live in pipelines/steering_settings.py (`DirectionSettings`, `PairSettings`; MedSteer,
+PixArt-alpha 512): 20 steps, CFG 4.5, the
 pipeline's DPM-Solver multistep scheduler, empty negative prompt, resolution binning off,
 estimation seeds base 0 + index, beta 2, all layers, all steps, both CFG halves, clamp step map.
 
@@ -57,9 +58,7 @@ from PIL import Image
 
 from attention_processors import ControlState, attach, attention_layer_names
 from attention_processors.medsteer import (
-    DEFAULT_BETA,
     NORM_EPS,
-    STEP_MAPS,
     MedSteer,
     cross_attention_layers,
     unit_directions,
@@ -69,29 +68,22 @@ from . import backbones, models
 from .errors import UserInputError
 from .io import atomic_path, save_image
 from .seeds import MAX_SEED, resolve_seed
+from .steering_settings import (
+    DIRECTIONS,
+    MAX_SIDE,
+    MIN_SIDE,
+    PAIR,
+    PAPER_GUIDANCE,
+    PAPER_NEGATIVE,
+    PAPER_POSITIVE,
+    SD_GUIDANCE,
+    STEP_MAPS,
+    DirectionSettings,
+    PairSettings,
+)
 from .tokenizers import check_fits
 
-#: MedSteer's settings (PixArt-alpha 512, Kvasir): the one place they are named.
-PAPER_DEFAULTS = {
-    "steps": 20,
-    "guidance": 4.5,
-    "negative_prompt": "",
-    "beta": DEFAULT_BETA,
-    "base_seed": 0,
-    "step_map": "clamp",
-    "steer": "both",
-    "positive": "An endoscopic image of dyed lifted polyps",
-    "negative": "An endoscopic image of normal cecum",
-}
-SD_GUIDANCE = 7.5  # our choice for SD UNets
-DEFAULT_SAMPLES = 100  # per class; our choice (the README suggests 200 in total)
-MAX_SAMPLES = 10_000
-MAX_STEPS = 200
-MAX_GUIDANCE = 30.0
-MAX_BETA = 10.0
 MAX_SEEDS = 100_000
-MIN_SIDE, MAX_SIDE = 64, 2048
-STEER_CHOICES = ("both", "cond")
 FORMAT = "medsteer-directions/1"
 SUPPORTED = (backbones.SD, backbones.PIXART)
 #: the paper's backbone (MedSteer on PixArt-alpha): its guidance is the paper's
@@ -112,21 +104,13 @@ def model_name(pipe) -> str:
 def default_guidance(pipe) -> float:
     """The paper's guidance on its backbone; elsewhere the model's own default."""
     if models.backbone(pipe) in PAPER_BACKBONES:
-        return PAPER_DEFAULTS["guidance"]
+        return PAPER_GUIDANCE
     # SD UNets: the model folder's own default (the built-in model's), else SD_GUIDANCE.
     return models.generation_defaults(pipe).get("guidance", SD_GUIDANCE)
 
 
 def _pipe_kwargs(pipe) -> dict:
     return models.backbone(pipe).call_defaults(pipe, exact_size=True)  # the paper's: no resolution bins
-
-
-def _validate_common(pipe, steps: int, guidance: float, height: int, width: int) -> None:
-    if not 2 <= steps <= MAX_STEPS:
-        raise UserInputError(f"Steps must be between 2 and {MAX_STEPS}, not {steps}.")
-    if not 0 <= guidance <= MAX_GUIDANCE:
-        raise UserInputError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
-    models.check_size(pipe, height, width, MIN_SIDE, MAX_SIDE)
 
 
 def _check_prompt(prompt: str | None, what: str) -> str:
@@ -136,15 +120,8 @@ def _check_prompt(prompt: str | None, what: str) -> str:
 
 
 def validate_beta(beta: float) -> float:
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError):
-        raise UserInputError(f"Beta must be a number between 0 and {MAX_BETA:g}, not {beta!r}.") from None
-    if not 0 <= beta <= MAX_BETA or beta != beta:
-        raise UserInputError(
-            f"Beta must be between 0 and {MAX_BETA:g} (1 removes the concept, 2 reflects it; 1-3 is the useful range), not {beta:g}."
-        )
-    return beta
+    """Beta as a float, or the settings' one-sentence refusal (for callers that check it early)."""
+    return PAIR.replace(beta=beta).validated().beta
 
 
 def _check_seed(seed: int) -> int:
@@ -313,25 +290,19 @@ def _seeds_generators(seeds: list[int]) -> list[torch.Generator]:
 @models.one_call_at_a_time
 def estimate_directions(
     pipe,
-    positive: str = PAPER_DEFAULTS["positive"],
-    negative: str = PAPER_DEFAULTS["negative"],
-    samples: int = DEFAULT_SAMPLES,
-    steps: int = PAPER_DEFAULTS["steps"],
-    guidance: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str = PAPER_DEFAULTS["negative_prompt"],
-    base_seed: int = PAPER_DEFAULTS["base_seed"],
-    layers: str | None = None,
-    matched: bool = False,
-    batch_size: int = 4,
+    positive: str = PAPER_POSITIVE,
+    negative: str = PAPER_NEGATIVE,
+    settings: DirectionSettings | None = None,
+    *,
     progress: Callable[[int, int], None] | None = None,
+    **options,
 ) -> Directions:
     """Directions d[t, b] = normalise(mean_pos - mean_neg) over `samples` images per prompt.
 
-    `layers`: optional regular expression narrowing the cross-attention layers.  `progress`
-    (optional) is called with (images done, images total) after every batch; a tqdm bar is shown
-    as well.
+    settings: `DirectionSettings` (MedSteer's by default); `options` override its fields by name,
+    e.g. `samples=8, steps=20` (`layers`: a regular expression narrowing the cross-attention
+    layers).  `progress` (optional) is called with (images done, images total) after every
+    batch; a tqdm bar is shown as well.
     """
     from tqdm.auto import tqdm
 
@@ -343,16 +314,14 @@ def estimate_directions(
             "The positive and negative prompts are identical, so their difference is zero and there is no "
             "direction to steer along; give two different concepts."
         )
-    samples, steps = int(samples), int(steps)
-    if not 1 <= samples <= MAX_SAMPLES:
-        raise UserInputError(f"Samples per prompt must be between 1 and {MAX_SAMPLES}, not {samples}.")
-    guidance = default_guidance(pipe) if guidance is None else float(guidance)
+    settings = (settings or DIRECTIONS).replace(**options).validated()
+    samples, steps, layers, matched = settings.samples, settings.steps, settings.layers, settings.matched
+    guidance = default_guidance(pipe) if settings.guidance is None else settings.guidance
     default_h, default_w = models.default_size(pipe)
-    height, width = int(height or default_h), int(width or default_w)
-    _validate_common(pipe, steps, guidance, height, width)
-    base_seed = _check_seed(base_seed)
-    _check_seed(base_seed + 2 * samples)
-    negative_prompt = negative_prompt or ""
+    height, width = settings.height or default_h, settings.width or default_w
+    models.check_size(pipe, height, width, MIN_SIDE, MAX_SIDE)
+    base_seed = settings.base_seed
+    negative_prompt = settings.negative_prompt
     denoiser = models.denoiser(pipe)
     try:
         selected = cross_attention_layers(attention_layer_names(denoiser), layers)
@@ -360,7 +329,7 @@ def estimate_directions(
         raise UserInputError(f"The layer pattern {layers!r} is not a valid regular expression ({error}).") from None
     if not selected:
         raise UserInputError(f"No cross-attention layer of this model matches {layers!r}.")
-    batch_size = max(1, int(batch_size))
+    batch_size = settings.batch_size
     cfg = models.backbone(pipe).uses_cfg_batch(pipe, guidance)
     roles = ("uncond", "cond") if cfg else ("cond",)
 
@@ -509,21 +478,22 @@ class _Settings:
     batched: bool
 
 
-def _settings(pipe, directions: Directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
-              batched, allow_other_model) -> _Settings:
+def _settings(pipe, directions: Directions, settings: PairSettings) -> _Settings:
+    """The pair's settings with every None taken from the directions (or the model), checked."""
     _check_backbone(pipe)
     meta = directions.meta
-    steps = int(steps or meta.get("steps") or directions.steps)
-    guidance = float(meta.get("guidance", default_guidance(pipe)) if guidance is None else guidance)
-    height = int(height or meta.get("height") or models.default_size(pipe)[0])
-    width = int(width or meta.get("width") or models.default_size(pipe)[1])
-    negative_prompt = meta.get("negative_prompt", "") if negative_prompt is None else negative_prompt
-    beta = validate_beta(beta)
-    if steer not in STEER_CHOICES:
-        raise UserInputError(f"Steer must be one of {', '.join(STEER_CHOICES)}, not {steer!r}.")
-    _validate_common(pipe, steps, guidance, height, width)
-    directions.check(pipe, steps, step_map, allow_other_model)
-    return _Settings(steps, guidance, height, width, negative_prompt, beta, steer, step_map, bool(batched))
+    settings = settings.validated()
+    resolved = settings.replace(
+        steps=settings.steps or meta.get("steps") or directions.steps,
+        guidance=meta.get("guidance", default_guidance(pipe)) if settings.guidance is None else settings.guidance,
+        height=settings.height or meta.get("height") or models.default_size(pipe)[0],
+        width=settings.width or meta.get("width") or models.default_size(pipe)[1],
+        negative_prompt=meta.get("negative_prompt", "") if settings.negative_prompt is None else settings.negative_prompt,
+    ).validated()  # the file's values obey the same limits
+    models.check_size(pipe, resolved.height, resolved.width, MIN_SIDE, MAX_SIDE)
+    directions.check(pipe, resolved.steps, resolved.step_map, resolved.allow_other_model)
+    return _Settings(resolved.steps, resolved.guidance, resolved.height, resolved.width, resolved.negative_prompt,
+                     resolved.beta, resolved.steer, resolved.step_map, resolved.batched)
 
 
 @models.one_call_at_a_time
@@ -573,25 +543,18 @@ def counterfactual_pair(
     directions: Directions,
     prompt: str,
     seed: int | None = None,
-    beta: float = PAPER_DEFAULTS["beta"],
-    steps: int | None = None,
-    guidance: float | None = None,
-    negative_prompt: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    steer: str = PAPER_DEFAULTS["steer"],
-    step_map: str = PAPER_DEFAULTS["step_map"],
-    batched: bool = True,
-    allow_other_model: bool = False,
+    settings: PairSettings | None = None,
+    **options,
 ) -> PairResult:
     """The plain and the steered image of `prompt` with the same seed, and their difference.
 
-    Steps, guidance, size and the CFG negative prompt default to those the directions were
-    estimated with.  seed None (or negative) draws a random seed, reported in the result.
+    settings: `PairSettings` (MedSteer's by default); `options` override its fields by name
+    (`beta=1`).  Steps, guidance, size and the CFG negative prompt left as None are those the
+    directions were estimated with.  seed None (or negative) draws a random seed, reported in
+    the result.
     """
     prompt = _check_prompt(prompt, "prompt to steer")
-    s = _settings(pipe, directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
-                  batched, allow_other_model)
+    s = _settings(pipe, directions, (settings or PAIR).replace(**options))
     seed = resolve_seed(seed)
     embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)
     return _pair(pipe, directions, embeds, prompt, seed, s)
@@ -656,19 +619,12 @@ def generate_dataset(
     prompt: str,
     seeds: str | Iterable[int],
     output_dir: str | Path,
-    beta: float = PAPER_DEFAULTS["beta"],
-    steps: int | None = None,
-    guidance: float | None = None,
-    negative_prompt: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    steer: str = PAPER_DEFAULTS["steer"],
-    step_map: str = PAPER_DEFAULTS["step_map"],
-    batched: bool = True,
-    allow_other_model: bool = False,
+    settings: PairSettings | None = None,
+    *,
     process_index: int = 0,
     num_processes: int = 1,
     wait: Callable[[], None] | None = None,
+    **options,
 ) -> DatasetSummary:
     """Counterfactual pairs for every seed into `output_dir`, with manifest.jsonl.
 
@@ -683,8 +639,7 @@ def generate_dataset(
     seed_list = parse_seeds(seeds)
     if not seed_list:
         raise UserInputError("Please give at least one seed.")
-    s = _settings(pipe, directions, beta, steps, guidance, negative_prompt, height, width, steer, step_map,
-                  batched, allow_other_model)
+    s = _settings(pipe, directions, (settings or PAIR).replace(**options))
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserInputError(f"The output {folder} is a file; give a folder.")

@@ -22,8 +22,8 @@ def _auto_on_off(value: str) -> bool | None:
     return _AUTO_ON_OFF[value]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _flag(name: str, spec) -> str:
+    return spec.flag or "--" + name.replace("_", "-")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, settings: type[Settings], skip: tuple[str, ...] = ()) -> None:
@@ -32,17 +32,17 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings: type[Setti
         if name in skip:
             continue
         if kind is bool and spec.optional:
-            parser.add_argument(_flag(name), dest=name, type=_auto_on_off, default=None, metavar="auto|on|off",
+            parser.add_argument(_flag(name, spec), dest=name, type=_auto_on_off, default=None, metavar="auto|on|off",
                                 help=spec.help)
         elif kind is bool and f.default:
-            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
+            parser.add_argument(spec.flag or "--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
                                 default=None, help=f"{spec.help} (on by default; this flag turns it off)")
         elif kind is bool:
-            parser.add_argument(_flag(name), dest=name, action="store_const", const=True, default=None,
+            parser.add_argument(_flag(name, spec), dest=name, action="store_const", const=True, default=None,
                                 help=spec.help)
         else:
-            shown = "" if spec.optional else f" (default: {f.default})"
-            parser.add_argument(_flag(name), dest=name, type=kind, default=None, choices=spec.choices,
+            shown = "" if spec.optional else f" (default: {f.default if f.default != '' else 'empty'})"
+            parser.add_argument(_flag(name, spec), dest=name, type=kind, default=None, choices=spec.choices,
                                 help=spec.help + shown)
 
 

@@ -22,6 +22,15 @@ def slider(settings: type[Settings], name: str, **overrides) -> gr.Slider:
     return gr.Slider(**options)
 
 
+def number(settings: type[Settings], name: str, **overrides) -> gr.Number:
+    """A number box with the field's limits; empty (None) where the field's default is None."""
+    f, spec, kind = settings.specs()[name]
+    options = dict(value=f.default, minimum=spec.minimum, maximum=spec.maximum, step=spec.step or 1,
+                   precision=0 if kind is int else None, label=settings.label(name))
+    options.update(overrides)
+    return gr.Number(**options)
+
+
 def radio(settings: type[Settings], name: str, choices=None, **overrides) -> gr.Radio:
     """A radio over the field's choices (or (label, value) pairs naming them)."""
     f, spec, _ = settings.specs()[name]

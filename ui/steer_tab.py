@@ -15,10 +15,20 @@ from collections import OrderedDict
 import gradio as gr
 
 from pipelines.seeds import resolve_seed
+from pipelines.steering_settings import (
+    DIRECTIONS,
+    PAIR,
+    PAPER_NEGATIVE,
+    PAPER_POSITIVE,
+    DirectionSettings,
+    PairSettings,
+)
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+from ui.settings_controls import number, radio, slider
 
 ORDER = 40  # position among the tabs
 CACHE_SIZE = 8  # directions kept in memory, most recently used last
+TAB_SAMPLES = 8  # the tab's starting value: a quick first estimate (the Python API's default is 100)
 
 # Offline examples in the built-in model's vocabulary (pipelines/world.py); the last one is the
 # paper's medical prompt pair, for a model trained on Kvasir.
@@ -64,17 +74,15 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
     def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress):
         from pipelines.steering import estimate_directions
 
+        settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=guidance, height=_size(height),
+                                      width=_size(width)).validated()
         pipe = ctx.load(model)
-        key = (model or ctx.default_model, positive, negative, int(samples), int(steps), float(guidance),
-               _size(height), _size(width))
+        key = (model or ctx.default_model, positive, negative, settings)
         directions = cache.get(key)
         if directions is not None:
             return pipe, directions, True
         progress(0, desc="Estimating directions")
-        directions = estimate_directions(
-            pipe, positive, negative, samples=int(samples), steps=int(steps), guidance=float(guidance),
-            height=_size(height), width=_size(width),
-        )
+        directions = estimate_directions(pipe, positive, negative, settings)
         cache.put(key, directions)
         return pipe, directions, False
 
@@ -90,9 +98,9 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
         model: str,
         positive: str,
         negative: str,
-        samples: float = 8,
-        steps: float = 20,
-        guidance: float = 4.5,
+        samples: float = TAB_SAMPLES,
+        steps: float = DIRECTIONS.steps,
+        guidance: float | None = DIRECTIONS.guidance,
         width: float | None = 0,
         height: float | None = 0,
         progress=gr.Progress(track_tqdm=True),
@@ -100,7 +108,7 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
         """Estimate (or reuse) the steering directions of a prompt pair.
 
         Returns a status line and the directions as a .safetensors file to download.
-        Width/height 0 use the model's default size.
+        Width/height 0 use the model's default size; guidance None the model's (PixArt: the paper's 4.5).
         """
         pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
                                                   width, height, progress)
@@ -112,17 +120,17 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
         model: str,
         positive: str,
         negative: str,
-        samples: float = 8,
-        steps: float = 20,
-        guidance: float = 4.5,
+        samples: float = TAB_SAMPLES,
+        steps: float = DIRECTIONS.steps,
+        guidance: float | None = DIRECTIONS.guidance,
         width: float | None = 0,
         height: float | None = 0,
         directions_file: str | None = None,
         prompt: str = "",
         seed: float | None = 0,
         randomize_seed: bool = False,
-        beta: float = 2.0,
-        steer: str = "both",
+        beta: float = PAIR.beta,
+        steer: str = PAIR.steer,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Generate the plain and the steered image of `prompt` with one seed, and their difference.
@@ -132,9 +140,9 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
         cache or estimated first.  Seed -1 or randomize_seed=True draws a random seed.  Returns
         original, steered, difference heatmap, the seed used, the files and a status line.
         """
-        from pipelines.steering import Directions, counterfactual_pair, validate_beta
+        from pipelines.steering import Directions, counterfactual_pair
 
-        validate_beta(beta)
+        pair_settings = PAIR.replace(beta=beta, steer=steer).validated()
         if directions_file:
             pipe = ctx.load(model)
             directions = Directions.load(directions_file)
@@ -145,7 +153,7 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
             status = describe(directions, cached)
         use_seed = resolve_seed(seed, randomize_seed)
         progress(0, desc="Generating the pair")
-        result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, beta=float(beta), steer=steer)
+        result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, settings=pair_settings)
         written = result.save(ctx.outputs.new_run_dir("steer"))
         status += f" Mean absolute difference: {result.mean_abs_diff:.4f}."
         return result.original, result.steered, result.heatmap, result.seed, [str(p) for p in written], status
@@ -155,8 +163,6 @@ def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
 
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
-    from pipelines.steering import MAX_BETA, PAPER_DEFAULTS
-
     with gr.Tab("Counterfactual steer", id="steer"):
         gr.Markdown(
             "**MedSteer**: estimate a steering direction from a *positive* concept (to remove) and a "
@@ -169,16 +175,15 @@ def build_tab(ctx: AppContext) -> dict:
                 model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
                                     elem_id="st-model")
                 positive = gr.Textbox(label="Positive prompt (concept to remove)", elem_id="st-positive",
-                                      placeholder=PAPER_DEFAULTS["positive"])
+                                      placeholder=PAPER_POSITIVE)
                 negative = gr.Textbox(label="Negative prompt (concept to steer towards)", elem_id="st-negative",
-                                      placeholder=PAPER_DEFAULTS["negative"])
+                                      placeholder=PAPER_NEGATIVE)
                 with gr.Row():
-                    samples = gr.Number(value=8, precision=0, minimum=1, label="Samples per prompt",
-                                        elem_id="st-samples")
-                    steps = gr.Number(value=PAPER_DEFAULTS["steps"], precision=0, minimum=2, maximum=200,
-                                      label="Steps", elem_id="st-steps")
-                    guidance = gr.Number(value=PAPER_DEFAULTS["guidance"], minimum=0, maximum=30, step=0.5,
-                                         label="Guidance", elem_id="st-guidance")
+                    # ranges and defaults from DirectionSettings; samples start small for a quick try
+                    samples = number(DirectionSettings, "samples", value=TAB_SAMPLES, elem_id="st-samples")
+                    steps = number(DirectionSettings, "steps", elem_id="st-steps")
+                    guidance = number(DirectionSettings, "guidance", label="Guidance (empty: the model's)",
+                                      elem_id="st-guidance")
                 with gr.Row():
                     width = gr.Number(value=0, precision=0, step=8, minimum=0,
                                       label="Width (0 = model default)", elem_id="st-width")
@@ -194,10 +199,8 @@ def build_tab(ctx: AppContext) -> dict:
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="st-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="st-randomize")
-                    beta = gr.Slider(0, MAX_BETA, value=PAPER_DEFAULTS["beta"], step=0.1, label="Beta",
-                                     elem_id="st-beta")
-                    steer = gr.Radio(["both", "cond"], value="both", label="CFG halves steered",
-                                     elem_id="st-steer")
+                    beta = slider(PairSettings, "beta", info=None, elem_id="st-beta")
+                    steer = radio(PairSettings, "steer", label="CFG halves steered", elem_id="st-steer")
                 generate = gr.Button("Generate pair", variant="primary", elem_id="st-generate")
                 status = gr.Markdown(elem_id="st-status")
                 with gr.Row():
