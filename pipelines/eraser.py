@@ -7,13 +7,15 @@ self-attentions (attention_processors.attentive_eraser), and SARG combines the t
 
     eps = eps_normal + s * (eps_aas - eps_normal)
 
-The loop is written out here (DDIM, eta 0, "leading" spacing, as the paper configures it):
+Each step is diffusers' DDIM step (`DDIMScheduler`, eta 0, "leading" spacing, the model's betas
+and prediction type, as the paper configures it: `DDIM_CONFIG`) on a scheduler made for this call;
+the cached pipeline's own scheduler is only read.  The loop around the steps is written out here:
 
 - SIP (default): encode the full image (object included), noise it once to the strength timestep
-  and, after every DDIM step, paste the background back from ``add_noise(z0, eps, t_next)`` with the
-  same noise, and ``z0`` itself after the last step.
-- DIP: DDIM-invert the image with the empty prompt, record the trajectory, denoise from its end
-  and paste the background from the recorded latent before every UNet call.
+  and, after every DDIM step, paste the background back from the scheduler's
+  ``add_noise(z0, noise, t_next)`` with the same noise, and ``z0`` itself after the last step.
+- DIP: invert the image with `DDIMInverseScheduler` and the empty prompt, record the trajectory,
+  denoise from its end and paste the background from the recorded latent before every UNet call.
 
 Around the loop: the user mask is grown or shrunk (pixels), blurred and thresholded at 0.1 (a
 soft dilation whose kernel scales with the image side), the image is cut to the region to process
@@ -37,8 +39,8 @@ Deliberate differences from the released code, all exact or our documented choic
   OpenCV's sigma), computed at working size; always on (the SDXL pipeline has none).
 - FreeU (the SD 2.1 scripts' values) is on by default for SD 2.x only.
 - DIP takes `strength` too (default 1.0 = the paper); with less, the inversion stops at the
-  strength timestep.  For v-prediction models the inversion converts v to noise at the model's
-  timestep.
+  strength timestep.  For v-prediction models the inversion converts v to noise at the timestep
+  the model was told (`predicted_noise`), not at the earlier one the inverse scheduler would use.
 - Latents stay float32 through the loop; each seed draws its VAE sample and its noise from its
   own CPU generator, so a seed gives the same result on any device and in any batch.
 - s = 1 evaluates only the AAS rows and s = 0 only the normal rows (the same formula).
@@ -46,6 +48,7 @@ Deliberate differences from the released code, all exact or our documented choic
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from contextlib import contextmanager, nullcontext
@@ -57,6 +60,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 from PIL import Image
 
 from attention_processors import ControlState, attach
@@ -325,67 +329,59 @@ def overlay_mask(image: Image.Image, mask: np.ndarray, colour=(255, 40, 40), alp
     return Image.fromarray(np.where(mask[..., None], tint, base).round().astype(np.uint8))
 
 
-# ----------------------------------------------------------------------------- DDIM written out
+# ------------------------------------------------------------------------------------ DDIM
 
 
-def ddim_scheduler(pipe, steps: int):
-    """A fresh DDIM scheduler configured as the paper does, with the model's betas and
-    prediction type; the pipeline's own scheduler is never touched."""
-    from diffusers import DDIMScheduler
+#: The model outputs the DDIM schedulers take (the model's `prediction_type`).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-    config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
-    scheduler = DDIMScheduler.from_config({**config, **DDIM_CONFIG})
+
+def ddim_scheduler(pipe, steps: int) -> DDIMScheduler:
+    """This call's own DDIM scheduler, its timesteps set for `steps`: the model's betas and prediction
+    type with `DDIM_CONFIG`.  The cached pipeline's scheduler is only read, never changed."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **DDIM_CONFIG)
+    prediction = scheduler.config.prediction_type
+    if prediction not in PREDICTION_TYPES:
+        raise UserInputError(f"The model's prediction type {prediction!r} is not supported.")
     scheduler.set_timesteps(steps)
     return scheduler
 
 
-def executed_timesteps(scheduler, steps: int, strength: float) -> list[int]:
+def inverse_scheduler(scheduler: DDIMScheduler) -> DDIMInverseScheduler:
+    """DDIM inversion on the same schedule (DIP), for predicted noise (see `predicted_noise`)."""
+    known = inspect.signature(DDIMInverseScheduler.__init__).parameters  # no warning for the others
+    config = {k: v for k, v in scheduler.config.items() if k in known}
+    inverse = DDIMInverseScheduler.from_config(config, prediction_type="epsilon")
+    inverse.set_timesteps(scheduler.num_inference_steps)
+    return inverse
+
+
+def executed_timesteps(scheduler: DDIMScheduler, strength: float) -> list[int]:
     """The timesteps that run at this strength: the last int(steps * strength) of the schedule."""
+    steps = scheduler.num_inference_steps
     count = min(int(steps * strength), steps)
     return [int(t) for t in scheduler.timesteps.tolist()[steps - count:]]
 
 
-class DDIM:
-    """DDIM (eta 0) on float32 latents, with the schedule's alphas as Python numbers."""
+def predicted_noise(scheduler: DDIMScheduler, output: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+    """The model's output at timestep t on latent z, as predicted noise, converted at t.
 
-    def __init__(self, scheduler):
-        self.alphas = scheduler.alphas_cumprod.double().tolist()
-        self.final = float(scheduler.final_alpha_cumprod)
-        self.ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        self.prediction = scheduler.config.prediction_type
+    The inversion evaluates the model at t on the latent of the timestep before; the inverse
+    scheduler would convert v (or x0) with that earlier timestep's alpha, we use the one the model
+    was told.  Noise passes through unchanged.
+    """
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        return output
+    a = scheduler.alphas_cumprod[t]
+    if prediction == "v_prediction":
+        return a ** 0.5 * output + (1 - a) ** 0.5 * z
+    return (z - a ** 0.5 * output) / (1 - a) ** 0.5  # "sample"
 
-    def alpha(self, t: int) -> float:
-        return self.alphas[t] if t >= 0 else self.final
 
-    def x0_eps(self, output: torch.Tensor, z: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted clean latent and noise from the model output at alpha-bar `a`."""
-        if self.prediction == "epsilon":
-            return (z - math.sqrt(1 - a) * output) / math.sqrt(a), output
-        if self.prediction == "v_prediction":
-            return math.sqrt(a) * z - math.sqrt(1 - a) * output, math.sqrt(a) * output + math.sqrt(1 - a) * z
-        if self.prediction == "sample":
-            return output, (z - math.sqrt(a) * output) / math.sqrt(1 - a)
-        raise UserInputError(f"The model's prediction type {self.prediction!r} is not supported.")
-
-    def step(self, output: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
-        """z_t -> z_{t - ratio}."""
-        a_prev = self.alpha(t - self.ratio)
-        x0, eps = self.x0_eps(output, z, self.alpha(t))
-        return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-
-    def invert_step(self, output: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
-        """z_{t - ratio} -> z_t, with the model evaluated at t on z_{t - ratio} (MasaCtrl/DiffEdit)."""
-        a_cur, a_next = self.alpha(t - self.ratio), self.alpha(t)
-        if self.prediction == "epsilon":
-            eps = output
-        else:  # convert with the timestep the model was told
-            eps = self.x0_eps(output, z, a_next)[1]
-        x0 = (z - math.sqrt(1 - a_cur) * eps) / math.sqrt(a_cur)
-        return math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
-
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        a = self.alpha(t)
-        return math.sqrt(a) * z0 + math.sqrt(1 - a) * noise
+def add_noise(scheduler: DDIMScheduler, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+    """z0 noised to timestep t with `noise` (the same t for every sample)."""
+    return scheduler.add_noise(z0, noise, torch.tensor([t]))
 
 
 def sarg(eps_normal: torch.Tensor, eps_aas: torch.Tensor, scale: float) -> torch.Tensor:
@@ -490,8 +486,7 @@ def run_sarg(
     m_lat = latent_mask(masks, latent_hw)
     edited = m_lat.flatten(1).any(1)  # (B,)
     scheduler = ddim_scheduler(pipe, steps)
-    ddim = DDIM(scheduler)
-    timesteps = executed_timesteps(scheduler, steps, strength)
+    timesteps = executed_timesteps(scheduler, strength)
     cond = _Conditioning(pipe, bb, height, width, device, dtype)
     z0, noise = z0.to(device, torch.float32), noise.to(device, torch.float32)
 
@@ -517,16 +512,16 @@ def run_sarg(
     with torch.no_grad(), _freeu(unet, freeu, FREEU_SD2), bar as bar:
         record = None
         if mode == "dip":
-            record, z = [], z0
-            for t in reversed(timesteps):
-                z = ddim.invert_step(unet_out(z, t, 1), t, z)
+            inverse, record, z = inverse_scheduler(scheduler), [], z0
+            for t in reversed(timesteps):  # z_{t - ratio} -> z_t, the model evaluated at t
+                z = inverse.step(predicted_noise(scheduler, unet_out(z, t, 1), t, z), t, z).prev_sample
                 record.append(z)
                 if bar is not None:
                     bar.update()
             record.reverse()  # record[i] is the latent at timesteps[i]
             z = record[0]
         else:
-            z = ddim.add_noise(z0, noise, timesteps[0])
+            z = add_noise(scheduler, z0, noise, timesteps[0])
         state = ControlState(row_roles=roles, latent_hw=latent_hw)
         controller = AttentiveEraserAAS(masks, ss_steps=ss_steps, ss_scale=ss_scale, state=state)
         context = attach(unet, controller, track_steps=False) if AAS in roles else nullcontext()
@@ -535,10 +530,10 @@ def run_sarg(
                 state.step = i
                 if mode == "dip":
                     z = repaste(z, record[i], m_lat)
-                z = ddim.step(guided(z, t), t, z)
+                z = scheduler.step(guided(z, t), t, z, eta=0.0).prev_sample
                 if mode == "sip":
                     last = i + 1 == len(timesteps)
-                    z = repaste(z, z0 if last else ddim.add_noise(z0, noise, timesteps[i + 1]), m_lat)
+                    z = repaste(z, z0 if last else add_noise(scheduler, z0, noise, timesteps[i + 1]), m_lat)
                 if callback is not None:
                     callback({"step": i, "timestep": t, "latents": z, "noise": noise, "controller": controller})
                 if bar is not None:

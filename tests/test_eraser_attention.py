@@ -287,7 +287,7 @@ def test_schedule_ss_on_steps_0_to_9_and_aas_on_all_40(tiny_pipe):
     assert sorted(s for s, kind in counts if kind == "ss") == list(range(10))
     # the index advances once per step: every edited layer ran exactly once per step
     assert all(count == n_layers for count in counts.values())
-    assert eraser.executed_timesteps(eraser.ddim_scheduler(pipe, 50), 50, 0.8)[:2] == [780, 760]
+    assert eraser.executed_timesteps(eraser.ddim_scheduler(pipe, 50), 0.8)[:2] == [780, 760]
 
 
 def test_normal_branch_of_the_unet_is_bit_identical_to_stock(tiny_pipe):

@@ -15,8 +15,8 @@ from PIL import Image
 
 from pipelines import backbones, io, models
 from pipelines.eraser import (
-    DDIM,
     EraserBackbone,
+    add_noise,
     backbone,
     ddim_scheduler,
     dilate_mask,
@@ -24,7 +24,9 @@ from pipelines.eraser import (
     executed_timesteps,
     feather_weights,
     grow_mask,
+    inverse_scheduler,
     plan_region,
+    predicted_noise,
     prepare,
     repaste,
     run_sarg,
@@ -71,35 +73,84 @@ def test_repaste_and_add_noise_hand_values(tiny_pipe):
     background = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     mask = torch.tensor([[True, False], [False, True]])
     assert repaste(z, background, mask).tolist() == [[5.0, 2.0], [3.0, 8.0]]
-    ddim = DDIM(ddim_scheduler(tiny_pipe("tiny"), 50))
-    a = ddim.alpha(780)
-    noised = ddim.add_noise(torch.tensor([1.0]), torch.tensor([2.0]), 780)
+    scheduler = ddim_scheduler(tiny_pipe("tiny"), 50)
+    a = scheduler.alphas_cumprod[780].item()
+    noised = add_noise(scheduler, torch.tensor([1.0]), torch.tensor([2.0]), 780)
     assert noised.item() == pytest.approx(math.sqrt(a) + 2 * math.sqrt(1 - a), rel=1e-6)
-    assert ddim.alpha(-20) == ddim.final  # set_alpha_to_one=False: alpha_cumprod[0]
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_written_out_ddim_equals_diffusers_ddim(tiny_pipe, prediction):
-    scheduler = ddim_scheduler(tiny_pipe("tiny"), 50)
-    reference = DDIMScheduler.from_config(scheduler.config, prediction_type=prediction)
-    reference.set_timesteps(50)
-    ours = DDIM(reference)
+def alphas(scheduler, *timesteps):
+    """alpha-bar at each timestep as a float; below 0 the first training alpha (set_alpha_to_one=False)."""
+    return [scheduler.alphas_cumprod[max(t, 0)].item() for t in timesteps]
+
+
+@pytest.mark.parametrize("name, prediction", [("tiny", "epsilon"), ("tiny-sd2", "v_prediction")])
+def test_a_step_is_ddim_eta_0_with_the_model_prediction_type(tiny_pipe, name, prediction):
+    """z_{t-20} = sqrt(a') x0 + sqrt(1 - a') eps, with x0 and eps from the model's output at t."""
+    scheduler = ddim_scheduler(tiny_pipe(name), 50)
+    assert scheduler.config.prediction_type == prediction
     g = torch.Generator().manual_seed(0)
-    z, out = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    z, out = torch.randn(1, 4, 8, 8, generator=g).double(), torch.randn(1, 4, 8, 8, generator=g).double()
     for t in (980, 500, 20, 0):
-        want = reference.step(out, t, z, eta=0.0).prev_sample
-        torch.testing.assert_close(ours.step(out, t, z), want, atol=1e-5, rtol=1e-5)
+        a, a_prev = alphas(scheduler, t, t - 20)
+        if prediction == "epsilon":
+            eps, x0 = out, (z - math.sqrt(1 - a) * out) / math.sqrt(a)
+        else:
+            eps, x0 = math.sqrt(a) * out + math.sqrt(1 - a) * z, math.sqrt(a) * z - math.sqrt(1 - a) * out
+        want = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        got = scheduler.step(out.float(), t, z.float(), eta=0.0).prev_sample
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_ddim_is_configured_as_the_paper(tiny_pipe):
-    scheduler = ddim_scheduler(tiny_pipe("tiny"), 50)
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd2"])
+def test_inversion_converts_to_noise_at_the_timestep_the_model_was_told(tiny_pipe, name):
+    """DIP: z_{t-20} -> z_t with the model evaluated at t; v is turned into noise with t's alpha."""
+    scheduler = ddim_scheduler(tiny_pipe(name), 50)
+    inverse = inverse_scheduler(scheduler)
+    g = torch.Generator().manual_seed(1)
+    z, out = torch.randn(1, 4, 8, 8, generator=g).double(), torch.randn(1, 4, 8, 8, generator=g).double()
+    for t in (0, 20, 500, 980):
+        a_from, a = alphas(scheduler, t - 20, t)
+        eps = out if name == "tiny" else math.sqrt(a) * out + math.sqrt(1 - a) * z
+        x0 = (z - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+        want = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
+        noise = predicted_noise(scheduler, out.float(), t, z.float())
+        got = inverse.step(noise, t, z.float()).prev_sample
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_is_configured_as_the_paper_on_a_copy_per_call(tiny_pipe):
+    pipe = tiny_pipe("tiny")
+    own = pipe.scheduler
+    before = (dict(own.config), own.timesteps, own.alphas_cumprod)
+    scheduler = ddim_scheduler(pipe, 50)
     config = scheduler.config
     assert (config.beta_start, config.beta_end, config.beta_schedule) == (0.00085, 0.012, "scaled_linear")
     assert not config.clip_sample and not config.set_alpha_to_one and config.steps_offset == 0
     assert config.timestep_spacing == "leading"
     assert scheduler.timesteps.tolist() == list(range(980, -1, -20))
-    assert executed_timesteps(scheduler, 50, 0.8) == list(range(780, -1, -20))
-    assert tiny_pipe("tiny").scheduler.config.steps_offset == 1  # the pipeline's own is untouched
+    assert inverse_scheduler(scheduler).timesteps.tolist() == list(range(0, 981, 20))
+    add_noise(scheduler, torch.zeros(1), torch.ones(1), 500)
+    # the cached pipeline's scheduler is read, never changed
+    assert scheduler is not own and pipe.scheduler is own and own.config.steps_offset == 1
+    assert dict(own.config) == before[0] and own.timesteps is before[1] and own.alphas_cumprod is before[2]
+
+
+@pytest.mark.parametrize("steps, strength, executed", [
+    (50, 0.8, list(range(780, -1, -20))), (50, 1.0, list(range(980, -1, -20))), (4, 0.75, [500, 250, 0]),
+    (3, 1.0, [666, 333, 0]), (10, 0.25, [100, 0]),
+])
+def test_strength_runs_the_last_steps_of_the_schedule(tiny_pipe, steps, strength, executed):
+    assert executed_timesteps(ddim_scheduler(tiny_pipe("tiny"), steps), strength) == executed
+
+
+def test_an_unknown_prediction_type_is_a_one_sentence_error():
+    class Model:  # only the scheduler is read
+        scheduler = DDIMScheduler(prediction_type="flow")
+
+    with pytest.raises(UserInputError) as error:
+        ddim_scheduler(Model(), 10)
+    assert "prediction type 'flow'" in one_sentence(error)
 
 
 # ------------------------------------------------------------------------- latent processes
@@ -121,8 +172,8 @@ def test_sip_pastes_z0_back_outside_the_mask_and_draws_noise_once(tiny_pipe):
     assert len(seen) == 3 and all(info["noise"] is seen[0]["noise"] for info in seen)
     torch.testing.assert_close(seen[0]["noise"], noise)
     # between steps the background is the same noise at the next timestep
-    ddim = DDIM(ddim_scheduler(pipe, 4))
-    torch.testing.assert_close(seen[0]["latents"][outside], ddim.add_noise(z0, noise, 250)[outside])
+    background = add_noise(ddim_scheduler(pipe, 4), z0, noise, 250)
+    torch.testing.assert_close(seen[0]["latents"][outside], background[outside])
 
 
 def test_dip_inversion_then_reconstruction_returns_z0():
