@@ -19,10 +19,29 @@ in about an hour and to ship in the repository (< 25 MB):
   steps), with Min-SNR-5 loss weighting (Hang et al. 2023; converges faster at this budget),
   10 % empty captions for classifier-free guidance, AdamW with warm-up and cosine decay, an EMA
   of the weights (the EMA is what ships).
+- **Library pieces** (diffusers', not hand-written):
+  `diffusers.optimization.get_cosine_schedule_with_warmup` for both stages' learning rate
+  (linear warm-up from 0 over `--warmup` steps, 50 for the VAE, then a half cosine to 0 at the
+  last step; stepped once per optimizer step, so step k, counted from 0, trains at
+  peak * k / warmup, then at peak * (1 + cos(pi * (k - warmup) / (steps - warmup))) / 2);
+  `diffusers.training_utils.compute_snr` for the Min-SNR-gamma weights min(SNR, gamma) / SNR, as
+  diffusers' example training scripts compute them; `diffusers.training_utils.EMAModel`, one
+  per module, with its default decay schedule (not `use_ema_warmup`): its first update copies
+  the weights, its n-th (n counted from 1) uses min(`--ema`, n / (n + 9)), which reaches 0.998
+  only at update 4,491, so over 3,000 steps the schedule, not the cap, sets the decay.
+  The model in assets/builtin/ was trained by the hand-written versions these replaced, which
+  differed in three details: the cosine ended at 10 % of the peak, not at 0 (0.1 peak rather
+  than ~0 at the last step; the denoiser's mean rate was 0.547 peak, now 0.500); the warm-up
+  trained step k at peak * (k + 1) / warmup (one step ahead: the first step now has rate 0); the
+  EMA decay at the n-th update was min(`--ema`, (n + 1) / (n + 10)), also one step ahead
+  (0.1818 at step 1, 0.9970100 at step 3000; now 0 and 0.9970090), and so weighed the random
+  initial weights in (2/11 at step 1, 1.8e-25 of the shipped weights at step 3000).  The SNR
+  weights are the old ones to float32 rounding (2.4e-7 at most).
 - **Data**: fresh world scenes every step (seeds below `world.TEST_SEED_START`; never the
   benchmark seeds), captions drawn from every phrasing the world has.
 
-The run is seeded and resumable: the full training state is checkpointed atomically (temporary
+The run is seeded and resumable: the full training state (weights, optimizer, and the learning-rate
+schedule and the EMAs through their own `state_dict()`) is checkpointed atomically (temporary
 file + rename) every `--checkpoint-every` steps into `--work`; rerunning the same command
 continues from the last checkpoint with the same data and noise it would have drawn.  The data,
 noise and timesteps of step k depend only on (seed, k), so an interrupted and resumed run
@@ -37,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -58,6 +76,7 @@ TEXT_WIDTH = 64
 TEXT_LAYERS = 4
 EMPTY_CAPTION_RATE = 0.1
 MIN_SNR_GAMMA = 5.0
+VAE_WARMUP = 50  # warm-up steps of the VAE's learning rate
 OBJECT_WEIGHT = 10.0  # VAE loss weight of object pixels relative to background pixels
 
 # Defaults for the built-in model (used by `python app.py generate --model builtin`): a sweep of
@@ -177,11 +196,56 @@ def load_checkpoint(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def checkpointed(state: dict, key: str, path: Path):
+    """`state[key]`, or a clear refusal for checkpoints of the script before it used diffusers' pieces."""
+    if key not in state:
+        raise SystemExit(f"{path} has no {key!r}: it was written by an older version of this script "
+                         "(hand-written EMA and learning-rate schedule); train into a fresh --work")
+    return state[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation pieces (diffusers' own; see the module docstring for how they count)
+
+
+def lr_schedule(optimizer, total: int, warmup: int):
+    """Linear warm-up from 0 to the optimizer's lr over `warmup` steps, then a half cosine to 0 at
+    step `total`; call its `step()` after every `optimizer.step()`."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def make_ema(module: torch.nn.Module, decay: float):
+    """An EMA of `module`'s parameters (the whole state_dict of our UNet and text encoder, which
+    have no persistent buffers): its first `step()` copies the weights, its n-th uses the decay
+    min(`decay`, n / (n + 9))."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(module.parameters(), decay=decay, min_decay=0.0, update_after_step=0, use_ema_warmup=False)
+
+
+def restore_ema(module: torch.nn.Module, state: dict, decay: float):
+    """The EMA of `module` saved as `state` (an `EMAModel.state_dict()`)."""
+    if "shadow_params" not in state:  # load_state_dict would keep the fresh copy of `module`
+        raise SystemExit("the checkpoint's EMA is not an EMAModel state_dict: it was written by an older "
+                         "version of this script; train into a fresh --work")
+    ema = make_ema(module, decay)
+    ema.load_state_dict(state)
+    if [p.shape for p in ema.shadow_params] != [p.shape for p in module.parameters()]:
+        raise ValueError(f"the saved EMA does not fit {type(module).__name__}")
+    return ema
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction, min(SNR, gamma) / SNR, as in diffusers'
+    example training scripts."""
+    from diffusers.training_utils import compute_snr
+
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError("these are the weights of epsilon prediction")
+    snr = compute_snr(scheduler, timesteps)
+    return torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
 
 
 def log(message: str, log_file: Path | None) -> None:
@@ -200,6 +264,8 @@ def train_vae(args, work: Path, log_file: Path):
     torch.manual_seed(args.seed)
     vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    # Made before the optimizer's state is loaded: a new schedule sets the optimizer's lr.
+    lr_scheduler = lr_schedule(optimizer, args.vae_steps, VAE_WARMUP)
     path = work / "vae.pt"
     state = load_checkpoint(path)
     step = 0
@@ -210,13 +276,13 @@ def train_vae(args, work: Path, log_file: Path):
         log(f"vae: resumed at step {step}", log_file)
     if step >= args.vae_steps:
         return vae, state.get("loss", float("nan"))
+    if state is not None:
+        lr_scheduler.load_state_dict(checkpointed(state, "lr_scheduler", path))
     vae.train()
     started, running = time.time(), None
     while step < args.vae_steps:
         torch.manual_seed(args.seed * 7919 + step)
         images, _, objects = scene_batch(step, args.vae_batch, args.seed, "vae", with_masks=True)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.vae_steps, args.vae_lr, 50)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         # Objects cover a few percent of the pixels but are what every method is judged on:
@@ -230,13 +296,14 @@ def train_vae(args, work: Path, log_file: Path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
+        lr_scheduler.step()
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == args.vae_steps:
             log(f"vae step {step}/{args.vae_steps} loss {running:.4f} ({time.time() - started:.0f}s)", log_file)
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
-            save_atomic({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "loss": running}, path)
+            save_atomic({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                         "lr_scheduler": lr_scheduler.state_dict(), "step": step, "loss": running}, path)
     return vae, running
 
 
@@ -255,23 +322,6 @@ def latent_scale(vae, seed: int, count: int = 512) -> float:
 # Stage 2: UNet + text encoder
 
 
-class EMA:
-    def __init__(self, modules: dict, decay: float):
-        self.decay = decay
-        self.shadow = {name: {k: v.detach().clone().float() for k, v in m.state_dict().items()}
-                       for name, m in modules.items()}
-
-    @torch.no_grad()
-    def update(self, modules: dict, decay: float):
-        for name, module in modules.items():
-            shadow = self.shadow[name]
-            for key, value in module.state_dict().items():
-                if value.dtype.is_floating_point:
-                    shadow[key].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
-                else:
-                    shadow[key].copy_(value)
-
-
 def encode_text(tokenizer, text_encoder, texts):
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
@@ -288,7 +338,9 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
     modules = {"unet": unet, "text_encoder": text_encoder}
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema = EMA(modules, args.ema)
+    # Made before the optimizer's state is loaded: a new schedule sets the optimizer's lr.
+    lr_scheduler = lr_schedule(optimizer, args.steps, args.warmup)
+    ema = {name: make_ema(module, args.ema) for name, module in modules.items()}
     path = work / "denoiser.pt"
     state = load_checkpoint(path)
     step, running, history = 0, None, []
@@ -296,13 +348,13 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
-        ema.shadow = state["ema"]
+        lr_scheduler.load_state_dict(checkpointed(state, "lr_scheduler", path))
+        ema = {name: restore_ema(module, checkpointed(state, "ema", path)[name], args.ema)
+               for name, module in modules.items()}
         step, running, history = state["step"], state["loss"], state["history"]
         log(f"denoiser: resumed at step {step}", log_file)
     vae.eval().requires_grad_(False)
     scale = vae.config.scaling_factor
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
     unet.train(), text_encoder.train()
     started = time.time()
     while step < args.steps:
@@ -313,29 +365,30 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        lr = optimizer.param_groups[0]["lr"]  # this step's, set by lr_scheduler
         prediction = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, texts)).sample
-        # Min-SNR weighting for epsilon prediction: min(SNR, gamma) / SNR.
-        weights = torch.clamp(snr[timesteps], max=MIN_SNR_GAMMA) / snr[timesteps]
+        weights = min_snr_weights(scheduler, timesteps)
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        lr_scheduler.step()
+        for name, module in modules.items():
+            ema[name].step(module.parameters())
         step += 1
-        ema.update(modules, min(args.ema, (1 + step) / (10 + step)))
         plain = per_sample.mean().item()
         running = plain if running is None else 0.99 * running + 0.01 * plain
         if step % 50 == 0 or step == args.steps:
             rate = (time.time() - started) / max(1, step - (state["step"] if state else 0))
-            log(f"denoiser step {step}/{args.steps} mse {running:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+            log(f"denoiser step {step}/{args.steps} mse {running:.4f} lr {lr:.2e} "
                 f"({rate:.2f} s/step)", log_file)
             history.append((step, running))
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                         "optimizer": optimizer.state_dict(), "ema": ema.shadow, "step": step,
+                         "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                         "ema": {name: e.state_dict() for name, e in ema.items()}, "step": step,
                          "loss": running, "history": history}, path)
     return ema, running, history
 
@@ -344,15 +397,16 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
 # Export
 
 
-def export(vae, ema: EMA, output: Path, card: dict) -> None:
-    """Write the EMA weights as a float16 diffusers folder, atomically (temp folder + rename)."""
+def export(vae, ema: dict, output: Path, card: dict) -> None:
+    """Write the EMA weights (`ema`: the `EMAModel` of "unet" and of "text_encoder") as a float16
+    diffusers folder, atomically (temp folder + rename)."""
     from diffusers import StableDiffusionPipeline
 
     from pipelines.tokenizers import clip_tokenizer
 
     unet, text_encoder = build_unet(), build_text_encoder()
-    unet.load_state_dict(ema.shadow["unet"])
-    text_encoder.load_state_dict(ema.shadow["text_encoder"])
+    ema["unet"].copy_to(unet.parameters())
+    ema["text_encoder"].copy_to(text_encoder.parameters())
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
         scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
@@ -380,8 +434,9 @@ def export_snapshot(args) -> int:
     vae = build_vae()
     vae.load_state_dict(vae_state["model"])
     vae.register_to_config(scaling_factor=latent_scale(vae, args.seed, args.scale_images))
-    ema = EMA({}, args.ema)
-    ema.shadow = denoiser_state["ema"]
+    path = args.work / "denoiser.pt"
+    ema = {name: restore_ema(module, checkpointed(denoiser_state, "ema", path)[name], args.ema)
+           for name, module in (("unet", build_unet()), ("text_encoder", build_text_encoder()))}
     export(vae, ema, args.output, {"snapshot_of_step": denoiser_state["step"], "mse": denoiser_state["loss"],
                                    "inference_defaults": INFERENCE_DEFAULTS})
     print(f"wrote {args.output} from step {denoiser_state['step']}")
