@@ -19,7 +19,9 @@ cross-attention maps captured by `attention_processors.personalize.PersonalizeAt
 `Trainer` is one loop for both (``method="disendiff"|"attencraft"``).  Runs write into an
 output folder: ``checkpoint.pt`` (trainable tensors, optimizer state, RNG state, masks; written
 every `checkpoint_every` steps to a temporary file, then renamed) and ``learned.safetensors``
-(see `Learned`).  Rerunning with the same folder resumes from the checkpoint.  `accelerate`
+(see `Learned`); a LoRA run also writes ``pytorch_lora_weights.safetensors``, the same LoRA in the
+format diffusers' ``pipe.load_lora_weights(folder)`` reads (the new token rows are only in ours).
+Rerunning with the same folder resumes from the checkpoint.  `accelerate`
 handles the device, mixed precision (autocast + grad scaling) and several processes
 (``accelerate launch app.py personalize train ...``: every process trains on its own random
 draws and the gradients of the few trainable tensors are averaged before each step).
@@ -45,11 +47,20 @@ Paper defaults: `PAPER_DEFAULTS` (the one place they are named).  Deviations, al
   empty valid mask, the pasted region is used unshrunk.
 - Multi-GPU: gradients are averaged by `accelerate` collectives instead of wrapping the shared
   UNet in DDP (the cached pipeline is never wrapped, cast or moved).
-- The LoRA option is a rank-r factor pair per K/V projection applied by a forward hook (peft's
-  default initialisation: kaiming-uniform A, zero B; alpha = r), not peft's module wrappers,
-  which would replace modules of the shared, cached UNet.
+- The LoRA option (``lora_rank=r``) is a peft LoRA adapter on exactly the K/V projections
+  (`lora_config`: alpha = r, so scale 1; peft's default initialisation, kaiming-uniform A and
+  zero B, drawn from the run's seeded generator rather than torch's global one).  peft installs
+  an adapter by replacing modules, and the UNet is the shared, cached one that other tasks use
+  between our optimiser steps, so the trainer keeps the factors as its own parameters (the
+  optimiser's, the checkpoint's) and `lora_adapter` installs them into the UNet, as the weights
+  of peft's LoRA layers, only for one locked section: each optimiser step (all its forwards and
+  backwards), each forward outside one, each `generate` call.  On exit peft's `unload()` puts
+  the original modules back, so the module tree, weights and gradient flags are as found.  A UNet
+  that already carries peft adapters is refused.
 - The learned file stores the trained K/V weights themselves (Custom Diffusion's format; the
-  same size as deltas) or the LoRA factors, so loading reproduces training bit for bit.
+  same size as deltas) or the LoRA factors (``lora_A/<module>`` (r, in), ``lora_B/<module>``
+  (out, r): peft's shapes, the layout files have always had), so loading reproduces training
+  bit for bit: `generate` runs the same peft LoRA layers as training did.
 - `attention_losses=False` is plain Custom Diffusion training on the same batches (ablation and
   benchmark baseline).
 """
@@ -94,6 +105,8 @@ METHODS = ("disendiff", "attencraft")
 FORMAT = "personalize-learned/1"
 CHECKPOINT = "checkpoint.pt"
 LEARNED = "learned.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: `pipe.load_lora_weights(folder)`
+ADAPTER = "personalize"  # the peft adapter's name while it is installed
 TOKEN_NAMES = ("<new1>", "<new2>", "<new3>")
 
 #: Every paper default, per method (the one place they are named; see the spec's section 6).
@@ -301,6 +314,67 @@ def _kv_names(attn2_layers: list[str]) -> list[str]:
     return [f"{layer}.{proj}" for layer in attn2_layers for proj in ("to_k", "to_v")]
 
 
+def lora_config(names, rank: int, alpha: float | None = None):
+    """The peft config of our LoRA: rank `rank` on exactly the modules `names`, scale alpha / r."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(rank), lora_alpha=float(rank if alpha is None else alpha), target_modules=sorted(names),
+                      init_lora_weights=True)
+
+
+def _parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
+    return tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def refuse_peft_adapters(unet) -> None:
+    """One sentence when `unet` already carries peft adapters (ours would be unloaded with them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if getattr(unet, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
+        raise UserInputError("The model has peft/LoRA adapters loaded; unload them (pipe.unload_lora_weights()) "
+                             "before personalizing it.")
+
+
+@contextmanager
+def lora_adapter(unet, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float) -> Iterator[dict]:
+    """Install `factors` (module name -> (A, B)) on `unet` as a peft LoRA adapter; remove it on exit.
+
+    peft wraps each named Linear in its LoRA layer (output W x + alpha / r * B A x); the layer's
+    lora_A / lora_B weights *are* the given tensors (a trainer's parameters stay its own, and
+    gradients reach them).  The adapter is created on the meta device, so installing it allocates
+    nothing and draws no random number.  On exit peft's `unload()` puts the original Linear
+    modules back (the same objects: diffusers' `delete_adapters` would leave the wrappers in the
+    tree) and deletes the `peft_config` it set on the UNet, and the gradient flags peft changed
+    are restored.  Yields the LoRA layers by module name.  Hold `models.exclusive` around it.
+    """
+    from peft.tuners.lora import LoraLayer, LoraModel
+
+    refuse_peft_adapters(unet)
+    rank = int(next(iter(factors.values()))[0].shape[0])
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    tuner = LoraModel(unet, lora_config(factors, rank, alpha), ADAPTER, low_cpu_mem_usage=True)
+    try:
+        layers = {}
+        for name, (a, b) in factors.items():
+            layer = unet.get_submodule(name)
+            if not isinstance(layer, LoraLayer):
+                raise RuntimeError(f"peft did not wrap {name}")
+            layer.lora_A[ADAPTER].weight = _parameter(a)
+            layer.lora_B[ADAPTER].weight = _parameter(b)
+            layers[name] = layer
+        yield layers
+    finally:
+        tuner.unload()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def diffusers_lora_path(learned_path: str | Path) -> Path:
+    """Where `Learned.save(learned_path)` writes the diffusers-format LoRA of a LoRA run."""
+    path = Path(learned_path)
+    return path.with_name(LORA_FILE if path.name == LEARNED else f"{path.stem}_{LORA_FILE}")
+
+
 @dataclass
 class Learned:
     """What training produced: new token rows and the K/V weights (or LoRA factors), plus metadata."""
@@ -318,18 +392,36 @@ class Learned:
     masks: torch.Tensor | None = None  # AttenCraft's final masks (concepts..., background)
     assignment: list[int] | None = None
 
-    def merged_weights(self, unet) -> dict[str, torch.Tensor]:
-        if not self.lora:
-            return {k: v for k, v in self.kv.items()}
-        modules = dict(unet.named_modules())
-        scale = self.lora_alpha / self.lora_rank
+    @property
+    def alpha(self) -> float:
+        """The LoRA's alpha (scale alpha / rank); files without one used alpha = rank."""
+        return float(self.lora_alpha or self.lora_rank)
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA under peft's names (``<module>.lora_A.weight``), as `get_peft_model_state_dict` gives them."""
         out = {}
         for name, (a, b) in self.lora.items():
-            base = modules[name].weight
-            out[name] = (base.float() + scale * (b.float() @ a.float())).to(base.dtype)
+            out[f"{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+            out[f"{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
         return out
 
+    def save_diffusers_lora(self, path: str | Path) -> Path:
+        """Write the UNet LoRA in the format `pipe.load_lora_weights` reads (the token rows stay in ours)."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        path = Path(path)
+        metadata = lora_config(self.lora, self.lora_rank, self.alpha).to_dict()
+
+        def write(temp: Path) -> None:
+            StableDiffusionLoraLoaderMixin.save_lora_weights(
+                temp.parent, unet_lora_layers=self.peft_state_dict(), weight_name=temp.name,
+                unet_lora_adapter_metadata=metadata)
+
+        _write_atomic(path, write, "the diffusers LoRA file")
+        return path
+
     def save(self, path: str | Path) -> Path:
+        """Write our learned file at `path`; a LoRA also goes to `diffusers_lora_path(path)` for diffusers."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -346,6 +438,8 @@ class Learned:
                 "steps": str(self.steps), "lora_rank": str(self.lora_rank), "lora_alpha": str(self.lora_alpha),
                 "assignment": json.dumps(self.assignment)}
         _write_atomic(path, lambda temp: save_file(tensors, str(temp), metadata=meta), "the learned file")
+        if self.lora:
+            self.save_diffusers_lora(diffusers_lora_path(path))
         return path
 
     @classmethod
@@ -378,6 +472,21 @@ class Learned:
             raise UserInputError(
                 f"'{path.name}' is not a readable learned file (a learned.safetensors written by 'personalize train')."
             ) from error
+
+    def check_fits(self, unet, text_encoder) -> None:
+        """One sentence unless every K/V weight or LoRA factor and the token rows fit these modules."""
+        modules = dict(unet.named_modules())
+        fits = bool(self.kv or self.lora)
+        for name, w in self.kv.items():
+            fits = fits and name in modules and tuple(modules[name].weight.shape) == tuple(w.shape)
+        for name, (a, b) in self.lora.items():
+            shape = tuple(modules[name].weight.shape) if name in modules else None
+            fits = fits and shape is not None and a.dim() == b.dim() == 2 and a.shape[0] == b.shape[1] > 0 \
+                and (b.shape[0], a.shape[1]) == shape
+        if not fits:
+            raise UserInputError("The learned file does not fit this model's attention layers.")
+        if self.token_rows.shape[1] != text_encoder.get_input_embeddings().weight.shape[1]:
+            raise UserInputError("The learned file does not fit this model's text encoder.")
 
     def check_base(self, pipe) -> None:
         name = model_name(pipe)
@@ -593,15 +702,16 @@ class Trainer:
         self.attn2, self.capture_layers, self.self_layers = layers["attn2"], layers["capture"], layers["self"]
         modules = dict(self.unet.named_modules())
         self.kv_names = _kv_names(self.attn2)
-        if self.lora_rank:
-            self.lora = {name: (torch.nn.Parameter(torch.empty(self.lora_rank, modules[name].in_features)),
-                                torch.nn.Parameter(torch.zeros(modules[name].out_features, self.lora_rank)))
-                         for name in self.kv_names}
+        if self.lora_rank:  # the peft adapter's factors, kept here and installed per locked section
+            refuse_peft_adapters(self.unet)
             g = torch.Generator().manual_seed(self.seed)
-            for a, _ in self.lora.values():  # peft's default init: kaiming-uniform A, zero B
-                bound = 1 / math.sqrt(a.shape[1])
-                with torch.no_grad():
-                    a.copy_(torch.rand(a.shape, generator=g) * 2 * bound - bound)
+            self.lora = {}
+            for name in self.kv_names:
+                a = torch.empty(self.lora_rank, modules[name].in_features)
+                # peft's init_lora_weights=True (kaiming-uniform A, zero B), from our seeded generator
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+                self.lora[name] = (torch.nn.Parameter(a),
+                                   torch.nn.Parameter(torch.zeros(modules[name].out_features, self.lora_rank)))
             self.kv = {}
             trainable = [p for pair in self.lora.values() for p in pair]
         else:
@@ -629,6 +739,7 @@ class Trainer:
         self.state = ControlState(row_roles=(INSTANCE,))
         self._ready = False
         self._started = False
+        self._weights_active = False
         self.last_controller: PersonalizeAttention | None = None
 
     # ------------------------------------------------------------------ bookkeeping
@@ -831,22 +942,24 @@ class Trainer:
 
     @contextmanager
     def _active_weights(self):
-        if not self.lora:
-            with swapped_weights(self.unet, self.kv):
-                yield
-            return
-        modules = dict(self.unet.named_modules())
-        scale = 1.0  # lora_alpha = rank
-        handles = []
-        for name, (a, b) in self.lora.items():
-            def hook(module, args, output, a=a, b=b):
-                return output + scale * F.linear(F.linear(args[0], a.to(args[0].dtype)), b.to(args[0].dtype))
-            handles.append(modules[name].register_forward_hook(hook))
-        try:
+        """Our K/V weights swapped in, or our LoRA installed as a peft adapter; undone on exit.
+
+        Re-entrant: `optimizer_step` installs them once for its locked section, so its forwards
+        reuse them; a forward outside one (AttenCraft's mask initialisation) installs them itself.
+        """
+        if self._weights_active:
             yield
+            return
+        self._weights_active = True
+        try:
+            if self.lora:
+                with lora_adapter(self.unet, self.lora, float(self.lora_rank)):
+                    yield
+            else:
+                with swapped_weights(self.unet, self.kv):
+                    yield
         finally:
-            for h in handles:
-                h.remove()
+            self._weights_active = False
 
     def _row_tokens(self, ids_row: list[int]) -> tuple[list[int], list[int]]:
         new_ids = [self.first_id + i for i in range(self.n)]
@@ -981,7 +1094,7 @@ class Trainer:
         """One optimiser step over `batches` (gradient accumulation); returns its report."""
         self.optimizer.zero_grad(set_to_none=True)
         total, info = 0.0, None
-        with models.exclusive(self.pipe), self._frozen():
+        with models.exclusive(self.pipe), self._frozen(), self._active_weights():
             for i, batch in enumerate(batches):
                 loss, parts, step_info = self.compute_loss(batch, refresh=refresh and i == 0)
                 self.accelerator.backward(loss / len(batches))
@@ -1086,18 +1199,17 @@ def use_learned(pipe, learned: Learned) -> Iterator:
     """Install `learned` on the base pipeline for one call; yields the tokenizer with the new tokens."""
     learned.check_base(pipe)
     unet, te = pipe.unet, pipe.text_encoder
-    modules = dict(unet.named_modules())
-    weights = learned.merged_weights(unet)
-    for name, w in weights.items():
-        if name not in modules or tuple(modules[name].weight.shape) != tuple(w.shape):
-            raise UserInputError("The learned file does not fit this model's attention layers.")
-    if learned.token_rows.shape[1] != te.get_input_embeddings().weight.shape[1]:
-        raise UserInputError("The learned file does not fit this model's text encoder.")
-    device, dtype = modules[next(iter(weights))].weight.device, modules[next(iter(weights))].weight.dtype
-    weights = {k: v.to(device, dtype) for k, v in weights.items()}
+    learned.check_fits(unet, te)
+    base = unet.get_submodule(next(iter(learned.lora or learned.kv))).weight
+    if learned.lora:  # float32 factors, as diffusers' load_lora_weights keeps them
+        factors = {k: (a.to(base.device, torch.float32), b.to(base.device, torch.float32))
+                   for k, (a, b) in learned.lora.items()}
+        weights = lora_adapter(unet, factors, learned.alpha)
+    else:
+        weights = swapped_weights(unet, {k: v.to(base.device, base.dtype) for k, v in learned.kv.items()})
     tokenizer = personal_tokenizer(pipe.tokenizer, len(learned.tokens))
     first_id = tokenizer.convert_tokens_to_ids(learned.tokens[0])
-    with swapped_weights(unet, weights), learned_token_embeddings(te, first_id, learned.token_rows.to(te.device)):
+    with weights, learned_token_embeddings(te, first_id, learned.token_rows.to(te.device)):
         yield tokenizer
 
 

@@ -111,9 +111,15 @@ def test_save_load_generate_is_identical_to_in_memory(pipe, photo, tmp_path, lor
     assert np.array_equal(np.asarray(plain1), np.asarray(plain2))
 
 
-@pytest.mark.parametrize("method", ["disendiff", "attencraft"])
-def test_resume_continues_from_the_checkpoint_with_the_same_optimizer_state(pipe, photo, tmp_path, method):
-    opts = dict(_kwargs(method), steps=4, checkpoint_every=2)
+def _trained(trainer) -> list[torch.Tensor]:
+    """Every trained tensor: K/V weights or LoRA factors, then the token rows."""
+    return [p.detach() for p in trainer.trainable]
+
+
+@pytest.mark.parametrize("method,lora_rank", [("disendiff", 0), ("attencraft", 0), ("disendiff", 2), ("attencraft", 2)])
+def test_resume_continues_from_the_checkpoint_with_the_same_optimizer_state(pipe, photo, tmp_path, method, lora_rank):
+    """Full-rank K/V and the peft LoRA alike: 2 + 2 resumed steps end bit-identical to 4 in one go."""
+    opts = dict(_kwargs(method), steps=4, checkpoint_every=2, lora_rank=lora_rank)
     straight = Trainer(pipe, photo, "cat,dog", method, tmp_path / "a", **opts)
     list(straight.run())
 
@@ -130,8 +136,9 @@ def test_resume_continues_from_the_checkpoint_with_the_same_optimizer_state(pipe
             assert torch.equal(state["state"][key][name], tensor)
     list(resumed.run())
     assert resumed.step == 4
-    assert torch.equal(resumed.token_rows, straight.token_rows)
-    assert all(torch.equal(resumed.kv[k], straight.kv[k]) for k in straight.kv)
+    assert len(_trained(resumed)) == len(_trained(straight)) == (2 * 14 if lora_rank else 14) + 1
+    assert all(torch.equal(a, b) for a, b in zip(_trained(resumed), _trained(straight)))
+    assert not torch.equal(resumed.token_rows, first.token_rows)  # steps 3 and 4 did train
 
 
 def test_a_stop_request_saves_the_step_and_the_run_resumes_identically(pipe, photo, tmp_path):
