@@ -19,7 +19,7 @@ import torch
 from attention_processors import ControlState, attention_layer_names
 from attention_processors.medsteer import MedSteer, cross_attention_layers
 from benchmarks.common import load_model
-from pipelines import models
+from pipelines import models, tiny_models
 from pipelines.steering import _render, default_guidance, encode
 
 TASK = "steering"
@@ -47,7 +47,7 @@ def pixart_random(device: torch.device, dtype: torch.dtype):
     scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                                             num_train_timesteps=1000)
     # never called: the benchmark feeds precomputed T5 embeddings instead of building T5-XXL
-    text_encoder = models._tiny_t5()
+    text_encoder = tiny_models.tiny_t5()
     pipe = PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=text_encoder, vae=vae,
                                transformer=transformer, scheduler=scheduler)
     return pipe.to(device=device, dtype=dtype)

@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines import world  # noqa: E402
+from pipelines.builtin import world  # noqa: E402
 
 TASKS = ("generation", "eraser", "grounding", "steering")
 # Each task draws its scenes from its own block of test seeds.

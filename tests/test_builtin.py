@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from benchmarks import quality
-from pipelines import models, world
+from pipelines import models
+from pipelines.builtin import world
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines import models, train_builtin
+from pipelines import models
+from pipelines.builtin import train as train_builtin
 
 STEPS, WARMUP, VAE_STEPS = 4, 2, 3
 MICRO = ["--vae-steps", str(VAE_STEPS), "--vae-batch", "2", "--steps", str(STEPS), "--batch", "2",

@@ -1,4 +1,4 @@
-"""The shapes world (pipelines/world.py): deterministic scenes whose masks, captions, referring
+"""The shapes world (pipelines/builtin/world.py): deterministic scenes whose masks, captions, referring
 expressions and object-free renderings agree with the pixels."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import world
+from pipelines.builtin import world
 
 TEST_SEEDS = range(world.TEST_SEED_START, world.TEST_SEED_START + 60)
 

@@ -7,7 +7,7 @@ import gradio as gr
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
 
-# Prompts in the built-in model's vocabulary (pipelines/world.py): they run offline in about a
+# Prompts in the built-in model's vocabulary (pipelines/builtin/world.py): they run offline in about a
 # second on a CPU.  The last column is the steps (0 = the model's default).
 EXAMPLES = [
     ["a red circle and a blue square on a striped background", "", 0, 0],

@@ -14,7 +14,7 @@ from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_fi
 ORDER = 30  # position among the tabs
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
-# Offline examples: shapes-world scenes (pipelines/world.py) in the built-in model's vocabulary.
+# Offline examples: shapes-world scenes (pipelines/builtin/world.py) in the built-in model's vocabulary.
 EXAMPLES = [
     [str(EXAMPLES_DIR / "scene_1090003.png"), "the blue circle"],
     [str(EXAMPLES_DIR / "scene_1090004.png"), "the purple square"],

@@ -30,7 +30,7 @@ ORDER = 40  # position among the tabs
 CACHE_SIZE = 8  # directions kept in memory, most recently used last
 TAB_SAMPLES = 8  # the tab's starting value: a quick first estimate (the Python API's default is 100)
 
-# Offline examples in the built-in model's vocabulary (pipelines/world.py); the last one is the
+# Offline examples in the built-in model's vocabulary (pipelines/builtin/world.py); the last one is the
 # paper's medical prompt pair, for a model trained on Kvasir.
 EXAMPLES = [
     ["a red circle", "a blue circle", "a red circle on a striped background"],

@@ -1,6 +1,6 @@
 """Train the built-in model (`builtin`) on the shapes world.
 
-    python -m pipelines.train_builtin --work runs/builtin --output assets/builtin
+    python -m pipelines.builtin.train --work runs/builtin --output assets/builtin
 
 A Stable-Diffusion-architecture latent diffusion model, small enough to train on two CPU cores
 in about an hour and to ship in the repository (< 25 MB):
@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines import world
+from pipelines.builtin import world
 
 IMAGE_SIZE = 64
 VAE_BLOCKS = (32, 64, 64)

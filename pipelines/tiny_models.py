@@ -1,0 +1,426 @@
+"""The tiny models: seeded random-weight pipelines built in code, one per backbone family.
+
+`build_tiny(name)` returns the same weights on every call and every machine (each component is
+built right after seeding, without disturbing the caller's RNG), small enough that 2 steps at
+64 px take well under a second on a CPU.  They exist for tests, CI and trying the UI without
+downloads; their images are noise.  `tiny` (SD 1.x UNet), `tiny-sdxl`, `tiny-pixart` (PixArt-alpha
+DiT), `tiny-sd3` (MMDiT), `tiny-flux` (dual + single stream); `tiny-sd2` (v-prediction, linear
+projections) is built for tests but not offered in the UI.
+
+Their text side: CLIP tokenizers rebuilt offline from OpenAI's BPE file (exact SD ids), and our own
+small T5-style vocabulary (see pipelines/tokenizers.py).  `pipelines.models.load("tiny")` caches
+them like any other model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+
+from pipelines import backbones
+from pipelines.errors import UserInputError
+from pipelines.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, t5_tokenizer, t5_vocab_size
+
+__all__ = ["TINY_MODELS", "TINY_BACKBONE", "build_tiny", "build_tiny_as", "clip_text_config", "is_tiny", "save_tiny", "tiny_t5"]
+
+TINY_MODELS: tuple[str, ...] = ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
+TINY_BACKBONE = {
+    "tiny": backbones.SD,
+    "tiny-sdxl": backbones.SDXL,
+    "tiny-pixart": backbones.PIXART,
+    "tiny-sd3": backbones.SD3,
+    "tiny-flux": backbones.FLUX,
+    "tiny-sd2": backbones.SD,
+}
+
+# Every tiny component is built right after seeding with this value, so the weights do not
+# depend on what was built before or on the caller's RNG state.
+_TINY_SEED = 0
+
+# Small widths keep a 2-step 64 px run far below a second; the CLIP encoders keep the real
+# vocabulary and 77 positions so the real tokenizers' ids are valid inputs.
+_CLIP_HIDDEN = 32
+_T5_HIDDEN = 64
+
+
+class _seeded:
+    """Seed torch's CPU RNG for one component without disturbing the caller's RNG."""
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(_TINY_SEED)
+
+    def __exit__(self, *exc_info) -> None:
+        self._fork.__exit__(*exc_info)
+
+
+def _tiny_vae(latent_channels: int = 4, **scaling) -> AutoencoderKL:
+    # Four blocks = three downsamplings = the real 8x VAE factor, so a 64 px image has the same
+    # 8x8 latent grid geometry as a real model at 64 px (masks and token grids scale the same).
+    with _seeded():
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=8,
+            sample_size=64,
+            **scaling,
+        )
+
+
+def clip_text_config(hidden_size: int, num_layers: int, intermediate_size: int) -> CLIPTextConfig:
+    """A small CLIP text encoder config with the real vocabulary, 77 positions and the real
+    special-token ids (the pooled output is taken at the end-of-text token); used by the tiny
+    models and by the built-in model's training script."""
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        projection_dim=hidden_size,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def _tiny_clip_text(with_projection: bool, hidden_size: int = _CLIP_HIDDEN):
+    # SDXL reads hidden_states[-2]: keep at least two layers.
+    config = clip_text_config(hidden_size, num_layers=2, intermediate_size=2 * hidden_size)
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with _seeded():
+        return model_class(config).eval()
+
+
+def tiny_t5() -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=t5_vocab_size(),
+        d_model=_T5_HIDDEN,
+        d_ff=2 * _T5_HIDDEN,
+        d_kv=16,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with _seeded():
+        return T5EncoderModel(config).eval()
+
+
+def _sd_scheduler() -> PNDMScheduler:
+    # The scheduler SD 1.5 ships with.
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def _build_tiny_sd() -> StableDiffusionPipeline:
+    # Attention at two resolutions (8x8 and 4x4 tokens for a 64 px image) plus a mid block,
+    # attn1 and attn2 everywhere there is a transformer: the layer names of real SD 1.x.
+    with _seeded():
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=8,
+            cross_attention_dim=_CLIP_HIDDEN,
+        )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip_text(with_projection=False),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_tiny_sd2() -> StableDiffusionPipeline:
+    """SD 2.x-style: linear projections, per-level head widths, a text encoder of its own width
+    (64 here; 1024 in SD 2.x) and SD 2.1's v-prediction DDIM scheduler.  Loadable by name
+    ("tiny-sd2") but not listed in TINY_MODELS, which holds one model per family."""
+    with _seeded():
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            cross_attention_dim=2 * _CLIP_HIDDEN,
+        )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip_text(with_projection=False, hidden_size=2 * _CLIP_HIDDEN),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    time_embed_dim = 8
+    # SDXL: six micro-conditioning numbers (original size, crop, target size) plus the pooled
+    # projection of the second text encoder feed the "text_time" added embedding.
+    with _seeded():
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            # Two transformer blocks in the deepest level, like SDXL's stacked blocks, so layer
+            # names with transformer_blocks.1 exist.
+            transformer_layers_per_block=(1, 1, 2),
+            norm_num_groups=8,
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            cross_attention_dim=2 * _CLIP_HIDDEN,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + _CLIP_HIDDEN,
+        )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip_text(with_projection=False),
+        text_encoder_2=_tiny_clip_text(with_projection=True),
+        tokenizer=clip_tokenizer(),
+        # The real SDXL tokenizer_2 pads with "!" (id 0).
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=unet,
+        # The scheduler SDXL base 1.0 ships with.
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _build_tiny_pixart() -> PixArtAlphaPipeline:
+    # sample_size=8 (a 64 px default) is none of PixArt's resolution-binning sizes (32/64/128):
+    # call this tiny model with use_resolution_binning=False (its backbone's `call_defaults()` says so).
+    with _seeded():
+        transformer = PixArtTransformer2DModel(
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=32,
+            caption_channels=_T5_HIDDEN,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        )
+    return PixArtAlphaPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=tiny_t5(),
+        vae=_tiny_vae(),
+        transformer=transformer,
+        # PixArt-alpha ships the DPM-Solver++ multistep scheduler.
+        scheduler=DPMSolverMultistepScheduler(
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="linear",
+            num_train_timesteps=1000,
+        ),
+    )
+
+
+def _build_tiny_sd3() -> StableDiffusion3Pipeline:
+    # SD3 concatenates both CLIP hidden states on the feature axis and zero-pads them to the T5
+    # width, and its pooled input is both CLIP projections side by side.
+    with _seeded():
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=_T5_HIDDEN,
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * _CLIP_HIDDEN,
+            # Positions for latents up to 64x64 (512 px); the pipeline crops this table.
+            pos_embed_max_size=32,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        # The SD3 VAE's 16 latent channels and its latent shift and scale, read by the pipeline.
+        vae=_tiny_vae(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=_tiny_clip_text(with_projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_clip_text(with_projection=True),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=tiny_t5(),
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
+def _build_tiny_flux() -> FluxPipeline:
+    # FLUX packs 2x2 latent patches into 64 channels (16 latent channels x 4); rotary axes must
+    # add up to the head dimension.  guidance_embeds=True gives FLUX.1-dev's distilled guidance
+    # (no CFG batch), the variant the grounding spec assumes.
+    with _seeded():
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_T5_HIDDEN,
+            pooled_projection_dim=_CLIP_HIDDEN,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+    return FluxPipeline(
+        # FLUX.1-dev's scheduler: resolution-dependent shift.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_tiny_vae(
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=_tiny_clip_text(with_projection=False),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=tiny_t5(),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+_TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
+    "tiny": _build_tiny_sd,
+    "tiny-sdxl": _build_tiny_sdxl,
+    "tiny-pixart": _build_tiny_pixart,
+    "tiny-sd3": _build_tiny_sd3,
+    "tiny-flux": _build_tiny_flux,
+    "tiny-sd2": _build_tiny_sd2,
+}
+
+
+def is_tiny(name: str) -> bool:
+    """True for the seeded random-weight models built in code (`TINY_MODELS`)."""
+    return name in _TINY_BUILDERS
+
+
+def build_tiny(name: str) -> DiffusionPipeline:
+    """A fresh (uncached) tiny pipeline on CPU in float32; same weights on every call."""
+    if not is_tiny(name):
+        raise UserInputError(f"'{name}' is not a tiny model; choose one of {', '.join(TINY_MODELS)}.")
+    return _TINY_BUILDERS[name]()
+
+
+def build_tiny_as(name: str, dtype: torch.dtype) -> DiffusionPipeline:
+    pipe = build_tiny(name)
+    # Built in float32; casting is skipped when not needed because diffusers warns on every cast.
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def save_tiny(name: str, folder: str | os.PathLike) -> Path:
+    """Save a tiny model in diffusers `save_pretrained` layout (safetensors); returns the folder."""
+    folder = Path(folder)
+    build_tiny(name).save_pretrained(folder, safe_serialization=True)
+    return folder
