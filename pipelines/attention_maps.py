@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from attention_processors import ControlState, attach, attention_layer_names
 from attention_processors.heatmaps import LAYER_GROUPS, CrossAttentionHeatmaps, text_attention_layers
 
 from . import backbones, models
+from .viz import overlay
 from .errors import UserInputError
 from .io import save_image
 from .seeds import resolve_seed
@@ -61,12 +61,6 @@ class AttentionMapsResult:
                 written += save_image(image, path, None)
         return written
 
-
-def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """A [0, 1] map drawn over `image` with the JET colour map."""
-    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return Image.fromarray(np.uint8(base * (1 - alpha) + colour.astype(np.float32) * alpha))
 
 
 def _file_safe(word: str) -> str:

@@ -70,6 +70,7 @@ from . import backbones, models
 from .errors import UserInputError
 from .io import load_image, load_mask, save_image
 from .seeds import resolve_seed
+from .viz import overlay_mask
 from .eraser_settings import (
     CROP_MODES,
     MAX_BLUR_KERNEL,
@@ -321,12 +322,6 @@ def prepare(bb: EraserBackbone, image, mask, grow: int = 0, crop: str = "auto", 
         )
     return Prepared(picture, user, region, work_image, work_mask, full, weights, kernel, radius, notes)
 
-
-def overlay_mask(image: Image.Image, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> Image.Image:
-    """`mask` drawn over `image` in a translucent colour (for showing the dilated mask)."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    tint = base * (1 - alpha) + np.asarray(colour, np.float32) * alpha
-    return Image.fromarray(np.where(mask[..., None], tint, base).round().astype(np.uint8))
 
 
 # ------------------------------------------------------------------------------------ DDIM

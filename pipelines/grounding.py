@@ -82,6 +82,7 @@ from . import backbones, models
 from .grounding_settings import GroundingSettings
 from .errors import UserInputError
 from .io import atomic_path, load_image, mask_image, read_video, save_image, write_video
+from .viz import overlay
 
 STOPWORDS_PATH = Path(__file__).resolve().parent.parent / "assets" / "stopwords_en.txt"
 MAGNET_WORDS = ("and", "of", "the", "a", "with", "on", "in", "to")  # ours (spec 3.1), in order
@@ -150,12 +151,6 @@ class VideoGroundingResult:
             temp.write_text(json.dumps({**self.params, "frames": len(self.masks)}, indent=2, default=str))
         return [output, overlay_path, sidecar]
 
-
-def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """A [0, 1] map drawn over `image` with the JET colour map."""
-    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return Image.fromarray(np.uint8(base * (1 - alpha) + colour.astype(np.float32) * alpha))
 
 
 # --------------------------------------------------------------------------- prompt and roles

@@ -8,12 +8,13 @@ file that a resumed batch would mistake for a finished one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -118,6 +119,58 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None], what: str) -> None:
+    """`write(temp)` then rename onto `path`: the old file survives a failure, and a full disk or
+    an unwritable folder becomes one sentence naming `what` ("the learned file")."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as temp:
+            write(temp)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise UserInputError(
+                f"The disk is full: {what} could not be written to '{path.parent}'; the previous "
+                "one (if any) is kept, free some space and rerun to resume."
+            ) from error
+        raise UserInputError(f"{what.capitalize()} could not be written to '{path}': {error.strerror or error}.") from error
+
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str], what: str) -> Path:
+    """Write named tensors (as float32 on the CPU) and string metadata as one .safetensors file,
+    atomically (see `write_atomic`).  `metadata["format"]` names our file type for `load_tensors`;
+    `what` names it without an article ("directions file")."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserInputError(f"The {what} must end in .safetensors, not '{path.name}'.")
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
+    write_atomic(path, lambda temp: save_file(tensors, str(temp), metadata=metadata), f"the {what}")
+    return path
+
+
+def load_tensors(path: str | Path, file_format: str, what: str, written_by: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file that `save_tensors` wrote with `file_format`.
+
+    `what` names the file type without an article ("directions file"), `written_by` says where
+    such a file comes from.  A missing file, another file type or a damaged one is one sentence;
+    the caller checks the content it needs (and says what is wrong with it)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"Cannot read the {what} {path}: no such file.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != file_format:
+                raise ValueError(f"not a {file_format} file")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # noqa: BLE001 (any parse failure is the same user mistake)
+        raise UserInputError(f"{path.name} is not a readable {what} ({written_by}).") from error
+    return tensors, metadata
 
 
 def save_image(image: Image.Image, path: str | Path, params: dict | None = None) -> list[Path]:

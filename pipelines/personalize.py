@@ -68,7 +68,6 @@ Paper defaults: `PAPER_DEFAULTS` (the one place they are named).  Deviations, al
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import json
 import math
@@ -98,7 +97,7 @@ from attention_processors.personalize import (
 
 from . import backbones, models
 from .errors import UserInputError
-from .io import atomic_path, load_image, save_image
+from .io import load_image, load_tensors, save_image, save_tensors, write_atomic
 from .seeds import resolve_seed
 
 METHODS = ("disendiff", "attencraft")
@@ -417,44 +416,32 @@ class Learned:
                 temp.parent, unet_lora_layers=self.peft_state_dict(), weight_name=temp.name,
                 unet_lora_adapter_metadata=metadata)
 
-        _write_atomic(path, write, "the diffusers LoRA file")
+        write_atomic(path, write, "the diffusers LoRA file")
         return path
 
     def save(self, path: str | Path) -> Path:
         """Write our learned file at `path`; a LoRA also goes to `diffusers_lora_path(path)` for diffusers."""
-        from safetensors.torch import save_file
-
         path = Path(path)
-        tensors = {"token_rows": self.token_rows.detach().float().cpu().contiguous()}
-        for name, w in self.kv.items():
-            tensors[f"kv/{name}"] = w.detach().float().cpu().contiguous()
+        tensors = {"token_rows": self.token_rows}
+        tensors |= {f"kv/{name}": w for name, w in self.kv.items()}
         for name, (a, b) in self.lora.items():
-            tensors[f"lora_A/{name}"] = a.detach().float().cpu().contiguous()
-            tensors[f"lora_B/{name}"] = b.detach().float().cpu().contiguous()
+            tensors[f"lora_A/{name}"], tensors[f"lora_B/{name}"] = a, b
         if self.masks is not None:
-            tensors["masks"] = self.masks.detach().float().cpu().contiguous()
+            tensors["masks"] = self.masks
         meta = {"format": FORMAT, "method": self.method, "base_model": self.base_model,
                 "tokens": json.dumps(self.tokens), "class_words": json.dumps(self.class_words),
                 "steps": str(self.steps), "lora_rank": str(self.lora_rank), "lora_alpha": str(self.lora_alpha),
                 "assignment": json.dumps(self.assignment)}
-        _write_atomic(path, lambda temp: save_file(tensors, str(temp), metadata=meta), "the learned file")
+        save_tensors(path, tensors, meta, "learned file")
         if self.lora:
             self.save_diffusers_lora(diffusers_lora_path(path))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Learned":
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"There is no learned file at '{path}'.")
+        tensors, meta = load_tensors(path, FORMAT, "learned file", "a learned.safetensors written by 'personalize train'")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-            if meta.get("format") != FORMAT:
-                raise ValueError("format")
             lora = {}
             for k in tensors:
                 if k.startswith("lora_A/"):
@@ -468,10 +455,8 @@ class Learned:
                 lora_rank=int(meta.get("lora_rank", 0)), lora_alpha=float(meta.get("lora_alpha", 0)),
                 masks=tensors.get("masks"), assignment=json.loads(meta.get("assignment", "null")),
             )
-        except Exception as error:
-            raise UserInputError(
-                f"'{path.name}' is not a readable learned file (a learned.safetensors written by 'personalize train')."
-            ) from error
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserInputError(f"{path.name} is damaged: its header or tensors are incomplete.") from error
 
     def check_fits(self, unet, text_encoder) -> None:
         """One sentence unless every K/V weight or LoRA factor and the token rows fit these modules."""
@@ -509,20 +494,6 @@ def checkpoint_fingerprint(folder: str | Path | None) -> dict | None:
 
 def model_name(pipe) -> str:
     return str(pipe.name_or_path or type(pipe).__name__)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None], what: str) -> None:
-    """Write via a temporary file + rename; a full disk becomes one sentence, the old file survives."""
-    try:
-        with atomic_path(path) as temp:
-            write(temp)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise UserInputError(
-                f"The disk is full: {what} could not be written to '{path.parent}'; the previous "
-                "one (if any) is kept, free some space and rerun to resume."
-            ) from error
-        raise UserInputError(f"{what.capitalize()} could not be written to '{path}': {error.strerror or error}.") from error
 
 
 # ----------------------------------------------------------------------------- losses
@@ -775,7 +746,7 @@ class Trainer:
             "masks": None if self.masks is None else self.masks.cpu(), "assignment": self.assignment,
             "losses": list(self.losses),
         }
-        _write_atomic(self.output / CHECKPOINT, lambda temp: torch.save(state, temp), f"the checkpoint of step {self.step}")
+        write_atomic(self.output / CHECKPOINT, lambda temp: torch.save(state, temp), f"the checkpoint of step {self.step}")
         self.learned().save(self.output / LEARNED)
 
     def try_resume(self) -> bool:
@@ -841,7 +812,7 @@ class Trainer:
                     continue
                 image = self._generate_prior(prompt, i)
                 if path is not None and self.accelerator.is_main_process:
-                    _write_atomic(path, lambda temp, im=image: im.save(temp, format="PNG"), "a regularisation image")
+                    write_atomic(path, lambda temp, im=image: im.save(temp, format="PNG"), "a regularisation image")
                 images.append(image)
             pixels = torch.stack([_to_tensor(im.convert("RGB").resize((self.size, self.size), Image.BICUBIC))
                                   for im in images])

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -64,9 +63,9 @@ from attention_processors.medsteer import (
     unit_directions,
 )
 
-from . import backbones, models
+from . import backbones, models, viz
 from .errors import UserInputError
-from .io import atomic_path, save_image
+from .io import atomic_path, load_tensors, save_image, save_tensors
 from .seeds import MAX_SEED, resolve_seed
 from .steering_settings import (
     DIRECTIONS,
@@ -206,39 +205,18 @@ class Directions:
 
     def save(self, path: str | Path) -> Path:
         """Write a .safetensors file (atomically), the metadata as JSON in its header."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.suffix.lower() != ".safetensors":
-            raise UserInputError(f"The directions file must end in .safetensors, not '{path.name}'.")
-        tensors = {name: v.detach().to("cpu", torch.float32).contiguous() for name, v in self.vectors.items()}
         metadata = {"format": FORMAT, "meta": json.dumps(self.meta), "layers": json.dumps(self.layers)}
-        try:
-            with atomic_path(path) as temp:
-                save_file(tensors, str(temp), metadata=metadata)
-        except OSError as error:
-            raise UserInputError(f"Cannot write the directions file {path}: {error.strerror or error}.") from error
-        return path
+        return save_tensors(path, self.vectors, metadata, "directions file")
 
     @classmethod
     def load(cls, path: str | Path) -> "Directions":
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"Cannot read the directions file {path}: no such file.")
+        tensors, header = load_tensors(path, FORMAT, "directions file", "a .safetensors file written by 'steer directions'")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                if header.get("format") != FORMAT:
-                    raise ValueError("not a directions file")
-                layers = json.loads(header["layers"])
-                meta = json.loads(header["meta"])
-                vectors = {name: handle.get_tensor(name).float() for name in layers}
-        except Exception as error:  # noqa: BLE001 (any parse failure is the same user mistake)
-            raise UserInputError(
-                f"{path.name} is not a readable directions file (a .safetensors file written by 'steer directions')."
-            ) from error
+            layers, meta = json.loads(header["layers"]), json.loads(header["meta"])
+            vectors = {name: tensors[name].float() for name in layers}
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserInputError(f"{path.name} is damaged: its header does not list its layers.") from error
         shapes = {v.shape[0] for v in vectors.values()}
         if not vectors or len(shapes) != 1 or any(v.ndim != 2 for v in vectors.values()):
             raise UserInputError(f"{path.name} is damaged: its directions do not all have one (steps, width) shape.")
@@ -396,8 +374,7 @@ def difference_heatmap(original: np.ndarray, steered: np.ndarray) -> tuple[Image
     diff = np.abs(original.astype(np.float32) - steered.astype(np.float32)).mean(-1)
     peak = float(diff.max())
     scaled = diff / peak if peak > 0 else diff
-    colour = cv2.applyColorMap(np.uint8(np.clip(scaled, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
-    return Image.fromarray(np.ascontiguousarray(colour)), float(diff.mean()), peak
+    return Image.fromarray(viz.jet(scaled)), float(diff.mean()), peak
 
 
 def _to_pil(array: np.ndarray) -> Image.Image:

@@ -17,9 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
+from pipelines import viz
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
 
@@ -29,21 +28,11 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 UI_DEFAULT_PRIOR = 8  # ours: a quick start in the UI (the papers use 200; raise it for real runs)
 
 
-def heat_image(heat: np.ndarray) -> Image.Image:
-    """A (h, w) map in [0, 1] as a JET-coloured square thumbnail (nearest upscaling: cells visible)."""
-    import cv2
-
-    heat = np.asarray(heat, dtype=np.float32)
-    lo, hi = float(heat.min()), float(heat.max())
-    heat = (heat - lo) / (hi - lo + 1e-8)
-    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
-    return Image.fromarray(np.ascontiguousarray(colour)).resize((MAP_SIDE, MAP_SIDE), Image.NEAREST)
-
 
 def _gallery(maps, labels) -> list:
     if maps is None:
         return []
-    return [(heat_image(m.numpy()), label) for m, label in zip(maps, labels)]
+    return [(viz.thumbnail(m.numpy(), MAP_SIDE), label) for m, label in zip(maps, labels)]
 
 
 def _user_errors_as_gradio_stream(fn):
