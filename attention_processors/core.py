@@ -51,6 +51,10 @@ class ControlState:
     latent_hw: spatial size of the denoiser's input grid (latent H and W; for FLUX the packed
         token grid).  Set by the pre-hook on every forward.
     n_txt: number of text tokens in FLUX's single-stream (concatenated) sequences.
+    frames: number of video frames per batch row (1 for images).  A video denoiser takes 5-D
+        latents (B, C, F, H, W); its spatial layers see the frames folded into the batch
+        (B * F rows, each role's rows contiguous), its temporal layers see the frames as the
+        sequence.  Set by the pre-hook from the input's shape.
     step: denoising step index; -1 before the first step.
 
     Timesteps and FLUX position ids live on the GPU; reading them forces a device sync, which
@@ -59,8 +63,9 @@ class ControlState:
     """
 
     def __init__(self, row_roles: tuple[str, ...] = ("cond",), latent_hw: tuple[int, int] | None = None,
-                 n_txt: int | None = None):
+                 n_txt: int | None = None, frames: int = 1):
         self.row_roles = tuple(row_roles)
+        self.frames = int(frames)
         self._latent_hw = latent_hw
         self._position_ids: torch.Tensor | None = None
         self.n_txt = n_txt
@@ -69,7 +74,8 @@ class ControlState:
         self._pending_timesteps: list[torch.Tensor] = []
 
     def __repr__(self) -> str:
-        return f"ControlState(row_roles={self.row_roles}, latent_hw={self._latent_hw}, n_txt={self.n_txt}, step={self._step})"
+        return (f"ControlState(row_roles={self.row_roles}, latent_hw={self._latent_hw}, n_txt={self.n_txt}, "
+                f"frames={self.frames}, step={self._step})")
 
     @property
     def step(self) -> int:
@@ -147,6 +153,12 @@ class AttentionCall:
     embedding the stock processor applies.  For joint attention they hold the concatenated
     sequence in the model's own order; `image_queries` and `text_keys` say where the image-token
     queries and the text-token keys are (text_keys is None for self-attention).
+
+    `key_segments` names every run of key positions: "text" and "image" by default (the image
+    keys of self- and joint attention sit where the image queries are; cross-attention has text
+    keys only).  A backbone whose sequence holds more (OmniGen: text, input image, output image;
+    FLUX Kontext: text, noisy latents, reference latents) passes its own names, and a method
+    asks `keys("input_image")` instead of counting positions.
     """
 
     name: str
@@ -160,7 +172,21 @@ class AttentionCall:
     attn_mask: torch.Tensor | None = None  # the model's own mask plus the controller's bias
     logit_scale: float | None = None  # None: SDPA's default 1/sqrt(head_dim)
     probs: torch.Tensor | None = None  # explicit probabilities, only on the needs_probabilities path
+    key_segments: dict[str, slice] = field(default_factory=dict)
     _grid: tuple[int, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.key_segments:
+            if self.text_keys is not None:
+                self.key_segments["text"] = self.text_keys
+            if self.kind != "cross":
+                self.key_segments["image"] = self.image_queries
+
+    def keys(self, segment: str) -> slice:
+        """Key positions of the named segment ("text", "image", or a backbone's own names)."""
+        if segment not in self.key_segments:
+            raise KeyError(f"{self.name} has no {segment!r} keys; it has {', '.join(self.key_segments) or 'none'}")
+        return self.key_segments[segment]
 
     @property
     def batch_size(self) -> int:
@@ -352,6 +378,10 @@ def _denoiser_state_hook(controller: AttentionController, signature: inspect.Sig
             state.n_txt = None if text is None else text.shape[1]
         elif sample is not None and sample.ndim == 4:
             state.latent_hw = tuple(sample.shape[-2:])
+            state.frames = 1
+        elif sample is not None and sample.ndim == 5:  # video: (B, C, F, H, W)
+            state.latent_hw = tuple(sample.shape[-2:])
+            state.frames = int(sample.shape[2])
         timestep = bound.get("timestep")
         if track_steps and timestep is not None:
             state.begin_step(timestep)

@@ -90,7 +90,7 @@ def prepare(args):
     for name in layers:
         d = torch.randn(args.steps, modules[name].to_out[0].out_features, generator=g)
         directions[name] = d / d.norm(dim=-1, keepdim=True)
-    roles = ("uncond", "cond") if models.backbone(pipe).uses_cfg_batch(pipe, guidance) else ("cond",)
+    roles = models.backbone(pipe).row_roles(pipe, guidance)
 
     def steered(beta=2.0, steer_roles=roles):
         def run():

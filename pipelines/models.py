@@ -31,6 +31,7 @@ and our own small T5-style vocabulary (see pipelines/tokenizers.py).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -79,6 +80,7 @@ __all__ = [
     "load",
     "load_as",
     "one_call_at_a_time",
+    "quiet_view",
     "save_tiny",
 ]
 
@@ -207,6 +209,18 @@ def _folder_generation_defaults(folder: str) -> dict:
         return GENERATION_DEFAULTS
     return {"steps": int(saved.get("num_inference_steps", GENERATION_DEFAULTS["steps"])),
             "guidance": float(saved.get("guidance_scale", GENERATION_DEFAULTS["guidance"]))}
+
+
+def quiet_view(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """The same pipeline without its own per-call progress bar, for a task that shows its own.
+
+    A shallow copy: every component (and so the per-model lock of `exclusive`) is shared, while
+    the progress-bar setting and the attributes a pipeline call sets on itself (`_guidance_scale`,
+    `_num_timesteps`, ...) are the copy's own, so the cached pipeline is not changed.
+    """
+    view = copy.copy(pipe)
+    view._progress_bar_config = {**getattr(pipe, "_progress_bar_config", {}), "disable": True}
+    return view
 
 
 def denoiser(pipe: DiffusionPipeline):

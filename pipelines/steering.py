@@ -308,8 +308,7 @@ def estimate_directions(
     if not selected:
         raise UserInputError(f"No cross-attention layer of this model matches {layers!r}.")
     batch_size = settings.batch_size
-    cfg = models.backbone(pipe).uses_cfg_batch(pipe, guidance)
-    roles = ("uncond", "cond") if cfg else ("cond",)
+    roles = models.backbone(pipe).row_roles(pipe, guidance)
 
     means = {}
     bar = tqdm(total=2 * samples, desc="Estimating directions", unit="image")
@@ -319,21 +318,21 @@ def estimate_directions(
             embeds = encode(pipe, prompt, negative_prompt, guidance)
             controller = MedSteer(selected, mode="record", state=ControlState(row_roles=roles))
             seeds = [base_seed + offset + n for n in range(samples)]
-            with _quiet_progress(pipe):
-                for start in range(0, samples, batch_size):
-                    chunk = seeds[start:start + batch_size]
-                    # a fresh state per call: the step index restarts at 0; the sums carry on
-                    controller.state = ControlState(row_roles=roles)
-                    with attach(denoiser, controller):
-                        pipe(
-                            **embeds, num_inference_steps=steps, guidance_scale=guidance, height=height,
-                            width=width, num_images_per_prompt=len(chunk),
-                            generator=_seeds_generators(chunk), output_type="latent", **_call_kwargs(pipe),
-                        )
-                    bar.update(len(chunk))
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, 2 * samples)
+            quiet = models.quiet_view(pipe)  # our bar counts images; the pipeline's would count steps
+            for start in range(0, samples, batch_size):
+                chunk = seeds[start:start + batch_size]
+                # a fresh state per call: the step index restarts at 0; the sums carry on
+                controller.state = ControlState(row_roles=roles)
+                with attach(denoiser, controller):
+                    quiet(
+                        **embeds, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                        width=width, num_images_per_prompt=len(chunk),
+                        generator=_seeds_generators(chunk), output_type="latent", **_call_kwargs(pipe),
+                    )
+                bar.update(len(chunk))
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, 2 * samples)
             means[label] = controller.means()
     finally:
         bar.close()
@@ -410,9 +409,8 @@ class PairResult:
         return written + [sidecar]
 
 
-def _steer_roles(cfg: bool, steer: str, batched: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(row roles of the batch, roles to steer)."""
-    halves = ("uncond", "cond") if cfg else ("cond",)
+def _steer_roles(halves: tuple[str, ...], steer: str, batched: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(row roles of the batch, roles to steer), from the backbone's roles of one image's rows."""
     wanted = halves if steer == "both" else ("cond",)
     if not batched:
         return halves, wanted
@@ -475,13 +473,13 @@ def _settings(pipe, directions: Directions, settings: PairSettings) -> _Settings
 
 @models.one_call_at_a_time
 def _pair(pipe, directions: Directions, embeds: dict, prompt: str, seed: int, s: _Settings) -> PairResult:
-    cfg = models.backbone(pipe).uses_cfg_batch(pipe, s.guidance)
+    halves = models.backbone(pipe).row_roles(pipe, s.guidance)
     args = (s.steps, s.guidance, s.height, s.width)
     if s.beta == 0:  # exact no-op: no processor installed at all
         original = _render(pipe, embeds, seed, *args)[0]
         steered = original.copy()
     else:
-        roles, steer_roles = _steer_roles(cfg, s.steer, s.batched)
+        roles, steer_roles = _steer_roles(halves, s.steer, s.batched)
         controller = MedSteer(
             directions.layers, mode="steer", directions=directions.vectors, beta=s.beta,
             steer_roles=steer_roles, step_map=s.step_map, run_steps=s.steps, state=ControlState(row_roles=roles),
@@ -649,14 +647,14 @@ def generate_dataset(
     written = []
     if todo:
         embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)
-        with _quiet_progress(pipe):
-            for seed in tqdm(todo, desc=f"Pairs (process {process_index})" if num_processes > 1 else "Pairs"):
-                result = _pair(pipe, directions, embeds, prompt, seed, s)
-                try:
-                    result.save(folder)
-                except OSError as error:
-                    raise UserInputError(f"Cannot write to {folder}: {error.strerror or error}.") from error
-                written.append(seed)
+        quiet = models.quiet_view(pipe)  # one bar over the pairs, not one per image
+        for seed in tqdm(todo, desc=f"Pairs (process {process_index})" if num_processes > 1 else "Pairs"):
+            result = _pair(quiet, directions, embeds, prompt, seed, s)
+            try:
+                result.save(folder)
+            except OSError as error:
+                raise UserInputError(f"Cannot write to {folder}: {error.strerror or error}.") from error
+            written.append(seed)
     if wait is not None:
         wait()
     manifest = write_manifest(folder, seed_list) if process_index == 0 else None

@@ -109,6 +109,13 @@ class Backbone:
         denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
         return guidance > 1 and getattr(denoiser.config, "time_cond_proj_dim", None) is None
 
+    def row_roles(self, pipe, guidance: float) -> tuple[str, ...]:
+        """What each equal chunk of the denoiser's batch is, in order, for the stock pipeline at
+        this guidance: ("uncond", "cond") with a CFG batch, else ("cond",).  A backbone with more
+        guidance rows (OmniGen: uncond, text, image) returns its own; processors read the roles
+        from the per-call state (`ControlState.row_roles`) and never infer halves."""
+        return ("uncond", "cond") if self.uses_cfg_batch(pipe, guidance) else ("cond",)
+
     # ------------------------------------------------------------------ text
 
     def text_segments(self, pipe) -> tuple[TextSegment, ...]:
