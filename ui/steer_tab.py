@@ -9,8 +9,8 @@ estimated directions of the prompt pair).
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections import OrderedDict
 
 import gradio as gr
 
@@ -40,51 +40,29 @@ EXAMPLES = [
 ]
 
 
-class DirectionCache:
-    """Directions per (model, prompts, samples, steps, guidance, size), in memory, LRU."""
-
-    def __init__(self, size: int = CACHE_SIZE):
-        self.size = size
-        self._items: OrderedDict[tuple, object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple):
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple, value) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-
 def _size(value) -> int | None:
     return int(value) if value else None
 
 
-def make_handlers(ctx: AppContext, cache: DirectionCache | None = None):
+def make_handlers(ctx: AppContext):
     """(steer_directions, steer_pair): the event handlers, also the API endpoints."""
-    cache = cache or DirectionCache()
+    estimated_here = threading.local()  # whether this thread's last lookup computed the directions
 
-    def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress):
+    @functools.lru_cache(maxsize=CACHE_SIZE)
+    def cached_directions(model: str, positive: str, negative: str, settings: DirectionSettings):
         from pipelines.steering import estimate_directions
 
+        estimated_here.value = True
+        return estimate_directions(ctx.load(model), positive, negative, settings)
+
+    def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress):
         settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=guidance, height=_size(height),
                                       width=_size(width)).validated()
-        pipe = ctx.load(model)
-        key = (model or ctx.default_model, positive, negative, settings)
-        directions = cache.get(key)
-        if directions is not None:
-            return pipe, directions, True
+        pipe = ctx.load(model)  # a bad model name is one sentence before anything is estimated
+        estimated_here.value = False
         progress(0, desc="Estimating directions")
-        directions = estimate_directions(pipe, positive, negative, settings)
-        cache.put(key, directions)
-        return pipe, directions, False
+        directions = cached_directions(model or ctx.default_model, positive, negative, settings)
+        return pipe, directions, not estimated_here.value
 
     def describe(directions, cached: bool, source: str = "") -> str:
         m = directions.meta
