@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from .base import TextSegment
+from .base import EncodedText
 from .sd import StableDiffusion
 
 
@@ -23,8 +23,12 @@ class StableDiffusionXL(StableDiffusion):
     def is_v2(unet) -> bool:
         return False
 
-    def text_segments(self, pipe):
-        return (TextSegment("clip", "tokenizer"),)
+    # text_segments: SD's one "clip" segment of 77 positions (both encoders share the tokens)
+
+    def encode_text(self, pipe, prompt, device, lengths) -> EncodedText:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return EncodedText(embeds, pooled)
 
     def prompt_embeds(self, pipe, prompt, negative_prompt, cfg, device, clean_caption=True) -> dict:
         pe, ne, ppe, npe = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
