@@ -448,27 +448,27 @@ def run_sarg(
     z0: torch.Tensor,
     noise: torch.Tensor,
     masks: torch.Tensor,
+    settings: EraserSettings | None = None,
     *,
-    steps: int = PAPER.steps,
-    strength: float = EraserSettings.SIP_STRENGTH,
-    guidance: float = PAPER.guidance,
-    ss_steps: int = PAPER.ss_steps,
-    ss_scale: float = PAPER.ss_scale,
-    mode: str = PAPER.mode,
-    aas: bool = True,
-    freeu: bool = False,
     working_size: tuple[int, int] | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = True,
+    **options,
 ) -> torch.Tensor:
     """The Attentive Eraser loop on latents: returns the final float32 latents (B, C, h, w).
 
     z0: scaled clean latents of the B samples; noise: the noise drawn once per sample (SIP);
     masks: (B or 1, H, W) dilated object masks at working pixel size (latent size times the VAE
-    factor).  A sample whose mask is empty gets eps = eps_normal exactly.  `callback` receives
-    {"step", "timestep", "latents", "noise"} after every step (tests and progress).
+    factor).  A sample whose mask is empty gets eps = eps_normal exactly.  settings: as for
+    `erase` (the loop reads mode, steps, strength, guidance, ss_steps, ss_scale, aas and freeu;
+    `options` override fields by name).  `callback` receives {"step", "timestep", "latents",
+    "noise"} after every step (tests and progress).
     """
     bb = backbone(pipe)
+    s = (settings or PAPER).replace(**options).validated()
+    mode, steps, strength, guidance = s.mode, s.steps, s.resolved_strength(), s.guidance
+    ss_steps, ss_scale, aas = s.ss_steps, s.ss_scale, s.aas
+    freeu = s.resolved_freeu(bb.sd2)
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     batch = z0.shape[0]
@@ -598,7 +598,7 @@ def erase(pipe, image, mask, settings: EraserSettings | None = None, *, seed: in
     strength = settings.resolved_strength()
     base_seed = resolve_seed(seed)
     seeds = [base_seed + i for i in range(settings.num_images)]
-    freeu = bb.sd2 if settings.freeu is None else settings.freeu
+    freeu = settings.resolved_freeu(bb.sd2)
     prepared = prepare(bb, image, mask, grow=settings.grow, crop=settings.crop, blur_kernel=settings.blur_kernel,
                        working_side=settings.working_side)
     region = prepared.region
@@ -649,11 +649,7 @@ def erase(pipe, image, mask, settings: EraserSettings | None = None, *, seed: in
     def collect(info):
         warnings[:] = info["controller"].warnings
 
-    z = run_sarg(
-        pipe, z0, noise, masks, steps=settings.steps, strength=strength, guidance=settings.guidance, ss_steps=settings.ss_steps,
-        ss_scale=settings.ss_scale, mode=settings.mode, aas=settings.aas, freeu=freeu, working_size=(ph, pw), callback=collect,
-        progress=progress,
-    )
+    z = run_sarg(pipe, z0, noise, masks, settings, working_size=(ph, pw), callback=collect, progress=progress)
     with torch.no_grad(), _vae_float32(pipe) as vae_dtype:
         decoded = torch.cat([vae.decode((zi[None] / scaling).to(vae_dtype)).sample for zi in z])
     arrays = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)

@@ -63,6 +63,10 @@ class EraserSettings(Settings):
             return float(self.strength)
         return 1.0 if self.mode == "dip" else self.SIP_STRENGTH
 
+    def resolved_freeu(self, is_sd2: bool) -> bool:
+        """FreeU on or off: as set, else on for SD 2.x (the paper's backbone and values) only."""
+        return is_sd2 if self.freeu is None else bool(self.freeu)
+
     def check(self) -> None:
         if int(self.steps * self.resolved_strength()) < 1:
             raise UserInputError(
