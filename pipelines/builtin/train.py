@@ -480,7 +480,10 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "vae_final_loss": round(vae_loss, 5),
         "latent_scaling_factor": round(scale, 5),
-        "denoiser_steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema,
+        "vae_lr": args.vae_lr, "vae_warmup": VAE_WARMUP,
+        "denoiser_steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
+        "lr_schedule": "linear warm-up from 0, then a half cosine to 0 at the last step "
+                       "(diffusers get_cosine_schedule_with_warmup)",
         "final_mse": round(loss, 5), "loss_history": [(s, round(v, 5)) for s, v in history],
         "wall_seconds_this_run": round(elapsed), "torch_threads": torch.get_num_threads(),
         "inference_defaults": INFERENCE_DEFAULTS,
