@@ -1,5 +1,7 @@
 """The "Counterfactual steer" task: MedSteer cross-attention steering vectors.
 
+The method, its defaults and our deviations are written up in docs/methods/steering.md.
+
 1. `estimate_directions`: run the unsteered pipeline on N seeds for a positive and N seeds for
    a negative prompt, record per step and per cross-attention layer the mean output of the
    conditional rows over the image tokens (float32, streaming: a running sum), and take
@@ -33,7 +35,7 @@ Deviations, all deliberate:
   noise is that of single runs) and never decodes latents.
 - beta = 0 installs no processor: the steered image is the plain image.
 - Pairs are computed in one batch of 4 rows [uncond base, uncond steer, cond base, cond steer]
-  from identical initial latents (`batched=True`, the spec's efficiency option); `batched=False`
+  from identical initial latents (`batched=True`, our efficiency option); `batched=False`
   runs the two images separately.  Both start from the same noise; they agree to float
   rounding.
 - Runs with fewer steps than the directions file are refused with step_map="clamp" (the
