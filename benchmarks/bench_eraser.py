@@ -29,6 +29,7 @@ import pipelines.eraser as eraser
 from attention_processors.attentive_eraser import AAS, AttentiveEraserAAS, is_aas_layer
 from benchmarks.common import load_model
 from pipelines import models
+from pipelines.backbones.sd import NOISE_SCHEDULE as SD_NOISE_SCHEDULE
 
 TASK = "eraser"
 SEED = 0
@@ -69,7 +70,7 @@ def sdxl_random(device: torch.device, dtype: torch.dtype):
             num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         ))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE,
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),

@@ -8,6 +8,7 @@ from attention_processors import AttentionController, ControlState, attach, atte
 from attention_processors.heatmaps import CrossAttentionHeatmaps, text_attention_layers
 from benchmarks.common import load_model
 from pipelines import models
+from pipelines.backbones.sd import NOISE_SCHEDULE as SD_NOISE_SCHEDULE
 from pipelines.attention_maps import generate_with_attention_maps
 
 TASK = "generate"
@@ -35,7 +36,7 @@ def sd15_random(device: torch.device, dtype: torch.dtype):
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
     ))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    scheduler = PNDMScheduler(**SD_NOISE_SCHEDULE,
                               skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,

@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.common import load_model
 from pipelines import models
+from pipelines.backbones.sd import NOISE_SCHEDULE as SD_NOISE_SCHEDULE
 from pipelines.errors import UserInputError
 
 TASK = "personalize"
@@ -60,8 +61,7 @@ def sd21_random(device: torch.device, dtype: torch.dtype):
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(**SD_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(pad_token="!"),
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)

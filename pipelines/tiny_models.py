@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from pipelines import backbones
+from pipelines.backbones.sd import NOISE_SCHEDULE as SD_NOISE_SCHEDULE
 from pipelines.errors import UserInputError
 from pipelines.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, t5_tokenizer, t5_vocab_size
 
@@ -149,10 +150,7 @@ def tiny_t5() -> T5EncoderModel:
 def _sd_scheduler() -> PNDMScheduler:
     # The scheduler SD 1.5 ships with.
     return PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **SD_NOISE_SCHEDULE,
         set_alpha_to_one=False,
         skip_prk_steps=True,
         steps_offset=1,
@@ -212,10 +210,7 @@ def _build_tiny_sd2() -> StableDiffusionPipeline:
         tokenizer=clip_tokenizer(),
         unet=unet,
         scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
+            **SD_NOISE_SCHEDULE,
             clip_sample=False,
             set_alpha_to_one=False,
             steps_offset=1,
@@ -262,10 +257,7 @@ def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
         unet=unet,
         # The scheduler SDXL base 1.0 ships with.
         scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
+            **SD_NOISE_SCHEDULE,
             steps_offset=1,
             timestep_spacing="leading",
         ),

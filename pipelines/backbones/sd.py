@@ -8,6 +8,11 @@ from diffusers import UNet2DConditionModel
 from .base import Backbone, EncodedText, TextSegment
 
 
+#: The noise schedule SD 1.x/2.x and SDXL checkpoints ship with (their schedulers add spacing,
+#: offsets and prediction type on top); our tiny models and `builtin` use it too.
+NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
 class StableDiffusion(Backbone):
     name = "sd"
     label = "SD 1.x/2.x UNet"

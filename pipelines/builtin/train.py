@@ -67,6 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.backbones.sd import NOISE_SCHEDULE as SD_NOISE_SCHEDULE
 from pipelines.builtin import world
 
 IMAGE_SIZE = 64
@@ -133,7 +134,7 @@ def train_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        **SD_NOISE_SCHEDULE
     )
 
 
@@ -141,10 +142,7 @@ def inference_scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **SD_NOISE_SCHEDULE,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
