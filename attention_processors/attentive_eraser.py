@@ -4,7 +4,7 @@ Paper: Attentive Eraser, AAAI 2025 (arXiv 2412.12974); method notes: docs/method
 
 The pipeline runs one UNet batch with two row roles, declared in ``state.row_roles``:
 ``"normal"`` (the plain model) and ``"aas"`` (this policy).  On every decoder self-attention
-(``up_blocks.*.attentions.*.transformer_blocks.*.attn1``, selected by name) the ``aas`` rows
+(``up_blocks.*.attentions.*.transformer_blocks.*.attn1``: `layers.decoder_self_attention`) the ``aas`` rows
 attend only to keys outside the object mask, for every query; while ``state.step <= ss_steps``
 the queries inside the mask use logits scaled by ``ss_scale`` (similarity suppression, a softmax
 temperature of 1/λ), blended per query.  Every other row and layer is untouched.
@@ -31,7 +31,6 @@ at that resolution (logged once).  A sample whose mask is empty is not edited.
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -39,18 +38,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState, masked_value
 
 logger = logging.getLogger(__name__)
-
-#: The layers AAS edits: every decoder self-attention of a UNet (paper default, both backbones).
-AAS_LAYER = re.compile(r"^up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$")
 
 NORMAL, AAS = "normal", "aas"
 
 
 def is_aas_layer(name: str) -> bool:
-    return AAS_LAYER.match(name) is not None
+    """The layers AAS edits: every decoder self-attention of a UNet (paper default, both backbones)."""
+    return bool(_layers.decoder_self_attention((name,)))
 
 
 @dataclass

@@ -16,49 +16,39 @@ Differences from DAAM (Tang et al., 2023), all deliberate:
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
+from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState
 
-# Text-attention layers: UNet/PixArt cross-attention (attn2) and SD3/FLUX joint attention (attn).
-# SD3.5's `attn2` is image-only self-attention: it is selected by name but skipped at capture
-# because its calls carry no text keys.
-_TEXT_LAYER = re.compile(r"(^|\.)attn2?$")
-_DIT_BLOCK = re.compile(r"^(single_)?transformer_blocks\.(\d+)\.")
-
 LAYER_GROUPS = ("all", "down", "mid", "up")
+# the heatmaps' transformer groups are the depth thirds of `layers.third`, split by partition
+_THIRD_OF_GROUP = {"down": "first", "mid": "middle", "up": "last"}
 
 
 def text_attention_layers(layer_names: Iterable[str], where: str = "all") -> set[str]:
     """The text-attention layers among `layer_names`, restricted to a part of the network.
 
+    Text attention (`layers.text_attention`): UNet/PixArt cross-attention (attn2) and SD3/FLUX
+    joint attention (attn).  SD3.5's `attn2` is image-only self-attention: it is selected by name
+    but skipped at capture because its calls carry no text keys.
+
     UNets: "down", "mid", "up" are their blocks.  Transformers (PixArt, SD3, FLUX) have no such
     blocks; there the three groups are the first, middle and last third of the blocks in
-    execution order (FLUX runs every dual-stream block before the single-stream ones).
+    execution order (FLUX runs every dual-stream block before the single-stream ones), cut by
+    `layers.third`'s "partition" rule: every group holds at least one block.
     """
     if where not in LAYER_GROUPS:
         raise ValueError(f"unknown layer group {where!r}; choose one of {', '.join(LAYER_GROUPS)}")
-    names = [n for n in layer_names if _TEXT_LAYER.search(n) and not n.endswith("attn1")]
-    unet = [n for n in names if n.startswith(("down_blocks", "mid_block", "up_blocks"))]
+    names = _layers.text_attention(layer_names)
     if where == "all":
         return set(names)
-    if unet:
-        prefix = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[where]
-        return {n for n in unet if n.startswith(prefix)}
-
-    def depth(name: str) -> tuple[int, int]:
-        m = _DIT_BLOCK.match(name)
-        return (1 if m.group(1) else 0, int(m.group(2))) if m else (2, 0)
-
-    ordered = sorted({depth(n) for n in names})
-    third = {"down": 0, "mid": 1, "up": 2}[where]
-    lo, hi = len(ordered) * third // 3, len(ordered) * (third + 1) // 3
-    keep = set(ordered[lo:max(hi, lo + 1)])
-    return {n for n in names if depth(n) in keep}
+    if _layers.select(names, section=_layers.UNET):
+        return set(_layers.select(names, section=where))
+    return set(_layers.in_third(names, _THIRD_OF_GROUP[where], rule="partition"))
 
 
 class CrossAttentionHeatmaps(AttentionController):

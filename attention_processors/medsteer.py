@@ -33,22 +33,22 @@ from typing import Iterable
 
 import torch
 
+from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState
 
 #: Denominator guard of the norm restoration (paper value).
 NORM_EPS = 1e-8
 STEP_MAPS = ("clamp", "relative")
 
-# Text cross-attention layers of UNet and PixArt transformer blocks.
-_CROSS_ATTENTION = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn2$")
-
 
 def cross_attention_layers(layer_names: Iterable[str], pattern: str | None = None) -> list[str]:
-    """The `attn2` (text cross-attention) layers among `layer_names`, in the given order.
+    """The `attn2` (text cross-attention) layers among `layer_names`, in the given order
+    (`layers.cross_attention`: UNet and PixArt transformer blocks).
 
-    `pattern` (a regular expression searched in the name) narrows the set, e.g. ``"up_blocks"``.
+    `pattern` (the user's regular expression, searched in the name) narrows the set, e.g.
+    ``"up_blocks"``.
     """
-    names = [n for n in layer_names if _CROSS_ATTENTION.search(n)]
+    names = _layers.cross_attention(layer_names)
     if pattern:
         regex = re.compile(pattern)
         names = [n for n in names if regex.search(n)]

@@ -37,55 +37,37 @@ and soft IoU, AttenCraft's random-walk masks, margin labels, assignment, SSIM ga
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
+from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState
 
 INSTANCE = "instance"
-_LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.\d+\.transformer_blocks\.0\.(attn1|attn2)$")
-_ATTN2 = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn2$")
 
 
 # ----------------------------------------------------------------------------- layer selection
-
-
-def _level(name: str, n_down: int, n_up: int) -> int | None:
-    if name.startswith("mid_block"):
-        return n_down - 1
-    m = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.", name)
-    if not m:
-        return None
-    index = int(m.group(2))
-    return index if m.group(1) == "down_blocks" else n_up - 1 - index
 
 
 def personalization_layers(layer_names: Iterable[str], n_down: int, n_up: int) -> dict[str, list[str]]:
     """{"attn2": every cross-attention layer, "capture": the cross-capture layers, "self": the
     self-attention layers of AttenCraft's masks} for a UNet with `n_down`/`n_up` blocks.
 
-    See the module docstring for the rule; on SD 1.x/2.x it gives the spec's names.
+    See the module docstring for the rule; on SD 1.x/2.x it gives the spec's names.  The sets
+    are `layers.cross_attention` / `layers.self_attention` at one UNet level.
     """
     names = list(layer_names)
-    attn2 = [n for n in names if _ATTN2.search(n)]
-    levels = sorted({_level(n, n_down, n_up) for n in attn2 if _level(n, n_down, n_up) is not None}, reverse=True)
+    attn2 = _layers.cross_attention(names)
+    levels = _layers.unet_levels(attn2, n_down, n_up)  # ascending; the mid block is the coarsest
     if not levels:
         raise ValueError("this UNet has no cross-attention layers")
-    cross_level = levels[1] if len(levels) > 1 else levels[0]
+    cross_level = levels[-2] if len(levels) > 1 else levels[-1]
     self_level = max(cross_level - 1, 0)
-    capture, self_layers = [], []
-    for n in names:
-        m = _LEVEL.match(n)
-        if not m:
-            continue
-        level = _level(n, n_down, n_up)
-        if m.group(3) == "attn2" and level == cross_level:
-            capture.append(n)
-        elif m.group(3) == "attn1" and level == self_level:
-            self_layers.append(n)
+    at = dict(section=("down", "up"), unet_depth=n_down, up_depth=n_up, transformer_block=0)
+    capture = _layers.cross_attention(names, level=cross_level, **at)
+    self_layers = _layers.self_attention(names, level=self_level, **at)
     return {"attn2": attn2, "capture": capture, "self": self_layers}
 
 

@@ -43,12 +43,12 @@ Deviations (the paper's code is not public; see docs/methods/grounding.md):
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
+from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState, masked_value
 
 NORMS = ("text_softmax", "full_row", "raw")
@@ -275,70 +275,39 @@ def _add(sums: dict, grid: tuple[int, int], value: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------- layer choice by name
 
-_DIT_BLOCK = re.compile(r"^(single_)?transformer_blocks\.(\d+)\.attn$")
-_UNET_ATTN = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\..*\.attn([12])$|^mid_block\..*\.attn([12])$")
-DEPTH_RANGES = {
-    "first": (0.0, 1 / 3), "middle": (1 / 3, 2 / 3), "last": (2 / 3, 1.0),
-    "middle+last": (1 / 3, 1.0), "all": (0.0, 1.0),
-}
-BLOCK_FAMILIES = ("dual", "single", "both")
-
-
-def _unet_level(name: str, n_levels: int) -> int | None:
-    """Downsampling level k (grid = latent / 2^k) of a UNet attention layer, from its name."""
-    m = _UNET_ATTN.match(name)
-    if not m:
-        return None
-    if name.startswith("mid_block"):
-        return n_levels - 1
-    index = int(m.group(2))
-    return index if m.group(1) == "down_blocks" else n_levels - 1 - index
-
-
-def _execution_key(name: str, n_levels: int) -> tuple:
-    """Sort key in execution order: FLUX dual before single blocks; UNet down, mid, up."""
-    m = _DIT_BLOCK.match(name)
-    if m:
-        return (1 if m.group(1) else 0, int(m.group(2)), "")
-    part = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[name.split(".")[0]]
-    numbers = tuple(int(x) for x in re.findall(r"\.(\d+)\.", "." + name))
-    return (part, numbers, name)
+#: RefAM's depth ranges (`layers.THIRDS`, split by `layers.third`'s "depth" rule) and FLUX block
+#: families (`layers.BLOCK_FAMILIES`).
+DEPTH_RANGES = _layers.THIRDS
+BLOCK_FAMILIES = tuple(_layers.BLOCK_FAMILIES)
 
 
 def choose_layers(names: Iterable[str], depth_range: str = "middle+last", blocks: str = "both",
                   unet_levels: tuple[int, ...] = (1, 2), unet_depth: int | None = None) -> dict[str, float]:
     """{layer: depth} of the text-attention layers RefAM captures, from the model's layer names.
 
-    Transformers (FLUX, SD3): the layers whose execution-order position / count falls in
-    `depth_range` (a key of DEPTH_RANGES), restricted to dual- or single-stream FLUX blocks by
-    `blocks`.  UNets: the attn2 layers at the downsampling levels `unet_levels` (level 1 and 2 =
-    the 32x32 and 16x16 grids of a 64x64 latent), in every block.  Depth is the position among
-    all text-attention layers in execution order, so l_gas means the same on every backbone.
+    Transformers (FLUX, SD3): the joint-attention layers (`layers.joint_attention`) whose
+    execution-order position / count falls in `depth_range` (a key of DEPTH_RANGES, by
+    `layers.third`'s "depth" rule), restricted to dual- or single-stream FLUX blocks by `blocks`.
+    UNets: the attn2 layers at the downsampling levels `unet_levels` (level 1 and 2 = the 32x32
+    and 16x16 grids of a 64x64 latent), in every block.  Depth is the position among all
+    text-attention layers in execution order, so l_gas means the same on every backbone.
     `unet_depth` is the number of UNet down blocks (len(unet.down_blocks)); by default it is read
-    from the names, which misses trailing blocks without attention.
+    from the names (`layers.unet_depth_from_names`), which misses trailing blocks without attention.
     """
     names = list(names)
     if depth_range not in DEPTH_RANGES:
         raise ValueError(f"unknown depth range {depth_range!r}; use one of {', '.join(DEPTH_RANGES)}")
     if blocks not in BLOCK_FAMILIES:
         raise ValueError(f"unknown block family {blocks!r}; use one of {', '.join(BLOCK_FAMILIES)}")
-    dit = [n for n in names if _DIT_BLOCK.match(n)]
+    dit = _layers.execution_order(_layers.joint_attention(names))
     if dit:
-        ordered = sorted(dit, key=lambda n: _execution_key(n, 0))
-        lo, hi = DEPTH_RANGES[depth_range]
-        chosen = {}
-        for i, name in enumerate(ordered):
-            depth = i / len(ordered)
-            single = name.startswith("single_")
-            if blocks == "dual" and single or blocks == "single" and not single:
-                continue
-            if lo - 1e-9 <= depth < hi - 1e-9 or (hi >= 1.0 and depth >= lo - 1e-9):
-                chosen[name] = depth
-        return chosen
-    n_levels = unet_depth or _levels_from_names(names)
-    cross = sorted((n for n in names if n.endswith("attn2") and _unet_level(n, n_levels) is not None),
-                   key=lambda n: _execution_key(n, n_levels))
-    return {n: i / len(cross) for i, n in enumerate(cross) if _unet_level(n, n_levels) in unet_levels}
+        span = _layers.third(len(dit), depth_range, rule="depth")
+        family = set(_layers.joint_attention(dit, blocks))
+        return {name: i / len(dit) for i, name in enumerate(dit) if i in span and name in family}
+    n_levels = unet_depth or _layers.unet_depth_from_names(names)
+    cross = _layers.execution_order(_layers.cross_attention(names, section=_layers.UNET))
+    chosen = set(_layers.cross_attention(cross, level=tuple(unet_levels), unet_depth=n_levels))
+    return {n: i / len(cross) for i, n in enumerate(cross) if n in chosen}
 
 
 #: Automatic UNet level choice: the levels whose token grid has this many cells per side.  SD 1.5
@@ -352,20 +321,15 @@ def auto_unet_levels(names: Iterable[str], latent_side: int, unet_depth: int | N
     (latent side / 2^level) lies in AUTO_GRID_SIDES; if none does (a small model at a small
     size), the finest level with cross-attention."""
     names = list(names)
-    n_levels = unet_depth or _levels_from_names(names)
-    levels = sorted({_unet_level(n, n_levels) for n in names
-                     if n.endswith("attn2") and _unet_level(n, n_levels) is not None})
+    n_levels = unet_depth or _layers.unet_depth_from_names(names)
+    levels = _layers.unet_levels(names, n_levels)
     low, high = AUTO_GRID_SIDES
     chosen = tuple(level for level in levels if low <= latent_side / 2**level <= high)
     return chosen or tuple(levels[:1])
 
 
-def _levels_from_names(names: list[str]) -> int:
-    return 1 + max((int(n.split(".")[1]) for n in names if n.startswith("down_blocks.")), default=0)
-
-
 def self_attention_layers(names: Iterable[str], level: int, unet_depth: int | None = None) -> list[str]:
     """UNet attn1 layers at downsampling `level` (for refinement by self-attention propagation)."""
     names = list(names)
-    n_levels = unet_depth or _levels_from_names(names)
-    return [n for n in names if n.endswith("attn1") and _unet_level(n, n_levels) == level]
+    n_levels = unet_depth or _layers.unet_depth_from_names(names)
+    return _layers.self_attention(names, level=level, unet_depth=n_levels)
