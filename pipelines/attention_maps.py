@@ -9,6 +9,10 @@ min-max normalised.
 Which text keys hold the prompt differs per family: SD/SDXL/PixArt cross-attention keys are the
 tokens of `pipe.tokenizer`; SD3's joint text is 77 CLIP tokens then T5 tokens (we read the CLIP
 part); FLUX's is T5 only (`pipe.tokenizer_2`).
+
+Method notes (what is averaged, the layers per family, every default and the deviations from
+DAAM): docs/methods/attention_maps.md.  The defaults live in one place, `AttentionMapSettings`
+(pipelines/attention_maps_settings.py); the CLI flags and the tab's controls are made from it.
 """
 
 from __future__ import annotations
@@ -23,19 +27,28 @@ import torch.nn.functional as F
 from PIL import Image
 
 from attention_processors import ControlState, attach, attention_layer_names
-from attention_processors.heatmaps import LAYER_GROUPS, CrossAttentionHeatmaps, text_attention_layers
+from attention_processors.heatmaps import CrossAttentionHeatmaps, text_attention_layers
 
 from . import backbones, models
+from .attention_maps_settings import (
+    DEFAULTS,
+    LAYER_GROUPS,
+    MAX_GUIDANCE,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    AttentionMapSettings,
+)
 from .viz import overlay
 from .errors import UserInputError
 from .io import save_image
 from .seeds import resolve_seed
 from .tokenizers import check_fits
 
+__all__ = ["AttentionMapSettings", "AttentionMapsResult", "DEFAULTS", "LAYER_CHOICES", "MAX_GUIDANCE", "MAX_SIDE",
+           "MAX_STEPS", "MIN_SIDE", "generate_with_attention_maps", "prompt_words", "token_words"]
+
 LAYER_CHOICES = LAYER_GROUPS
-MAX_STEPS = 200
-MAX_GUIDANCE = 30.0
-MIN_SIDE, MAX_SIDE = 64, 2048
 _WORD = re.compile(r"[\w]+(?:['’-][\w]+)*")
 
 
@@ -46,21 +59,25 @@ class AttentionMapsResult:
     maps: np.ndarray  # float32 (len(words), H, W) in [0, 1], at image size
     seed: int
     params: dict = field(default_factory=dict)
+    overlay_alpha: float = DEFAULTS.overlay_alpha  # the heatmaps' opacity in `overlays()` and `save()`
 
-    def overlays(self, alpha: float = 0.5) -> list[tuple[Image.Image, str]]:
-        """(heatmap over the image, "i: word") per word, ready for a gallery."""
+    def overlays(self, alpha: float | None = None) -> list[tuple[Image.Image, str]]:
+        """(heatmap over the image, "i: word") per word, ready for a gallery; alpha None: the
+        result's `overlay_alpha` (the settings')."""
+        alpha = self.overlay_alpha if alpha is None else alpha
         return [(overlay(self.image, m, alpha), f"{i}: {w}") for i, (w, m) in enumerate(zip(self.words, self.maps))]
 
     def save(self, output: str | Path, heatmap_dir: str | Path | None = None) -> list[Path]:
         """Write the image (parameters in its PNG text and a JSON sidecar) and the heatmaps."""
         record = {**self.params, "seed": self.seed, "words": self.words}
+        if heatmap_dir is not None:
+            record["overlay_alpha"] = self.overlay_alpha
         written = save_image(self.image, output, record)
         if heatmap_dir is not None:
             for i, (image, _) in enumerate(self.overlays()):
                 path = Path(heatmap_dir) / f"{i:02d}_{_file_safe(self.words[i])}.png"
                 written += save_image(image, path, None)
         return written
-
 
 
 def _file_safe(word: str) -> str:
@@ -94,53 +111,54 @@ def token_words(tokenizer, prompt: str, max_length: int) -> tuple[list[int | Non
     return owners, len(encoded["input_ids"])
 
 
-def _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, layers) -> None:
-    if not prompt or not prompt.strip():
+def _validate(pipe, prompt: str, settings: AttentionMapSettings, steps: int, height: int, width: int) -> None:
+    """What the settings' own validation cannot know: the prompt and what this model accepts."""
+    if not isinstance(prompt, str) or not prompt.strip():
         raise UserInputError("Please enter a prompt.")
     if not prompt_words(prompt):
         raise UserInputError("The prompt has no words to map; use letters or digits.")
-    if not 1 <= steps <= MAX_STEPS:
-        raise UserInputError(f"Steps must be between 1 and {MAX_STEPS}, not {steps}.")
     backbone = backbones.require(pipe, backbones.ALL, "Capturing attention maps")
     if steps < backbone.min_steps:
         raise UserInputError(f"{backbone.short} models need at least {backbone.min_steps} steps.")
-    if not 0 <= guidance <= MAX_GUIDANCE:
-        raise UserInputError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {guidance:g}.")
     models.check_size(pipe, height, width, MIN_SIDE, MAX_SIDE)
-    if layers not in LAYER_CHOICES:
-        raise UserInputError(f"Layers must be one of {', '.join(LAYER_CHOICES)}, not {layers!r}.")
-    if backbone.guidance_embedded and negative_prompt.strip():
+    if backbone.guidance_embedded and settings.negative_prompt.strip():
         raise UserInputError(f"{backbone.short} models are guidance-distilled and take no negative prompt; leave it empty.")
     tokenizer, max_length, _ = _text_layout(pipe)
     check_fits(tokenizer, prompt, max_length)
-    check_fits(tokenizer, negative_prompt, max_length, "negative prompt")
+    check_fits(tokenizer, settings.negative_prompt, max_length, "negative prompt")
 
 
 @models.one_call_at_a_time
 def generate_with_attention_maps(
     pipe,
     prompt: str,
-    negative_prompt: str = "",
+    settings: AttentionMapSettings | None = None,
+    *,
     seed: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    layers: str = "all",
+    progress: bool | None = None,
+    **overrides,
 ) -> AttentionMapsResult:
     """Generate one image and the attention heatmap of every word of `prompt`.
 
-    seed None (or negative) draws a random seed, reported in the result.  Steps and guidance
-    default to the model's (`models.generation_defaults`: 25 and 7.5 unless the model folder
-    names its own).  Raises UserInputError for any input the model cannot take.
+    settings: `AttentionMapSettings` (`DEFAULTS` if None); `overrides` change its fields by name
+    (`generate_with_attention_maps(pipe, "a cat", steps=20, layers="up")`); an unknown name is a
+    TypeError.  Steps, guidance and size left None are the model's (`models.generation_defaults`:
+    the model folder's training.json, else SD's 25 and 7.5; `models.default_size`).
+    seed None (or negative) draws a random seed, reported in the result.  progress False hides
+    the pipeline's progress bar for this call.  Raises UserInputError for any input the model
+    cannot take.
     """
+    if settings is not None and not isinstance(settings, AttentionMapSettings):
+        raise TypeError(f"settings must be an AttentionMapSettings, not {type(settings).__name__}; pass "
+                        "negative_prompt=... and the other settings by name")
+    settings = (settings or DEFAULTS).replace(**overrides).validated()
     default_h, default_w = models.default_size(pipe)
-    height, width = int(height or default_h), int(width or default_w)
+    height, width = settings.height or default_h, settings.width or default_w
     defaults = models.generation_defaults(pipe)
-    steps = int(defaults["steps"] if steps is None else steps)
-    guidance = float(defaults["guidance"] if guidance is None else guidance)
-    negative_prompt = negative_prompt or ""
-    _validate(pipe, prompt, negative_prompt, steps, guidance, height, width, layers)
+    steps = int(defaults["steps"] if settings.steps is None else settings.steps)
+    guidance = float(defaults["guidance"] if settings.guidance is None else settings.guidance)
+    negative_prompt, layers = settings.negative_prompt, settings.layers
+    _validate(pipe, prompt, settings, steps, height, width)
     seed = resolve_seed(seed)
 
     denoiser = models.denoiser(pipe)
@@ -148,7 +166,7 @@ def generate_with_attention_maps(
     owners, n_tokens = token_words(tokenizer, prompt, max_length)
     selected = text_attention_layers(attention_layer_names(denoiser), layers)
     backbone = models.backbone(pipe)
-    roles = ("uncond", "cond") if backbone.uses_cfg_batch(pipe, guidance) else ("cond",)
+    roles = backbone.row_roles(pipe, guidance)
     controller = CrossAttentionHeatmaps(selected, text_part=text_part, keep=n_tokens, state=ControlState(row_roles=roles))
 
     # the prompt text as typed, so that tokens map back onto its words; the size asked for
@@ -156,8 +174,9 @@ def generate_with_attention_maps(
     if not backbone.guidance_embedded:
         kwargs["negative_prompt"] = negative_prompt
     generator = torch.Generator().manual_seed(seed)  # CPU generator: same image on any device
+    call = models.quiet_view(pipe) if progress is False else pipe  # never changes the shared pipeline
     with attach(denoiser, controller):
-        image = pipe(
+        image = call(
             prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
             height=height, width=width, generator=generator, **kwargs,
         ).images[0]
@@ -192,4 +211,5 @@ def generate_with_attention_maps(
         "captured_layers": len(selected),
         "truncated_words": truncated,
     }
-    return AttentionMapsResult(image=image, words=kept_words, maps=normalised, seed=seed, params=params)
+    return AttentionMapsResult(image=image, words=kept_words, maps=normalised, seed=seed, params=params,
+                               overlay_alpha=settings.overlay_alpha)

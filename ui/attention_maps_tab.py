@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pipelines.attention_maps_settings import DEFAULTS, AttentionMapSettings
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
+from ui.settings_controls import dropdown, number, slider, textbox
 
 # Prompts in the built-in model's vocabulary (pipelines/builtin/world.py): they run offline in about a
 # second on a CPU.  The last column is the steps (0 = the model's default).
@@ -16,10 +18,9 @@ EXAMPLES = [
 ]
 
 
-def _layer_choices() -> tuple[str, ...]:
-    from pipelines.attention_maps import LAYER_CHOICES
-
-    return tuple(LAYER_CHOICES)
+def _model_default(value):
+    """The tab's and the API's 0 (or empty) for steps and sizes: None, the model's own."""
+    return value or None
 
 
 def make_handler(ctx: AppContext):
@@ -29,38 +30,33 @@ def make_handler(ctx: AppContext):
     def attention_maps(
         model: str,
         prompt: str,
-        negative_prompt: str = "",
+        negative_prompt: str = DEFAULTS.negative_prompt,
         seed: float | None = 0,
         randomize_seed: bool = False,
-        steps: float | None = 0,
-        guidance: float | None = None,
-        width: float | None = 0,
-        height: float | None = 0,
-        layers: str = "all",
+        steps: float | None = DEFAULTS.steps,
+        guidance: float | None = DEFAULTS.guidance,
+        width: float | None = DEFAULTS.width,
+        height: float | None = DEFAULTS.height,
+        layers: str = DEFAULTS.layers,
+        overlay_alpha: float = DEFAULTS.overlay_alpha,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Generate an image and a heatmap per prompt word.
 
-        Width/height 0 (or empty) use the model's default size, steps 0 and guidance empty the
-        model's defaults; seed -1 or randomize_seed=True draws a random seed. Returns the image, the heatmap overlays, the seed used and the
-        files (PNG with parameters, JSON sidecar, heatmaps zip).
+        Steps, guidance, width and height empty (or steps and sizes 0) are the model's defaults;
+        seed -1 or randomize_seed=True draws a random seed.  Returns the image, the heatmap
+        overlays, the seed used and the files (PNG with parameters, JSON sidecar, heatmaps zip).
         """
         from pipelines.attention_maps import generate_with_attention_maps
 
+        settings = DEFAULTS.replace(
+            negative_prompt=negative_prompt or "", steps=_model_default(steps), guidance=guidance,
+            height=_model_default(height), width=_model_default(width), layers=layers, overlay_alpha=overlay_alpha,
+        ).validated()  # before loading the model
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
         use_seed = resolve_seed(seed, randomize_seed)
-        result = generate_with_attention_maps(
-            pipe,
-            prompt,
-            negative_prompt=negative_prompt or "",
-            seed=use_seed,
-            steps=int(steps) if steps else None,
-            guidance=None if guidance is None else float(guidance),
-            height=int(height) if height else None,
-            width=int(width) if width else None,
-            layers=layers,
-        )
+        result = generate_with_attention_maps(pipe, prompt, settings, seed=use_seed)
         run_dir = ctx.outputs.new_run_dir("attention_maps")
         heatmap_dir = run_dir / "heatmaps"
         written = result.save(run_dir / "image.png", heatmap_dir=heatmap_dir)
@@ -79,8 +75,6 @@ ORDER = 10  # position among the tabs
 
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
-    from pipelines import models
-
     with gr.Tab("Attention maps", id="attention_maps"):
         gr.Markdown(
             "Type a prompt and press **Generate**: next to the image you get one heatmap per "
@@ -97,25 +91,28 @@ def build_tab(ctx: AppContext) -> dict:
                 )
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle and a blue square on a striped background",
                                     elem_id="am-prompt")
-                negative_prompt = gr.Textbox(value="", label="Negative prompt", elem_id="am-negative")
+                negative_prompt = textbox(AttentionMapSettings, "negative_prompt", label="Negative prompt",
+                                          elem_id="am-negative")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)",
                                      elem_id="am-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed",
                                                  elem_id="am-randomize")
-                defaults = models.generation_defaults(ctx.default_model)
+                # ranges, steps and defaults come from AttentionMapSettings; empty (None) is the
+                # model's own, and 0 stays accepted for steps and sizes (it means the same)
                 with gr.Row():
-                    steps = gr.Number(value=defaults["steps"], precision=0, minimum=0, maximum=200,
-                                      label="Steps (0 = model default)", elem_id="am-steps")
-                    guidance = gr.Number(value=defaults["guidance"], minimum=0, maximum=30, step=0.5,
-                                         label="Guidance", elem_id="am-guidance")
+                    steps = number(AttentionMapSettings, "steps", minimum=0, label="Steps (empty: the model's)",
+                                   elem_id="am-steps")
+                    guidance = number(AttentionMapSettings, "guidance", label="Guidance (empty: the model's)",
+                                      elem_id="am-guidance")
                 with gr.Row():
-                    width = gr.Number(value=0, precision=0, step=8, minimum=0,
-                                      label="Width (0 = model default)", elem_id="am-width")
-                    height = gr.Number(value=0, precision=0, step=8, minimum=0,
-                                       label="Height (0 = model default)", elem_id="am-height")
-                layers = gr.Dropdown(choices=list(_layer_choices()), value="all",
-                                     label="Layers averaged", elem_id="am-layers")
+                    width = number(AttentionMapSettings, "width", minimum=0, label="Width (empty: the model's)",
+                                   elem_id="am-width")
+                    height = number(AttentionMapSettings, "height", minimum=0, label="Height (empty: the model's)",
+                                    elem_id="am-height")
+                layers = dropdown(AttentionMapSettings, "layers", label="Layers averaged", elem_id="am-layers")
+                overlay_alpha = slider(AttentionMapSettings, "overlay_alpha", label="Heatmap opacity",
+                                       elem_id="am-overlay-alpha")
                 generate = gr.Button("Generate", variant="primary", elem_id="am-generate")
             with gr.Column(scale=2):
                 image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320,
@@ -136,7 +133,7 @@ def build_tab(ctx: AppContext) -> dict:
         )
 
         inputs = [model, prompt, negative_prompt, seed, randomize_seed, steps, guidance,
-                  width, height, layers]
+                  width, height, layers, overlay_alpha]
         outputs = [image, gallery, seed_used, files]
         handler = make_handler(ctx)
         generate.click(handler, inputs, outputs, api_name="attention_maps", **GPU_CONCURRENCY)

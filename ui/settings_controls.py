@@ -44,3 +44,19 @@ def checkbox(settings: type[Settings], name: str, **overrides) -> gr.Checkbox:
     options = dict(value=bool(f.default), label=settings.label(name), info=spec.help)
     options.update(overrides)
     return gr.Checkbox(**options)
+
+
+def dropdown(settings: type[Settings], name: str, choices=None, **overrides) -> gr.Dropdown:
+    """A dropdown over the field's choices (or (label, value) pairs naming them)."""
+    f, spec, _ = settings.specs()[name]
+    options = dict(choices=choices or list(spec.choices), value=f.default, label=settings.label(name))
+    options.update(overrides)
+    return gr.Dropdown(**options)
+
+
+def textbox(settings: type[Settings], name: str, **overrides) -> gr.Textbox:
+    """A text box holding the field's default (empty where it is None)."""
+    f, _, _ = settings.specs()[name]
+    options = dict(value=f.default or "", label=settings.label(name))
+    options.update(overrides)
+    return gr.Textbox(**options)
