@@ -50,3 +50,49 @@ def resize_to_grid(maps: torch.Tensor, grid: tuple[int, int], hard: bool = False
 def mask_to_tokens(mask: torch.Tensor, grid: tuple[int, int], hard: bool = True) -> torch.Tensor:
     """A (..., H, W) mask as (..., h*w) per-token values for a layer with token grid `grid`."""
     return resize_to_grid(mask, grid, hard=hard).flatten(-2)
+
+
+class GridSums:
+    """Running sums of per-image-token values, one per token grid, resized together at the end.
+
+    Layers at different resolutions give maps on different grids.  Resizing is linear, so the
+    sum of the resized maps equals the resized sum: each layer call adds into its grid's sum
+    (`add`), and `combined` reshapes and resizes each grid's sum once, bilinearly, however many
+    layers and steps there were.  Memory is one buffer per grid size.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._sums)
+
+    def add(self, grid: tuple[int, int], value: torch.Tensor) -> None:
+        """Add (b, N, *rest) values of the N = h * w image tokens of `grid` (value is not changed)."""
+        summed = self._sums.get(grid)
+        if summed is None:
+            self._sums[grid] = value.detach().clone()
+        else:
+            summed.add_(value)
+
+    def at(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The raw (b, N, *rest) sum of one grid."""
+        return self._sums[grid]
+
+    def finest(self) -> tuple[int, int]:
+        """The grid with the most tokens."""
+        return max(self._sums, key=lambda g: g[0] * g[1])
+
+    def combined(self, target: tuple[int, int] | None = None) -> torch.Tensor:
+        """The sums as (b, *rest, *target) maps, each grid resized to `target` (default: the finest)."""
+        if not self._sums:
+            raise RuntimeError("no attention was captured: no selected layer ran")
+        target = tuple(target or self.finest())
+        total = 0
+        for (h, w), summed in self._sums.items():
+            lead = summed.shape[:1] + summed.shape[2:]
+            x = summed.movedim(1, -1).reshape(-1, 1, h, w)
+            if (h, w) != target:
+                x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+            total = total + x.reshape(*lead, *target)
+        return total

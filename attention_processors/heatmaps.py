@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState
+from .grids import GridSums
 
 LAYER_GROUPS = ("all", "down", "mid", "up")
 # the heatmaps' transformer groups are the depth thirds of `layers.third`, split by partition
@@ -81,9 +81,8 @@ class CrossAttentionHeatmaps(AttentionController):
         self.keep = keep
         self.steps = steps
         self.norm = norm
-        # running (batch, N_img, tokens) sums per token grid: resizing is linear, so they are
-        # reshaped and resized once, in maps()
-        self._sums: dict[tuple[int, int], torch.Tensor] = {}
+        # running (batch, N_img, tokens) sums per token grid, resized once in maps()
+        self._sums = GridSums()
         self.count = 0
 
     def select(self, name: str) -> bool:
@@ -108,24 +107,11 @@ class CrossAttentionHeatmaps(AttentionController):
             else:
                 probs = call.text_probs(rows, keys=self.text_part, norm=self.norm)
             probs = probs[..., : self.keep]
-            maps = probs.mean(1)  # heads first: (b, N_img, T), a fresh tensor we may add into
-            summed = self._sums.get(call.grid)
-            if summed is None:
-                self._sums[call.grid] = maps
-            else:
-                summed.add_(maps)
+            self._sums.add(call.grid, probs.mean(1))  # heads first: (b, N_img, T)
             self.count += 1
 
     def maps(self) -> torch.Tensor:
         """Mean map per kept token, float32 (batch, tokens, H_latent, W_latent)."""
         if not self._sums:
             raise RuntimeError("no attention was captured: no selected layer ran")
-        target = tuple(self.state.latent_hw)
-        total = 0
-        for (h, w), summed in self._sums.items():
-            b, _, t = summed.shape
-            summed = summed.transpose(1, 2).reshape(b, t, h, w)
-            if (h, w) != target:
-                summed = F.interpolate(summed, size=target, mode="bilinear", align_corners=False)
-            total = total + summed
-        return total / self.count
+        return self._sums.combined(tuple(self.state.latent_hw)) / self.count

@@ -46,10 +46,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState, masked_value
+from .grids import GridSums
 
 NORMS = ("text_softmax", "full_row", "raw")
 GAS_MODES = ("none", "exclude", "suppress", "redirect")
@@ -151,9 +151,9 @@ class RefAMCapture(AttentionController):
         self.early_exit = early_exit
         self.role = role
         # running sums per token grid: heat (b, N), token maps (b, N, T_visible), self-attention
-        self._heat: dict[tuple[int, int], torch.Tensor] = {}
-        self._tokens: dict[tuple[int, int], torch.Tensor] = {}
-        self._self: dict[tuple[int, int], torch.Tensor] = {}
+        self._heat = GridSums()  # (b, N) per grid
+        self._tokens = GridSums()  # (b, N, T_visible) per grid
+        self._self = GridSums()  # (b, N, N) per grid; only the finest is used
         self.layer_count = 0
         self._self_count = 0
         self.sinks: dict[str, torch.Tensor] = {}  # layer -> (b, T) flags (deep layers only)
@@ -217,8 +217,8 @@ class RefAMCapture(AttentionController):
             if self.gas_mode == "exclude":
                 keep, among = keep & ~sinks, among & ~sinks
         heat = layer_heat(maps, keep, among, self.renorm)
-        _add(self._heat, call.grid, heat)
-        _add(self._tokens, call.grid, maps[..., self.visible.to(device)])
+        self._heat.add(call.grid, heat)
+        self._tokens.add(call.grid, maps[..., self.visible.to(device)])
         self.layer_count += 1
 
     def _capture_self(self, call: AttentionCall) -> None:
@@ -226,7 +226,7 @@ class RefAMCapture(AttentionController):
         q = call.query[rows].float()
         k = call.key[rows].float() * call.scale
         probs = (q @ k.transpose(-1, -2)).softmax(-1).mean(1)  # (b, N, N): this layer only
-        _add(self._self, call.grid, probs)
+        self._self.add(call.grid, probs)
         self._self_count += 1
 
     # ------------------------------------------------------------------ results
@@ -243,8 +243,8 @@ class RefAMCapture(AttentionController):
         """Mean head-averaged self-attention (b, N, N) of the refinement layers and its grid."""
         if not self._self:
             return None
-        grid = max(self._self, key=lambda g: g[0] * g[1])
-        return self._self[grid] / max(1, self._self_count), grid
+        grid = self._self.finest()
+        return self._self.at(grid) / max(1, self._self_count), grid
 
     def sink_columns(self) -> torch.Tensor | None:
         """(T,) union over deep layers and rows of the columns flagged as sinks, or None."""
@@ -252,25 +252,10 @@ class RefAMCapture(AttentionController):
             return None
         return torch.stack([s.any(0) for s in self.sinks.values()]).any(0)
 
-    def _combine(self, sums: dict) -> torch.Tensor:
+    def _combine(self, sums: GridSums) -> torch.Tensor:
         if not sums or not self.layer_count:
             raise RuntimeError("no attention was captured: no selected layer ran")
-        target = max(sums, key=lambda g: g[0] * g[1])
-        total = 0
-        for (h, w), summed in sums.items():
-            lead = summed.shape[:1] + summed.shape[2:]
-            x = summed.movedim(1, -1).reshape(-1, 1, h, w)
-            if (h, w) != target:
-                x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
-            total = total + x.reshape(*lead, *target)
-        return total / self.layer_count
-
-
-def _add(sums: dict, grid: tuple[int, int], value: torch.Tensor) -> None:
-    if grid in sums:
-        sums[grid] = sums[grid] + value
-    else:
-        sums[grid] = value.clone()
+        return sums.combined() / self.layer_count
 
 
 # ---------------------------------------------------------------------- layer choice by name
