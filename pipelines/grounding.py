@@ -25,8 +25,9 @@ among the expression's tokens in ONE forward pass of a noised latent, and thresh
 5. video: frames in batches through the same forward, the same noise for every frame, per-frame
    heatmaps smoothed over a centred window of frames, one mask per frame.
 
-Every default is in `GroundingSettings` (one place).  The paper's layers, noise level,
-normalisation, sink criterion and point strategy are not public: all are ours (see
+Every default is in `GroundingSettings` (pipelines/grounding_settings.py: one place, with its
+limits and help; the CLI flags and the tab's controls are made from it).  The paper's layers,
+noise level, normalisation, sink criterion and point strategy are not public: all are ours (see
 docs/methods/grounding.md) and exposed as parameters.
 
 Deviations and choices (ours):
@@ -56,7 +57,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -67,10 +68,6 @@ from PIL import Image
 
 from attention_processors import ControlState, attach, attention_layer_names
 from attention_processors.refam import (
-    BLOCK_FAMILIES,
-    DEPTH_RANGES,
-    GAS_MODES,
-    NORMS,
     RefAMCapture,
     StopForward,
     auto_unet_levels,
@@ -79,20 +76,17 @@ from attention_processors.refam import (
 )
 
 from . import backbones, models
-from .grounding_settings import GroundingSettings
 from .errors import UserInputError
+from .grounding_settings import DEFAULTS, MAGNET_WORDS, MAX_FRAMES, OTSU, PAPER_SIZE, GroundingSettings
 from .io import atomic_path, load_image, mask_image, read_video, save_image, write_video
 from .viz import overlay
 
 STOPWORDS_PATH = Path(__file__).resolve().parent.parent / "assets" / "stopwords_en.txt"
-MAGNET_WORDS = ("and", "of", "the", "a", "with", "on", "in", "to")  # ours (spec 3.1), in order
 COLOUR_WORDS = ("green", "blue", "yellow", "purple")  # the first one absent from the expression
 SUPPORTED = (backbones.FLUX, backbones.SD3, backbones.SD)
 #: the backbones of the paper (RefAM on FLUX and SD3); elsewhere its settings are our extrapolation
 PAPER_BACKBONES = (backbones.FLUX, backbones.SD3)
-PAPER_SIZE = 1024
 ROLES = ("content", "context", "stop", "magnet", "aux", "special", "padding")
-MAX_FRAMES = 600
 _WORD = re.compile(r"[\w]+(?:['’-][\w]+)*")
 _TEXT_CACHE: dict[tuple, object] = {}
 
@@ -172,7 +166,8 @@ def _read_stopwords(path: Path, mtime_ns: int) -> frozenset[str]:
     return frozenset(words)
 
 
-def build_prompt(expression: str, magnets: int = 4, colour: bool = True, n_aux: int = 0) -> tuple[str, list[tuple[int, int, str]]]:
+def build_prompt(expression: str, magnets: int = DEFAULTS.magnets, colour: bool = DEFAULTS.colour,
+                 n_aux: int = 0) -> tuple[str, list[tuple[int, int, str]]]:
     """The expression with magnets, colour word and aux dots appended; (start, end, role) of each."""
     words = {w.lower() for w in _WORD.findall(expression)}
     appended = [(w, "magnet") for w in MAGNET_WORDS[:magnets]]
@@ -188,7 +183,7 @@ def build_prompt(expression: str, magnets: int = 4, colour: bool = True, n_aux: 
 
 
 def token_roles(tokenizer, prompt: str, expression_end: int, spans, stopwords, max_length: int,
-                target: str = "content") -> tuple[list[str], list[str], int]:
+                target: str = DEFAULTS.target) -> tuple[list[str], list[str], int]:
     """(role per token position, token text per position, number of real tokens) for `prompt`.
 
     Positions are those of the encoder input padded to `max_length`.  Roles: special (BOS/SOT,
@@ -357,10 +352,11 @@ def otsu_threshold(values: np.ndarray) -> int:
     return int(np.argmax(sigma)) if sigma.max() > 0 else 0
 
 
-def heat_to_mask(heat: np.ndarray, threshold: str | float = "otsu", component: bool = True) -> tuple[np.ndarray, float]:
+def heat_to_mask(heat: np.ndarray, threshold: str | float = DEFAULTS.threshold,
+                 component: bool = DEFAULTS.component) -> tuple[np.ndarray, float]:
     """A bool mask of the same shape and the threshold used (in [0, 1])."""
     values = np.uint8(np.clip(np.round(heat * 255), 0, 255))
-    if threshold == "otsu":
+    if threshold == OTSU:
         level = otsu_threshold(values)
     else:
         level = int(np.clip(np.round(float(threshold) * 255), 0, 254))
@@ -387,6 +383,8 @@ def _to_image_maps(grid_maps: torch.Tensor, padded: tuple[int, int], content: tu
 
 
 def _validate(pipe, expression, settings: GroundingSettings, stopwords) -> backbones.Backbone:
+    """The backbone, after the checks that need the model or the expression (the settings' own
+    values are checked by `GroundingSettings.validated()` when a public function takes them)."""
     backbone = _check_backbone(pipe)
     if not isinstance(expression, str) or not expression.strip():
         raise UserInputError("Please enter an expression that names the object, e.g. 'the dog on the left'.")
@@ -395,26 +393,6 @@ def _validate(pipe, expression, settings: GroundingSettings, stopwords) -> backb
         raise UserInputError("The expression has no words; use letters or digits.")
     if all(w in stopwords for w in words):
         raise UserInputError("The expression has only stop words (like 'the', 'of'); name the object, e.g. 'the red car'.")
-    checks = [
-        (settings.depth in DEPTH_RANGES, f"depth must be one of {', '.join(DEPTH_RANGES)}"),
-        (settings.blocks in BLOCK_FAMILIES, f"blocks must be one of {', '.join(BLOCK_FAMILIES)}"),
-        (settings.norm in NORMS, f"norm must be one of {', '.join(NORMS)}"),
-        (settings.gas in GAS_MODES, f"GAS mode must be one of {', '.join(GAS_MODES)}"),
-        (settings.target in ("content", "head"), "target must be 'content' or 'head'"),
-        (settings.t5_length in ("native", "trimmed"), "T5 length must be 'native' or 'trimmed'"),
-        (settings.text_part in ("t5", "clip", "both"), "SD3 text part must be t5, clip or both"),
-        (0 < settings.sigma < 1, f"the noise level sigma must be between 0 and 1, not {settings.sigma}"),
-        (0 <= settings.timestep < 1000, f"the UNet timestep must be between 0 and 999, not {settings.timestep}"),
-        (0 <= settings.magnets <= len(MAGNET_WORDS), f"magnets must be between 0 and {len(MAGNET_WORDS)}"),
-        (1 <= settings.n_noise <= 16, "n_noise must be between 1 and 16"),
-        (settings.size is None or 64 <= settings.size <= 2048, "the working size must be between 64 and 2048 pixels"),
-        (settings.threshold == "otsu" or _is_fraction(settings.threshold), "the threshold must be 'otsu' or a number between 0 and 1"),
-        (settings.temporal_window >= 1 and settings.batch_frames >= 1, "temporal window and frame batch must be at least 1"),
-        (settings.sam2_selection in ("sam_score", "heatmap_iou", "product"), "SAM2 selection must be sam_score, heatmap_iou or product"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserInputError(message[0].upper() + message[1:] + ".")
     if settings.refine and backbone.unet_depth(models.denoiser(pipe)) is None:
         raise UserInputError("Refinement by self-attention propagation is available on SD UNet models only.")
     return backbone
@@ -424,13 +402,6 @@ def default_renorm(backbone: backbones.Backbone) -> bool:
     """Whether rows are renormalised over the word columns when the settings leave it open:
     on the paper's backbones (FLUX, SD3), off on UNets (measured; see `GroundingSettings.renorm`)."""
     return backbone in PAPER_BACKBONES
-
-
-def _is_fraction(value) -> bool:
-    try:
-        return 0 < float(value) < 1
-    except (TypeError, ValueError):
-        return False
 
 
 @models.one_call_at_a_time
@@ -562,10 +533,11 @@ def _params(pipe, expression, settings, info, extra=None) -> dict:
 def segment_image(pipe, image, expression: str, settings: GroundingSettings | None = None, **overrides) -> GroundingResult:
     """Segment the object `expression` refers to in `image` (path, PIL image or array).
 
-    `settings` (default `GroundingSettings()`) and keyword overrides of its fields set every
-    parameter.  Raises UserInputError for anything the user can get wrong.
+    `settings` (default `GroundingSettings()`, `DEFAULTS`) and keyword overrides of its fields
+    (`segment_image(pipe, image, text, size=512, gas="none")`) set every parameter; an unknown
+    name is a TypeError.  Raises UserInputError for anything the user can get wrong.
     """
-    settings = replace(settings or GroundingSettings(), **overrides)
+    settings = (settings or DEFAULTS).replace(**overrides).validated()
     image = load_image(image)
     stopwords = load_stopwords()
     heat, token_maps, info = _heatmaps(pipe, [image], expression, settings, stopwords)
@@ -598,8 +570,11 @@ def temporal_smooth(heatmaps: np.ndarray, window: int) -> np.ndarray:
 
 def segment_video(pipe, video, expression: str, settings: GroundingSettings | None = None,
                   max_frames: int | None = MAX_FRAMES, progress=None, **overrides) -> VideoGroundingResult:
-    """One mask per frame of `video` (a path or a list of frames), with temporally smoothed heatmaps."""
-    settings = replace(settings or GroundingSettings(), **overrides)
+    """One mask per frame of `video` (a path or a list of frames), with temporally smoothed heatmaps.
+
+    `settings` and keyword overrides of its fields as in `segment_image`; `max_frames`: read at
+    most this many frames of a video file (None: all)."""
+    settings = (settings or DEFAULTS).replace(**overrides).validated()
     if settings.sam2:
         raise UserInputError("SAM2 prompting is available for images only; video masks come from the heatmaps.")
     if isinstance(video, (list, tuple)):
@@ -632,7 +607,8 @@ _SAM2_STD = (0.229, 0.224, 0.225)
 _SAM2_CACHE: dict[str, object] = {}
 
 
-def heatmap_points(heat: np.ndarray, k: int = 1, negatives: int = 0, min_distance: float = 0.05):
+def heatmap_points(heat: np.ndarray, k: int = DEFAULTS.sam2_points, negatives: int = DEFAULTS.sam2_negatives,
+                   min_distance: float = 0.05):
     """(points (n, 2) as (x, y) pixels, labels (n,) 1/0): the top-k peaks of `heat` with
     non-maximum suppression (peaks closer than `min_distance` x the diagonal are skipped), then
     `negatives` points at the lowest-heat locations, equally spaced apart the same way."""
@@ -656,7 +632,7 @@ def heatmap_points(heat: np.ndarray, k: int = 1, negatives: int = 0, min_distanc
     return points, labels
 
 
-def select_mask(masks: np.ndarray, scores: np.ndarray, heat: np.ndarray, rule: str = "sam_score") -> int:
+def select_mask(masks: np.ndarray, scores: np.ndarray, heat: np.ndarray, rule: str = DEFAULTS.sam2_selection) -> int:
     """Index of the chosen mask among SAM2's multimask outputs: by SAM2's predicted IoU
     ("sam_score"), by IoU with the heatmap thresholded at 0.5 ("heatmap_iou"), or their product."""
     hot = heat >= 0.5
@@ -682,8 +658,8 @@ def load_sam2(source):
     return _SAM2_CACHE[source]
 
 
-def sam2_mask(model, image: Image.Image, heat: np.ndarray, selection: str = "sam_score", points: int = 1,
-              negatives: int = 0) -> tuple[np.ndarray, dict]:
+def sam2_mask(model, image: Image.Image, heat: np.ndarray, selection: str = DEFAULTS.sam2_selection,
+              points: int = DEFAULTS.sam2_points, negatives: int = DEFAULTS.sam2_negatives) -> tuple[np.ndarray, dict]:
     """SAM2's mask for point prompts taken from `heat` (image-sized), and what was used.
 
     Preprocessing follows SAM2's image processor (resize to the model's square input, ImageNet

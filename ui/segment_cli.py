@@ -11,22 +11,15 @@ import argparse
 from pathlib import Path
 
 from pipelines.errors import UserInputError
+from pipelines.grounding_settings import MAX_FRAMES, GroundingSettings
 from ui.cli_common import Command, add_model_args
+from ui.cli_settings import add_settings_arguments, settings_from_args
 
-
-def _threshold(value: str):
-    if value == "otsu":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'otsu' or a number between 0 and 1, not {value!r}")
+#: settings whose flag is not made by `add_settings_arguments`: a tuple of levels, given as text
+_OWN_FLAGS = ("unet_levels",)
 
 
 def add_segment_args(parser: argparse.ArgumentParser) -> None:
-    from pipelines.grounding_settings import GroundingSettings
-
-    d = GroundingSettings()
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="the image to segment")
     source.add_argument("--video", type=Path, help="a video: one mask per frame")
@@ -38,36 +31,13 @@ def add_segment_args(parser: argparse.ArgumentParser) -> None:
                         help="mask .png (image), mask video .mp4 (video) or a folder (--folder); "
                              "a JSON sidecar with every setting goes next to it")
     parser.add_argument("--heatmap", type=Path, default=None, help="also write the heatmap overlay here (.png, image only)")
-    parser.add_argument("--size", type=int, default=None, help="working long side in pixels (default: 1024 FLUX/SD3, the model's own size for UNets: 512 SD 1.5)")
-    parser.add_argument("--sigma", type=float, default=d.sigma, help=f"DiT noise level (default: {d.sigma})")
-    parser.add_argument("--timestep", type=int, default=d.timestep, help=f"UNet noise timestep (default: {d.timestep})")
-    parser.add_argument("--depth", default=d.depth, help=f"DiT layers: first, middle, last, middle+last, all (default: {d.depth})")
-    parser.add_argument("--blocks", default=d.blocks, help=f"FLUX blocks: dual, single, both (default: {d.blocks})")
-    parser.add_argument("--norm", default=d.norm, help=f"text_softmax, full_row or raw (default: {d.norm})")
-    parser.add_argument("--gas", default=d.gas, help=f"attention sinks: none, exclude, suppress, redirect (default: {d.gas})")
-    parser.add_argument("--magnets", type=int, default=d.magnets, help=f"appended stop words, 0-8 (default: {d.magnets})")
-    parser.add_argument("--no-colour", action="store_true", help="do not append a colour word")
-    parser.add_argument("--target", default=d.target, help=f"content or head (default: {d.target})")
-    parser.add_argument("--threshold", type=_threshold, default=d.threshold,
-                        help="'otsu' or a fixed threshold in (0, 1) (default: otsu)")
-    parser.add_argument("--refine", action="store_true", help="refine by self-attention propagation (SD UNets)")
-    parser.add_argument("--sam2", default=None, metavar="FOLDER_OR_ID",
-                        help="a local SAM2 model (transformers format) for point prompts (default: off)")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"noise seed (default: {d.seed})")
-    parser.add_argument("--batch-frames", type=int, default=d.batch_frames, help=f"video frames per forward (default: {d.batch_frames})")
-    parser.add_argument("--max-frames", type=int, default=600, help="read at most this many video frames (default: 600)")
+    parser.add_argument("--max-frames", type=int, default=MAX_FRAMES,
+                        help=f"read at most this many video frames (default: {MAX_FRAMES})")
+    # every RefAM setting, with its default, from pipelines.grounding_settings.GroundingSettings
+    add_settings_arguments(parser, GroundingSettings, skip=_OWN_FLAGS)
+    parser.add_argument("--unet-levels", dest="unet_levels", default=None, metavar="LEVELS",
+                        help=GroundingSettings.specs()["unet_levels"][1].help)
     add_model_args(parser)
-
-
-def settings_from_args(args: argparse.Namespace):
-    from pipelines.grounding_settings import GroundingSettings
-
-    return GroundingSettings(
-        size=args.size, sigma=args.sigma, timestep=args.timestep, depth=args.depth, blocks=args.blocks,
-        norm=args.norm, gas=args.gas, magnets=args.magnets, colour=not args.no_colour, target=args.target,
-        threshold=args.threshold, refine=args.refine, sam2=args.sam2, seed=args.seed,
-        batch_frames=args.batch_frames,
-    )
 
 
 def _check_paths(args) -> None:
@@ -93,7 +63,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from pipelines.grounding import read_refseg_folder, segment_image, segment_video
 
     _check_paths(args)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, GroundingSettings).validated()  # before loading the model
     samples = read_refseg_folder(args.folder) if args.folder is not None else None
     pipe = models.load(args.model, device=args.device)
     try:

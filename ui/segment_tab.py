@@ -8,8 +8,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from pipelines.grounding_settings import DEFAULTS, OTSU, GroundingSettings
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
+from ui.settings_controls import checkbox, number, radio, slider
 
 ORDER = 30  # position among the tabs
 
@@ -20,8 +22,27 @@ EXAMPLES = [
     [str(EXAMPLES_DIR / "scene_1090004.png"), "the purple square"],
     [str(EXAMPLES_DIR / "scene_1090005.png"), "the red triangle"],
 ]
-GAS_CHOICES = ["exclude", "none", "suppress", "redirect"]
-NORM_CHOICES = ["text_softmax", "full_row", "raw"]
+NOISE_MAX = 0.95  # the noise slider's top (the settings accept sigma up to 0.99)
+THRESHOLD_MAX = 0.95  # the threshold slider's top; 0 on the slider means Otsu
+THRESHOLD_DEFAULT = 0 if DEFAULTS.threshold == OTSU else DEFAULTS.threshold
+# The tab sets size, sigma (and from it the UNet timestep), gas, norm, magnets, threshold, refine
+# and seed; the other fields keep their GroundingSettings defaults (layer choice, the sink
+# criterion, SAM2 and video batching are CLI and Python settings).
+
+
+def unet_timestep(sigma: float) -> int:
+    """The UNet timestep of the tab's one noise slider: sigma x 1000 (the defaults agree: 0.3, 300)."""
+    return int(round(float(sigma) * 1000))
+
+
+def tab_settings(size=0, noise=DEFAULTS.sigma, gas=DEFAULTS.gas, norm=DEFAULTS.norm, magnets=DEFAULTS.magnets,
+                 threshold=THRESHOLD_DEFAULT, refine=DEFAULTS.refine, seed=DEFAULTS.seed) -> GroundingSettings:
+    """The validated settings of the tab's controls (size 0: the model's; threshold 0: Otsu; seed -1: random)."""
+    settings = DEFAULTS.replace(
+        size=size or None, sigma=noise, gas=gas, norm=norm, magnets=magnets, threshold=threshold or OTSU,
+        refine=refine, seed=resolve_seed(DEFAULTS.seed if seed is None else seed),
+    ).validated()
+    return settings.replace(timestep=unet_timestep(settings.sigma))
 
 
 def make_handler(ctx: AppContext):
@@ -34,33 +55,30 @@ def make_handler(ctx: AppContext):
         video,
         expression: str,
         size: float | None = 0,
-        noise: float = 0.3,
-        gas: str = "exclude",
-        norm: str = "text_softmax",
-        magnets: float = 4,
-        threshold: float = 0,
-        refine: bool = False,
-        seed: float = 0,
+        noise: float = DEFAULTS.sigma,
+        gas: str = DEFAULTS.gas,
+        norm: str = DEFAULTS.norm,
+        magnets: float = DEFAULTS.magnets,
+        threshold: float = THRESHOLD_DEFAULT,
+        refine: bool = DEFAULTS.refine,
+        seed: float = DEFAULTS.seed,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Segment the object the expression names in the image (or in every video frame).
 
         size 0 uses the model's working size; noise is sigma for FLUX/SD3 (0-1) and is mapped to
-        timestep noise*1000 on SD UNets; threshold 0 means Otsu.  Returns the heatmap overlay,
-        the mask, the per-token maps, the overlay video (video input), the files and a summary.
+        timestep noise*1000 on SD UNets; threshold 0 means Otsu; seed -1 draws a random one.
+        Returns the heatmap overlay, the mask, the per-token maps, the overlay video (video
+        input), the files and a summary.
         """
         from pipelines.errors import UserInputError
-        from pipelines.grounding import GroundingSettings, segment_image, segment_video
+        from pipelines.grounding import segment_image, segment_video
 
         if image is None and not video:
             raise UserInputError("Please upload an image or a video.")
+        settings = tab_settings(size, noise, gas, norm, magnets, threshold, refine, seed)  # before loading
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
-        settings = GroundingSettings(
-            size=int(size) if size else None, sigma=float(noise), timestep=int(round(float(noise) * 1000)),
-            gas=gas, norm=norm, magnets=int(magnets), threshold=float(threshold) if threshold else "otsu",
-            refine=bool(refine), seed=resolve_seed(0 if seed is None else seed),
-        )
         run_dir = ctx.outputs.new_run_dir("segment")
         if video:
             result = segment_video(pipe, video, expression, settings)
@@ -107,17 +125,23 @@ def build_tab(ctx: AppContext) -> dict:
                 video = gr.Video(label="or a video (one mask per frame)", elem_id="seg-video")
                 expression = gr.Textbox(label="Expression", placeholder="the dog on the left", elem_id="seg-text")
                 with gr.Accordion("Settings", open=False):
-                    size = gr.Number(value=0, precision=0, minimum=0, maximum=2048, step=16,
-                                     label="Working size, long side (0 = model default)", elem_id="seg-size")
-                    noise = gr.Slider(0.05, 0.95, value=0.3, step=0.05, label="Noise level (sigma; UNet: x1000 = timestep)",
-                                      elem_id="seg-noise")
-                    gas = gr.Dropdown(GAS_CHOICES, value="exclude", label="Attention sinks", elem_id="seg-gas")
-                    norm = gr.Dropdown(NORM_CHOICES, value="text_softmax", label="Normalisation", elem_id="seg-norm")
-                    magnets = gr.Slider(0, 8, value=4, step=1, label="Magnet words appended", elem_id="seg-magnets")
-                    threshold = gr.Slider(0, 0.95, value=0, step=0.05, label="Threshold (0 = Otsu)",
+                    # ranges, steps, choices and defaults come from GroundingSettings
+                    size = number(GroundingSettings, "size", value=0, minimum=0,
+                                  label="Working size, long side (0 = model default)", elem_id="seg-size")
+                    noise = slider(GroundingSettings, "sigma", maximum=NOISE_MAX, info=None,
+                                   label="Noise level (sigma; UNet: x1000 = timestep)", elem_id="seg-noise")
+                    gas = radio(GroundingSettings, "gas", label="Attention sinks", elem_id="seg-gas")
+                    norm = radio(GroundingSettings, "norm", elem_id="seg-norm")
+                    magnets = slider(GroundingSettings, "magnets", info=None, label="Magnet words appended",
+                                     elem_id="seg-magnets")
+                    threshold = gr.Slider(0, THRESHOLD_MAX, value=THRESHOLD_DEFAULT, step=0.05, label="Threshold (0 = Otsu)",
                                           elem_id="seg-threshold")
-                    refine = gr.Checkbox(value=False, label="Refine by self-attention (SD UNets)", elem_id="seg-refine")
-                    seed = gr.Number(value=0, precision=0, label="Noise seed", elem_id="seg-seed")
+                    refine = checkbox(GroundingSettings, "refine", info=None, label="Refine by self-attention (SD UNets)",
+                                      elem_id="seg-refine")
+                    # no range on the control: Gradio's own range message would replace our one
+                    # sentence, and resolve_seed checks the value (-1 = random)
+                    seed = number(GroundingSettings, "seed", minimum=None, maximum=None, label="Noise seed (-1 = random)",
+                                  elem_id="seg-seed")
                 run = gr.Button("Segment", variant="primary", elem_id="seg-run")
             with gr.Column(scale=2):
                 with gr.Row():
