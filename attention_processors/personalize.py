@@ -17,14 +17,14 @@ The controller (`PersonalizeAttention`) does three things during a training forw
 Every other attention layer keeps its stock fused-SDPA processor; the non-capture ``attn2``
 layers run SDPA on the SOT-detached key/value.
 
-Layer choice.  The spec names SD 1.5/2.1 layers: the 16x16 cross-attentions
+Layer choice.  The papers' code uses SD 1.5/2.1 layers (docs/methods/personalize.md): the 16x16 cross-attentions
 ``down_blocks.2.attentions.{0,1}`` and ``up_blocks.1.attentions.{0,1,2}`` (transformer block 0),
 and for AttenCraft's self-attention the 32x32 ``down_blocks.1.attentions.{0,1}`` and
 ``up_blocks.2.attentions.{0,1,2}``.  Generalisation (ours), so that small models (our 64 px
 `tiny`, 16x16-latent `builtin`) work too: the capture level is the *second-coarsest* UNet level
 that has cross-attention (the mid block counts as the coarsest), and the self-attention level is
 the next finer one; only ``transformer_blocks.0`` of down/up blocks is used.  On SD 1.x/2.x this
-rule yields exactly the spec's layer names (a test checks it on an SD-layout UNet).  Grid sizes
+rule yields exactly the papers' layer names (a test checks it on an SD-layout UNet).  Grid sizes
 always come from the latent size (``state.grid``), never from 512 px or a VAE factor of 8.
 
 Row roles: the trainer writes ``state.row_roles``, one role per batch row (e.g. ``("instance",
@@ -55,7 +55,7 @@ def personalization_layers(layer_names: Iterable[str], n_down: int, n_up: int) -
     """{"attn2": every cross-attention layer, "capture": the cross-capture layers, "self": the
     self-attention layers of AttenCraft's masks} for a UNet with `n_down`/`n_up` blocks.
 
-    See the module docstring for the rule; on SD 1.x/2.x it gives the spec's names.  The sets
+    See the module docstring for the rule; on SD 1.x/2.x it gives the papers' names.  The sets
     are `layers.cross_attention` / `layers.self_attention` at one UNet level.
     """
     names = list(layer_names)

@@ -29,15 +29,15 @@ Optionally (UNet refinement) the head-mean self-attention of ``refine_layers`` (
 is accumulated for propagating the heatmap (`self_attention`).
 
 Deviations (the paper's code is not public; see docs/methods/grounding.md):
-- the sink criterion, l_gas, tau_mass, tau_cv and every layer choice are ours (spec section 3.4);
-- the spec (3.5) renormalises rows over the target columns only; with the default target (every
+- the sink criterion, l_gas, tau_mass, tau_cv and every layer choice are ours (docs/methods/grounding.md);
+- our first design renormalised rows over the target columns only; with the default target (every
   content token) that makes every row sum to one and the heatmap constant, and it would undo the
   magnets' competition.  We renormalise over content + stop + magnet columns instead: special,
   padding and sink columns (which soak up mass everywhere) leave the normaliser, magnets stay in
   it, and only target columns are ever averaged into the heatmap;
 - ``norm="raw"`` maps are not renormalised (renormalising logits has no meaning);
 - the suppression bias has shape (1, 1, N_q, N_k) so that only image queries lose the sink keys
-  (as the spec says); SDPA then cannot use its flash kernel in those layers.  It is an ablation
+  (as docs/methods/grounding.md says); SDPA then cannot use its flash kernel in those layers.  It is an ablation
   mode, not the default.
 """
 

@@ -12,7 +12,7 @@ detach only, as Custom Diffusion).  `--breakdown` adds, against the same baselin
 
 One extra JSON line (before run.py's) reports the settings and the attention-map bytes held by
 the controller: ``stored_map_bytes`` of a DisenDiff step and of an AttenCraft refresh step (the
-spec's goal: at most 0.2 GB at 512 px on SD 2.1; the reference keeps about 3 GB).  peak memory
+our goal (docs/methods/personalize.md): at most 0.2 GB at 512 px on SD 2.1; the reference keeps about 3 GB).  peak memory
 is run.py's peak_mem_ratio.  Goal: ratio <= 1.10.
 
 Training needs float32 weights: with --dtype float16/bfloat16 the model is built in float32 and

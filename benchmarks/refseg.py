@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.errors import UserInputError  # noqa: E402
+from pipelines.grounding_settings import DEFAULTS, GAS_MODES  # noqa: E402
 from pipelines.io import load_mask  # noqa: E402
 
 
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=None, help="working long side (default: the model's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
     parser.add_argument("--no-magnets", action="store_true", help="keep magnet/stop columns in the aggregation")
-    parser.add_argument("--gas", default=None, help="none, exclude, suppress, redirect (default: exclude)")
+    parser.add_argument("--gas", default=None, choices=GAS_MODES, help=f"attention sinks (default: {DEFAULTS.gas})")
     parser.add_argument("--no-redistribution", action="store_true", help="append no magnets and no colour word")
     parser.add_argument("--refine", action="store_true", help="self-attention propagation (SD UNets)")
     parser.add_argument("--ablate", action="store_true", help="evaluate the defaults and each component switched off")

@@ -39,17 +39,17 @@ Deviations and choices (ours):
 - redirect mode appends `n_aux` "." tokens after the magnets (always dropped) and suppresses the
   sinks found by a first observe pass (two passes); suppress mode does the same without the dots;
 - an expression + magnets longer than the text window is refused (never silently truncated);
-- video: the keyframe + SAM2 video-predictor route of the spec is not implemented; every frame
+- video: the keyframe + SAM2 video-predictor route of our method notes is not implemented; every frame
   gets its own heatmap (the issue's route), with temporal smoothing;
 - min-max normalisation is applied after cropping the padding, so padding never sets the scale;
-- the rows are renormalised over the word columns, not over the target columns only as the spec's
+- the rows are renormalised over the word columns, not over the target columns only as our first design's
   3.5 reads (that makes the heatmap constant; see attention_processors/refam.py), and on DiTs
   only: on UNets the default is no renormalisation, because on the built-in model it inverts
   the heatmap (mIoU 0.020 vs 0.189 without; `GroundingSettings.renorm`, docs/methods/grounding.md);
 - SAM2: transformers' Sam2Processor needs torchvision, so `sam2_mask` does SAM2's preprocessing
   itself (square resize, ImageNet normalisation) and calls `Sam2Model` directly;
 - the SD UNet's start-of-text sink is always outside the normaliser (it is a special token);
-- the optional LLM rewrite hook of spec 3.1, box prompts and the SAM2 oracle metric are not built.
+- an optional LLM rewrite of the expression, box prompts and the SAM2 oracle metric are not built.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ TARGETS = ("content", "head")
 T5_LENGTHS = ("native", "trimmed")
 TEXT_PARTS = ("t5", "clip", "both")
 SAM2_SELECTIONS = ("sam_score", "heatmap_iou", "product")
-MAGNET_WORDS = ("and", "of", "the", "a", "with", "on", "in", "to")  # ours (spec 3.1), in order
+MAGNET_WORDS = ("and", "of", "the", "a", "with", "on", "in", "to")  # ours (docs/methods/grounding.md), in order
 MAX_SIGMA = 0.99  # sigma 1 is pure noise: nothing of the image is left to ground
 MAX_TIMESTEP = 999
 MAX_GUIDANCE = 30.0
@@ -39,7 +39,7 @@ OTSU = "otsu"
 
 @dataclass(frozen=True)
 class GroundingSettings(Settings):
-    """Every RefAM parameter with its default (ours unless marked; spec section 4): the one place
+    """Every RefAM parameter with its default (ours unless marked; docs/methods/grounding.md): the one place
     they live; the CLI flags and the tab's controls are made from these fields."""
 
     depth: str = setting("middle+last", "DiT layers read: the first, middle or last third, middle+last, or all",

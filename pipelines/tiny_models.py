@@ -343,7 +343,7 @@ def _build_tiny_sd3() -> StableDiffusion3Pipeline:
 def _build_tiny_flux() -> FluxPipeline:
     # FLUX packs 2x2 latent patches into 64 channels (16 latent channels x 4); rotary axes must
     # add up to the head dimension.  guidance_embeds=True gives FLUX.1-dev's distilled guidance
-    # (no CFG batch), the variant the grounding spec assumes.
+    # (no CFG batch), the variant docs/methods/grounding.md assumes.
     with _seeded():
         transformer = FluxTransformer2DModel(
             patch_size=1,
