@@ -57,8 +57,11 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -88,7 +91,10 @@ SUPPORTED = (backbones.FLUX, backbones.SD3, backbones.SD)
 PAPER_BACKBONES = (backbones.FLUX, backbones.SD3)
 ROLES = ("content", "context", "stop", "magnet", "aux", "special", "padding")
 _WORD = re.compile(r"[\w]+(?:['’-][\w]+)*")
-_TEXT_CACHE: dict[tuple, object] = {}
+#: Text encodings per pipeline, the last few prompts each (video batches and repeated calls
+#: encode an expression once).  Weak keys: a model dropped from the registry's cache is freed.
+_TEXT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TEXT_CACHES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -313,6 +319,22 @@ def _encode(pipe, backbone, prompt, expression_end, spans, stopwords, settings, 
     return _Text(encoded.embeds, encoded.pooled, encoded.text_ids, roles, texts, slice(start, stop))
 
 
+def _cached_encoder(pipe, backbone) -> Callable:
+    """`_encode` for this pipeline behind an LRU cache keyed on everything the encoding reads."""
+    with _TEXT_CACHES_LOCK:
+        encoder = _TEXT_CACHES.get(pipe)
+        if encoder is None:
+            pipe_ref = weakref.ref(pipe)  # the cache must not keep the model alive
+
+            @functools.lru_cache(maxsize=8)
+            def encoder(prompt, expression_end, spans, stopwords, t5_length, text_part, target, device):
+                chosen = DEFAULTS.replace(t5_length=t5_length, text_part=text_part, target=target)
+                return _encode(pipe_ref(), backbone, prompt, expression_end, list(spans), stopwords, chosen, device)
+
+            _TEXT_CACHES[pipe] = encoder
+        return encoder
+
+
 def _forward(pipe, backbone, pixels, text: _Text, settings, controller, generator) -> None:
     """One noisy forward of the denoiser on VAE latents of `pixels`, stopped after the last layer."""
     denoiser = models.denoiser(pipe)
@@ -413,15 +435,8 @@ def _heatmaps(pipe, images: list[Image.Image], expression: str, settings: Ground
     n_aux = settings.n_aux if settings.gas == "redirect" else 0
     prompt, spans = build_prompt(expression, settings.magnets, settings.colour, n_aux)
     expression_end = len(expression.strip())
-    key = (id(pipe), prompt, expression_end, stopwords, settings.t5_length, settings.text_part, settings.target)
-    cached = _TEXT_CACHE.get(key)
-    if cached is not None and cached[0] is pipe and cached[1].embeds.device == device:
-        text = cached[1]  # text encodings are cached per expression (video batches, repeated calls)
-    else:
-        text = _encode(pipe, backbone, prompt, expression_end, spans, stopwords, settings, device)
-        if len(_TEXT_CACHE) >= 8:
-            _TEXT_CACHE.clear()
-        _TEXT_CACHE[key] = (pipe, text)
+    text = _cached_encoder(pipe, backbone)(prompt, expression_end, tuple(spans), stopwords, settings.t5_length,
+                                          settings.text_part, settings.target, device)
     roles = text.roles
     roles_array = np.array(roles)
     content = torch.from_numpy(roles_array == "content")

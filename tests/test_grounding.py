@@ -555,3 +555,24 @@ def test_unet_levels_default_to_the_16_to_48_cell_grids():
     assert auto_unet_levels(names, 32, 4) == (0, 1)  # SD 1.5 at 256 px: its 32 and 16 grids
     tiny = models.build_tiny("tiny").unet
     assert auto_unet_levels(attention_layer_names(tiny), 8, len(tiny.down_blocks)) == (0,)
+
+
+def test_text_encodings_are_cached_per_model_without_keeping_the_model_alive(monkeypatch):
+    """A repeated expression is encoded once per model; dropping the model frees its cache."""
+    import gc
+    import weakref
+
+    calls = []
+    encode = grounding._encode
+    monkeypatch.setattr(grounding, "_encode", lambda *args: calls.append(args[2]) or encode(*args))
+    pipe = models.build_tiny("tiny-flux")
+    first = segment_image(pipe, image(64, 64), EXPRESSION, **FAST)
+    again = segment_image(pipe, image(64, 64), EXPRESSION, **FAST)
+    assert len(calls) == 1 and np.array_equal(first.mask, again.mask)
+    segment_image(pipe, image(64, 64), "the blue square", **FAST)
+    assert len(calls) == 2
+    assert pipe in grounding._TEXT_CACHES
+    alive = weakref.ref(pipe)
+    del pipe, first, again
+    gc.collect()
+    assert alive() is None
