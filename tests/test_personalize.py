@@ -1,7 +1,5 @@
-"""DisenDiff / AttenCraft: the attention policy and the loss math, as the spec states them.
-
-Each test is one item of shared/methods/personalization.md section 9 (or of issue 7's Tests).
-"""
+"""DisenDiff / AttenCraft: the attention policy and the loss math, as docs/methods/personalize.md
+states them."""
 
 from __future__ import annotations
 

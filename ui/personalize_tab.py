@@ -19,13 +19,34 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines import viz
+from pipelines.personalize import DEFAULT_METHOD, GENERATE_SEED, METHODS, method_named
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+from ui.settings_controls import number
 
 ORDER = 50  # position among the tabs
 MAP_SIDE = 128  # pixels of one attention-map thumbnail
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+# The controls' ranges and defaults come from the methods' settings (pipelines/personalize/):
+# the default method's, and for a field of one method only (AttenCraft's tau), that method's.
+# The tab's own choices, deliberately unlike the settings:
 UI_DEFAULT_PRIOR = 8  # ours: a quick start in the UI (the papers use 200; raise it for real runs)
+UI_METHOD_GUIDANCE = 0  # the guidance box's 0 stands for the learned method's own (6 / 7.5)
+# the training seed follows the seed rule of every tab (pipelines/seeds.py: -1 draws one), not the field's range
+
+DEFAULT = METHODS[DEFAULT_METHOD].settings
+
+
+def _owner(name: str):
+    """The method (class) whose settings hold the field `name`: the default method's if it has it."""
+    kinds = [METHODS[DEFAULT_METHOD], *METHODS.values()]
+    return next(kind for kind in kinds if name in kind.settings.specs())
+
+
+def _per_method(name: str) -> str:
+    """Each method's default of a field, "250 / 500"."""
+    return " / ".join(f"{kind.settings.default(name):g}" for kind in METHODS.values())
 
 
 
@@ -92,11 +113,11 @@ def make_handlers(ctx: AppContext):
         model: str,
         image,
         class_words: str,
-        method: str = "disendiff",
-        steps: float = 250,
+        method: str = DEFAULT_METHOD,
+        steps: float = DEFAULT.default("steps"),
         prior_images: float = UI_DEFAULT_PRIOR,
-        tau: float = 0.1,
-        seed: float = 0,
+        tau: float = _owner("tau").settings.default("tau"),
+        seed: float = DEFAULT.default("seed"),
         run_folder: str | None = None,
         progress=gr.Progress(track_tqdm=True),
     ):
@@ -111,14 +132,15 @@ def make_handlers(ctx: AppContext):
 
         if image is None:
             raise UserInputError("Please upload an image holding the concepts.")
+        method, kind = method_named(method)
+        values = {"steps": steps, "prior_images": prior_images, "tau": tau,
+                  "seed": resolve_seed(0 if seed is None else seed)}
+        # the method's settings take the controls it has (tau is AttenCraft's); checked before the model loads
+        settings = kind.settings().replace(**{k: v for k, v in values.items() if k in kind.settings.specs()})
+        settings = settings.validated()
         pipe = load_fp32(model)
-        options = {"steps": int(steps or 0), "prior_images": int(prior_images or 0), "seed": resolve_seed(0 if seed is None else seed)}
-        if method == "attencraft":
-            options["tau"] = float(tau)
-            if options["prior_images"] < 1:
-                raise UserInputError("AttenCraft needs prior-preservation images; set at least 1.")
         folder = ctx.outputs.run_dir_named(run_folder, "personalize")
-        trainer = Trainer(pipe, image, class_words, method, folder, **options)
+        trainer = Trainer(pipe, image, class_words, method, folder, settings=settings)
         if folder is None or not trainer.checkpoint_matches():
             trainer.output = ctx.outputs.new_run_dir("personalize")
         name = trainer.output.name
@@ -180,13 +202,14 @@ def make_handlers(ctx: AppContext):
         learned_file: str | None = None,
         run_folder: str | None = None,
         prompt: str = "",
-        seed: float | None = 42,
-        steps: float = 50,
+        seed: float | None = GENERATE_SEED,
+        steps: float = DEFAULT.default("sample_steps"),
         guidance: float | None = None,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Generate `prompt` (with a learned token such as <new1>) from the uploaded learned file,
-        or from the run folder's.  Seed -1 draws a random one.  Returns image, seed used, files."""
+        or from the run folder's.  Seed -1 draws a random one; steps and guidance None or 0 are
+        the learned method's.  Returns image, seed used, files."""
         from pipelines.errors import UserInputError
         from pipelines.personalize import Learned, generate
 
@@ -199,8 +222,8 @@ def make_handlers(ctx: AppContext):
             raise UserInputError("Train first, or upload a learned file (.safetensors).")
         learned = Learned.load(path)
         pipe = load_fp32(model)
-        result = generate(pipe, learned, prompt, seed=seed, steps=int(steps or 0) or None,
-                          guidance=None if guidance in (None, 0) else float(guidance))
+        result = generate(pipe, learned, prompt, seed=seed, steps=steps or None,
+                          guidance=None if guidance in (None, UI_METHOD_GUIDANCE) else guidance)
         out = ctx.outputs.new_run_dir("personalize") / f"personalized_seed{result.seed}.png"
         written = result.save(out)
         return result.image, result.seed, [str(p) for p in written]
@@ -224,17 +247,18 @@ def build_tab(ctx: AppContext) -> dict:
                 image = gr.Image(label="Image with the concepts", type="pil", elem_id="pz-image")
                 class_words = gr.Textbox(label="Class word of each concept (comma-separated, one token each)",
                                          value="cat,dog", elem_id="pz-classes")
-                method = gr.Radio(["disendiff", "attencraft"], value="disendiff", label="Method",
-                                  elem_id="pz-method")
+                method = gr.Radio([(kind.title, name) for name, kind in METHODS.items()], value=DEFAULT_METHOD,
+                                  label="Method", elem_id="pz-method")
                 with gr.Row():
-                    steps = gr.Number(value=250, precision=0, minimum=1, label="Steps (paper: 250 / 500)",
-                                      elem_id="pz-steps")
-                    prior = gr.Number(value=UI_DEFAULT_PRIOR, precision=0, minimum=0,
-                                      label="Prior images (paper: 200)", elem_id="pz-prior")
+                    steps = number(DEFAULT, "steps", label=f"Steps (paper: {_per_method('steps')})",
+                                   elem_id="pz-steps")
+                    prior = number(DEFAULT, "prior_images", value=UI_DEFAULT_PRIOR,
+                                   label=f"Prior images (paper: {DEFAULT.default('prior_images')})", elem_id="pz-prior")
                 with gr.Row():
-                    tau = gr.Number(value=0.1, minimum=0, maximum=0.99, step=0.01, label="AttenCraft margin τ",
-                                    elem_id="pz-tau")
-                    train_seed = gr.Number(value=0, precision=0, label="Training seed", elem_id="pz-train-seed")
+                    tau = number(_owner("tau").settings, "tau", label=f"{_owner('tau').title} margin τ",
+                                 elem_id="pz-tau")
+                    train_seed = gr.Number(value=DEFAULT.default("seed"), precision=0, label="Training seed",
+                                           elem_id="pz-train-seed")
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="pz-train")
                     cancel = gr.Button("Cancel", elem_id="pz-cancel")
@@ -251,11 +275,11 @@ def build_tab(ctx: AppContext) -> dict:
                 prompt = gr.Textbox(label="Prompt with a learned token", value="a <new1> cat on the beach",
                                     elem_id="pz-prompt")
                 with gr.Row():
-                    seed = gr.Number(value=42, precision=0, label="Seed (-1 = random)", elem_id="pz-seed")
-                    gen_steps = gr.Number(value=50, precision=0, minimum=1, label="Sampling steps",
-                                          elem_id="pz-gen-steps")
-                    guidance = gr.Number(value=0, minimum=0, maximum=30, label="Guidance (0 = method's)",
-                                         elem_id="pz-guidance")
+                    seed = gr.Number(value=GENERATE_SEED, precision=0, label="Seed (-1 = random)", elem_id="pz-seed")
+                    gen_steps = number(DEFAULT, "sample_steps", elem_id="pz-gen-steps")
+                    guidance = number(DEFAULT, "sample_guidance", value=UI_METHOD_GUIDANCE,
+                                      label=f"Guidance (0 = the method's: {_per_method('sample_guidance')})",
+                                      elem_id="pz-guidance")
                 generate = gr.Button("Generate", elem_id="pz-generate")
                 with gr.Row():
                     result = gr.Image(label="Generated", type="pil", format="png", interactive=False,
