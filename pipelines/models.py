@@ -81,6 +81,7 @@ __all__ = [
     "load_as",
     "one_call_at_a_time",
     "quiet_view",
+    "view",
     "save_tiny",
 ]
 
@@ -211,16 +212,25 @@ def _folder_generation_defaults(folder: str) -> dict:
             "guidance": float(saved.get("guidance_scale", GENERATION_DEFAULTS["guidance"]))}
 
 
-def quiet_view(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """The same pipeline without its own per-call progress bar, for a task that shows its own.
+def view(pipe: DiffusionPipeline, *, quiet: bool = False, scheduler=None) -> DiffusionPipeline:
+    """The same pipeline for one task's calls, with its own progress setting or scheduler.
 
-    A shallow copy: every component (and so the per-model lock of `exclusive`) is shared, while
-    the progress-bar setting and the attributes a pipeline call sets on itself (`_guidance_scale`,
-    `_num_timesteps`, ...) are the copy's own, so the cached pipeline is not changed.
+    A shallow copy: every other component (and so the per-model lock of `exclusive`) is shared,
+    while what the view sets (the progress bar with `quiet`, the `scheduler` with its config
+    entry) and the attributes a pipeline call sets on itself (`_guidance_scale`,
+    `_num_timesteps`, ...) are the copy's own, so the cached pipeline is never changed.
     """
-    view = copy.copy(pipe)
-    view._progress_bar_config = {**getattr(pipe, "_progress_bar_config", {}), "disable": True}
-    return view
+    copied = copy.copy(pipe)
+    if quiet:
+        copied._progress_bar_config = {**getattr(pipe, "_progress_bar_config", {}), "disable": True}
+    if scheduler is not None:
+        copied.scheduler = scheduler  # DiffusionPipeline.__setattr__ updates the copy's own config
+    return copied
+
+
+def quiet_view(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """`view(pipe, quiet=True)`: no per-call progress bar, for a task that shows its own."""
+    return view(pipe, quiet=True)
 
 
 def denoiser(pipe: DiffusionPipeline):

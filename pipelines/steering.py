@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -151,21 +150,6 @@ def parse_seeds(text: str | int | Iterable[int]) -> list[int]:
             raise UserInputError(f"At most {MAX_SEEDS} seeds per run, not {stop - start + 1 + len(seeds)}.")
         seeds.extend(_check_seed(s) for s in range(start, stop + 1))
     return list(dict.fromkeys(seeds))
-
-
-@contextmanager
-def _quiet_progress(pipe):
-    """Hide the pipeline's own per-call progress bar, restoring the shared pipeline's setting."""
-    had = hasattr(pipe, "_progress_bar_config")
-    saved = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(**{**saved, "disable": True})
-    try:
-        yield
-    finally:
-        if had:
-            pipe._progress_bar_config = saved
-        else:
-            del pipe._progress_bar_config
 
 
 @models.one_call_at_a_time
