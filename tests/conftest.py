@@ -42,3 +42,16 @@ def tiny_app_api(tiny_app):
     from app_server import api_info
 
     return api_info(tiny_app.url)
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A 96x72 noise photo with a red square and a blue rectangle: two concepts to personalize."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    array = (rng.rand(72, 96, 3) * 255).astype(np.uint8)
+    array[10:40, 10:40] = [230, 40, 40]
+    array[35:65, 55:90] = [40, 40, 230]
+    return Image.fromarray(array)

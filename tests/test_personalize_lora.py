@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from peft import get_peft_model_state_dict
@@ -35,17 +34,6 @@ RANK = 2
 @pytest.fixture(scope="module")
 def pipe():
     return models.load("tiny", device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def photo():
-    from PIL import Image
-
-    rng = np.random.RandomState(0)
-    array = (rng.rand(72, 96, 3) * 255).astype(np.uint8)
-    array[10:40, 10:40] = [230, 40, 40]
-    array[35:65, 55:90] = [40, 40, 230]
-    return Image.fromarray(array)
 
 
 @pytest.fixture(scope="module")

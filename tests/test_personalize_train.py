@@ -8,7 +8,6 @@ import errno
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipelines import models
 from pipelines.errors import UserInputError
@@ -20,15 +19,6 @@ FAST = dict(steps=3, prior_images=1, batch_size=1, grad_accum=1)
 @pytest.fixture(scope="module")
 def pipe():
     return models.load("tiny", device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def photo():
-    rng = np.random.RandomState(0)
-    array = (rng.rand(72, 96, 3) * 255).astype(np.uint8)
-    array[10:40, 10:40] = [230, 40, 40]
-    array[35:65, 55:90] = [40, 40, 230]
-    return Image.fromarray(array)
 
 
 def _snapshot(pipe) -> dict:
