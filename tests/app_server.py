@@ -236,3 +236,26 @@ def assert_one_clean_sentence(message: str, *fragments: str) -> None:
     assert not ABSOLUTE_PATH.search(message), f"server path in: {message}"
     for fragment in fragments:
         assert fragment in message, message
+
+
+def cli_in_process(capsys, *argv: str) -> tuple[int, str]:
+    """`python app.py ARGV` run in this process: (exit status, stderr)."""
+    import app
+
+    try:
+        code = app.main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def built_tab(build_tab, outputs_dir: Path):
+    """(controls by elem_id, the AppContext) of one tab built on the tiny model, without a server."""
+    import gradio as gr
+
+    from ui.common import AppContext, OutputStore
+
+    ctx = AppContext(default_model="tiny", outputs=OutputStore(outputs_dir))
+    with gr.Blocks() as demo:
+        build_tab(ctx)
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}, ctx

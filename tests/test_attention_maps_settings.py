@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app_server import built_tab
 from pipelines.attention_maps_settings import DEFAULTS, LAYER_GROUPS, AttentionMapSettings
 from pipelines.errors import UserInputError
 from ui.cli_settings import settings_from_args
@@ -148,15 +149,9 @@ def test_a_flag_changes_only_its_field(argv, changes):
 @pytest.fixture(scope="module")
 def tab(tmp_path_factory):
     """The built tab's controls by elem_id, and its handler (the /attention_maps endpoint)."""
-    import gradio as gr
-
     from ui.attention_maps_tab import build_tab, make_handler
-    from ui.common import AppContext, OutputStore
 
-    ctx = AppContext(default_model="tiny", outputs=OutputStore(tmp_path_factory.mktemp("outputs")))
-    with gr.Blocks() as demo:
-        build_tab(ctx)
-    controls = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    controls, ctx = built_tab(build_tab, tmp_path_factory.mktemp("outputs"))
     return controls, make_handler(ctx)
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import cli_in_process, launch_chromium, launched_app, require_browser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "refseg_sample"
@@ -27,14 +27,7 @@ def picture(path: Path, width=96, height=64, seed=0) -> Path:
     return path
 
 
-def cli(capsys, *args) -> tuple[int, str]:
-    import app
-
-    try:
-        code = app.main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+cli = cli_in_process
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app_server import cli_in_process
 from pipelines.errors import UserInputError
 from pipelines.grounding_settings import DEFAULTS, GroundingSettings
 from ui.cli_settings import settings_from_args
@@ -192,14 +193,7 @@ def test_help_shows_the_defaults_without_importing_torch():
     assert done.stdout.split() == ["False", "False"]
 
 
-def cli(capsys, *argv) -> tuple[int, str]:
-    import app
-
-    try:
-        code = app.main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+cli = cli_in_process
 
 
 @pytest.mark.parametrize("flags, fragment", [

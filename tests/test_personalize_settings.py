@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app_server import built_tab
 from pipelines import personalize
 from pipelines.errors import UserInputError
 from pipelines.personalize import (
@@ -232,15 +233,9 @@ def test_the_trainer_validates_with_the_settings(tiny_pipe, tmp_path):
 
 @pytest.fixture(scope="module")
 def tab(tmp_path_factory):
-    import gradio as gr
-
-    from ui.common import AppContext, OutputStore
     from ui.personalize_tab import build_tab, make_handlers
 
-    ctx = AppContext(default_model="tiny", outputs=OutputStore(tmp_path_factory.mktemp("outputs")))
-    with gr.Blocks() as demo:
-        build_tab(ctx)
-    controls = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    controls, ctx = built_tab(build_tab, tmp_path_factory.mktemp("outputs"))
     return controls, make_handlers(ctx)
 
 
