@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, DEFAULT_COMMAND)  # `python app.py --port 7861` means `serve --port 7861`
     args = build_parser(only=argv[0] if argv[0] in COMMANDS else "").parse_args(argv)
+    if getattr(args, "compile", False):  # --compile (ui/cli_common.add_model_args)
+        from pipelines import models
+
+        models.compile_on_load()
     try:
         return COMMANDS[args.command].run(args)
     except UserInputError as error:

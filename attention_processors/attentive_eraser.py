@@ -197,7 +197,7 @@ class AttentiveEraserAAS(AttentionController):
             if role == AAS:
                 pieces.append(self._aas(call, r, gm, step))
             else:
-                pieces.append(F.scaled_dot_product_attention(
+                pieces.append(call.sdpa(
                     call.query[r], call.key[r], call.value[r],
                     attn_mask=_mask_rows(call.attn_mask, r), scale=call.logit_scale,
                 ))
@@ -215,7 +215,7 @@ class AttentiveEraserAAS(AttentionController):
             bias = gm.bias_for(q.dtype)
             if model_mask is not None:
                 bias = (model_mask.to(q.dtype) + bias).clamp_min(masked_value(q.dtype))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=call.logit_scale)
+        out = call.sdpa(q, k, v, attn_mask=bias, scale=call.logit_scale)
         self.counts[(step, "aas")] += 1
         if self.ss_active(step) and gm.in_queries is not None and gm.in_queries.numel():
             idx = gm.in_queries
@@ -223,7 +223,7 @@ class AttentiveEraserAAS(AttentionController):
             bias_in = bias
             if bias is not None and bias.shape[-2] != 1:  # a per-query model mask: keep its rows
                 bias_in = bias.index_select(-2, idx)
-            out_in = F.scaled_dot_product_attention(q_in, k, v, attn_mask=bias_in, scale=self.ss_scale * call.scale)
+            out_in = call.sdpa(q_in, k, v, attn_mask=bias_in, scale=self.ss_scale * call.scale)
             if gm.in_select is not None:  # samples differ: only their own in-mask rows change
                 out_in = torch.where(gm.in_select, out_in, out.index_select(2, idx))
             out = out.index_copy(2, idx, out_in)

@@ -20,19 +20,81 @@ pay nothing.  A forward pre-hook on the denoiser keeps the per-call `ControlStat
 step index advances once per denoising step (derived from the timestep, never by counting layer
 calls), the latent grid is read from the model input so masks and maps can be resized to any
 layer's token grid for any aspect ratio, and FLUX's text length is read from the text sequence.
+
+Attention backends.  The fused attention of controlled layers (`AttentionCall.sdpa`, used by
+`controlled_attention` and by policies that run several attentions) goes through diffusers'
+dispatcher (`dispatch_attention_fn`, (B, N, heads, D) layout), so the backend a user picks with
+``model.set_attention_backend(name)`` or the ``attention_backend(name)`` context manager is the
+one our layers use too.  A controlled processor carries the stock processor's
+``_attention_backend`` (None: the registry's active backend, i.e. the context manager or
+``DIFFUSERS_ATTN_BACKEND``).  Our calls often carry an additive float mask (a controller's bias,
+the model's own mask); backends that take no arbitrary float mask (flash, flash-3, sage, ...,
+everything outside `FLOAT_MASK_BACKENDS`) would reject or (varlen) misread it, so such a call
+falls back to the ``native`` backend (PyTorch SDPA, which picks the best kernel that takes a
+mask), logged once per backend; calls without a mask keep the chosen backend.  The explicit-
+probability path (`needs_probabilities`) is a float32 matmul and never dispatches.
+
+torch.compile.  Everything a processor reads per step is compile-stable: the step index is a
+0-d int64 tensor (`ControlState.step_tensor`, advanced in place from the timestep with no device
+read), the latent grid, frames and n_txt are Python values that do not change between steps, and
+the pre-hook runs outside any compiled region (`torch.compiler.disable`; hooks of a compiled
+module run outside its compiled frame anyway).  Before every forward the hook calls
+`AttentionController.begin_forward`, where a policy prepares per-forward buffers eagerly (so the
+compiled layers find the same Python structure at every step and never recompile).
+`attach` accepts a ``torch.compile``d module (it installs on ``_orig_mod``).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .grids import token_grid
+
+logger = logging.getLogger(__name__)
+
+#: Dispatcher backends that take an arbitrary additive float mask of shape (B | 1, heads | 1, N_q, N_k).
+FLOAT_MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn"})
+#: The backend a masked call falls back to when the chosen one takes no float mask.
+MASK_FALLBACK_BACKEND = "native"
+_warned_fallback: set[str] = set()
+
+
+def attention_backend_for(backend, attn_mask: torch.Tensor | None):
+    """The dispatcher backend to run one fused attention with: `backend` (a processor's
+    ``_attention_backend``; None: the registry's active backend), or the native fallback when the
+    call has a mask that backend cannot take (see the module docstring)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    name = _AttentionBackendRegistry._active_backend if backend is None else backend
+    if attn_mask is None:
+        return name
+    value = name.value if isinstance(name, AttentionBackendName) else str(name)
+    if value in FLOAT_MASK_BACKENDS:
+        return name
+    if not torch.compiler.is_compiling() and value not in _warned_fallback:
+        _warned_fallback.add(value)
+        logger.warning("attention backend %r takes no float attention mask: the masked attention calls "
+                       "of controlled layers use the %r backend", value, MASK_FALLBACK_BACKEND)
+    return AttentionBackendName(MASK_FALLBACK_BACKEND)
+
+
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    scale: float | None = None, backend=None) -> torch.Tensor:
+    """Attention output (B, heads, N_q, D) of SDPA-layout inputs, through diffusers' dispatcher
+    (which takes (B, N, heads, D)) with `attention_backend_for(backend, attn_mask)`."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    out = dispatch_attention_fn(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
+        backend=attention_backend_for(backend, attn_mask),
+    )
+    return out.transpose(1, 2)
 
 
 def masked_value(dtype: torch.dtype) -> float:
@@ -55,11 +117,15 @@ class ControlState:
         latents (B, C, F, H, W); its spatial layers see the frames folded into the batch
         (B * F rows, each role's rows contiguous), its temporal layers see the frames as the
         sequence.  Set by the pre-hook from the input's shape.
-    step: denoising step index; -1 before the first step.
+    step: denoising step index; -1 before the first step (a Python int: reading it is one
+        device read).  `step_tensor` is the same index as a 0-d int64 tensor on the timestep's
+        device: what code inside a (compiled) layer call reads.
 
     Timesteps and FLUX position ids live on the GPU; reading them forces a device sync, which
-    stalls a launch-bound pipeline.  So the pre-hook only keeps references, and the values are
-    read (in one transfer) the first time a controller asks for `step` or `latent_hw`.
+    stalls a launch-bound pipeline.  So the pre-hook advances the step tensor in place (compare
+    with the last timestep, add), with no device read; `step` reads it only when asked.  FLUX's
+    packed grid is read from the position ids once per distinct ids tensor (the pipeline passes
+    the same one at every step), in the pre-hook, outside any compiled region.
     """
 
     def __init__(self, row_roles: tuple[str, ...] = ("cond",), latent_hw: tuple[int, int] | None = None,
@@ -68,29 +134,39 @@ class ControlState:
         self.frames = int(frames)
         self._latent_hw = latent_hw
         self._position_ids: torch.Tensor | None = None
+        self._ids_seen: torch.Tensor | None = None
         self.n_txt = n_txt
-        self._step = -1
-        self._timestep: float | None = None
-        self._pending_timesteps: list[torch.Tensor] = []
+        #: batch size and device of the denoiser's last input (set by the pre-hook)
+        self.batch_size: int | None = None
+        self.device: torch.device | None = None
+        self._step_t = torch.full((), -1, dtype=torch.long)
+        self._last_t = torch.full((), float("nan"), dtype=torch.float32)
+        # the index as a Python int while it is known without a device read: set by a loop owner,
+        # or read once after the pre-hook advanced the tensor; None after the hook advanced it
+        self._step_known: int | None = -1
 
     def __repr__(self) -> str:
         return (f"ControlState(row_roles={self.row_roles}, latent_hw={self._latent_hw}, n_txt={self.n_txt}, "
-                f"frames={self.frames}, step={self._step})")
+                f"frames={self.frames}, step={self.step})")
+
+    @property
+    def step_tensor(self) -> torch.Tensor:
+        """The step index as a 0-d int64 tensor (compile-stable: same object, value changes)."""
+        return self._step_t
 
     @property
     def step(self) -> int:
-        if self._pending_timesteps:
-            values = torch.cat(self._pending_timesteps).tolist()  # one device read for all
-            self._pending_timesteps.clear()
-            for value in values:
-                self._advance(value)
-        return self._step
+        """The step index as a Python int: at most one device read per step (the first read after
+        the pre-hook advanced the tensor), none when a loop owner set it."""
+        if self._step_known is None:
+            self._step_known = int(self._step_t)
+        return self._step_known
 
     @step.setter
-    def step(self, index: int) -> None:
-        """For loop owners (attach(track_steps=False)): set the step index directly."""
-        self._pending_timesteps.clear()
-        self._step = index
+    def step(self, index: int | torch.Tensor) -> None:
+        """For loop owners (attach(track_steps=False)): set the step index directly (no device read)."""
+        self._step_t.copy_(torch.as_tensor(index, dtype=torch.long))
+        self._step_known = None if torch.is_tensor(index) else int(index)
 
     @property
     def latent_hw(self) -> tuple[int, int] | None:
@@ -106,7 +182,11 @@ class ControlState:
         self._latent_hw = tuple(hw)
 
     def set_position_ids(self, img_ids: torch.Tensor) -> None:
-        """FLUX's (N, 3) image position ids; the packed token grid is read from them when needed."""
+        """FLUX's (N, 3) image position ids; the packed token grid is read from them when needed
+        (once per distinct ids tensor)."""
+        if img_ids is self._ids_seen:
+            return
+        self._ids_seen = img_ids
         self._position_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
 
     def begin_step(self, timestep: float | torch.Tensor) -> None:
@@ -114,18 +194,16 @@ class ControlState:
 
         Several forwards within one step (separate CFG passes, extra guidance forwards,
         gradient-checkpoint recomputation) share a timestep and therefore a step index.
+        Tensor arithmetic only: no device read, nothing the compiler guards on.
         """
-        if torch.is_tensor(timestep):
-            # a copy, in case the pipeline reuses the tensor; read later, see the class docstring
-            self._pending_timesteps.append(timestep.detach().flatten()[:1].float().clone())
-        else:
-            self.step  # resolve earlier device timesteps first, to keep the order
-            self._advance(float(timestep))
-
-    def _advance(self, value: float) -> None:
-        if value != self._timestep:
-            self._timestep = value
-            self._step += 1
+        with torch.no_grad():
+            t = torch.as_tensor(timestep).detach().flatten()[:1].float().reshape(())
+            if self._step_t.device != t.device:
+                self._step_t = self._step_t.to(t.device)
+                self._last_t = self._last_t.to(t.device)
+            self._step_t.add_((t != self._last_t).long())  # NaN (no step yet) differs from any value
+            self._last_t.copy_(t)
+        self._step_known = None
 
     def rows(self, role: str, batch_size: int) -> slice:
         """Batch rows holding `role` (e.g. "cond") in a batch of `batch_size`."""
@@ -173,6 +251,7 @@ class AttentionCall:
     logit_scale: float | None = None  # None: SDPA's default 1/sqrt(head_dim)
     probs: torch.Tensor | None = None  # explicit probabilities, only on the needs_probabilities path
     key_segments: dict[str, slice] = field(default_factory=dict)
+    backend: object = None  # the processor's dispatcher backend (None: the registry's active one)
     _grid: tuple[int, int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -210,6 +289,12 @@ class AttentionCall:
 
     def rows(self, role: str) -> slice:
         return self.state.rows(role, self.batch_size)
+
+    def sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        """Fused attention (B, heads, N_q, D) of SDPA-layout tensors with this layer's backend
+        (`fused_attention`): what a policy calls instead of F.scaled_dot_product_attention."""
+        return fused_attention(query, key, value, attn_mask=attn_mask, scale=scale, backend=self.backend)
 
     def _mask_slice(self, rows: slice, queries: slice, keys: slice) -> torch.Tensor | None:
         if self.attn_mask is None:
@@ -329,6 +414,11 @@ class AttentionController:
     def capture(self, call: AttentionCall) -> None:
         """Read what the method needs from the call after the attention was computed."""
 
+    def begin_forward(self) -> None:
+        """Called before every denoiser forward, eagerly (outside any compiled region), after
+        the state was updated: prepare per-forward buffers here so that the layer hooks find the
+        same Python structure at every step (no recompilation under torch.compile)."""
+
     def post(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         """Transform the image-token attention output (B, N_img, C) before the residual add."""
         return output
@@ -360,7 +450,7 @@ def controlled_attention(controller: AttentionController, call: AttentionCall) -
         call.probs = controller.rescale(call, logits.softmax(-1))
         out = call.probs.to(v.dtype) @ v
     elif out is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.logit_scale)
+        out = call.sdpa(q, k, v, attn_mask=call.attn_mask, scale=call.logit_scale)
     controller.capture(call)
     return out
 
@@ -368,12 +458,16 @@ def controlled_attention(controller: AttentionController, call: AttentionCall) -
 def _denoiser_state_hook(controller: AttentionController, signature: inspect.Signature, track_steps: bool):
     state = controller.state
 
+    @torch.compiler.disable
     def hook(module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         sample = bound.get("sample", bound.get("hidden_states"))
         img_ids = bound.get("img_ids")
+        if torch.is_tensor(sample):
+            state.batch_size, state.device = int(sample.shape[0]), sample.device
         if img_ids is not None:  # FLUX: packed tokens; the grid is in the position ids
             state.set_position_ids(img_ids)
+            state.latent_hw  # resolved here, outside any compiled region (once per ids tensor)
             text = bound.get("encoder_hidden_states")
             state.n_txt = None if text is None else text.shape[1]
         elif sample is not None and sample.ndim == 4:
@@ -385,6 +479,7 @@ def _denoiser_state_hook(controller: AttentionController, signature: inspect.Sig
         timestep = bound.get("timestep")
         if track_steps and timestep is not None:
             state.begin_step(timestep)
+        controller.begin_forward()
         return None
 
     return hook
@@ -402,9 +497,11 @@ def attach(denoiser: torch.nn.Module, controller: AttentionController, track_ste
     Only layers with ``controller.select(name)`` get a controlled processor; every other layer
     keeps its processor object.  On exit the original objects are restored, also on exceptions.
     With `track_steps=False` the caller owns the denoising loop and sets ``state.step`` itself.
+    A ``torch.compile(denoiser)`` wrapper is accepted: the processors go on the module it wraps.
     """
     from .processors import controlled_processor_for
 
+    denoiser = getattr(denoiser, "_orig_mod", denoiser)
     # Swap processors on the selected attention modules only.  (set_attn_processor would walk
     # the whole model twice per call and needs a complete dict; this is one walk.)
     originals = []

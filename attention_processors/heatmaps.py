@@ -61,7 +61,8 @@ class CrossAttentionHeatmaps(AttentionController):
         over this part; in cross-attention layers over all keys (the true probabilities).
     keep: keep only the first `keep` tokens of `text_part` (the prompt and its end token):
         padding columns are never accumulated.
-    steps: predicate on the step index (None: every step).
+    steps: predicate on the step index (None: every step).  A Python predicate reads the step
+        as an int (one device read per layer call, a graph break under torch.compile).
     """
 
     def __init__(
@@ -83,10 +84,31 @@ class CrossAttentionHeatmaps(AttentionController):
         self.norm = norm
         # running (batch, N_img, tokens) sums per token grid, resized once in maps()
         self._sums = GridSums()
-        self.count = 0
+        self._count = 0
+        # this forward's sums and count: empty at the start of every forward (`begin_forward`), so
+        # compiled layers see the same Python structure at every step; folded into the totals eagerly
+        self._forward_sums = GridSums()
+        self._forward_count = 0
 
     def select(self, name: str) -> bool:
         return name in self.layers
+
+    def begin_forward(self) -> None:
+        self._fold()
+
+    def _fold(self) -> None:
+        pending = self._forward_sums._sums  # GridSums' dict, emptied in place (same object every forward)
+        for grid, value in pending.items():
+            self._sums.add(grid, value)
+        pending.clear()
+        self._count += self._forward_count
+        self._forward_count = 0
+
+    @property
+    def count(self) -> int:
+        """Number of layer calls captured so far."""
+        self._fold()
+        return self._count
 
     def _wanted(self, call: AttentionCall) -> bool:
         return call.text_keys is not None and (self.steps is None or self.steps(call.state.step))
@@ -107,11 +129,12 @@ class CrossAttentionHeatmaps(AttentionController):
             else:
                 probs = call.text_probs(rows, keys=self.text_part, norm=self.norm)
             probs = probs[..., : self.keep]
-            self._sums.add(call.grid, probs.mean(1))  # heads first: (b, N_img, T)
-            self.count += 1
+            self._forward_sums.add(call.grid, probs.mean(1))  # heads first: (b, N_img, T)
+            self._forward_count += 1
 
     def maps(self) -> torch.Tensor:
         """Mean map per kept token, float32 (batch, tokens, H_latent, W_latent)."""
+        self._fold()
         if not self._sums:
             raise RuntimeError("no attention was captured: no selected layer ran")
         return self._sums.combined(tuple(self.state.latent_hw)) / self.count

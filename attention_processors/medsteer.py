@@ -71,6 +71,16 @@ def remove_concept(a: torch.Tensor, d: torch.Tensor, beta: float) -> torch.Tenso
     return torch.where((s > 0).unsqueeze(-1), restored.to(a.dtype), a)
 
 
+def step_index_tensor(step: torch.Tensor, stored: int, run_steps: int | None, step_map: str = "clamp") -> torch.Tensor:
+    """`step_index` on a 0-d int64 step tensor (no device read; torch.round, like Python's round,
+    rounds halves to even)."""
+    if step_map == "clamp" or not run_steps or run_steps <= 1:
+        return step.clamp(0, stored - 1)
+    if step_map == "relative":
+        return torch.round(step.double() * (stored - 1) / (run_steps - 1)).long().clamp(max=stored - 1)
+    raise ValueError(f"unknown step map {step_map!r}; choose one of {', '.join(STEP_MAPS)}")
+
+
 def step_index(step: int, stored: int, run_steps: int | None, step_map: str = "clamp") -> int:
     """Which stored step's direction to use at denoising step `step` (0-based)."""
     if step_map == "clamp" or not run_steps or run_steps <= 1:
@@ -131,28 +141,45 @@ class MedSteer(AttentionController):
         # record mode: per layer, a list over steps of float32 (C,) sums; one row count per step
         self._sums: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.layers}
         self._counts: dict[str, list[int]] = {n: [] for n in self.layers}
+        # record mode: this forward's (layer, step tensor, row sum, rows) entries, emptied at the start
+        # of every forward and folded eagerly into the per-step lists, so that compiled layers never
+        # index Python lists by the step (a device read and a recompile per step)
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
 
     def select(self, name: str) -> bool:
         return name in self._selected
 
     # ---------------------------------------------------------------------------- record
 
+    def begin_forward(self) -> None:
+        self._fold()
+        if self.mode == "steer" and self.state.device is not None:
+            for name in self.layers:  # tables on the input's device before the (compiled) forward
+                self._direction(name, self.state.device)
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        steps = torch.stack([step for _, step, _, _ in self._pending]).tolist()  # one device read
+        for (name, _, summed, n_rows), step in zip(self._pending, steps):
+            sums, counts = self._sums[name], self._counts[name]
+            while len(sums) <= step:
+                sums.append(None)
+                counts.append(0)
+            sums[step] = summed if sums[step] is None else sums[step] + summed
+            counts[step] += n_rows
+        self._pending.clear()
+
     def _record(self, call: AttentionCall, output: torch.Tensor) -> None:
         rows = self.state.rows(self.record_role, output.shape[0])
-        step = self.state.step
         with torch.no_grad():
             # sum over rows of the per-row token mean: every row has the same token count
             summed = output[rows].float().mean(1).sum(0)
-        n_rows = rows.stop - rows.start
-        sums, counts = self._sums[call.name], self._counts[call.name]
-        while len(sums) <= step:
-            sums.append(None)
-            counts.append(0)
-        sums[step] = summed if sums[step] is None else sums[step] + summed
-        counts[step] += n_rows
+        self._pending.append((call.name, self.state.step_tensor.clone(), summed, rows.stop - rows.start))
 
     def means(self) -> dict[str, torch.Tensor]:
         """Recorded means: layer name -> float32 (T, C) on the CPU."""
+        self._fold()
         result = {}
         for name in self.layers:
             sums, counts = self._sums[name], self._counts[name]
@@ -172,7 +199,8 @@ class MedSteer(AttentionController):
 
     def _steer(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         table = self._direction(call.name, output.device)
-        d = table[step_index(self.state.step, table.shape[0], self.run_steps, self.step_map)]
+        index = step_index_tensor(self.state.step_tensor, table.shape[0], self.run_steps, self.step_map)
+        d = table.index_select(0, index.reshape(1).to(table.device))[0]  # a tensor index: no device read
         batch = output.shape[0]
         if set(self.steer_roles) == set(self.state.row_roles):
             return remove_concept(output, d, self.beta)

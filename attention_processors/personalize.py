@@ -136,7 +136,7 @@ class PersonalizeAttention(AttentionController):
             call.key, call.value = detach_sot(call.key), detach_sot(call.value)
         q, k, v = call.query, call.key, call.value
         if not (self.capture_cross and call.name in self.capture_layers):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.logit_scale)
+            return call.sdpa(q, k, v, attn_mask=call.attn_mask, scale=call.logit_scale)
         logits = q.float() @ (k.float() * call.scale).transpose(-1, -2)
         if call.attn_mask is not None:
             logits = logits + call.attn_mask.float()

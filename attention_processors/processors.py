@@ -3,7 +3,9 @@
 Each does exactly the work of the stock diffusers processor it replaces (same projections, norms,
 rotary embeddings, masks, output projections, in the same order) and hands the prepared
 query/key/value to `core.controlled_attention`, which runs SDPA with the controller's bias or
-the explicit-probability path, then lets the controller capture and post-process.
+the explicit-probability path, then lets the controller capture and post-process.  The fused
+attention goes through diffusers' attention dispatcher with the backend the stock processor
+carried (``_attention_backend``, set by ``model.set_attention_backend``; see `core`).
 
 | shape                        | stock processor        | sequence order          | ours                       |
 |------------------------------|------------------------|-------------------------|----------------------------|
@@ -28,12 +30,19 @@ from .core import AttentionCall, AttentionController, controlled_attention
 
 
 class _Controlled:
-    def __init__(self, name: str, controller: AttentionController):
+    # what `ModelMixin.set_attention_backend` sets on processors (None: the registry's active
+    # backend); `controlled_processor_for` copies the stock processor's value
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, name: str, controller: AttentionController, backend=None):
         self.name = name
         self.controller = controller
+        self._attention_backend = backend
 
     def _call(self, kind, q, k, v, image_queries, text_keys, mask) -> AttentionCall:
-        return AttentionCall(self.name, kind, q, k, v, image_queries, text_keys, self.controller.state, attn_mask=mask)
+        return AttentionCall(self.name, kind, q, k, v, image_queries, text_keys, self.controller.state, attn_mask=mask,
+                             backend=self._attention_backend)
 
 
 class ControlledAttnProcessor(_Controlled):
@@ -203,10 +212,10 @@ _VARIANTS = {
 
 
 def controlled_processor_for(name: str, stock, controller: AttentionController):
-    """The controlled processor replacing `stock` on layer `name`."""
+    """The controlled processor replacing `stock` on layer `name`, with `stock`'s attention backend."""
     for stock_type, variant in _VARIANTS.items():
         if type(stock) is stock_type:
-            return variant(name, controller)
+            return variant(name, controller, getattr(stock, "_attention_backend", None))
     raise TypeError(
         f"layer {name} uses {type(stock).__name__}, which has no controlled variant "
         f"(supported: {', '.join(t.__name__ for t in _VARIANTS)}); reset it with set_default_attn_processor()"

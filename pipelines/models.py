@@ -68,6 +68,8 @@ __all__ = [
     "check_size",
     "clear_cache",
     "clip_text_config",
+    "compile_denoiser",
+    "compile_on_load",
     "default_device",
     "default_dtype",
     "default_size",
@@ -537,6 +539,8 @@ def load(
             # as typed), never by the folder it was read from (a server path a visitor must not
             # see, and one that differs between checkouts).
             pipe.register_to_config(_name_or_path=str(name_or_path).strip())
+            if _compile_options is not None:  # --compile: once, as the model enters the cache
+                compile_denoiser(pipe, **_compile_options)
             _cache[cache_key] = pipe
         return pipe
 
@@ -572,3 +576,31 @@ def clear_cache() -> None:
         _cache.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+#: torch.compile options for every pipeline `load` builds from now on (None: no compilation).
+_compile_options: dict | None = None
+
+
+def compile_on_load(**options) -> None:
+    """Compile the denoiser of every pipeline `load` builds from now on (`compile_denoiser`, with
+    these `torch.compile` options): what the app's `--compile` turns on for the process."""
+    global _compile_options
+    _compile_options = dict(options)
+
+
+def compile_denoiser(pipe: DiffusionPipeline, **options) -> DiffusionPipeline:
+    """Compile `pipe`'s denoiser in place, once: its repeated blocks (diffusers'
+    `compile_repeated_blocks`, regional compilation) where the model class names them in
+    `_repeated_blocks` (UNets, FLUX), else the whole denoiser (`nn.Module.compile`).  `options` go
+    to `torch.compile`.  Attention control keeps working: processors and the step state are
+    compile-stable (see attention_processors/core.py)."""
+    den = denoiser(pipe)
+    if getattr(den, "_project_compiled", False):
+        return pipe
+    if getattr(den, "_repeated_blocks", None) and hasattr(den, "compile_repeated_blocks"):
+        den.compile_repeated_blocks(**options)
+    else:
+        den.compile(**options)
+    den._project_compiled = True
+    return pipe

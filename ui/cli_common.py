@@ -33,5 +33,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              f".safetensors file (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", type=_device,
                         help="auto, cpu, cuda, cuda:1, mps ... (default: auto)")
-
-
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every loaded model's denoiser: its repeated blocks "
+                             "(compile_repeated_blocks) where the model class supports it, else the whole "
+                             "denoiser.  The first generation at each new size compiles (slow), later ones "
+                             "run faster; every attention method keeps working (off by default)")

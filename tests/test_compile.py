@@ -1,0 +1,176 @@
+"""torch.compile with every method attached: no graph break, no recompilation between steps, and
+the eager result.
+
+Each test runs 3 denoising steps of a tiny model's denoiser (the loop drives the denoiser
+directly, with a new timestep per step) once eagerly and once compiled (`backend="eager"`:
+Dynamo's tracing and guards without code generation, fast on a CPU) with ``fullgraph=True``,
+which raises on any graph break; steps 2 and 3 run under ``error_on_recompile``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from attention_processors import ControlState, attach
+from attention_processors.attentive_eraser import AttentiveEraserAAS
+from attention_processors.core import attention_layer_names
+from attention_processors.heatmaps import CrossAttentionHeatmaps, text_attention_layers
+from attention_processors.medsteer import MedSteer, cross_attention_layers
+from attention_processors.personalize import PersonalizeAttention, unet_personalization_layers
+from attention_processors.refam import RefAMCapture, choose_layers
+from pipelines import models
+
+STEPS = 3
+ROLES = ("uncond", "cond")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return models.denoiser(models.load("tiny", device="cpu", dtype=torch.float32))
+
+
+def heatmaps(den):
+    names = attention_layer_names(den)
+    return CrossAttentionHeatmaps(text_attention_layers(names), keep=5, state=ControlState(row_roles=ROLES))
+
+
+def eraser(den):
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 10:40, 20:50] = 1
+    return AttentiveEraserAAS(mask, ss_steps=1, state=ControlState(row_roles=("normal", "aas")))
+
+
+def record(den):
+    return MedSteer(cross_attention_layers(attention_layer_names(den)), "record", state=ControlState(row_roles=ROLES))
+
+
+def steer(den):
+    layers = cross_attention_layers(attention_layer_names(den))
+    directions = {}
+    for i, name in enumerate(layers):
+        d = torch.randn(STEPS, den.get_submodule(name).to_out[0].out_features, generator=torch.Generator().manual_seed(i))
+        directions[name] = d / d.norm(dim=-1, keepdim=True)
+    return MedSteer(layers, "steer", directions=directions, beta=2.0, state=ControlState(row_roles=ROLES))
+
+
+def refam(den):
+    target = torch.zeros(77, dtype=torch.bool)
+    target[1:4] = True
+    return RefAMCapture(choose_layers(attention_layer_names(den), unet_levels=(0, 1)), target, early_exit=False,
+                        state=ControlState(row_roles=ROLES))
+
+
+def personalize(den):
+    layers = unet_personalization_layers(den)
+    return PersonalizeAttention(layers["attn2"], layers["capture"], layers["self"], capture_self=True,
+                                state=ControlState(row_roles=("instance", "prior")))
+
+
+def result(controller):
+    if isinstance(controller, CrossAttentionHeatmaps):
+        return controller.maps()
+    if isinstance(controller, MedSteer) and controller.mode == "record":
+        return torch.cat(list(controller.means().values()), -1)
+    if isinstance(controller, RefAMCapture):
+        return controller.heat()
+    if isinstance(controller, PersonalizeAttention):
+        return controller.self_map()
+    return None
+
+
+def denoise(den, controller, compiled=None):
+    """3 steps; `compiled`: "model" (torch.compile of the denoiser) or "blocks" (compile_repeated_blocks)."""
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, den.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 77, den.config.cross_attention_dim, generator=g)
+    track = not isinstance(controller, AttentiveEraserAAS)  # the eraser's loop sets state.step itself
+    outputs = []
+    with attach(den, controller, track_steps=track):
+        for i in range(STEPS):
+            if not track:
+                controller.state.step = i
+            with torch._dynamo.config.patch(error_on_recompile=compiled is not None and i > 0):
+                outputs.append(den(sample, torch.tensor(999 - 333 * i), encoder_hidden_states=text).sample)
+    return outputs, result(controller)
+
+
+def compile_and_run(den, make, how):
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = [den]
+    if how == "model":
+        den.compile(fullgraph=True, backend="eager")
+    else:
+        den.compile_repeated_blocks(fullgraph=True, backend="eager")
+        compiled = [m for m in den.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    try:
+        return denoise(den, make(den), how)
+    finally:
+        for module in compiled:
+            module._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def check(den, make, how="model"):
+    eager_out, eager_result = denoise(den, make(den))
+    out, res = compile_and_run(den, make, how)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if how == "model":
+        assert counters["stats"]["unique_graphs"] == 1  # one frame, compiled once for every step
+    for a, b in zip(eager_out, out):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    if eager_result is not None:
+        torch.testing.assert_close(res, eager_result, rtol=1e-5, atol=1e-5)
+
+
+BREAKS = {
+    "eraser": "grid_masks reads the token masks on the device (bool(), .tolist(), nonzero) on first use per grid, "
+              "ss_active/aas_active and counts[(step, ...)] read the step as a Python int (Tensor.item)",
+    "refam": "_capture_text/bias use torch.nonzero (data-dependent shape) and sinks[...].cpu(); "
+             "_seen/layer_count are Python state mutated per layer (recompiles on call.name)",
+    "personalize": "cross/_self_sum/_self_count are created or grown inside the layer call "
+                   "(recompiles on step 2: 'not controller.cross', '_self_count == 3')",
+}
+
+
+@pytest.mark.parametrize("make", [
+    heatmaps, record, steer,
+    pytest.param(eraser, marks=pytest.mark.xfail(strict=True, reason=BREAKS["eraser"])),
+    pytest.param(refam, marks=pytest.mark.xfail(strict=True, reason=BREAKS["refam"])),
+    pytest.param(personalize, marks=pytest.mark.xfail(strict=True, reason=BREAKS["personalize"])),
+], ids=lambda f: f.__name__)
+def test_compiled_denoiser_has_no_graph_break_and_no_recompile(unet, make):
+    check(unet, make)
+
+
+@pytest.mark.parametrize("make", [heatmaps, steer], ids=lambda f: f.__name__)
+def test_compiled_repeated_blocks(unet, make):
+    check(unet, make, how="blocks")
+
+
+def test_attach_accepts_a_compiled_module(unet):
+    compiled = torch.compile(unet, backend="eager")
+    controller = heatmaps(unet)
+    with attach(compiled, controller):
+        assert any(type(m.processor).__name__.startswith("Controlled")
+                   for m in unet.modules() if hasattr(m, "set_processor"))
+    torch._dynamo.reset()
+
+
+def test_compile_flag_compiles_each_model_once_as_it_is_loaded(monkeypatch):
+    """`--compile` (models.compile_on_load): a model entering the registry's cache gets its
+    denoiser compiled once; a model already cached is returned as it is."""
+    import app
+
+    assert app.build_parser().parse_args(["serve", "--compile"]).compile
+    monkeypatch.setattr(models, "_cache", {})
+    monkeypatch.setattr(models, "_compile_options", None)
+    plain = models.load("tiny", device="cpu", dtype=torch.float32)
+    assert not getattr(models.denoiser(plain), "_project_compiled", False)
+    monkeypatch.setattr(models, "_cache", {})
+    models.compile_on_load(backend="eager")
+    compiled = models.load("tiny", device="cpu", dtype=torch.float32)
+    assert models.denoiser(compiled)._project_compiled
+    assert models.load("tiny", device="cpu", dtype=torch.float32) is compiled
