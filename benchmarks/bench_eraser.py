@@ -139,7 +139,10 @@ def prepare(args):
     size = args.size = args.size or (1024 if args.model in FULL_SIZE else 64)
     image, mask = scene(size)
     backbone = models.backbone(pipe)
-    plain = getattr(diffusers, backbone.img2img_class).from_pipe(pipe)
+    # the eraser's own DDIM schedule on the baseline too, so both make int(steps * 0.8) UNet calls
+    # (the tiny model's PNDM would add one)
+    plain = getattr(diffusers, backbone.img2img_class).from_pipe(
+        pipe, scheduler=diffusers.DDIMScheduler.from_config(pipe.scheduler.config, **eraser.DDIM_CONFIG))
     plain.set_progress_bar_config(disable=True)
     options = dict(seed=SEED, steps=args.steps, strength=STRENGTH, guidance=9.0, ss_steps=9, ss_scale=0.3,
                    mode="sip", crop="never", working_side=size, progress=False)
@@ -162,3 +165,40 @@ def prepare(args):
         eraser.erase(pipe, image, mask, **{**options, "ss_steps": -1})
 
     return method, baseline, {"eager": eager, "no_ss": no_ss}
+
+
+def ops_probe(args, method, baseline, variants):
+    """--breakdown: the eraser's extra operators per edited self-attention call, and the goal
+    that the token masks (the bias, or the kept keys on the shared-mask path) are built once per
+    step and layer grid: every call of `grid_masks` after the first of its (step, grid) within a
+    step must run 0 operators."""
+    from attention_processors.attentive_eraser import GridMasks
+    from benchmarks.common import goal
+
+    def where(controller, grid, n_rows, device):
+        return (controller.state.step, tuple(grid))
+
+    def report(method_ops, stock_ops, count):
+        seen, first, later = set(), [], []
+        for record in method_ops.of("grid_masks"):
+            (first if record.info not in seen else later).append(record.ops)
+            seen.add(record.info)
+        bias = method_ops.of("bias_for")
+        later_max = max(later, default=0)
+        return {
+            "mask_building": {
+                "first_call_per_step_grid_ops": round(sum(first) / len(first), 2) if first else 0,
+                "first_calls": len(first), "later_calls": len(later), "later_call_ops_max": later_max,
+                "step_grids": sorted({f"{s}:{g[0]}x{g[1]}" for s, g in seen}),
+                "bias_for_calls": len(bias), "bias_for_ops": sum(r.ops for r in bias),
+            },
+            "goals": [goal("mask/bias ops on 2nd+ call of a (step, grid)", later_max, 0)],
+        }
+
+    return {
+        "scopes": {
+            "grid_masks": (AttentiveEraserAAS, "grid_masks", where),
+            "bias_for": (GridMasks, "bias_for", None),
+        },
+        "report": report,
+    }

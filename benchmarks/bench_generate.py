@@ -85,3 +85,28 @@ def prepare(args):
         "capture": with_controller(lambda: CrossAttentionHeatmaps(layers, keep=12, state=ControlState(roles))),
     }
     return method, baseline, variants
+
+
+def ops_probe(args, method, baseline, variants):
+    """--breakdown: the heatmap capture is the whole method, so its extra operators per captured
+    call (explicit cross-attention probabilities instead of SDPA, plus the capture) are held to
+    the capture goal (<= 6); `text_probs` (the image-query x text-key slice) is reported too."""
+    from attention_processors import AttentionCall
+    from benchmarks.common import goal, op_summary, scope_stats
+
+    def report(method_ops, stock_ops, count):
+        extra = op_summary(method_ops, stock_ops)["extra_ops_per_call"]
+        return {
+            "text_probs": scope_stats(method_ops, "text_probs"),
+            "capture_hook": scope_stats(method_ops, "capture"),
+            "goals": [goal("capture extra ops/call <= 6", extra, 6)],
+        }
+
+    return {
+        "scopes": {
+            "text_probs": (AttentionCall, "text_probs", None),
+            "capture": (CrossAttentionHeatmaps, "capture", None),
+        },
+        "report": report,
+    }
+

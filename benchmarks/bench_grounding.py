@@ -118,3 +118,34 @@ def prepare(args):
         "gas_suppress": lambda: method(gas="suppress"),
     }
     return method, baseline, variants
+
+
+def ops_probe(args, method, baseline, variants):
+    """--breakdown: RefAM's capture of the image-query x text-key slice (`text_probs`, goal <= 6
+    operators per captured call), the whole capture hook, and the early exit: operators run in
+    the denoiser forward after the last captured layer (goal 0; the no-early-exit variant is
+    counted for comparison)."""
+    from attention_processors import AttentionCall
+    from attention_processors.refam import RefAMCapture
+    from benchmarks.common import goal, ops_after_last_controlled, scope_stats
+
+    def report(method_ops, stock_ops, count):
+        after = ops_after_last_controlled(method_ops)
+        full = ops_after_last_controlled(count(variants["no_early_exit"], with_scopes=False))
+        slice_ops = scope_stats(method_ops, "text_probs")
+        return {
+            "text_probs": slice_ops,
+            "capture_hook": scope_stats(method_ops, "capture"),
+            "ops_after_last_captured": after,
+            "ops_after_last_captured_no_early_exit": full,
+            "goals": [goal("text_probs ops/call <= 6", slice_ops["ops_per_call"], 6),
+                      goal("ops after the last captured layer", max(after, default=0), 0)],
+        }
+
+    return {
+        "scopes": {
+            "text_probs": (AttentionCall, "text_probs", None),
+            "capture": (RefAMCapture, "capture", None),
+        },
+        "report": report,
+    }

@@ -104,3 +104,16 @@ def prepare(args):
 
     variants = {"processors": steered(beta=0.0), "cond_only": steered(steer_roles=("cond",))}
     return steered(), baseline, variants
+
+
+def ops_probe(args, method, baseline, variants):
+    """--breakdown: steering's extra operators per steered cross-attention call (goal <= 4),
+    and the operators of the `post` hook itself."""
+    from benchmarks.common import goal, op_summary, scope_stats
+
+    def report(method_ops, stock_ops, count):
+        extra = op_summary(method_ops, stock_ops)["extra_ops_per_call"]
+        return {"post_hook": scope_stats(method_ops, "post"),
+                "goals": [goal("steering extra ops/call <= 4", extra, 4)]}
+
+    return {"scopes": {"post": (MedSteer, "post", None)}, "report": report}

@@ -1,0 +1,88 @@
+"""benchmarks/run.py's machine-readable output on the tiny model (structure, not speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common, run  # noqa: E402
+
+TASKS = ("eraser", "generate", "grounding", "personalize", "steering")
+
+
+def _lines(text: str) -> list[dict]:
+    return [json.loads(x) for x in text.splitlines() if x.startswith("{") and '"kind"' in x]
+
+
+def test_timing_summary_pairs_and_spread():
+    s = common.timing_summary([2.0, 2.2, 1.8, 2.0, 2.1], [1.0, 1.0, 1.0, 1.1, 1.0])
+    assert s["ratio"] == 2.0 and s["method_s"] == 2.0 and s["baseline_s"] == 1.0
+    assert s["ratios"] == [2.0, 2.2, 1.8, 1.818, 2.1]
+    lo, hi = s["ratio_iqr"]
+    assert lo <= s["ratio_median_of_pairs"] <= hi
+    assert s["ratio_ci95"][0] <= s["ratio"] <= s["ratio_ci95"][1]
+    assert s["noisy"] is (s["spread"] > 0.1)
+
+
+def test_views_and_allocations_are_not_counted():
+    import torch
+
+    a = torch.randn(2, 3, 4)
+    with common.OpCounter() as counter:
+        a.transpose(1, 2).unsqueeze(0)[0]  # views only
+        torch.empty(3)
+        b = a * 2  # one kernel
+    assert counter.total == 1 and counter.by_op == {"mul.Tensor": 1}
+    assert b.shape == a.shape
+
+
+def test_breakdown_and_timing_lines(capsys, tmp_path):
+    out = tmp_path / "results.jsonl"
+    assert run.main(["all", "--ops-only", "--steps", "2", "--out", str(out)]) == 0
+    ops = _lines(capsys.readouterr().out)
+    assert [line["task"] for line in ops] == list(TASKS)
+    assert _lines(out.read_text()) == ops
+    for line in ops:
+        assert line["kind"] == "ops" and line["model"] == "tiny"
+        assert line["controlled_calls"] > 0, line["task"]
+        for key in ("ops_per_call_method", "ops_per_call_stock", "extra_ops_per_call"):
+            assert isinstance(line[key], (int, float))
+        assert line["extra_ops_per_call"] == pytest.approx(line["ops_per_call_method"] - line["ops_per_call_stock"], abs=0.02)
+        assert len(line["total_ops"]) == 2 and isinstance(line["extra_by_op"], dict)
+        for g in line.get("goals", []):
+            assert set(g) == {"goal", "value", "limit", "met"} and isinstance(g["met"], bool)
+    by_task = {line["task"]: line for line in ops}
+    assert {"text_probs", "ops_after_last_captured"} <= set(by_task["grounding"])
+    assert by_task["grounding"]["ops_after_last_captured"] == [0]  # the early exit stops the forward
+    assert by_task["eraser"]["mask_building"]["later_calls"] > 0
+    assert by_task["steering"]["post_hook"]["calls"] == by_task["steering"]["controlled_calls"]
+    assert all(by_task[t]["goals"] for t in ("eraser", "generate", "grounding", "steering"))
+
+    assert run.main(["grounding", "--steps", "2", "--repeats", "2"]) == 0
+    (timing,) = _lines(capsys.readouterr().out)
+    assert timing["kind"] == "timing" and timing["repeats"] == 2 and len(timing["ratios"]) == 2
+    for key in ("method_s", "baseline_s", "ratio", "spread", "peak_mem_ratio"):
+        assert isinstance(timing[key], (int, float)) and timing[key] > 0
+    assert len(timing["ratio_iqr"]) == 2 and len(timing["ratio_ci95"]) == 2
+    assert isinstance(timing["noisy"], bool) and timing["equal_calls"] is True
+    assert timing["compile"] is None and timing["backend"] is None
+
+
+def test_gpu_script_parses_and_keeps_to_its_budget(tmp_path):
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_all.sh")]).returncode == 0
+    from benchmarks import gpu_all
+
+    results = tmp_path / "gpu.jsonl"
+    assert gpu_all.main(["--budget", "0", "--results", str(results)]) == 0
+    lines = _lines(results.read_text())
+    assert len(lines) == 2 * len(gpu_all.PLAN)  # every planned run gives one line: here all skipped
+    assert {line["kind"] for line in lines} == {"skipped"}
+    assert {line["model"] for line in lines} == {model for _, model, *_ in gpu_all.PLAN}
+    assert all(model in common.full_size_models() for _, model, *_ in gpu_all.PLAN)
