@@ -66,6 +66,11 @@ def remove_concept(a: torch.Tensor, d: torch.Tensor, beta: float) -> torch.Tenso
     a32 = a.float()
     d32 = d.float()
     s = (a32 @ d32).clamp_min(0)  # the gate
+    if beta == 2:
+        # For a unit d, |a - beta*s*d|^2 = |a|^2 + beta*(beta-2)*s^2: the paper's beta 2 reflects the
+        # aligned component and keeps every norm, so the restoration is the identity (but for the
+        # 1e-8 guard of its denominator) and is skipped.  Tokens with s = 0 get a - 0 = a exactly.
+        return torch.addcmul(a32, s.unsqueeze(-1), d32, value=-2.0).to(a.dtype)
     edited = a32 - (beta * s).unsqueeze(-1) * d32
     restored = edited * (a32.norm(dim=-1, keepdim=True) / (edited.norm(dim=-1, keepdim=True) + NORM_EPS))
     return torch.where((s > 0).unsqueeze(-1), restored.to(a.dtype), a)
@@ -138,6 +143,7 @@ class MedSteer(AttentionController):
             if missing:
                 raise ValueError(f"no direction for layer {missing[0]} ({len(missing)} missing)")
         self._on_device: dict[str, torch.Tensor] = {}
+        self._row: torch.Tensor | None = None  # this forward's step row of the direction tables
         # record mode: per layer, a list over steps of float32 (C,) sums; one row count per step
         self._sums: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.layers}
         self._counts: dict[str, list[int]] = {n: [] for n in self.layers}
@@ -156,6 +162,13 @@ class MedSteer(AttentionController):
         if self.mode == "steer" and self.state.device is not None:
             for name in self.layers:  # tables on the input's device before the (compiled) forward
                 self._direction(name, self.state.device)
+            # every table has the same steps: this forward's row index, once for all layers
+            stored = next(iter(self._on_device.values())).shape[0]
+            index = step_index_tensor(self.state.step_tensor, stored, self.run_steps, self.step_map).reshape(1)
+            if self._row is None or self._row.device != index.device:
+                self._row = index.clone()
+            else:
+                self._row.copy_(index)
 
     def _fold(self) -> None:
         if not self._pending:
@@ -199,8 +212,11 @@ class MedSteer(AttentionController):
 
     def _steer(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         table = self._direction(call.name, output.device)
-        index = step_index_tensor(self.state.step_tensor, table.shape[0], self.run_steps, self.step_map)
-        d = table.index_select(0, index.reshape(1).to(table.device))[0]  # a tensor index: no device read
+        row = self._row
+        if row is None or row.device != table.device:  # no begin_forward on this device yet
+            row = step_index_tensor(self.state.step_tensor, table.shape[0], self.run_steps, self.step_map)
+            row = row.reshape(1).to(table.device)
+        d = table.index_select(0, row)[0]  # a tensor index: no device read
         batch = output.shape[0]
         if set(self.steer_roles) == set(self.state.row_roles):
             return remove_concept(output, d, self.beta)
