@@ -113,11 +113,10 @@ class CrossAttentionHeatmaps(AttentionController):
     def _wanted(self, call: AttentionCall) -> bool:
         return call.text_keys is not None and (self.steps is None or self.steps(call.state.step))
 
-    def needs_probabilities(self, call: AttentionCall) -> bool:
-        # Cross-attention has few keys (77 for CLIP): computing its probabilities once, for the
-        # output and the capture, is cheaper than SDPA plus a second q.k for the captured rows.
-        # Joint layers (N_img + N_txt keys) keep SDPA and compute only the text slice.
-        return call.kind == "cross" and self._wanted(call)
+    # needs_probabilities stays False: every layer keeps its fused attention, and the capture
+    # computes only the conditional rows' image-query x text-key slice.  (Explicit probabilities
+    # for the whole cross-attention would save that one small q.k, but cost more kernels than
+    # they save: softmax, two batched matmuls and copies instead of one fused call.)
 
     def capture(self, call: AttentionCall) -> None:
         if not self._wanted(call):
