@@ -15,6 +15,7 @@ import pytest
 from app_server import built_tab
 from pipelines.attention_maps_settings import DEFAULTS, LAYER_GROUPS, AttentionMapSettings
 from pipelines.errors import UserInputError
+from ui.attention_maps_tab import MODEL_DEFAULT
 from ui.cli_settings import settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,13 +165,26 @@ def test_the_tab_controls_start_at_the_dataclass_defaults(tab, name):
     controls, handler = tab
     f, spec, _ = AttentionMapSettings.specs()[name]
     control = controls[TAB_CONTROLS[name]]
-    assert control.value == f.default, (name, control.value)
+    # "the model's own" (None) is 0 in the tab: a browser shows an empty number box as 0 and sends 0
+    expected = MODEL_DEFAULT if f.default is None else f.default
+    assert control.value == expected, (name, control.value)
     if spec.maximum is not None:
         assert control.maximum == spec.maximum
     if spec.choices:
         assert [value for _, value in control.choices] == list(spec.choices)
     # the API endpoint's parameter of the same name has the same default
-    assert inspect.signature(handler).parameters[name].default == f.default
+    assert inspect.signature(handler).parameters[name].default == expected
+
+
+@pytest.mark.timeout(300)
+def test_the_tabs_zero_means_the_models_steps_guidance_and_size(tab):
+    """What a browser sends for untouched boxes (0) gives the model's defaults, not CFG 0."""
+    _, handler = tab
+    image, gallery, seed, files = handler("tiny", "a red cat", "", 3, False, 0, 0, 0, 0, "all", 0.5,
+                                          progress=lambda *a, **k: None)
+    [sidecar] = [f for f in files if f.endswith(".json")]
+    params = json.loads(Path(sidecar).read_text())
+    assert (params["steps"], params["guidance"], params["height"], params["width"]) == (25, 7.5, 64, 64)
 
 
 def test_the_api_parameters_keep_their_order():

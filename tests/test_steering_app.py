@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import assert_user_error, launch_chromium, launched_app, require_browser, run_app  # noqa: E402
+from app_server import assert_user_error, built_tab, launch_chromium, launched_app, require_browser, run_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = dict(model="tiny-pixart", positive="a photo of a cat", negative="a photo of a dog", samples=2, steps=2,
@@ -134,3 +134,19 @@ def test_steer_tab_in_a_real_browser(server):
             assert not errors, errors
         finally:
             browser.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_tabs_zero_guidance_and_size_mean_the_models(tmp_path):
+    """What a browser sends for the untouched guidance and size boxes (0) estimates with the
+    model's guidance and size, not with CFG 0."""
+    from pipelines.steering import Directions
+    from ui.steer_tab import build_tab, make_handlers
+
+    controls, ctx = built_tab(build_tab, tmp_path)
+    assert controls["st-guidance"].value == controls["st-width"].value == controls["st-height"].value == 0
+    steer_directions, _ = make_handlers(ctx)
+    status, path = steer_directions("tiny", "a red circle", "a blue circle", 1, 2, 0, 0, 0,
+                                    progress=lambda *a, **k: None)
+    meta = Directions.load(path).meta
+    assert meta["guidance"] == 7.5 and "estimated now" in status

@@ -18,8 +18,15 @@ EXAMPLES = [
 ]
 
 
+#: What the number boxes of steps, guidance and sizes start at and what stands for "the model's
+#: own" (None in AttentionMapSettings): a browser shows an empty number box as 0 and sends 0, so
+#: 0 is the tab's and the API's word for the model's default (guidance 0 would mean no CFG;
+#: guidance 1 gives that).
+MODEL_DEFAULT = 0
+
+
 def _model_default(value):
-    """The tab's and the API's 0 (or empty) for steps and sizes: None, the model's own."""
+    """The tab's and the API's 0 (or empty) for steps, guidance and sizes: None, the model's own."""
     return value or None
 
 
@@ -33,24 +40,24 @@ def make_handler(ctx: AppContext):
         negative_prompt: str = DEFAULTS.negative_prompt,
         seed: float | None = 0,
         randomize_seed: bool = False,
-        steps: float | None = DEFAULTS.steps,
-        guidance: float | None = DEFAULTS.guidance,
-        width: float | None = DEFAULTS.width,
-        height: float | None = DEFAULTS.height,
+        steps: float | None = MODEL_DEFAULT,
+        guidance: float | None = MODEL_DEFAULT,
+        width: float | None = MODEL_DEFAULT,
+        height: float | None = MODEL_DEFAULT,
         layers: str = DEFAULTS.layers,
         overlay_alpha: float = DEFAULTS.overlay_alpha,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Generate an image and a heatmap per prompt word.
 
-        Steps, guidance, width and height empty (or steps and sizes 0) are the model's defaults;
+        Steps, guidance, width and height 0 (or empty) are the model's defaults;
         seed -1 or randomize_seed=True draws a random seed.  Returns the image, the heatmap
         overlays, the seed used and the files (PNG with parameters, JSON sidecar, heatmaps zip).
         """
         from pipelines.attention_maps import generate_with_attention_maps
 
         settings = DEFAULTS.replace(
-            negative_prompt=negative_prompt or "", steps=_model_default(steps), guidance=guidance,
+            negative_prompt=negative_prompt or "", steps=_model_default(steps), guidance=_model_default(guidance),
             height=_model_default(height), width=_model_default(width), layers=layers, overlay_alpha=overlay_alpha,
         ).validated()  # before loading the model
         progress(0, desc="Loading model")
@@ -98,18 +105,17 @@ def build_tab(ctx: AppContext) -> dict:
                                      elem_id="am-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed",
                                                  elem_id="am-randomize")
-                # ranges, steps and defaults come from AttentionMapSettings; empty (None) is the
-                # model's own, and 0 stays accepted for steps and sizes (it means the same)
+                # ranges and steps come from AttentionMapSettings; 0 (MODEL_DEFAULT) is the model's own
                 with gr.Row():
-                    steps = number(AttentionMapSettings, "steps", minimum=0, label="Steps (empty: the model's)",
-                                   elem_id="am-steps")
-                    guidance = number(AttentionMapSettings, "guidance", label="Guidance (empty: the model's)",
-                                      elem_id="am-guidance")
+                    steps = number(AttentionMapSettings, "steps", value=MODEL_DEFAULT, minimum=0,
+                                   label="Steps (0: the model's)", elem_id="am-steps")
+                    guidance = number(AttentionMapSettings, "guidance", value=MODEL_DEFAULT,
+                                      label="Guidance (0: the model's)", elem_id="am-guidance")
                 with gr.Row():
-                    width = number(AttentionMapSettings, "width", minimum=0, label="Width (empty: the model's)",
-                                   elem_id="am-width")
-                    height = number(AttentionMapSettings, "height", minimum=0, label="Height (empty: the model's)",
-                                    elem_id="am-height")
+                    width = number(AttentionMapSettings, "width", value=MODEL_DEFAULT, minimum=0,
+                                   label="Width (0: the model's)", elem_id="am-width")
+                    height = number(AttentionMapSettings, "height", value=MODEL_DEFAULT, minimum=0,
+                                    label="Height (0: the model's)", elem_id="am-height")
                 layers = dropdown(AttentionMapSettings, "layers", label="Layers averaged", elem_id="am-layers")
                 overlay_alpha = slider(AttentionMapSettings, "overlay_alpha", label="Heatmap opacity",
                                        elem_id="am-overlay-alpha")

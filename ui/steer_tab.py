@@ -28,6 +28,10 @@ from ui.settings_controls import number, radio, slider
 
 ORDER = 40  # position among the tabs
 CACHE_SIZE = 8  # directions kept in memory, most recently used last
+#: What the guidance and size boxes start at and what stands for "the model's own" (None in
+#: DirectionSettings): a browser shows an empty number box as 0 and sends 0 (guidance 0 would
+#: mean no CFG; 1 gives that).
+MODEL_DEFAULT = 0
 TAB_SAMPLES = 8  # the tab's starting value: a quick first estimate (the Python API's default is 100)
 
 # Offline examples in the built-in model's vocabulary (pipelines/builtin/world.py); the last one is the
@@ -56,7 +60,7 @@ def make_handlers(ctx: AppContext):
         return estimate_directions(ctx.load(model), positive, negative, settings)
 
     def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress):
-        settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=guidance, height=_size(height),
+        settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=guidance or None, height=_size(height),
                                       width=_size(width)).validated()
         pipe = ctx.load(model)  # a bad model name is one sentence before anything is estimated
         estimated_here.value = False
@@ -78,15 +82,15 @@ def make_handlers(ctx: AppContext):
         negative: str,
         samples: float = TAB_SAMPLES,
         steps: float = DIRECTIONS.steps,
-        guidance: float | None = DIRECTIONS.guidance,
-        width: float | None = 0,
-        height: float | None = 0,
+        guidance: float | None = MODEL_DEFAULT,
+        width: float | None = MODEL_DEFAULT,
+        height: float | None = MODEL_DEFAULT,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Estimate (or reuse) the steering directions of a prompt pair.
 
         Returns a status line and the directions as a .safetensors file to download.
-        Width/height 0 use the model's default size; guidance None the model's (PixArt: the paper's 4.5).
+        Width, height and guidance 0 (or None) are the model's (guidance: PixArt the paper's 4.5).
         """
         pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
                                                   width, height, progress)
@@ -100,9 +104,9 @@ def make_handlers(ctx: AppContext):
         negative: str,
         samples: float = TAB_SAMPLES,
         steps: float = DIRECTIONS.steps,
-        guidance: float | None = DIRECTIONS.guidance,
-        width: float | None = 0,
-        height: float | None = 0,
+        guidance: float | None = MODEL_DEFAULT,
+        width: float | None = MODEL_DEFAULT,
+        height: float | None = MODEL_DEFAULT,
         directions_file: str | None = None,
         prompt: str = "",
         seed: float | None = 0,
@@ -160,13 +164,13 @@ def build_tab(ctx: AppContext) -> dict:
                     # ranges and defaults from DirectionSettings; samples start small for a quick try
                     samples = number(DirectionSettings, "samples", value=TAB_SAMPLES, elem_id="st-samples")
                     steps = number(DirectionSettings, "steps", elem_id="st-steps")
-                    guidance = number(DirectionSettings, "guidance", label="Guidance (empty: the model's)",
-                                      elem_id="st-guidance")
+                    guidance = number(DirectionSettings, "guidance", value=MODEL_DEFAULT,
+                                      label="Guidance (0: the model's)", elem_id="st-guidance")
                 with gr.Row():
-                    width = gr.Number(value=0, precision=0, step=8, minimum=0,
-                                      label="Width (0 = model default)", elem_id="st-width")
-                    height = gr.Number(value=0, precision=0, step=8, minimum=0,
-                                       label="Height (0 = model default)", elem_id="st-height")
+                    width = gr.Number(value=MODEL_DEFAULT, precision=0, step=8, minimum=0,
+                                      label="Width (0: the model's)", elem_id="st-width")
+                    height = gr.Number(value=MODEL_DEFAULT, precision=0, step=8, minimum=0,
+                                       label="Height (0: the model's)", elem_id="st-height")
                 estimate = gr.Button("Estimate directions", elem_id="st-estimate")
                 directions_out = gr.File(label="Directions (download)", interactive=False,
                                          elem_id="st-directions-out")
