@@ -17,6 +17,12 @@ The controller (`PersonalizeAttention`) does three things during a training forw
 Every other attention layer keeps its stock fused-SDPA processor; the non-capture ``attn2``
 layers run SDPA on the SOT-detached key/value.
 
+torch.compile.  The layer calls write only per-forward scratch (this forward's cross maps, self
+sum and count), which `begin_forward` folds into the totals eagerly and empties in place before
+every forward, so a compiled denoiser finds the same Python structure at every forward (no graph
+break, no recompilation); the readers (`cross`, `cross_maps`, `self_map`, `stored_bytes`) fold
+first.  A layer's cross map of a later forward replaces the earlier one, as before.
+
 Layer choice.  The papers' code uses SD 1.5/2.1 layers (docs/methods/personalize.md): the 16x16 cross-attentions
 ``down_blocks.2.attentions.{0,1}`` and ``up_blocks.1.attentions.{0,1,2}`` (transformer block 0),
 and for AttenCraft's self-attention the 32x32 ``down_blocks.1.attentions.{0,1}`` and
@@ -120,11 +126,45 @@ class PersonalizeAttention(AttentionController):
         self.reset()
 
     def reset(self) -> None:
-        self.cross: dict[str, torch.Tensor] = {}  # layer -> (b_inst, N_img, T), in the graph
+        """Forget every capture.  The buffers are emptied in place: the compiled layers keep
+        finding the same objects (and the same empty structure) at the start of every forward."""
+        if not hasattr(self, "_cross"):
+            self._cross: dict[str, torch.Tensor] = {}  # layer -> (b_inst, N_img, T), in the graph
+            # this forward's captures, empty at the start of every forward (`begin_forward`) and
+            # folded into the totals eagerly, so the layer calls see the same Python structure at
+            # every step (no recompilation under torch.compile)
+            self._forward_cross: dict[str, torch.Tensor] = {}
+        self._cross.clear()
+        self._forward_cross.clear()
         self._self_sum: torch.Tensor | None = None  # (b_inst, N, N) float32, no graph
         self._self_count = 0
+        self._forward_self_sum: torch.Tensor | None = None  # this forward's sum over self layers
+        self._forward_self_count = 0
         self.cross_grid: tuple[int, int] | None = None
         self.self_grid: tuple[int, int] | None = None
+
+    def begin_forward(self) -> None:
+        self._fold()
+
+    def _fold(self) -> None:
+        """Move this forward's captures into the totals (eagerly, outside any compiled region):
+        a layer's cross map replaces the one of an earlier forward, self sums add up."""
+        if self._forward_cross:
+            self._cross.update(self._forward_cross)
+            self._forward_cross.clear()
+        if self._forward_self_sum is not None:
+            pending = self._forward_self_sum
+            with torch.no_grad():
+                self._self_sum = pending if self._self_sum is None else self._self_sum.add_(pending)
+            self._self_count += self._forward_self_count
+            self._forward_self_sum = None
+            self._forward_self_count = 0
+
+    @property
+    def cross(self) -> dict[str, torch.Tensor]:
+        """{layer: (b_inst, N_img, T) head-mean cross-attention of the instance rows}, in the graph."""
+        self._fold()
+        return self._cross
 
     def select(self, name: str) -> bool:
         return name in self.attn2_layers or (self.capture_self and name in self.self_layers)
@@ -143,7 +183,7 @@ class PersonalizeAttention(AttentionController):
         probs = logits.softmax(-1)
         rows = role_rows(call.state, call.batch_size)
         if rows:
-            self.cross[call.name] = probs[rows].mean(1)  # head-mean at once; keeps the graph
+            self._forward_cross[call.name] = probs[rows].mean(1)  # head-mean at once; keeps the graph
             self.cross_grid = call.grid
         return probs.to(v.dtype) @ v
 
@@ -161,21 +201,24 @@ class PersonalizeAttention(AttentionController):
                 p = (q[:, h] @ k[:, h].transpose(-1, -2)).softmax(-1)
                 total = p if total is None else total.add_(p)
             mean = total / q.shape[1]
-            self._self_sum = mean if self._self_sum is None else self._self_sum.add_(mean)
-            self._self_count += 1
+            pending = self._forward_self_sum
+            self._forward_self_sum = mean if pending is None else pending.add_(mean)
+            self._forward_self_count += 1
             self.self_grid = call.grid
 
     def cross_maps(self) -> torch.Tensor:
         """Layer- and head-mean cross-attention (b_inst, T, h, w), in the autograd graph."""
-        if not self.cross:
+        cross = self.cross
+        if not cross:
             raise RuntimeError("no cross-attention was captured: no capture layer ran")
-        mean = torch.stack(list(self.cross.values())).mean(0)
+        mean = torch.stack(list(cross.values())).mean(0)
         b, n, t = mean.shape
         h, w = self.cross_grid
         return mean.transpose(1, 2).reshape(b, t, h, w)
 
     def self_map(self) -> torch.Tensor:
         """Layer- and head-mean self-attention (b_inst, N, N), float32, no graph."""
+        self._fold()
         if self._self_sum is None:
             raise RuntimeError("no self-attention was captured (capture_self is off or no self layer ran)")
         return self._self_sum / self._self_count

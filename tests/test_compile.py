@@ -126,20 +126,16 @@ def check(den, make, how="model"):
 
 
 BREAKS = {
-    "eraser": "grid_masks reads the token masks on the device (bool(), .tolist(), nonzero) on first use per grid, "
-              "ss_active/aas_active and counts[(step, ...)] read the step as a Python int (Tensor.item)",
     "refam": "_capture_text/bias use torch.nonzero (data-dependent shape) and sinks[...].cpu(); "
              "_seen/layer_count are Python state mutated per layer (recompiles on call.name)",
-    "personalize": "cross/_self_sum/_self_count are created or grown inside the layer call "
-                   "(recompiles on step 2: 'not controller.cross', '_self_count == 3')",
 }
 
 
 @pytest.mark.parametrize("make", [
     heatmaps, record, steer,
-    pytest.param(eraser, marks=pytest.mark.xfail(strict=True, reason=BREAKS["eraser"])),
+    eraser,
     pytest.param(refam, marks=pytest.mark.xfail(strict=True, reason=BREAKS["refam"])),
-    pytest.param(personalize, marks=pytest.mark.xfail(strict=True, reason=BREAKS["personalize"])),
+    personalize,
 ], ids=lambda f: f.__name__)
 def test_compiled_denoiser_has_no_graph_break_and_no_recompile(unet, make):
     check(unet, make)
