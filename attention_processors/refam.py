@@ -23,10 +23,23 @@ Per captured layer l (FLUX dual- and single-stream blocks, SD3 joint blocks, SD 
    to the finest captured grid when read (`heat`).
 4. Early exit: once every selected layer (by name: a set of the layers seen in this forward, so
    the order of execution does not matter) has run in the current forward, `capture` raises the
-   private `StopForward`; the pipeline catches it, so the rest of the network never runs.
+   private `StopForward`; the pipeline catches it, so the rest of the network never runs.  Eager
+   only: under torch.compile the early exit is off and the forward runs to its end (an exception
+   raised inside a compiled graph is a graph break).
 
 Optionally (UNet refinement) the head-mean self-attention of ``refine_layers`` (attn1 at one grid)
 is accumulated for propagating the heatmap (`self_attention`).
+
+torch.compile.  A layer call stores this layer's results (heatmap, token maps, sink flags,
+self-attention) as device tensors in a per-forward list and does nothing data-dependent: the
+column selections (visible tokens, sink candidates, suppressed keys) are index tensors computed
+from the boolean masks eagerly, when they are set.  The list is empty at the start of every
+forward and is folded into the running per-grid sums, the layer count and the (CPU) sink flags
+eagerly: in `begin_forward` (the pre-hook, outside any compiled region), when a result is read,
+and in eager mode right after each layer call (so eager sums are formed in the same order and
+memory as a running sum).  A compiled denoiser forward with RefAM attached therefore has no
+graph break, and the next forward (another noise draw, image or frame) finds the same Python
+structure and does not recompile.
 
 Deviations (the paper's code is not public; see docs/methods/grounding.md):
 - the sink criterion, l_gas, tau_mass, tau_cv and every layer choice are ours (docs/methods/grounding.md);
@@ -67,11 +80,27 @@ def detect_sinks(maps: torch.Tensor, candidates: torch.Tensor | None = None, tau
     median of mu over the `candidates` columns (default: all) and cv_j <= tau_cv.  Columns outside
     `candidates` are never flagged.
     """
+    index = None if candidates is None else _indices(candidates.to(maps.device))
+    return _sink_flags(maps, candidates, index, tau_mass, tau_cv)
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    """The positions of the True entries of a (T,) mask (eager: `nonzero` has a data-dependent shape)."""
+    return torch.nonzero(mask.bool()).flatten()
+
+
+def _sink_flags(maps: torch.Tensor, candidates: torch.Tensor | None, index: torch.Tensor | None,
+                tau_mass: float, tau_cv: float) -> torch.Tensor:
+    """`detect_sinks` with the candidates' positions `index` given (static shapes: compile-safe)."""
     mu = maps.mean(-2)
     cv = maps.std(-2, unbiased=False) / mu.abs().clamp_min(1e-12)
     if candidates is None:
         candidates = torch.ones(maps.shape[-1], dtype=torch.bool, device=maps.device)
-    median = mu[..., candidates].median(-1, keepdim=True).values
+        chosen = mu
+    else:
+        candidates = candidates.bool()
+        chosen = mu.index_select(-1, index)
+    median = chosen.median(-1, keepdim=True).values
     return (mu >= tau_mass * median) & (cv <= tau_cv) & candidates
 
 
@@ -104,7 +133,8 @@ class RefAMCapture(AttentionController):
     text_part: slice of the text keys holding these T columns (SD3: CLIP or T5 part).
     suppress_keys: (T,) bool columns to bias away in layers with depth >= l_gas (suppress/redirect).
     refine_layers: self-attention layer names whose head-mean probabilities are accumulated.
-    early_exit: raise `StopForward` once every selected layer has run in this forward.
+    early_exit: raise `StopForward` once every selected layer has run in this forward (eager
+        only: a compiled forward runs to its end, see the module docstring).
     """
 
     def __init__(
@@ -154,10 +184,53 @@ class RefAMCapture(AttentionController):
         self._heat = GridSums()  # (b, N) per grid
         self._tokens = GridSums()  # (b, N, T_visible) per grid
         self._self = GridSums()  # (b, N, N) per grid; only the finest is used
-        self.layer_count = 0
+        self._layer_count = 0
         self._self_count = 0
-        self.sinks: dict[str, torch.Tensor] = {}  # layer -> (b, T) flags (deep layers only)
+        self.sinks: dict[str, torch.Tensor] = {}  # layer -> (b, T) flags (deep layers only), on the CPU
         self._seen: set[str] = set()
+        # this forward's per-layer results, device tensors: empty at the start of every forward
+        # (`begin_forward`), so compiled layers see the same Python structure at every forward;
+        # folded into the sums above eagerly (`_fold`)
+        self._pending: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._pending_self: list[tuple[tuple[int, int], torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ column masks
+    # The boolean masks a layer call selects columns with are kept with their positions, computed
+    # eagerly when a mask is set (`nonzero` inside a compiled layer call would be a graph break).
+
+    @property
+    def visible(self) -> torch.Tensor:
+        return self._visible
+
+    @visible.setter
+    def visible(self, mask: torch.Tensor) -> None:
+        self._visible = mask.bool()
+        self._visible_index = _indices(self._visible)
+
+    @property
+    def candidates(self) -> torch.Tensor | None:
+        return self._candidates
+
+    @candidates.setter
+    def candidates(self, mask: torch.Tensor | None) -> None:
+        self._candidates = None if mask is None else mask.bool()
+        self._candidate_index = None if mask is None else _indices(self._candidates)
+
+    @property
+    def suppress_keys(self) -> torch.Tensor | None:
+        return self._suppress_keys
+
+    @suppress_keys.setter
+    def suppress_keys(self, mask: torch.Tensor | None) -> None:
+        self._suppress_keys = mask
+        index = None if mask is None else _indices(mask)
+        self._suppress_index = None if index is None or not index.numel() else index
+
+    @property
+    def layer_count(self) -> int:
+        """Number of text-attention layer calls captured so far."""
+        self._fold()
+        return self._layer_count
 
     # ------------------------------------------------------------------ hooks
 
@@ -168,19 +241,36 @@ class RefAMCapture(AttentionController):
         """Call before each forward when early exit is on (a new forward sees every layer again)."""
         self._seen.clear()
 
+    def begin_forward(self) -> None:
+        self._fold()
+
+    def _fold(self) -> None:
+        """Add the pending per-layer results to the running sums (eagerly; in layer order)."""
+        for name, grid, heat, tokens, sinks in self._pending:
+            if sinks is not None:
+                self.sinks[name] = sinks.cpu()
+            self._heat.add(grid, heat)
+            self._tokens.add(grid, tokens)
+            self._layer_count += 1
+        self._pending.clear()  # the same list object every forward
+        for grid, probs in self._pending_self:
+            self._self.add(grid, probs)
+            self._self_count += 1
+        self._pending_self.clear()
+
     def _deep(self, name: str) -> bool:
         return self.layers.get(name, -1.0) >= self.l_gas
 
     def bias(self, call: AttentionCall) -> torch.Tensor | None:
-        if self.gas_mode not in ("suppress", "redirect") or self.suppress_keys is None:
+        if self.gas_mode not in ("suppress", "redirect") or self._suppress_index is None:
             return None
-        if call.text_keys is None or not self._deep(call.name) or not bool(self.suppress_keys.any()):
+        if call.text_keys is None or not self._deep(call.name):
             return None
         part = self.text_part or slice(0, call.text_keys.stop - call.text_keys.start)
         start = call.text_keys.start + (part.start or 0)
         n_q, n_k = call.query.shape[2], call.key.shape[2]
         bias = torch.zeros(1, 1, n_q, n_k, dtype=call.query.dtype, device=call.query.device)
-        keys = torch.nonzero(self.suppress_keys).flatten().to(call.query.device) + start
+        keys = self._suppress_index.to(call.query.device) + start
         rows = torch.arange(call.image_queries.start, call.image_queries.stop, device=call.query.device)
         bias[0, 0, rows[:, None], keys[None, :]] = masked_value(call.query.dtype)
         return bias
@@ -191,6 +281,9 @@ class RefAMCapture(AttentionController):
                 self._capture_self(call)
             elif call.text_keys is not None and call.name in self.layers:
                 self._capture_text(call)
+        if torch.compiler.is_compiling():
+            return  # folded in begin_forward / when read; no early exit inside a compiled graph
+        self._fold()
         self._seen.add(call.name)
         if self.early_exit and len(self._seen) == len(self.layers) + len(self.refine_layers):
             self._seen.clear()
@@ -210,24 +303,24 @@ class RefAMCapture(AttentionController):
         target = self.target.to(device)
         keep = target.expand(maps.shape[0], -1)
         among = self.among.to(device).expand(maps.shape[0], -1)
+        sinks = None
         if self.gas_mode != "none" and self._deep(call.name):
-            candidates = None if self.candidates is None else self.candidates.to(device)
-            sinks = detect_sinks(maps, candidates, self.tau_mass, self.tau_cv)
-            self.sinks[call.name] = sinks.cpu()
+            candidates, index = self._candidates, self._candidate_index
+            if candidates is not None:
+                candidates, index = candidates.to(device), index.to(device)
+            sinks = _sink_flags(maps, candidates, index, self.tau_mass, self.tau_cv)
             if self.gas_mode == "exclude":
                 keep, among = keep & ~sinks, among & ~sinks
         heat = layer_heat(maps, keep, among, self.renorm)
-        self._heat.add(call.grid, heat)
-        self._tokens.add(call.grid, maps[..., self.visible.to(device)])
-        self.layer_count += 1
+        tokens = maps.index_select(-1, self._visible_index.to(device))
+        self._pending.append((call.name, call.grid, heat, tokens, sinks))
 
     def _capture_self(self, call: AttentionCall) -> None:
         rows = call.rows(self.role)
         q = call.query[rows].float()
         k = call.key[rows].float() * call.scale
         probs = (q @ k.transpose(-1, -2)).softmax(-1).mean(1)  # (b, N, N): this layer only
-        self._self.add(call.grid, probs)
-        self._self_count += 1
+        self._pending_self.append((call.grid, probs))
 
     # ------------------------------------------------------------------ results
 
@@ -241,6 +334,7 @@ class RefAMCapture(AttentionController):
 
     def self_attention(self) -> tuple[torch.Tensor, tuple[int, int]] | None:
         """Mean head-averaged self-attention (b, N, N) of the refinement layers and its grid."""
+        self._fold()
         if not self._self:
             return None
         grid = self._self.finest()
@@ -248,14 +342,16 @@ class RefAMCapture(AttentionController):
 
     def sink_columns(self) -> torch.Tensor | None:
         """(T,) union over deep layers and rows of the columns flagged as sinks, or None."""
+        self._fold()
         if not self.sinks:
             return None
         return torch.stack([s.any(0) for s in self.sinks.values()]).any(0)
 
     def _combine(self, sums: GridSums) -> torch.Tensor:
-        if not sums or not self.layer_count:
+        self._fold()
+        if not sums or not self._layer_count:
             raise RuntimeError("no attention was captured: no selected layer ran")
-        return sums.combined() / self.layer_count
+        return sums.combined() / self._layer_count
 
 
 # ---------------------------------------------------------------------- layer choice by name

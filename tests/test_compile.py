@@ -125,16 +125,10 @@ def check(den, make, how="model"):
         torch.testing.assert_close(res, eager_result, rtol=1e-5, atol=1e-5)
 
 
-BREAKS = {
-    "refam": "_capture_text/bias use torch.nonzero (data-dependent shape) and sinks[...].cpu(); "
-             "_seen/layer_count are Python state mutated per layer (recompiles on call.name)",
-}
-
-
 @pytest.mark.parametrize("make", [
     heatmaps, record, steer,
     eraser,
-    pytest.param(refam, marks=pytest.mark.xfail(strict=True, reason=BREAKS["refam"])),
+    refam,
     personalize,
 ], ids=lambda f: f.__name__)
 def test_compiled_denoiser_has_no_graph_break_and_no_recompile(unet, make):
@@ -170,3 +164,80 @@ def test_compile_flag_compiles_each_model_once_as_it_is_loaded(monkeypatch):
     compiled = models.load("tiny", device="cpu", dtype=torch.float32)
     assert models.denoiser(compiled)._project_compiled
     assert models.load("tiny", device="cpu", dtype=torch.float32) is compiled
+
+
+# ------------------------------------------------------------------ RefAM: grounding's noisy forwards
+
+
+def refam_grounding(den, variant):
+    """RefAM as grounding runs it (one "cond" row, early exit on), with low sink thresholds so that
+    sinks are flagged and excluded; "suppress" adds the sink-key bias, "full_row_refine" the
+    chunked joint normaliser and the self-attention of the refinement layers."""
+    from attention_processors.refam import self_attention_layers
+
+    names = attention_layer_names(den)
+    target = torch.zeros(77, dtype=torch.bool)
+    target[1:4] = True
+    words = torch.zeros(77, dtype=torch.bool)
+    words[:6] = True
+    options = dict(among=words, visible=words, candidates=words, l_gas=0.0, tau_mass=1.0, tau_cv=10.0)
+    if variant == "suppress":
+        options.update(gas_mode="suppress", suppress_keys=torch.isin(torch.arange(77), torch.tensor([2, 5])))
+    elif variant == "full_row_refine":
+        options.update(norm="full_row", refine_layers=self_attention_layers(names, 0))
+    return RefAMCapture(choose_layers(names, unet_levels=(0, 1)), target, early_exit=True,
+                        state=ControlState(row_roles=("cond",)), **options)
+
+
+def refam_forwards(den, variant, compiled=False, forwards=2):
+    """`forwards` noisy forwards at grounding's one timestep (new noise each: `n_noise`, the next
+    image or frame); the second one under ``error_on_recompile`` when compiled.  Returns the
+    controller and, per forward, whether it ran to its end (False: stopped by the early exit)."""
+    from attention_processors.refam import StopForward
+
+    controller = refam_grounding(den, variant)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 77, den.config.cross_attention_dim, generator=g)
+    ran = []
+    with attach(den, controller):
+        for i in range(forwards):
+            controller.reset_forward()
+            sample = torch.randn(1, den.config.in_channels, 8, 8, generator=g)
+            with torch._dynamo.config.patch(error_on_recompile=compiled and i > 0):
+                try:
+                    den(sample, torch.tensor(500), encoder_hidden_states=text)
+                    ran.append(True)
+                except StopForward:
+                    ran.append(False)
+    return controller, ran
+
+
+@pytest.mark.parametrize("variant", ["exclude", "suppress", "full_row_refine"])
+def test_compiled_refam_forward_has_no_graph_break_and_the_next_forward_does_not_recompile(unet, variant):
+    """Grounding runs one noisy forward per image and noise draw: compiled (fullgraph), that
+    forward has no graph break and the next one does not recompile.  The early exit is eager
+    only: eagerly each forward stops after the last captured layer, compiled it runs to its end
+    (an exception inside a compiled graph is a graph break); the maps are the same."""
+    eager, eager_ran = refam_forwards(unet, variant)
+    assert eager_ran == [False, False]
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(fullgraph=True, backend="eager")
+    try:
+        compiled, compiled_ran = refam_forwards(unet, variant, compiled=True)
+    finally:
+        unet._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled_ran == [True, True]
+    assert compiled.layer_count == eager.layer_count > 0
+    torch.testing.assert_close(compiled.heat(), eager.heat(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.token_maps(), eager.token_maps(), rtol=1e-5, atol=1e-6)
+    sinks = eager.sink_columns()
+    assert sinks is not None and sinks.any() and not sinks.all()
+    assert torch.equal(compiled.sink_columns(), sinks)
+    if variant == "full_row_refine":
+        (a, grid_a), (b, grid_b) = compiled.self_attention(), eager.self_attention()
+        assert grid_a == grid_b
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
