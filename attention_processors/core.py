@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 
 from .grids import token_grid
 
@@ -69,8 +70,6 @@ def attention_backend_for(backend, attn_mask: torch.Tensor | None):
     """The dispatcher backend to run one fused attention with: `backend` (a processor's
     ``_attention_backend``; None: the registry's active backend), or the native fallback when the
     call has a mask that backend cannot take (see the module docstring)."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
     name = _AttentionBackendRegistry._active_backend if backend is None else backend
     if attn_mask is None:
         return name
@@ -88,8 +87,6 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scale: float | None = None, backend=None) -> torch.Tensor:
     """Attention output (B, heads, N_q, D) of SDPA-layout inputs, through diffusers' dispatcher
     (which takes (B, N, heads, D)) with `attention_backend_for(backend, attn_mask)`."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
     out = dispatch_attention_fn(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
         backend=attention_backend_for(backend, attn_mask),
@@ -232,11 +229,12 @@ class AttentionCall:
     sequence in the model's own order; `image_queries` and `text_keys` say where the image-token
     queries and the text-token keys are (text_keys is None for self-attention).
 
-    `key_segments` names every run of key positions: "text" and "image" by default (the image
-    keys of self- and joint attention sit where the image queries are; cross-attention has text
-    keys only).  A backbone whose sequence holds more (OmniGen: text, input image, output image;
-    FLUX Kontext: text, noisy latents, reference latents) passes its own names, and a method
-    asks `keys("input_image")` instead of counting positions.
+    `segments` names every run of key positions: "text" and "image" by default (the image keys
+    of self- and joint attention sit where the image queries are; cross-attention has text keys
+    only), derived when asked, so a layer call pays nothing for it.  A backbone whose sequence
+    holds more (OmniGen: text, input image, output image; FLUX Kontext: text, noisy latents,
+    reference latents) passes its own as `key_segments`, and a method asks `keys("input_image")`
+    instead of counting positions.
     """
 
     name: str
@@ -250,22 +248,26 @@ class AttentionCall:
     attn_mask: torch.Tensor | None = None  # the model's own mask plus the controller's bias
     logit_scale: float | None = None  # None: SDPA's default 1/sqrt(head_dim)
     probs: torch.Tensor | None = None  # explicit probabilities, only on the needs_probabilities path
-    key_segments: dict[str, slice] = field(default_factory=dict)
+    key_segments: dict[str, slice] | None = None  # a backbone's own names; None: text and image
     backend: object = None  # the processor's dispatcher backend (None: the registry's active one)
     _grid: tuple[int, int] | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        if not self.key_segments:
-            if self.text_keys is not None:
-                self.key_segments["text"] = self.text_keys
-            if self.kind != "cross":
-                self.key_segments["image"] = self.image_queries
+    @property
+    def segments(self) -> dict[str, slice]:
+        """Every named run of key positions (see the class docstring)."""
+        if self.key_segments is not None:
+            return self.key_segments
+        derived = {} if self.text_keys is None else {"text": self.text_keys}
+        if self.kind != "cross":
+            derived["image"] = self.image_queries
+        return derived
 
     def keys(self, segment: str) -> slice:
         """Key positions of the named segment ("text", "image", or a backbone's own names)."""
-        if segment not in self.key_segments:
-            raise KeyError(f"{self.name} has no {segment!r} keys; it has {', '.join(self.key_segments) or 'none'}")
-        return self.key_segments[segment]
+        segments = self.segments
+        if segment not in segments:
+            raise KeyError(f"{self.name} has no {segment!r} keys; it has {', '.join(segments) or 'none'}")
+        return segments[segment]
 
     @property
     def batch_size(self) -> int:

@@ -77,21 +77,13 @@ def remove_concept(a: torch.Tensor, d: torch.Tensor, beta: float) -> torch.Tenso
 
 
 def step_index_tensor(step: torch.Tensor, stored: int, run_steps: int | None, step_map: str = "clamp") -> torch.Tensor:
-    """`step_index` on a 0-d int64 step tensor (no device read; torch.round, like Python's round,
-    rounds halves to even)."""
+    """Which stored step's direction to use at the 0-based denoising step `step`, a 0-d int64
+    tensor (no device read): the step map of the module docstring (torch.round rounds halves to
+    even)."""
     if step_map == "clamp" or not run_steps or run_steps <= 1:
         return step.clamp(0, stored - 1)
     if step_map == "relative":
         return torch.round(step.double() * (stored - 1) / (run_steps - 1)).long().clamp(max=stored - 1)
-    raise ValueError(f"unknown step map {step_map!r}; choose one of {', '.join(STEP_MAPS)}")
-
-
-def step_index(step: int, stored: int, run_steps: int | None, step_map: str = "clamp") -> int:
-    """Which stored step's direction to use at denoising step `step` (0-based)."""
-    if step_map == "clamp" or not run_steps or run_steps <= 1:
-        return min(max(step, 0), stored - 1)
-    if step_map == "relative":
-        return min(stored - 1, round(step * (stored - 1) / (run_steps - 1)))
     raise ValueError(f"unknown step map {step_map!r}; choose one of {', '.join(STEP_MAPS)}")
 
 

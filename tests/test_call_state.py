@@ -24,7 +24,7 @@ class _Recorder(AttentionController):
         return True
 
     def capture(self, call):
-        self.seen.append((call.kind, dict(call.key_segments)))
+        self.seen.append((call.kind, dict(call.segments)))
 
 
 def test_five_d_latents_set_the_frame_count_and_the_grid():
@@ -70,7 +70,7 @@ def _call(kind, n_img=16, n_txt=7, text_first=False):
 ])
 def test_default_key_segments_name_text_and_image_keys(kind, text_first, expected):
     call = _call(kind, text_first=text_first)
-    assert call.key_segments == expected
+    assert call.segments == expected
     for name, where in expected.items():
         assert call.keys(name) == where
     with pytest.raises(KeyError, match="no 'input_image' keys"):
@@ -83,7 +83,7 @@ def test_a_backbone_can_name_its_own_key_segments():
     segments = {"text": slice(0, 6), "input_image": slice(6, 18), "output_image": slice(18, 30)}
     call = AttentionCall("layer", "joint", q, k, k, slice(18, 30), slice(0, 6), ControlState(),
                          key_segments=dict(segments))
-    assert call.keys("input_image") == slice(6, 18) and "image" not in call.key_segments
+    assert call.keys("input_image") == slice(6, 18) and "image" not in call.segments
 
 
 @pytest.mark.parametrize("name", [*models.TINY_MODELS])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attention_processors import AttentionCall, ControlState, attention_layer_names
-from attention_processors.medsteer import MedSteer, cross_attention_layers, remove_concept, step_index, unit_directions
+from attention_processors.medsteer import MedSteer, cross_attention_layers, remove_concept, step_index_tensor, unit_directions
 from pipelines import models
 from pipelines.errors import UserInputError
 from pipelines.steering import (
@@ -93,8 +93,19 @@ def test_directions_have_unit_norm_and_zero_differences_stay_zero():
 
 
 def test_step_mapping_clamps_by_default_and_rescales_on_request():
-    assert [step_index(t, 3, 5) for t in range(5)] == [0, 1, 2, 2, 2]
-    assert [step_index(t, 3, 5, "relative") for t in range(5)] == [0, 0, 1, 2, 2]
+    def mapped(step_map="clamp"):
+        return [int(step_index_tensor(torch.tensor(t), 3, 5, step_map)) for t in range(5)]
+
+    assert mapped() == [0, 1, 2, 2, 2]
+    assert mapped("relative") == [0, 0, 1, 2, 2]
+
+
+def test_the_settings_offer_exactly_the_policys_step_maps():
+    """pipelines/steering_settings.py (no torch) lists the step maps again for the CLI and the tab."""
+    from attention_processors.medsteer import STEP_MAPS
+    from pipelines import steering_settings
+
+    assert steering_settings.STEP_MAPS == STEP_MAPS
 
 
 # ----------------------------------------------------------------------- the policy on fake calls
