@@ -15,7 +15,7 @@ import pytest
 from app_server import built_tab
 from pipelines.attention_maps_settings import DEFAULTS, LAYER_GROUPS, AttentionMapSettings
 from pipelines.errors import UserInputError
-from ui.attention_maps_tab import MODEL_DEFAULT
+from ui.settings_controls import UNSET
 from ui.cli_settings import settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_the_tab_controls_start_at_the_dataclass_defaults(tab, name):
     f, spec, _ = AttentionMapSettings.specs()[name]
     control = controls[TAB_CONTROLS[name]]
     # "the model's own" (None) is 0 in the tab: a browser shows an empty number box as 0 and sends 0
-    expected = MODEL_DEFAULT if f.default is None else f.default
+    expected = UNSET if f.default is None else f.default
     assert control.value == expected, (name, control.value)
     if spec.maximum is not None:
         assert control.maximum == spec.maximum

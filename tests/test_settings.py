@@ -68,3 +68,17 @@ def test_tab_controls_take_range_and_default_from_the_settings():
     assert (steps.minimum, steps.maximum, steps.value, steps.step) == (1, 200, 50, 1)
     scale = slider(EraserSettings, "ss_scale")  # above 0: starts one step above
     assert (scale.minimum, scale.maximum, scale.value) == (0.05, 1, 0.3)
+
+
+def test_a_number_box_of_a_field_decided_elsewhere_starts_at_unset_and_reads_back_none():
+    """A browser shows and sends an empty number box as 0: a None-default field's box starts at
+    UNSET (0), admits it below the field's minimum, and `unset` turns it back into None."""
+    from pipelines.steering_settings import DirectionSettings
+    from ui.settings_controls import UNSET, number, unset
+
+    box = number(EraserSettings, "strength")  # None: 0.8 for SIP, 1.0 for DIP
+    assert box.value == UNSET and (box.minimum is None or box.minimum <= UNSET)
+    width = number(DirectionSettings, "width")  # None: the model's; the field's minimum is 64
+    assert width.value == UNSET and width.minimum == UNSET
+    assert number(EraserSettings, "steps").value == PAPER.steps  # a real default is shown as it is
+    assert [unset(v) for v in (None, UNSET, 0.0, 7.5, 64)] == [None, None, None, 7.5, 64]

@@ -7,7 +7,7 @@ import gradio as gr
 from pipelines.attention_maps_settings import DEFAULTS, AttentionMapSettings
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
-from ui.settings_controls import dropdown, number, slider, textbox
+from ui.settings_controls import UNSET, dropdown, number, slider, textbox, unset
 
 # Prompts in the built-in model's vocabulary (pipelines/builtin/world.py): they run offline in about a
 # second on a CPU.  The last column is the steps (0 = the model's default).
@@ -16,18 +16,6 @@ EXAMPLES = [
     ["a picture of a yellow triangle, a green circle and a purple square", "", 1, 0],
     ["an orange square on a white background", "", 2, 0],
 ]
-
-
-#: What the number boxes of steps, guidance and sizes start at and what stands for "the model's
-#: own" (None in AttentionMapSettings): a browser shows an empty number box as 0 and sends 0, so
-#: 0 is the tab's and the API's word for the model's default (guidance 0 would mean no CFG;
-#: guidance 1 gives that).
-MODEL_DEFAULT = 0
-
-
-def _model_default(value):
-    """The tab's and the API's 0 (or empty) for steps, guidance and sizes: None, the model's own."""
-    return value or None
 
 
 def make_handler(ctx: AppContext):
@@ -40,10 +28,10 @@ def make_handler(ctx: AppContext):
         negative_prompt: str = DEFAULTS.negative_prompt,
         seed: float | None = 0,
         randomize_seed: bool = False,
-        steps: float | None = MODEL_DEFAULT,
-        guidance: float | None = MODEL_DEFAULT,
-        width: float | None = MODEL_DEFAULT,
-        height: float | None = MODEL_DEFAULT,
+        steps: float | None = UNSET,
+        guidance: float | None = UNSET,
+        width: float | None = UNSET,
+        height: float | None = UNSET,
         layers: str = DEFAULTS.layers,
         overlay_alpha: float = DEFAULTS.overlay_alpha,
         progress=gr.Progress(track_tqdm=True),
@@ -57,8 +45,8 @@ def make_handler(ctx: AppContext):
         from pipelines.attention_maps import generate_with_attention_maps
 
         settings = DEFAULTS.replace(
-            negative_prompt=negative_prompt or "", steps=_model_default(steps), guidance=_model_default(guidance),
-            height=_model_default(height), width=_model_default(width), layers=layers, overlay_alpha=overlay_alpha,
+            negative_prompt=negative_prompt or "", steps=unset(steps), guidance=unset(guidance),
+            height=unset(height), width=unset(width), layers=layers, overlay_alpha=overlay_alpha,
         ).validated()  # before loading the model
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
@@ -105,16 +93,16 @@ def build_tab(ctx: AppContext) -> dict:
                                      elem_id="am-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed",
                                                  elem_id="am-randomize")
-                # ranges and steps come from AttentionMapSettings; 0 (MODEL_DEFAULT) is the model's own
+                # ranges and steps come from AttentionMapSettings; 0 (UNSET) is the model's own
                 with gr.Row():
-                    steps = number(AttentionMapSettings, "steps", value=MODEL_DEFAULT, minimum=0,
+                    steps = number(AttentionMapSettings, "steps",
                                    label="Steps (0: the model's)", elem_id="am-steps")
-                    guidance = number(AttentionMapSettings, "guidance", value=MODEL_DEFAULT,
+                    guidance = number(AttentionMapSettings, "guidance",
                                       label="Guidance (0: the model's)", elem_id="am-guidance")
                 with gr.Row():
-                    width = number(AttentionMapSettings, "width", value=MODEL_DEFAULT, minimum=0,
+                    width = number(AttentionMapSettings, "width",
                                    label="Width (0: the model's)", elem_id="am-width")
-                    height = number(AttentionMapSettings, "height", value=MODEL_DEFAULT, minimum=0,
+                    height = number(AttentionMapSettings, "height",
                                     label="Height (0: the model's)", elem_id="am-height")
                 layers = dropdown(AttentionMapSettings, "layers", label="Layers averaged", elem_id="am-layers")
                 overlay_alpha = slider(AttentionMapSettings, "overlay_alpha", label="Heatmap opacity",

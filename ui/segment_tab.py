@@ -11,7 +11,7 @@ from PIL import Image
 from pipelines.grounding_settings import DEFAULTS, OTSU, GroundingSettings
 from pipelines.seeds import resolve_seed
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
-from ui.settings_controls import checkbox, number, radio, slider
+from ui.settings_controls import UNSET, checkbox, number, radio, slider, unset
 
 ORDER = 30  # position among the tabs
 
@@ -35,11 +35,11 @@ def unet_timestep(sigma: float) -> int:
     return int(round(float(sigma) * 1000))
 
 
-def tab_settings(size=0, noise=DEFAULTS.sigma, gas=DEFAULTS.gas, norm=DEFAULTS.norm, magnets=DEFAULTS.magnets,
+def tab_settings(size=UNSET, noise=DEFAULTS.sigma, gas=DEFAULTS.gas, norm=DEFAULTS.norm, magnets=DEFAULTS.magnets,
                  threshold=THRESHOLD_DEFAULT, refine=DEFAULTS.refine, seed=DEFAULTS.seed) -> GroundingSettings:
     """The validated settings of the tab's controls (size 0: the model's; threshold 0: Otsu; seed -1: random)."""
     settings = DEFAULTS.replace(
-        size=size or None, sigma=noise, gas=gas, norm=norm, magnets=magnets, threshold=threshold or OTSU,
+        size=unset(size), sigma=noise, gas=gas, norm=norm, magnets=magnets, threshold=threshold or OTSU,
         refine=refine, seed=resolve_seed(DEFAULTS.seed if seed is None else seed),
     ).validated()
     return settings.replace(timestep=unet_timestep(settings.sigma))
@@ -54,7 +54,7 @@ def make_handler(ctx: AppContext):
         image,
         video,
         expression: str,
-        size: float | None = 0,
+        size: float | None = UNSET,
         noise: float = DEFAULTS.sigma,
         gas: str = DEFAULTS.gas,
         norm: str = DEFAULTS.norm,
@@ -126,8 +126,8 @@ def build_tab(ctx: AppContext) -> dict:
                 expression = gr.Textbox(label="Expression", placeholder="the dog on the left", elem_id="seg-text")
                 with gr.Accordion("Settings", open=False):
                     # ranges, steps, choices and defaults come from GroundingSettings
-                    size = number(GroundingSettings, "size", value=0, minimum=0,
-                                  label="Working size, long side (0 = model default)", elem_id="seg-size")
+                    size = number(GroundingSettings, "size", label="Working size, long side (0: the model's)",
+                                  elem_id="seg-size")
                     noise = slider(GroundingSettings, "sigma", maximum=NOISE_MAX, info=None,
                                    label="Noise level (sigma; UNet: x1000 = timestep)", elem_id="seg-noise")
                     gas = radio(GroundingSettings, "gas", label="Attention sinks", elem_id="seg-gas")

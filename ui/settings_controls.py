@@ -22,11 +22,27 @@ def slider(settings: type[Settings], name: str, **overrides) -> gr.Slider:
     return gr.Slider(**options)
 
 
+#: What a number box holds for a field whose default is None ("the model's own", "decided from
+#: the other settings"): a browser shows an empty number box as 0 and sends 0, so such a box
+#: starts at 0 and its 0 means None (`unset`).  (For guidance this gives up 0 = no CFG in the
+#: tabs; 1 gives that.)
+UNSET = 0
+
+
+def unset(value):
+    """A number box's value as the setting: None for UNSET (or an empty box)."""
+    return None if value is None or value == UNSET else value
+
+
 def number(settings: type[Settings], name: str, **overrides) -> gr.Number:
-    """A number box with the field's limits; empty (None) where the field's default is None."""
+    """A number box with the field's limits; one whose default is None starts at UNSET (read it
+    with `unset`), and its lower limit admits UNSET."""
     f, spec, kind = settings.specs()[name]
-    options = dict(value=f.default, minimum=spec.minimum, maximum=spec.maximum, step=spec.step or 1,
-                   precision=0 if kind is int else None, label=settings.label(name))
+    minimum = spec.minimum
+    if f.default is None and minimum is not None and minimum > UNSET:
+        minimum = UNSET
+    options = dict(value=UNSET if f.default is None else f.default, minimum=minimum, maximum=spec.maximum,
+                   step=spec.step or 1, precision=0 if kind is int else None, label=settings.label(name))
     options.update(overrides)
     return gr.Number(**options)
 

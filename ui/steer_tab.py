@@ -24,14 +24,10 @@ from pipelines.steering_settings import (
     PairSettings,
 )
 from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
-from ui.settings_controls import number, radio, slider
+from ui.settings_controls import UNSET, number, radio, slider, unset
 
 ORDER = 40  # position among the tabs
 CACHE_SIZE = 8  # directions kept in memory, most recently used last
-#: What the guidance and size boxes start at and what stands for "the model's own" (None in
-#: DirectionSettings): a browser shows an empty number box as 0 and sends 0 (guidance 0 would
-#: mean no CFG; 1 gives that).
-MODEL_DEFAULT = 0
 TAB_SAMPLES = 8  # the tab's starting value: a quick first estimate (the Python API's default is 100)
 
 # Offline examples in the built-in model's vocabulary (pipelines/builtin/world.py); the last one is the
@@ -42,10 +38,6 @@ EXAMPLES = [
     ["An endoscopic image of dyed lifted polyps", "An endoscopic image of normal cecum",
      "An endoscopic image of dyed lifted polyps"],
 ]
-
-
-def _size(value) -> int | None:
-    return int(value) if value else None
 
 
 def make_handlers(ctx: AppContext):
@@ -60,8 +52,8 @@ def make_handlers(ctx: AppContext):
         return estimate_directions(ctx.load(model), positive, negative, settings)
 
     def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress):
-        settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=guidance or None, height=_size(height),
-                                      width=_size(width)).validated()
+        settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=unset(guidance), height=unset(height),
+                                      width=unset(width)).validated()
         pipe = ctx.load(model)  # a bad model name is one sentence before anything is estimated
         estimated_here.value = False
         progress(0, desc="Estimating directions")
@@ -82,9 +74,9 @@ def make_handlers(ctx: AppContext):
         negative: str,
         samples: float = TAB_SAMPLES,
         steps: float = DIRECTIONS.steps,
-        guidance: float | None = MODEL_DEFAULT,
-        width: float | None = MODEL_DEFAULT,
-        height: float | None = MODEL_DEFAULT,
+        guidance: float | None = UNSET,
+        width: float | None = UNSET,
+        height: float | None = UNSET,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Estimate (or reuse) the steering directions of a prompt pair.
@@ -104,9 +96,9 @@ def make_handlers(ctx: AppContext):
         negative: str,
         samples: float = TAB_SAMPLES,
         steps: float = DIRECTIONS.steps,
-        guidance: float | None = MODEL_DEFAULT,
-        width: float | None = MODEL_DEFAULT,
-        height: float | None = MODEL_DEFAULT,
+        guidance: float | None = UNSET,
+        width: float | None = UNSET,
+        height: float | None = UNSET,
         directions_file: str | None = None,
         prompt: str = "",
         seed: float | None = 0,
@@ -164,13 +156,13 @@ def build_tab(ctx: AppContext) -> dict:
                     # ranges and defaults from DirectionSettings; samples start small for a quick try
                     samples = number(DirectionSettings, "samples", value=TAB_SAMPLES, elem_id="st-samples")
                     steps = number(DirectionSettings, "steps", elem_id="st-steps")
-                    guidance = number(DirectionSettings, "guidance", value=MODEL_DEFAULT,
+                    guidance = number(DirectionSettings, "guidance",
                                       label="Guidance (0: the model's)", elem_id="st-guidance")
                 with gr.Row():
-                    width = gr.Number(value=MODEL_DEFAULT, precision=0, step=8, minimum=0,
-                                      label="Width (0: the model's)", elem_id="st-width")
-                    height = gr.Number(value=MODEL_DEFAULT, precision=0, step=8, minimum=0,
-                                       label="Height (0: the model's)", elem_id="st-height")
+                    width = number(DirectionSettings, "width", step=8, label="Width (0: the model's)",
+                                   elem_id="st-width")
+                    height = number(DirectionSettings, "height", step=8, label="Height (0: the model's)",
+                                    elem_id="st-height")
                 estimate = gr.Button("Estimate directions", elem_id="st-estimate")
                 directions_out = gr.File(label="Directions (download)", interactive=False,
                                          elem_id="st-directions-out")
