@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -71,7 +73,20 @@ def _positive_mb(value: str) -> float:
     return mb
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, not {value!r}")
+    return number
+
+
 # --------------------------------------------------------------------------- serve
+
+#: seconds a shutdown (SIGTERM, Ctrl-C) waits for the running tasks to stop at their next step
+SHUTDOWN_WAIT_S = 60
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +100,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="require this login in the browser")
     parser.add_argument("--max-upload-mb", default=20.0, type=_positive_mb,
                         help="largest file a user may upload, in MB (default: 20)")
+    from ui.limits import DEFAULT_LIMITS
+
+    parser.add_argument("--max-image-side", default=DEFAULT_LIMITS.max_image_side, type=_positive_int, metavar="PX",
+                        help="longest side of an uploaded image or video frame, in pixels "
+                             f"(default: {DEFAULT_LIMITS.max_image_side})")
+    parser.add_argument("--max-steps", default=DEFAULT_LIMITS.max_steps, type=_positive_int, metavar="N",
+                        help=f"denoising steps of one image (default: {DEFAULT_LIMITS.max_steps})")
+    parser.add_argument("--max-train-steps", default=DEFAULT_LIMITS.max_train_steps, type=_positive_int, metavar="N",
+                        help="optimiser steps of one personalization run "
+                             f"(default: {DEFAULT_LIMITS.max_train_steps})")
     parser.add_argument("--allow-model", action="append", default=[], metavar="NAME",
                         help="another model users may pick in the app (repeatable); users can "
                              "pick only these, --model and the built-in models")
@@ -92,16 +117,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, outputs=None,
-              extra_models: tuple[str, ...] = ()):
-    """Build the Gradio Blocks app (not launched). Returns `(blocks, context)`."""
+              extra_models: tuple[str, ...] = (), limits=None):
+    """Build the Gradio Blocks app (not launched). Returns `(blocks, context)`.
+
+    `limits`: a `ui.limits.Limits` (the defaults if None)."""
     import gradio as gr
 
     from ui.common import AppContext, OutputStore, header_markdown
+    from ui.limits import DEFAULT_LIMITS
     from ui.request_guard import GuardedBlocks
 
     ctx = AppContext(default_model=default_model, device=device,
                      outputs=outputs if outputs is not None else OutputStore(),
-                     extra_models=tuple(extra_models))
+                     extra_models=tuple(extra_models), limits=limits or DEFAULT_LIMITS)
     # GuardedBlocks: only this process's uploads and results reach a handler (ui/request_guard.py)
     with GuardedBlocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
@@ -113,6 +141,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
         for module in _ui_modules("_tab"):
             if hasattr(module, "connect"):
                 module.connect(ctx, tabs)
+    blocks.limits = ctx.limits  # uploads over --max-image-side are refused before they are decoded
     blocks.queue(max_size=64)
     return blocks, ctx
 
@@ -135,9 +164,79 @@ def private_gradio_folder() -> Path:
     return folder
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (never to a stream closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _log_to_stderr() -> None:
+    """The app's own log (`app`: one line per user mistake, a traceback per bug) on stderr;
+    other libraries' logging is left as it is."""
+    log = logging.getLogger("app")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _on_shutdown_signal(ctx):
+    """SIGTERM (systemd, docker) and SIGINT (Ctrl-C): ask every running task to stop at its next
+    step at once (Gradio's server waits for running requests while it closes), then end the
+    server's wait loop the way Ctrl-C does, so that the clean-up runs."""
+
+    def handler(signum, frame) -> None:
+        running = ctx.stops.stop_all()
+        logging.getLogger("app").info("%s: shutting down; stopping %d running task(s) at their next step",
+                                      signal.Signals(signum).name, running)
+        raise KeyboardInterrupt
+
+    return handler
+
+
+def shut_down(ctx, wait_s: float = SHUTDOWN_WAIT_S) -> None:
+    """Stop every running task at its next step (a personalization run writes its checkpoint) and
+    wait for them, so that nothing writes into the folders removed at exit."""
+    log = logging.getLogger("app")
+    ctx.stops.stop_all()
+    if not ctx.stops.wait_idle(wait_s):
+        log.warning("shutting down: tasks still running after %ss; their results are lost", wait_s)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from ui.limits import Limits
+
+    _log_to_stderr()
     private_gradio_folder()
-    blocks, ctx = build_app(default_model=args.model, device=args.device, extra_models=args.allow_model)
+    limits = Limits(max_image_side=args.max_image_side, max_steps=args.max_steps,
+                    max_train_steps=args.max_train_steps)
+    blocks, ctx = build_app(default_model=args.model, device=args.device, extra_models=args.allow_model,
+                            limits=limits)
+    # SIGTERM and Ctrl-C: Gradio closes the server, `shut_down` stops the tasks, and the atexit
+    # handlers remove this process's temporary folders (results and uploads; see docs/security.md)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_shutdown_signal(ctx))
+    try:
+        _launch(blocks, args)
+    except KeyboardInterrupt:  # a signal before or after Gradio's own wait loop
+        pass
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
+            signal.signal(signum, signal.SIG_IGN)
+        shut_down(ctx)
+        blocks.close()
+    return 0
+
+
+def _launch(blocks, args: argparse.Namespace) -> None:
     blocks.launch(
         server_name=args.host,
         server_port=args.port,
@@ -150,7 +249,6 @@ def run_serve(args: argparse.Namespace) -> int:
         show_error=True,
         css=APP_CSS,
     )
-    return 0
 
 
 # --------------------------------------------------------------------------- registry
@@ -213,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except UserInputError as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        # Ctrl-C: every result is written atomically, so nothing half-written is left behind;
+        # folder commands (erase, segment --folder, steer pairs, personalize train) resume
+        print("stopped (Ctrl-C); files written so far are complete, and rerunning the same "
+              "command resumes where a folder command stopped", file=sys.stderr)
+        return 130
     return EXIT_USER_ERROR
 
 

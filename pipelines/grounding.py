@@ -80,6 +80,7 @@ from attention_processors.refam import (
 
 from . import backbones, models
 from .errors import UserInputError
+from .stopping import Stopped
 from .grounding_settings import DEFAULTS, MAGNET_WORDS, MAX_FRAMES, OTSU, PAPER_SIZE, GroundingSettings
 from .io import atomic_path, load_image, mask_image, read_video, save_image, write_video
 from .viz import overlay
@@ -588,7 +589,9 @@ def segment_video(pipe, video, expression: str, settings: GroundingSettings | No
     """One mask per frame of `video` (a path or a list of frames), with temporally smoothed heatmaps.
 
     `settings` and keyword overrides of its fields as in `segment_image`; `max_frames`: read at
-    most this many frames of a video file (None: all)."""
+    most this many frames of a video file (None: all).  Stopped on request
+    (`pipelines.stopping`) after some frames, it returns those frames (params["stopped_at_frame"]);
+    before the first batch it raises `Stopped`."""
     settings = (settings or DEFAULTS).replace(**overrides).validated()
     if settings.sam2:
         raise UserInputError("SAM2 prompting is available for images only; video masks come from the heatmaps.")
@@ -605,14 +608,22 @@ def segment_video(pipe, video, expression: str, settings: GroundingSettings | No
     heats, info = [], None
     batches = range(0, len(frames), settings.batch_frames)
     iterator = pipe.progress_bar(batches) if hasattr(pipe, "progress_bar") else batches
+    extra = {"fps": fps}
     for start in iterator:
         batch = [f if f.size == size else f.resize(size) for f in frames[start:start + settings.batch_frames]]
-        heat, _, info = _heatmaps(pipe, batch, expression, settings, stopwords)
+        try:
+            heat, _, info = _heatmaps(pipe, batch, expression, settings, stopwords)
+        except Stopped:  # asked to stop (pipelines.stopping): keep the frames done, if any
+            if not heats:
+                raise
+            extra.update(stopped_at_frame=start, frames_read=len(frames))
+            frames = frames[:start]
+            break
         heats.append(_to_image_maps(heat, info["padded"], info["content_wh"], size, settings.smooth))
     heatmaps = temporal_smooth(np.concatenate(heats), settings.temporal_window)
     masks = np.stack([heat_to_mask(h, settings.threshold, settings.component)[0] for h in heatmaps])
     return VideoGroundingResult(frames=frames, heatmaps=heatmaps, masks=masks, fps=fps,
-                                params=_params(pipe, expression, settings, info, {"fps": fps}))
+                                params=_params(pipe, expression, settings, info, extra))
 
 
 # --------------------------------------------------------------------------- SAM2 point prompts

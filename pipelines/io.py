@@ -41,6 +41,9 @@ def _open_image_file(source, what: str) -> Image.Image:
         raise UserInputError(f"There is no {what} file at '{path}'.")
     try:
         with Image.open(path) as opened:
+            if opened.width * opened.height > MAX_PIXELS:  # from the header, before decoding it
+                raise UserInputError(f"{_describe(source)} is {opened.width}x{opened.height} pixels, more than "
+                                     f"{MAX_PIXELS} in all; scale it down first.")
             opened.load()
             return ImageOps.exif_transpose(opened)
     except Image.DecompressionBombError as error:

@@ -604,6 +604,7 @@ def generate_dataset(
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserInputError(f"The output {folder} is a file; give a folder.")
+    embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)  # a prompt too long is refused before any file
     config = _run_config(pipe, directions, prompt, s)
     config_path = folder / "run.json"
     try:
@@ -632,7 +633,6 @@ def generate_dataset(
     todo = [seed for seed in mine if seed not in done]
     written = []
     if todo:
-        embeds = encode(pipe, prompt, s.negative_prompt, s.guidance)
         quiet = models.quiet_view(pipe)  # one bar over the pairs, not one per image
         for seed in tqdm(todo, desc=f"Pairs (process {process_index})" if num_processes > 1 else "Pairs"):
             result = _pair(quiet, directions, embeds, prompt, seed, s)

@@ -68,12 +68,13 @@ def listening_addresses(port: int) -> set[str]:
 
 
 @contextlib.contextmanager
-def launched_app(*args: str, startup_timeout: float = 180.0):
-    """Run `python app.py --port <free> *args`; yield an `AppServer` once it answers HTTP."""
+def launched_app(*args: str, startup_timeout: float = 180.0, env: dict | None = None):
+    """Run `python app.py --port <free> *args`; yield an `AppServer` once it answers HTTP.
+    `env`: extra environment variables (e.g. TMPDIR, to find the folders the server makes)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1")
+               HF_HUB_OFFLINE="1", **(env or {}))
     log_file = tempfile.NamedTemporaryFile("w+b", prefix="app-server-", suffix=".log", delete=False)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],

@@ -222,3 +222,27 @@ def test_personalize_tab_in_a_real_browser(server, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+@pytest.mark.timeout(300)
+def test_cancel_without_a_name_stops_this_clients_run_only(server, tmp_path):
+    """/personalize_cancel with no run name stops the training of the calling client (its
+    session), at a step with a checkpoint; another client's cancel finds nothing of its own."""
+    from gradio_client import Client, handle_file
+
+    photo = write_photo(tmp_path / "photo.png")
+    client, other = Client(server.url, verbose=False), Client(server.url, verbose=False)
+    job = client.submit(model="tiny", image=handle_file(str(photo)), class_words="cat,dog", method="disendiff",
+                        steps=2000, prior_images=1, tau=0.1, seed=3, run_folder="", api_name="/personalize_train")
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        outs = [o for o in job.outputs() if isinstance(o, (list, tuple))]
+        if outs and re.search(r"Step (\d+)/", outs[-1][0]):
+            break
+        time.sleep(0.2)
+    assert "Nothing of yours" in other.predict(run_folder="", api_name="/personalize_cancel")
+    asked = time.monotonic()
+    assert "Stopping" in client.predict(run_folder="", api_name="/personalize_cancel")
+    status = job.result(timeout=120)[0]
+    assert re.search(r"Stopped at step \d+/2000 \(checkpoint saved\)", status), status
+    assert time.monotonic() - asked < 60  # one training step: about 0.1 s here

@@ -6,7 +6,7 @@ import gradio as gr
 
 from pipelines.attention_maps_settings import DEFAULTS, AttentionMapSettings
 from pipelines.seeds import resolve_seed
-from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
+from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio, zip_files
 from ui.settings_controls import UNSET, dropdown, number, slider, textbox, unset
 
 # Prompts in the built-in model's vocabulary (pipelines/builtin/world.py): they run offline in about a
@@ -35,6 +35,7 @@ def make_handler(ctx: AppContext):
         layers: str = DEFAULTS.layers,
         overlay_alpha: float = DEFAULTS.overlay_alpha,
         progress=gr.Progress(track_tqdm=True),
+        request: gr.Request = None,
     ):
         """Generate an image and a heatmap per prompt word.
 
@@ -48,10 +49,12 @@ def make_handler(ctx: AppContext):
             negative_prompt=negative_prompt or "", steps=unset(steps), guidance=unset(guidance),
             height=unset(height), width=unset(width), layers=layers, overlay_alpha=overlay_alpha,
         ).validated()  # before loading the model
+        ctx.limits.check_settings(settings)
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
         use_seed = resolve_seed(seed, randomize_seed)
-        result = generate_with_attention_maps(pipe, prompt, settings, seed=use_seed)
+        with stoppable(ctx, request, "attention_maps", pipe, settings.steps):
+            result = generate_with_attention_maps(pipe, prompt, settings, seed=use_seed)
         run_dir = ctx.outputs.new_run_dir("attention_maps")
         heatmap_dir = run_dir / "heatmaps"
         written = result.save(run_dir / "image.png", heatmap_dir=heatmap_dir)
@@ -107,7 +110,10 @@ def build_tab(ctx: AppContext) -> dict:
                 layers = dropdown(AttentionMapSettings, "layers", label="Layers averaged", elem_id="am-layers")
                 overlay_alpha = slider(AttentionMapSettings, "overlay_alpha", label="Heatmap opacity",
                                        elem_id="am-overlay-alpha")
-                generate = gr.Button("Generate", variant="primary", elem_id="am-generate")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="am-generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="am-stop")
+                stop_note = gr.Markdown(elem_id="am-stop-note")
             with gr.Column(scale=2):
                 image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320,
                                  elem_id="am-image")
@@ -132,6 +138,9 @@ def build_tab(ctx: AppContext) -> dict:
         handler = make_handler(ctx)
         generate.click(handler, inputs, outputs, api_name="attention_maps", **GPU_CONCURRENCY)
         prompt.submit(handler, inputs, outputs, api_visibility="private", **GPU_CONCURRENCY)
+        # outside the queue, so that it runs while the generation holds the GPU slot
+        stop.click(stop_handler(ctx, "attention_maps", "attention_maps_stop"), None, stop_note,
+                   api_name="attention_maps_stop", queue=False)
         reuse.click(
             lambda used, current: (current if used is None else used, False),
             [seed_used, seed],

@@ -1,12 +1,18 @@
-"""Shared pieces of the Gradio app: the app context, the output folder it owns, the header."""
+"""Shared pieces of the Gradio app: the app context, the output folder it owns, the server's
+limits, per-session Stop requests, error handling and the header."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import inspect
+import logging
 import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -16,6 +22,11 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.errors import UserInputError
+from pipelines.stopping import Stopped
+from ui.limits import DEFAULT_LIMITS, Limits
+
+#: The app's log: one line per user mistake, a traceback per unexpected error.
+logger = logging.getLogger("app")
 
 #: Every GPU-heavy event of every tab shares this one queue slot.
 GPU_CONCURRENCY = {"concurrency_id": "gpu", "concurrency_limit": 1}
@@ -68,6 +79,94 @@ def zip_files(paths: list[Path], zip_path: Path) -> Path:
     return zip_path
 
 
+# --------------------------------------------------------------------------- stop requests
+
+
+class StopRequests:
+    """Stop flags of the running tasks, one per request, keyed by (browser or client session, task).
+
+    A tab's long handler runs inside `job(request, task)`, which registers a fresh
+    `threading.Event` for this one request; the tab's Stop button (and its API endpoint
+    `/<task>_stop`, from the same `gradio_client.Client`) sets the events of that session's
+    running `task` requests, never another visitor's.  `stop_all` (server shutdown) sets every one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str | None, str], set[threading.Event]] = {}
+        self._idle = threading.Condition(self._lock)
+        self._closing = False  # after stop_all (shutdown): every request starts stopped
+
+    @staticmethod
+    def session(request) -> str | None:
+        return getattr(request, "session_hash", None) if request is not None else None
+
+    @contextlib.contextmanager
+    def job(self, request, task: str):
+        key, flag = (self.session(request), task), threading.Event()
+        with self._lock:
+            self._running.setdefault(key, set()).add(flag)
+            if self._closing:
+                flag.set()
+        try:
+            yield flag
+        finally:
+            with self._lock:
+                flags = self._running.get(key, set())
+                flags.discard(flag)
+                if not flags:
+                    self._running.pop(key, None)
+                self._idle.notify_all()
+
+    def stop(self, request, task: str) -> int:
+        """Ask this session's running `task` requests to stop; returns how many there were."""
+        with self._lock:
+            flags = list(self._running.get((self.session(request), task), ()))
+        for flag in flags:
+            flag.set()
+        return len(flags)
+
+    def stop_all(self) -> int:
+        """Stop every running request, and every one that starts from now on (server shutdown)."""
+        with self._lock:
+            self._closing = True
+            flags = [flag for flags in self._running.values() for flag in flags]
+        for flag in flags:
+            flag.set()
+        return len(flags)
+
+    def running(self) -> int:
+        with self._lock:
+            return sum(len(flags) for flags in self._running.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no task runs (True) or `timeout` seconds have passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+
+STOPPING = "Stopping after the current step ..."
+NOTHING_TO_STOP = "Nothing of yours is running in this tab."
+
+
+def stop_handler(ctx: "AppContext", task: str, api_name: str):
+    """The Stop button's handler (also the `/<api_name>` endpoint): stops this session's `task`."""
+
+    def stop(request: gr.Request):
+        return STOPPING if ctx.stops.stop(request, task) else NOTHING_TO_STOP
+
+    stop.__name__ = api_name
+    stop.__doc__ = (f"Stop the running {task} request of this session (this browser page or this "
+                    "gradio_client.Client) before its next step; it ends with 'Stopped at step N'.")
+    return stop
+
+
 @dataclass
 class AppContext:
     """What every tab needs to know about how the app was started.
@@ -81,6 +180,8 @@ class AppContext:
     device: str | None = None  # None = let pipelines.models pick
     outputs: OutputStore = field(default_factory=OutputStore)
     extra_models: tuple[str, ...] = ()
+    limits: Limits = DEFAULT_LIMITS
+    stops: StopRequests = field(default_factory=StopRequests)
 
     @property
     def model_choices(self) -> list[str]:
@@ -102,17 +203,64 @@ class AppContext:
         return models.load(name, device=self.device)
 
 
+def user_error(message: str, where: str = "") -> gr.Error:
+    """The `gr.Error` a visitor sees for a mistake, logged as one line (no traceback)."""
+    from ui.request_guard import without_server_paths
+
+    message = " ".join(without_server_paths(str(message)).split())
+    logger.info("user error%s: %s", f" in {where}" if where else "", message)
+    return gr.Error(message, print_exception=False)
+
+
+def stopped_error(stopped: Stopped, where: str = "") -> gr.Error:
+    """What a visitor sees when a task stopped on request: a "Stopped" notice, no traceback."""
+    message = f"{stopped} Nothing was saved; press the button again to start over."
+    logger.info("stopped%s: %s", f" in {where}" if where else "", message)
+    return gr.Error(message, title="Stopped", print_exception=False)
+
+
 def user_errors_as_gradio(fn):
-    """Turn `UserInputError` into `gr.Error` so the person sees the sentence, not a traceback."""
+    """Turn `UserInputError` into `gr.Error` so the person sees the sentence, not a traceback
+    (logged as one line), and a task stopped on request (`Stopped`) into a "Stopped" notice.
+    Works for plain and generator handlers."""
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UserInputError as error:
+                raise user_error(error, fn.__name__) from None
+            except Stopped as stopped:
+                raise stopped_error(stopped, fn.__name__) from None
+
+        return stream
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserInputError as error:
-            raise gr.Error(str(error)) from error
+            raise user_error(error, fn.__name__) from None
+        except Stopped as stopped:
+            raise stopped_error(stopped, fn.__name__) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def stoppable(ctx: "AppContext", request, task: str, pipe=None, total: int | None = None):
+    """Run a tab's task as a stoppable job: registers this request's stop flag (see
+    `StopRequests`) and, with `pipe`, stops its denoiser before the next step once the flag is
+    set (`pipelines.stopping.stop_between_steps`, which raises `Stopped`).  Yields the flag."""
+    from pipelines.stopping import stop_between_steps
+
+    with ctx.stops.job(request, task) as flag:
+        if pipe is None:
+            yield flag
+        else:
+            with stop_between_steps(pipe, flag.is_set, total):
+                yield flag
 
 
 def header_markdown(default_model: str) -> str:

@@ -24,7 +24,7 @@ from PIL import Image
 from pipelines.eraser_settings import PAPER, EraserSettings
 from pipelines.errors import UserInputError
 from pipelines.seeds import resolve_seed
-from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio
 from ui.settings_controls import radio, slider
 
 ORDER = 20  # position among the tabs
@@ -99,6 +99,7 @@ def make_handler(ctx: AppContext):
         mode: str = PAPER.mode,
         num_images: float = PAPER.num_images,
         progress=gr.Progress(track_tqdm=True),
+        request: gr.Request = None,
     ):
         """Remove the painted (or sent) object.
 
@@ -116,15 +117,17 @@ def make_handler(ctx: AppContext):
             raise UserInputError("Please upload an image first.")
         if painted is None:
             painted = np.zeros((picture.height, picture.width), bool)
-        progress(0, desc="Loading model")
-        pipe = ctx.load(model)
         use_seed = resolve_seed(seed, randomize_seed)
-        mode = (mode or PAPER.mode).lower()
+        mode = (mode or PAPER.mode).lower() if isinstance(mode, str) else mode
         settings = PAPER.replace(
             steps=steps, strength=strength if mode == "sip" else None, guidance=guidance, ss_steps=ss_steps,
             ss_scale=ss_scale, mode=mode, num_images=num_images, grow=grow or 0,
-        )
-        result = run_erase(pipe, picture, painted, settings, seed=use_seed)
+        ).validated()  # every value checked before the model loads
+        ctx.limits.check_settings(settings)
+        progress(0, desc="Loading model")
+        pipe = ctx.load(model)
+        with stoppable(ctx, request, "erase", pipe):
+            result = run_erase(pipe, picture, painted, settings, seed=use_seed)
         _notify(result.notes)
         run_dir = ctx.outputs.new_run_dir("erase")
         written = result.save(run_dir / "result.png")
@@ -236,7 +239,10 @@ def build_tab(ctx: AppContext) -> dict:
                     mode = radio(EraserSettings, "mode", MODE_CHOICES, label="Latent process", elem_id="er-mode")
                     num_images = slider(EraserSettings, "num_images", maximum=4,
                                         label="Results (seeds seed, seed+1, ...)", info=None, elem_id="er-num-images")
-                run = gr.Button("Remove", variant="primary", elem_id="er-run")
+                with gr.Row():
+                    run = gr.Button("Remove", variant="primary", elem_id="er-run")
+                    stop = gr.Button("Stop", variant="stop", elem_id="er-stop")
+                stop_note = gr.Markdown(elem_id="er-stop-note")
             with gr.Column(scale=1):
                 compare = gr.ImageSlider(label="Before / after", type="pil", format="png", interactive=False,
                                          elem_id="er-compare")
@@ -271,6 +277,8 @@ def build_tab(ctx: AppContext) -> dict:
         outputs = [compare, gallery, mask_preview, seed_used, files, results]
         run.click(make_handler(ctx), inputs, outputs, api_name="erase", **GPU_CONCURRENCY).then(
             lambda: 0, None, selected, api_visibility="private", queue=False)
+
+        stop.click(stop_handler(ctx, "erase", "erase_stop"), None, stop_note, api_name="erase_stop", queue=False)
 
         preview = make_preview(ctx)
         preview_inputs = [model, editor, mask, grow]

@@ -21,7 +21,7 @@ import gradio as gr
 from pipelines import viz
 from pipelines.personalize import DEFAULT_METHOD, GENERATE_SEED, METHODS, method_named
 from pipelines.seeds import resolve_seed
-from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+from ui.common import GPU_CONCURRENCY, AppContext, stoppable, user_errors_as_gradio
 from ui.settings_controls import number
 
 ORDER = 50  # position among the tabs
@@ -54,22 +54,6 @@ def _gallery(maps, labels) -> list:
     if maps is None:
         return []
     return [(viz.thumbnail(m.numpy(), MAP_SIDE), label) for m, label in zip(maps, labels)]
-
-
-def _user_errors_as_gradio_stream(fn):
-    """`user_errors_as_gradio` for a generator handler (errors raised while iterating)."""
-    import functools
-
-    from pipelines.errors import UserInputError
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            yield from fn(*args, **kwargs)
-        except UserInputError as error:
-            raise gr.Error(str(error)) from error
-
-    return wrapper
 
 
 def _snapshot_learned(folder: Path, step: int, previous: str | None) -> str:
@@ -108,7 +92,7 @@ def make_handlers(ctx: AppContext):
         ctx.load(model)  # validates the name against the server's models
         return models.load((model or "").strip() or ctx.default_model, device=ctx.device, dtype=torch.float32)
 
-    @_user_errors_as_gradio_stream
+    @user_errors_as_gradio
     def personalize_train(
         model: str,
         image,
@@ -120,6 +104,7 @@ def make_handlers(ctx: AppContext):
         seed: float = DEFAULT.default("seed"),
         run_folder: str | None = None,
         progress=gr.Progress(track_tqdm=True),
+        request: gr.Request = None,
     ):
         """Train (or resume) DisenDiff / AttenCraft on one image; yields one update per step.
 
@@ -138,27 +123,37 @@ def make_handlers(ctx: AppContext):
         # the method's settings take the controls it has (tau is AttenCraft's); checked before the model loads
         settings = kind.settings().replace(**{k: v for k, v in values.items() if k in kind.settings.specs()})
         settings = settings.validated()
+        ctx.limits.check_settings(settings, training=("steps",))
         pipe = load_fp32(model)
         folder = ctx.outputs.run_dir_named(run_folder, "personalize")
         trainer = Trainer(pipe, image, class_words, method, folder, settings=settings)
         if folder is None or not trainer.checkpoint_matches():
             trainer.output = ctx.outputs.new_run_dir("personalize")
         name = trainer.output.name
-        stop = threading.Event()
-        with stop_flags_lock:
-            stop_flags[name] = stop
-        try:
-            # the run's name reaches the page (and an API client) before the preparation, so
-            # Cancel can name it from the start
-            yield "Preparing (regularisation images, masks) ...", gr.skip(), gr.skip(), gr.skip(), name
-            progress(0, desc="Preparing (regularisation images, masks)")
-            yield from _train_steps(trainer, name, stop, progress)
-        finally:
+        # this request's stop flag: set by Cancel (this session, or any client naming the run)
+        with ctx.stops.job(request, "personalize") as stop:
             with stop_flags_lock:
-                stop_flags.pop(name, None)
+                stop_flags[name] = stop
+            try:
+                # the run's name reaches the page (and an API client) before the preparation, so
+                # Cancel can name it from the start
+                yield "Preparing (regularisation images, masks) ...", gr.skip(), gr.skip(), gr.skip(), name
+                progress(0, desc="Preparing (regularisation images, masks)")
+                yield from _train_steps(trainer, name, stop, progress)
+            finally:
+                with stop_flags_lock:
+                    stop_flags.pop(name, None)
 
     def _train_steps(trainer, name, stop, progress):
-        trainer.start()
+        from pipelines.stopping import Stopped, stop_between_steps
+
+        try:  # the regularisation images and AttenCraft's masks run the model: stoppable at a step
+            with stop_between_steps(trainer.pipe, stop.is_set):
+                trainer.start()
+        except Stopped as stopped:
+            yield (f"Stopped while preparing (at denoising step {stopped.step} of the regularisation images), "
+                   "before the first training step; press Train to start again."), [], [], None, name
+            return
         resumed = f" (resumed from step {trainer.resumed_from})" if trainer.resumed_from else ""
         maps, masks = [], []
         learned = str(trainer.output / "learned.safetensors") if (trainer.output / "learned.safetensors").is_file() else None
@@ -186,15 +181,20 @@ def make_handlers(ctx: AppContext):
             progress((info.step, info.total), desc=f"loss {info.loss:.4f}")
             yield status, maps, masks, file_update, name
 
-    def personalize_cancel(run_folder: str | None = None) -> str:
+    def personalize_cancel(run_folder: str | None = None, request: gr.Request = None) -> str:
         """Stop the training run named `run_folder` (as personalize_train streams it) after its
-        current step; it saves a checkpoint there, so the same settings resume from that step."""
+        current step; it saves a checkpoint there, so the same settings resume from that step.
+        Without a name: stop this session's (this page's, this gradio_client.Client's) training
+        and generation in this tab."""
+        name = run_folder.strip() if isinstance(run_folder, str) else ""
         with stop_flags_lock:
-            stop = stop_flags.get((run_folder or "").strip())
-        if stop is None:
-            return "No training with this run name is running."
-        stop.set()
-        return "Stopping after the current step ..."
+            stop = stop_flags.get(name) if name else None
+        if stop is not None:
+            stop.set()
+            return "Stopping after the current step ..."
+        if ctx.stops.stop(request, "personalize"):
+            return "Stopping after the current step ..."
+        return "No training with this run name is running." if name else "Nothing of yours is running in this tab."
 
     @user_errors_as_gradio
     def personalize_generate(
@@ -206,6 +206,7 @@ def make_handlers(ctx: AppContext):
         steps: float = DEFAULT.default("sample_steps"),
         guidance: float | None = None,
         progress=gr.Progress(track_tqdm=True),
+        request: gr.Request = None,
     ):
         """Generate `prompt` (with a learned token such as <new1>) from the uploaded learned file,
         or from the run folder's.  Seed -1 draws a random one; steps and guidance None or 0 are
@@ -220,10 +221,13 @@ def make_handlers(ctx: AppContext):
             path = folder / "learned.safetensors"
         else:
             raise UserInputError("Train first, or upload a learned file (.safetensors).")
+        if steps:
+            ctx.limits.check_steps(steps, "Steps")
         learned = Learned.load(path)
         pipe = load_fp32(model)
-        result = generate(pipe, learned, prompt, seed=seed, steps=steps or None,
-                          guidance=None if guidance in (None, UI_METHOD_GUIDANCE) else guidance)
+        with stoppable(ctx, request, "personalize", pipe):
+            result = generate(pipe, learned, prompt, seed=seed, steps=steps or None,
+                              guidance=None if guidance in (None, UI_METHOD_GUIDANCE) else guidance)
         out = ctx.outputs.new_run_dir("personalize") / f"personalized_seed{result.seed}.png"
         written = result.save(out)
         return result.image, result.seed, [str(p) for p in written]
@@ -261,7 +265,7 @@ def build_tab(ctx: AppContext) -> dict:
                                            elem_id="pz-train-seed")
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="pz-train")
-                    cancel = gr.Button("Cancel", elem_id="pz-cancel")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="pz-cancel")
                 run_folder = gr.Textbox(visible=False, elem_id="pz-run")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="pz-status")

@@ -34,12 +34,15 @@ name only files it uploaded or was given.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
 
 import gradio as gr
 from gradio.exceptions import AppError, ComponentProcessingError
+
+logger = logging.getLogger("app")
 
 NOT_AN_UPLOAD = ("The {what} must be a file uploaded through this app; server paths, URLs and files "
                  "from other sessions of the server are not accepted.")
@@ -98,7 +101,7 @@ class GuardedBlocks(gr.Blocks):
         known = None
         for component, value in zip(block_fn.inputs, inputs):
             if isinstance(value, str) and _is_file_component(component):
-                raise gr.Error(NOT_AN_UPLOAD.format(what=_label(component)), print_exception=False)
+                raise _refusal(NOT_AN_UPLOAD.format(what=_label(component)))
             for reference in _file_references(value):
                 path, url = reference.get("path"), reference.get("url")
                 if path is None:
@@ -106,11 +109,23 @@ class GuardedBlocks(gr.Blocks):
                     # stand in for a path (a URL would make the server fetch it)
                     if url is None or (isinstance(url, str) and url.startswith("data:")):
                         continue
-                    raise gr.Error(NOT_AN_UPLOAD.format(what=_label(component)), print_exception=False)
+                    raise _refusal(NOT_AN_UPLOAD.format(what=_label(component)))
                 if known is None:
                     known = self.known_files()
                 if not isinstance(path, str) or path not in known:
-                    raise gr.Error(NOT_AN_UPLOAD.format(what=_label(component)), print_exception=False)
+                    raise _refusal(NOT_AN_UPLOAD.format(what=_label(component)))
+
+    @staticmethod
+    def check_types(block_fn, inputs: list) -> None:
+        """Text boxes take text and checkboxes true or false: Gradio turns anything into text
+        (a prompt sent as {"text": 1} became the prompt "{'text': 1}")."""
+        for component, value in zip(block_fn.inputs, inputs):
+            if value is None:
+                continue
+            if isinstance(component, gr.Textbox) and not isinstance(value, str):
+                raise _refusal(f"The {_label(component)} must be text, not {type(value).__name__}.")
+            if isinstance(component, gr.Checkbox) and not isinstance(value, bool):
+                raise _refusal(f"The {_label(component)} must be true or false, not {type(value).__name__}.")
 
     @staticmethod
     def check_numbers(block_fn, inputs: list) -> None:
@@ -119,12 +134,40 @@ class GuardedBlocks(gr.Blocks):
         for component, value in zip(block_fn.inputs, inputs):
             if (isinstance(component, (gr.Number, gr.Slider)) and isinstance(value, float)
                     and not math.isfinite(value)):
-                raise gr.Error(f"The {_label(component)} must be a finite number, not {value}.",
-                               print_exception=False)
+                raise _refusal(f"The {_label(component)} must be a finite number, not {value}.")
+
+    #: the server's request limits (`ui.common.Limits`), set by app.build_app; None: no size limit
+    limits = None
+
+    def check_image_sizes(self, block_fn, inputs: list) -> None:
+        """Uploaded images (Image, ImageEditor) within --max-image-side, read from the file's
+        header before any component decodes it (a 10,000 px upload is refused in milliseconds)."""
+        if self.limits is None:
+            return
+        from PIL import Image
+
+        for component, value in zip(block_fn.inputs, inputs):
+            if not isinstance(component, (gr.Image, gr.ImageEditor)):
+                continue
+            for reference in _file_references(value):
+                path = reference.get("path")
+                if not isinstance(path, str):
+                    continue
+                try:
+                    with Image.open(path) as image:
+                        width, height = image.size
+                except Exception:  # noqa: BLE001 (unreadable: the component says so in one sentence)
+                    continue
+                try:
+                    self.limits.check_image_side(width, height, str(getattr(component, "label", None) or "image"))
+                except ValueError as error:  # UserInputError
+                    raise _refusal(str(error)) from None
 
     async def preprocess_data(self, block_fn, inputs, state, *args, **kwargs):
         self.check_file_references(block_fn, list(inputs or []))
         self.check_numbers(block_fn, list(inputs or []))
+        self.check_types(block_fn, list(inputs or []))
+        self.check_image_sizes(block_fn, list(inputs or []))
         try:
             return await super().preprocess_data(block_fn, inputs, state, *args, **kwargs)
         except ComponentProcessingError as error:
@@ -133,14 +176,26 @@ class GuardedBlocks(gr.Blocks):
             component = block_fn.inputs[int(index.group(1))] if index else None
             what = _label(component) if component is not None else "input"
             cause = error.__cause__ or error
-            raise gr.Error(without_server_paths(
-                f"Could not read the {what} ({type(cause).__name__}: {cause})."), print_exception=False) from None
+            raise _refusal(f"Could not read the {what} ({type(cause).__name__}: {cause}).") from None
 
     async def process_api(self, *args, **kwargs):
         try:
             return await super().process_api(*args, **kwargs)
         except AppError as error:
-            error.message = without_server_paths(error.message)
+            error.message = " ".join(without_server_paths(error.message).split())
+            if getattr(error, "print_exception", False):  # Gradio's own refusals (a value not among the choices)
+                error.print_exception = False
+                logger.info("user error: %s", error.message)
             raise
         except Exception as error:
-            raise gr.Error(without_server_paths(f"{type(error).__name__}: {error}")) from error
+            # a bug, not a mistake of the visitor's: its traceback goes to the log, one sentence to them
+            logger.exception("unexpected error in a request")
+            raise gr.Error(" ".join(without_server_paths(f"{type(error).__name__}: {error}").split()),
+                           print_exception=False) from error
+
+
+def _refusal(message: str) -> gr.Error:
+    """A request refused before its handler ran: one sentence to the visitor, one line in the log."""
+    message = " ".join(without_server_paths(message).split())
+    logger.info("user error: %s", message)
+    return gr.Error(message, print_exception=False)

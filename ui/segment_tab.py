@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipelines.grounding_settings import DEFAULTS, OTSU, GroundingSettings
 from pipelines.seeds import resolve_seed
-from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio, zip_files
+from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio, zip_files
 from ui.settings_controls import UNSET, checkbox, number, radio, slider, unset
 
 ORDER = 30  # position among the tabs
@@ -45,6 +45,21 @@ def tab_settings(size=UNSET, noise=DEFAULTS.sigma, gas=DEFAULTS.gas, norm=DEFAUL
     return settings.replace(timestep=unet_timestep(settings.sigma))
 
 
+def check_video_side(ctx: AppContext, video) -> None:
+    """The video's frame size within the server's --max-image-side (read from its header)."""
+    from pipelines.errors import UserInputError
+
+    try:
+        import imageio.v3 as iio
+
+        width, height = iio.immeta(video).get("size") or (0, 0)
+    except Exception:  # noqa: BLE001 (unreadable: read_video says so in one sentence)
+        return
+    if not isinstance(width, (int, float)) or not isinstance(height, (int, float)):
+        raise UserInputError("The video's frame size cannot be read; it may be damaged.")
+    ctx.limits.check_image_side(int(width), int(height), "video's frame")
+
+
 def make_handler(ctx: AppContext):
     """The event handler, also exposed as the `/segment` API endpoint."""
 
@@ -63,6 +78,7 @@ def make_handler(ctx: AppContext):
         refine: bool = DEFAULTS.refine,
         seed: float = DEFAULTS.seed,
         progress=gr.Progress(track_tqdm=True),
+        request: gr.Request = None,
     ):
         """Segment the object the expression names in the image (or in every video frame).
 
@@ -77,17 +93,25 @@ def make_handler(ctx: AppContext):
         if image is None and not video:
             raise UserInputError("Please upload an image or a video.")
         settings = tab_settings(size, noise, gas, norm, magnets, threshold, refine, seed)  # before loading
+        if video:
+            check_video_side(ctx, video)
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
-        run_dir = ctx.outputs.new_run_dir("segment")
         if video:
-            result = segment_video(pipe, video, expression, settings)
+            with stoppable(ctx, request, "segment", pipe):
+                result = segment_video(pipe, video, expression, settings)
+            run_dir = ctx.outputs.new_run_dir("segment")
             written = result.save(run_dir / "mask.mp4")
             first = result.overlays()[0]
             mask = Image.fromarray(np.uint8(result.masks[0]) * 255)
             summary = f"{len(result.masks)} frames; mask video and overlay video in the downloads."
+            if "stopped_at_frame" in result.params:
+                summary = (f"Stopped at step {result.params['stopped_at_frame']} of {result.params['frames_read']} "
+                           f"(frames): the masks of the first {len(result.masks)} frames are in the downloads.")
             return first, mask, [], str(written[1]), [str(p) for p in written], summary
-        result = segment_image(pipe, image, expression, settings)
+        with stoppable(ctx, request, "segment", pipe):
+            result = segment_image(pipe, image, expression, settings)
+        run_dir = ctx.outputs.new_run_dir("segment")
         written = result.save(run_dir / "mask.png", heatmap=run_dir / "heatmap.png")
         token_dir = run_dir / "tokens"
         token_files = []
@@ -142,7 +166,10 @@ def build_tab(ctx: AppContext) -> dict:
                     # sentence, and resolve_seed checks the value (-1 = random)
                     seed = number(GroundingSettings, "seed", minimum=None, maximum=None, label="Noise seed (-1 = random)",
                                   elem_id="seg-seed")
-                run = gr.Button("Segment", variant="primary", elem_id="seg-run")
+                with gr.Row():
+                    run = gr.Button("Segment", variant="primary", elem_id="seg-run")
+                    stop = gr.Button("Stop", variant="stop", elem_id="seg-stop")
+                stop_note = gr.Markdown(elem_id="seg-stop-note")
             with gr.Column(scale=2):
                 with gr.Row():
                     heat = gr.Image(label="Heatmap", type="pil", format="png", interactive=False, elem_id="seg-heatmap")
@@ -162,6 +189,7 @@ def build_tab(ctx: AppContext) -> dict:
         handler = make_handler(ctx)
         run.click(handler, inputs, outputs, api_name="segment", **GPU_CONCURRENCY)
         expression.submit(handler, inputs, outputs, api_visibility="private", **GPU_CONCURRENCY)
+        stop.click(stop_handler(ctx, "segment", "segment_stop"), None, stop_note, api_name="segment_stop", queue=False)
     return {"tab": tab, "image": image, "expression": expression, "mask": mask, "remove": remove}
 
 

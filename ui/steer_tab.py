@@ -23,7 +23,7 @@ from pipelines.steering_settings import (
     DirectionSettings,
     PairSettings,
 )
-from ui.common import GPU_CONCURRENCY, AppContext, user_errors_as_gradio
+from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio
 from ui.settings_controls import UNSET, number, radio, slider, unset
 
 ORDER = 40  # position among the tabs
@@ -51,13 +51,15 @@ def make_handlers(ctx: AppContext):
         estimated_here.value = True
         return estimate_directions(ctx.load(model), positive, negative, settings)
 
-    def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress):
+    def directions_for(model, positive, negative, samples, steps, guidance, width, height, progress, request=None):
         settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=unset(guidance), height=unset(height),
                                       width=unset(width)).validated()
+        ctx.limits.check_settings(settings)
         pipe = ctx.load(model)  # a bad model name is one sentence before anything is estimated
         estimated_here.value = False
         progress(0, desc="Estimating directions")
-        directions = cached_directions(model or ctx.default_model, positive, negative, settings)
+        with stoppable(ctx, request, "steer", pipe, 2 * -(-settings.samples // settings.batch_size) * settings.steps):
+            directions = cached_directions(model or ctx.default_model, positive, negative, settings)
         return pipe, directions, not estimated_here.value
 
     def describe(directions, cached: bool, source: str = "") -> str:
@@ -78,6 +80,7 @@ def make_handlers(ctx: AppContext):
         width: float | None = UNSET,
         height: float | None = UNSET,
         progress=gr.Progress(track_tqdm=True),
+        request: gr.Request = None,
     ):
         """Estimate (or reuse) the steering directions of a prompt pair.
 
@@ -85,7 +88,7 @@ def make_handlers(ctx: AppContext):
         Width, height and guidance 0 (or None) are the model's (guidance: PixArt the paper's 4.5).
         """
         pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
-                                                  width, height, progress)
+                                                  width, height, progress, request)
         path = directions.save(ctx.outputs.new_run_dir("steer") / "directions.safetensors")
         return describe(directions, cached), str(path)
 
@@ -106,6 +109,7 @@ def make_handlers(ctx: AppContext):
         beta: float = PAIR.beta,
         steer: str = PAIR.steer,
         progress=gr.Progress(track_tqdm=True),
+        request: gr.Request = None,
     ):
         """Generate the plain and the steered image of `prompt` with one seed, and their difference.
 
@@ -117,17 +121,19 @@ def make_handlers(ctx: AppContext):
         from pipelines.steering import Directions, counterfactual_pair
 
         pair_settings = PAIR.replace(beta=beta, steer=steer).validated()
+        ctx.limits.check_settings(pair_settings)
         if directions_file:
             pipe = ctx.load(model)
             directions = Directions.load(directions_file)
             status = describe(directions, False, "from the uploaded file")
         else:
             pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
-                                                      width, height, progress)
+                                                      width, height, progress, request)
             status = describe(directions, cached)
         use_seed = resolve_seed(seed, randomize_seed)
         progress(0, desc="Generating the pair")
-        result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, settings=pair_settings)
+        with stoppable(ctx, request, "steer", pipe):
+            result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, settings=pair_settings)
         written = result.save(ctx.outputs.new_run_dir("steer"))
         status += f" Mean absolute difference: {result.mean_abs_diff:.4f}."
         return result.original, result.steered, result.heatmap, result.seed, [str(p) for p in written], status
@@ -163,7 +169,10 @@ def build_tab(ctx: AppContext) -> dict:
                                    elem_id="st-width")
                     height = number(DirectionSettings, "height", step=8, label="Height (0: the model's)",
                                     elem_id="st-height")
-                estimate = gr.Button("Estimate directions", elem_id="st-estimate")
+                with gr.Row():
+                    estimate = gr.Button("Estimate directions", elem_id="st-estimate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="st-stop")
+                stop_note = gr.Markdown(elem_id="st-stop-note")
                 directions_out = gr.File(label="Directions (download)", interactive=False,
                                          elem_id="st-directions-out")
                 directions_in = gr.File(label="Or upload a directions file (.safetensors)", file_types=[".safetensors"],
@@ -200,6 +209,8 @@ def build_tab(ctx: AppContext) -> dict:
         generate.click(steer_pair, pair_inputs + [directions_in, prompt, seed, randomize_seed, beta, steer],
                        [original, steered, heatmap, seed_used, files, status], api_name="steer_pair",
                        **GPU_CONCURRENCY)
+        # stops the directions estimate and the pair of this session, before their next step
+        stop.click(stop_handler(ctx, "steer", "steer_stop"), None, stop_note, api_name="steer_stop", queue=False)
         reuse.click(lambda used, current: (current if used is None else used, False), [seed_used, seed],
                     [seed, randomize_seed], api_visibility="private", queue=False)
     return {"prompt": prompt, "positive": positive, "negative": negative, "original": original,

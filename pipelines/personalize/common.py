@@ -50,6 +50,7 @@ from .. import backbones, models
 from ..errors import UserInputError
 from ..io import load_image, load_tensors, save_image, save_tensors, write_atomic
 from ..seeds import resolve_seed
+from ..tokenizers import check_fits
 from . import DEFAULT_METHOD, METHODS, method_named, method_of
 from .base import GENERATE_SEED, MIN_CONCEPTS, Method, PersonalizeSettings
 
@@ -959,6 +960,8 @@ def generate(pipe, learned: Learned, prompt: str, seed: int | None = GENERATE_SE
     height, width = models.default_size(pipe)
     call = models.view(pipe, scheduler=scheduler)  # the method's sampler, never set on the shared pipeline
     with use_learned(pipe, learned) as tokenizer, torch.no_grad():
+        check_fits(tokenizer, prompt, tokenizer.model_max_length)  # refused, never cut silently
+        check_fits(tokenizer, negative_prompt, tokenizer.model_max_length, "negative prompt")
         te = pipe.text_encoder
         pe = te(_ids(tokenizer, [prompt]).to(te.device))[0]
         ne = te(_ids(tokenizer, [negative_prompt or ""]).to(te.device))[0]
