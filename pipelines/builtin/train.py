@@ -76,6 +76,9 @@ UNET_BLOCKS = (64, 96, 128)
 TEXT_WIDTH = 64
 TEXT_LAYERS = 4
 EMPTY_CAPTION_RATE = 0.1
+# World v2: this share of the scenes are backgrounds alone ("an empty striped background"), so
+# the model has a prior for what a hole left by a removed object looks like.
+EMPTY_SCENE_RATE = 0.1
 MIN_SNR_GAMMA = 5.0
 VAE_WARMUP = 50  # warm-up steps of the VAE's learning rate
 OBJECT_WEIGHT = 10.0  # VAE loss weight of object pixels relative to background pixels
@@ -160,10 +163,13 @@ def scene_batch(step: int, batch_size: int, seed: int, stage: str, with_masks: b
     rng = random.Random(f"{seed}-{stage}-{step}")
     images, texts, masks = [], [], []
     for _ in range(batch_size):
-        scene = world.make_scene(rng.randrange(world.TEST_SEED_START))
+        scene_seed = rng.randrange(world.TEST_SEED_START)
+        empty = rng.random() < EMPTY_SCENE_RATE
+        scene = world.make_empty_scene(scene_seed) if empty else world.make_scene(scene_seed)
         images.append(scene.render(IMAGE_SIZE))
         if with_masks:
-            masks.append(np.any(scene.masks(IMAGE_SIZE), axis=0))
+            masks.append(np.any(scene.masks(IMAGE_SIZE), axis=0) if scene.objects
+                         else np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool))
         if rng.random() < EMPTY_CAPTION_RATE:
             texts.append("")
         else:
@@ -326,15 +332,32 @@ def encode_text(tokenizer, text_encoder, texts):
     return text_encoder(ids)[0]
 
 
+def load_frozen_text_encoder(folder: Path):
+    """A pre-trained text encoder (`text_tower.py`'s output), frozen, as SD conditions on a frozen CLIP."""
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(folder)
+    if encoder.config.to_dict()["hidden_size"] != TEXT_WIDTH:
+        raise SystemExit(f"{folder}: the text encoder's width is not {TEXT_WIDTH}")
+    return encoder.float().eval().requires_grad_(False)
+
+
 def train_denoiser(args, vae, work: Path, log_file: Path):
     from pipelines.tokenizers import clip_tokenizer
 
     torch.manual_seed(args.seed)
     unet, text_encoder = build_unet(), build_text_encoder()
+    if args.init_unet:  # warm start (built-in v2 continued v1's UNet; see the model card)
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_unet).float().state_dict())
+    frozen_text = args.text_encoder is not None
+    if frozen_text:
+        text_encoder = load_frozen_text_encoder(args.text_encoder)
     tokenizer = clip_tokenizer()
     scheduler = train_scheduler()
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    modules = {"unet": unet} if frozen_text else {"unet": unet, "text_encoder": text_encoder}
+    params = [p for module in modules.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     # Made before the optimizer's state is loaded: a new schedule sets the optimizer's lr.
     lr_scheduler = lr_schedule(optimizer, args.steps, args.warmup)
@@ -344,7 +367,8 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
     step, running, history = 0, None, []
     if state is not None:
         unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
+        if not frozen_text:
+            text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(checkpointed(state, "lr_scheduler", path))
         ema = {name: restore_ema(module, checkpointed(state, "ema", path)[name], args.ema)
@@ -353,7 +377,9 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
         log(f"denoiser: resumed at step {step}", log_file)
     vae.eval().requires_grad_(False)
     scale = vae.config.scaling_factor
-    unet.train(), text_encoder.train()
+    unet.train()
+    if not frozen_text:
+        text_encoder.train()
     started = time.time()
     while step < args.steps:
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -364,7 +390,9 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         lr = optimizer.param_groups[0]["lr"]  # this step's, set by lr_scheduler
-        prediction = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, texts)).sample
+        with torch.set_grad_enabled(not frozen_text):
+            text_states = encode_text(tokenizer, text_encoder, texts)
+        prediction = unet(noisy, timesteps, text_states).sample
         weights = min_snr_weights(scheduler, timesteps)
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
@@ -384,10 +412,12 @@ def train_denoiser(args, vae, work: Path, log_file: Path):
                 f"({rate:.2f} s/step)", log_file)
             history.append((step, running))
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+            save_atomic({"unet": unet.state_dict(), **({} if frozen_text else {"text_encoder": text_encoder.state_dict()}),
                          "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                          "ema": {name: e.state_dict() for name, e in ema.items()}, "step": step,
                          "loss": running, "history": history}, path)
+    if frozen_text:
+        ema["text_encoder"] = text_encoder  # shipped as it is
     return ema, running, history
 
 
@@ -404,7 +434,10 @@ def export(vae, ema: dict, output: Path, card: dict) -> None:
 
     unet, text_encoder = build_unet(), build_text_encoder()
     ema["unet"].copy_to(unet.parameters())
-    ema["text_encoder"].copy_to(text_encoder.parameters())
+    if isinstance(ema["text_encoder"], torch.nn.Module):  # a frozen, pre-trained text encoder
+        text_encoder = ema["text_encoder"]
+    else:
+        ema["text_encoder"].copy_to(text_encoder.parameters())
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
         scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
@@ -423,18 +456,30 @@ def export(vae, ema: dict, output: Path, card: dict) -> None:
     os.replace(tmp, output)
 
 
+def load_vae(folder: Path):
+    """A trained VAE folder (`--vae`), kept with its own latent scaling factor: stage 1 is skipped."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder).float().eval().requires_grad_(False)
+
+
 def export_snapshot(args) -> int:
     """Export the EMA weights of the latest checkpoints without training further."""
     vae_state, denoiser_state = load_checkpoint(args.work / "vae.pt"), load_checkpoint(args.work / "denoiser.pt")
-    if vae_state is None or denoiser_state is None:
+    if (vae_state is None and not args.vae) or denoiser_state is None:
         print(f"No VAE and denoiser checkpoints in {args.work} yet.", file=sys.stderr)
         return 1
-    vae = build_vae()
-    vae.load_state_dict(vae_state["model"])
-    vae.register_to_config(scaling_factor=latent_scale(vae, args.seed, args.scale_images))
+    if args.vae:
+        vae = load_vae(args.vae)
+    else:
+        vae = build_vae()
+        vae.load_state_dict(vae_state["model"])
+        vae.register_to_config(scaling_factor=latent_scale(vae, args.seed, args.scale_images))
     path = args.work / "denoiser.pt"
-    ema = {name: restore_ema(module, checkpointed(denoiser_state, "ema", path)[name], args.ema)
-           for name, module in (("unet", build_unet()), ("text_encoder", build_text_encoder()))}
+    saved = checkpointed(denoiser_state, "ema", path)
+    ema = {"unet": restore_ema(build_unet(), saved["unet"], args.ema)}
+    ema["text_encoder"] = (load_frozen_text_encoder(args.text_encoder) if args.text_encoder
+                           else restore_ema(build_text_encoder(), saved["text_encoder"], args.ema))
     export(vae, ema, args.output, {"snapshot_of_step": denoiser_state["step"], "mse": denoiser_state["loss"],
                                    "inference_defaults": INFERENCE_DEFAULTS})
     print(f"wrote {args.output} from step {denoiser_state['step']}")
@@ -454,6 +499,13 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="a trained VAE folder to use instead of training one (stage 1 skipped)")
+    parser.add_argument("--text-encoder", type=Path, default=None,
+                        help="a pre-trained text encoder folder (python -m pipelines.builtin.text_tower), "
+                             "kept frozen; without it the text encoder trains jointly with the UNet")
+    parser.add_argument("--init-unet", type=Path, default=None,
+                        help="a UNet folder to start from instead of random weights")
     parser.add_argument("--scale-images", type=int, default=512, help="scenes to measure the latent scale on")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -468,15 +520,28 @@ def main(argv=None) -> int:
     started = time.time()
     if args.export_only:
         return export_snapshot(args)
-    vae, vae_loss = train_vae(args, args.work, log_file)
-    scale = latent_scale(vae, args.seed, args.scale_images)
-    vae.register_to_config(scaling_factor=scale)
-    log(f"vae done: loss {vae_loss:.4f}, latent scaling factor {scale:.4f}", log_file)
+    if args.vae:
+        vae, vae_loss = load_vae(args.vae), float("nan")
+        scale = vae.config.scaling_factor
+        log(f"vae: {args.vae} (latent scaling factor {scale:.4f}; 1/std on this world "
+            f"{latent_scale(vae, args.seed, args.scale_images):.4f})", log_file)
+    else:
+        vae, vae_loss = train_vae(args, args.work, log_file)
+        scale = latent_scale(vae, args.seed, args.scale_images)
+        vae.register_to_config(scaling_factor=scale)
+        log(f"vae done: loss {vae_loss:.4f}, latent scaling factor {scale:.4f}", log_file)
     ema, loss, history = train_denoiser(args, vae, args.work, log_file)
     elapsed = time.time() - started
     card = {
         "seed": args.seed,
-        "vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "vae_final_loss": round(vae_loss, 5),
+        "world": "v2 (larger objects, 10 % empty scenes)",
+        "vae_from": str(args.vae) if args.vae else None,
+        "text_encoder_from": str(args.text_encoder) if args.text_encoder else None,
+        "text_encoder_trained": "frozen, pre-trained by pipelines.builtin.text_tower" if args.text_encoder
+                                else "jointly with the UNet",
+        "unet_initialised_from": str(args.init_unet) if args.init_unet else None,
+        "vae_steps": 0 if args.vae else args.vae_steps, "vae_batch": args.vae_batch,
+        "vae_final_loss": None if args.vae else round(vae_loss, 5),
         "latent_scaling_factor": round(scale, 5),
         "vae_lr": args.vae_lr, "vae_warmup": VAE_WARMUP,
         "denoiser_steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,

@@ -45,6 +45,7 @@ __all__ = [
     "Clip",
     "ReferringExpression",
     "make_scene",
+    "make_empty_scene",
     "make_clip",
     "scenes",
     "render",
@@ -245,13 +246,20 @@ def _sample_objects(rng: np.random.Generator, count: int) -> tuple[WorldObject, 
 
 
 def make_scene(seed: int, num_objects: int | None = None) -> Scene:
-    """The scene of this seed: a background and 1 to 3 non-overlapping objects."""
+    """The scene of this seed: a background and 1 to 3 non-overlapping objects
+    (`num_objects=0`: the background alone, an "empty" scene)."""
     rng = np.random.default_rng(seed)
     background = _sample_background(rng)
     count = int(rng.integers(1, MAX_OBJECTS + 1)) if num_objects is None else num_objects
-    if not 1 <= count <= MAX_OBJECTS:
-        raise ValueError(f"num_objects must be between 1 and {MAX_OBJECTS}, not {count}.")
+    if not 0 <= count <= MAX_OBJECTS:
+        raise ValueError(f"num_objects must be between 0 and {MAX_OBJECTS}, not {count}.")
     return Scene(seed=seed, background=background, objects=_sample_objects(rng, count))
+
+
+def make_empty_scene(seed: int) -> Scene:
+    """The background of scene `seed` with no object (world v2): what a removal should leave,
+    and the prior for holes the built-in model learns from ("an empty striped background")."""
+    return make_scene(seed, num_objects=0)
 
 
 def scenes(start: int, count: int, num_objects: int | None = None) -> Iterator[Scene]:
@@ -377,6 +385,8 @@ def caption(objects: Sequence[WorldObject], background: Background | None = None
             with_sizes: bool = False) -> str:
     """One caption; `phrasing` picks the template (wrapping around), e.g. phrasing 0 gives
     "a red circle and a blue square on a striped background"."""
+    if not objects:
+        return _empty_caption(background, phrasing)
     names = [f"{obj.size} {obj.name}" if with_sizes else obj.name for obj in objects]
     listed = _join([_with_article(name) for name in names])
     if background is None:
@@ -386,8 +396,30 @@ def caption(objects: Sequence[WorldObject], background: Background | None = None
     return template.format(objects=listed, background=background.phrase)
 
 
+# Phrasings of an empty scene; {background} is the background phrase without its article,
+# e.g. "striped background" or "white background".
+_EMPTY_PHRASINGS = (
+    "an empty {background}",
+    "a picture of an empty {background}",
+    "an image showing an empty {background}",
+    "{background} with nothing on it",
+)
+
+
+def _empty_caption(background: Background | None, phrasing: int) -> str:
+    if background is None:
+        return "an empty background"
+    bare = background.phrase.removeprefix("a ")
+    template = _EMPTY_PHRASINGS[phrasing % len(_EMPTY_PHRASINGS)]
+    text = template.format(background=bare)
+    return text if not text.startswith(bare) else _with_article(text)
+
+
 def captions(objects: Sequence[WorldObject], background: Background) -> list[str]:
-    """Every phrasing: with and without the background, with and without size words."""
+    """Every phrasing: with and without the background, with and without size words (an empty
+    scene: every empty-background phrasing)."""
+    if not objects:
+        return [_empty_caption(background, i) for i in range(len(_EMPTY_PHRASINGS))]
     out = []
     for with_sizes in (False, True):
         out += [caption(objects, background, i, with_sizes) for i in range(len(_PHRASINGS_WITH_BACKGROUND))]
