@@ -93,7 +93,11 @@ class PeakMemory:
             import psutil
 
             process = psutil.Process()
+            self._process = process
             self._stop = threading.Event()
+            # one sample before the block: a block shorter than the sampler's first turn (the
+            # thread may not get the GIL before it ends) would otherwise report a peak of 0
+            self.peak = process.memory_info().rss
 
             def sample():
                 while not self._stop.is_set():
@@ -111,6 +115,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+            self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 def timed(fn, device):

@@ -68,8 +68,10 @@ def test_breakdown_and_timing_lines(capsys, tmp_path):
     assert run.main(["grounding", "--steps", "2", "--repeats", "2"]) == 0
     (timing,) = _lines(capsys.readouterr().out)
     assert timing["kind"] == "timing" and timing["repeats"] == 2 and len(timing["ratios"]) == 2
-    for key in ("method_s", "baseline_s", "ratio", "spread", "peak_mem_ratio"):
+    for key in ("method_s", "baseline_s", "ratio", "peak_mem_ratio"):
         assert isinstance(timing[key], (int, float)) and timing[key] > 0
+    # two repeats whose ratios agree to 0.1 % round to a spread of exactly 0.0 (seen in CI)
+    assert isinstance(timing["spread"], (int, float)) and timing["spread"] >= 0
     assert len(timing["ratio_iqr"]) == 2 and len(timing["ratio_ci95"]) == 2
     assert isinstance(timing["noisy"], bool) and timing["equal_calls"] is True
     assert timing["compile"] is None and timing["backend"] is None
