@@ -269,7 +269,8 @@ def header_markdown(default_model: str) -> str:
         "Edit and explain images by working inside the attention layers of diffusion models: "
         "see where each prompt word looked (**Attention maps**), erase an object and rebuild the "
         "background (**Remove object**), find what a sentence names (**Segment by text**), and make "
-        "same-seed pairs where only one concept changes (**Counterfactual steer**).\n"
+        "same-seed pairs where only one concept changes (**Counterfactual steer**), teach the model the "
+        "objects of one photo (**Personalize**), and edit a clip inside boxes (**Edit video**).\n"
     )
     if default_model.startswith("tiny"):
         text += (

@@ -1,0 +1,561 @@
+"""The "Edit video" tab (ReAtCo): a clip, a source and an edited prompt, one box per object bound
+to a word of the edited prompt -> the edited clip, a side-by-side with the source, and one
+attention heatmap video per bound word.
+
+The task is `pipelines.video.edit_video`; this module only turns the controls into its inputs,
+runs it as a stoppable job and writes its result into a run folder.  Boxes are drawn by clicking
+two opposite corners on a frame of the clip (the frame slider picks the frame, so a word may get
+boxes on several keyframes, interpolated in between); every click adds a row to an editable
+table `word, x1, y1, x2, y2, frame` in pixels of the source frames, which is what the task
+receives.  The fine-tune and the inversion are cached in this process's temporary folder (see
+`cache_dir`), so a second edit of the same clip (other boxes, another prompt) and a run after a
+Stop skip what was done.
+
+The example clip `assets/examples/clip_1090021.mp4` is shapes-world clip 1090021 (8 frames,
+64 px, one red circle moving up), written with
+`world.make_clip(1090021, 8, num_objects=1)` and `pipelines.io.write_video(frames, path, 8)`;
+its boxes are the circle's start and end positions, so the keyframe interpolation follows it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipelines.errors import UserInputError
+from pipelines.seeds import resolve_seed
+from pipelines.stopping import Stopped
+from pipelines.video_settings import VideoSettings
+from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio
+from ui.settings_controls import UNSET, checkbox, dropdown, number, slider, unset
+
+ORDER = 60  # position among the tabs
+TASK = "edit_video"  # the run folders' prefix and the stop requests' key
+DEFAULTS = VideoSettings()
+logger = logging.getLogger("app")
+
+#: the box table's columns (pixels of the source frames; frame counted from 0 among the edited frames)
+BOX_HEADERS = ["word", "x1", "y1", "x2", "y2", "frame"]
+#: what the upload takes (the formats `pipelines.video.clip.read_clip` reads)
+CLIP_TYPES = [".mp4", ".webm", ".gif", ".mov", ".avi", ".mkv"]
+#: the frame viewer enlarges small frames to about this many pixels on their longer side
+VIEWER_SIDE = 384
+#: box outline colours, one per bound word (cycled)
+BOX_COLOURS = [(255, 60, 60), (60, 200, 255), (255, 220, 0), (120, 255, 120), (255, 120, 255), (255, 160, 40)]
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLE_CLIP = EXAMPLES_DIR / "clip_1090021.mp4"
+#: the example's settings: the paper's 200 fine-tune steps and 50 DDIM steps take minutes on a
+#: CPU even at 64 px, so the example asks for fewer (every other setting stays the paper's)
+EXAMPLE_TUNE_STEPS = 20
+EXAMPLE_STEPS = 10
+EXAMPLES = [
+    [str(EXAMPLE_CLIP), "a red circle on a striped background", "a blue square on a striped background",
+     [["square", 20, 29, 47, 56, 0], ["square", 19, 5, 46, 32, 7]], True, EXAMPLE_TUNE_STEPS, EXAMPLE_STEPS],
+    [str(EXAMPLE_CLIP), "a red circle on a striped background", "a red circle on a checkered background",
+     [], False, EXAMPLE_TUNE_STEPS, EXAMPLE_STEPS],
+]
+
+#: the settings under Advanced, in the dataclass's order (IRJS has its own checkbox above them)
+ADVANCED = tuple(name for name in VideoSettings.specs() if name != "preserve_background")
+#: the fields whose default None ("the source's", "the whole clip") is 0 in a number box
+UNSET_FIELDS = tuple(name for name, (f, _, _) in VideoSettings.specs().items() if f.default is None)
+#: the settings that count optimiser steps (--max-train-steps); `steps` counts denoising steps
+TRAINING_FIELDS = ("tune_steps",)
+
+
+def cache_dir(ctx: AppContext) -> Path:
+    """Where the app keeps fine-tunes and inversions: inside this process's results folder, so
+    that, like the results, nothing derived from a visitor's clip outlives the server process;
+    never named by a request (not a run folder)."""
+    return ctx.outputs.root / "video-cache"
+
+
+# ----------------------------------------------------------------------------- settings and boxes
+
+
+def tab_settings(**values) -> VideoSettings:
+    """The validated settings of the tab's controls; keys are VideoSettings fields (0 in a box
+    whose default is None means None; seed -1 draws a random one)."""
+    unknown = set(values) - set(VideoSettings.specs())
+    if unknown:
+        raise TypeError(f"not a VideoSettings field: {sorted(unknown)}")
+    changes = {name: (unset(value) if name in UNSET_FIELDS else value) for name, value in values.items()}
+    if "seed" in changes:
+        changes["seed"] = resolve_seed(DEFAULTS.seed if changes["seed"] is None else changes["seed"])
+    return DEFAULTS.replace(**changes).validated()
+
+
+def _blank(cell) -> bool:
+    """An empty table cell: None, blank text, or the NaN a number column holds when left empty."""
+    return cell is None or (isinstance(cell, str) and not cell.strip()) or (isinstance(cell, float) and cell != cell)
+
+
+def _cell_is(cell, number: int) -> bool:
+    """Whether a table cell holds `number` (False for blank or non-numeric cells)."""
+    try:
+        return not _blank(cell) and float(cell) == number
+    except (TypeError, ValueError):
+        return False
+
+
+def boxes_from_table(rows) -> list:
+    """The table's rows as `pipelines.video.Box`es (rows left empty are skipped).
+
+    Only the table's own shape is checked here (a word, four numbers, a whole frame); the task
+    checks everything that needs the clip or the prompt (zero area, outside the frame, a word
+    not in the prompt, more words than the prompt has), each in one sentence."""
+    from pipelines.video.boxes import as_box
+
+    if rows is None:
+        return []
+    if hasattr(rows, "values") and hasattr(rows, "columns"):  # a pandas DataFrame (Python callers)
+        rows = rows.values.tolist()
+    if not isinstance(rows, (list, tuple)):
+        raise UserInputError("The boxes must be a table of rows word, x1, y1, x2, y2, frame.")
+    boxes = []
+    for number_, row in enumerate(rows, start=1):
+        row = list(row) if isinstance(row, (list, tuple)) else [row]
+        if all(_blank(cell) for cell in row):
+            continue
+        if len(row) not in (5, 6):
+            raise UserInputError(f"Box row {number_} has {len(row)} cells; give word, x1, y1, x2, y2 and frame.")
+        word, *coords = row[:5]
+        frame = row[5] if len(row) == 6 and not _blank(row[5]) else 0
+        if _blank(word) or not isinstance(word, str):
+            raise UserInputError(f"Box row {number_} has no word; write the word of the edited prompt it binds to.")
+        for name, cell in zip(BOX_HEADERS[1:5], coords):
+            if _blank(cell):
+                raise UserInputError(f"Box row {number_} has no {name}; give x1, y1, x2, y2 in pixels of the frame.")
+        # the task's own parser gives the sentences for non-numbers, NaN and a bad frame
+        boxes.append(as_box((word.strip(), tuple(coords), frame)))
+    return boxes
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    """The SD CLIP tokenizer (every model this task runs on uses it): binds the drawn boxes'
+    words for the frame preview without loading a model."""
+    from pipelines.tokenizers import clip_tokenizer
+
+    return clip_tokenizer()
+
+
+def prompt_choices(prompt: str | None) -> list[str]:
+    """The distinct words of the edited prompt, in order (what a box may bind to)."""
+    from pipelines.attention_maps import prompt_words
+
+    return list(dict.fromkeys(w for w, _, _ in prompt_words(prompt or "")))
+
+
+# ----------------------------------------------------------------------------- the frame viewer
+
+
+def _check_clip_side(ctx: AppContext, path) -> None:
+    """The clip's frame size within --max-image-side, read from its header before decoding."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if capture.isOpened():
+            width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if width and height:
+                ctx.limits.check_image_side(width, height, "video's frame")
+    finally:
+        capture.release()
+
+
+def read_frames(ctx: AppContext, video, frames=DEFAULTS.frames, frame_stride=DEFAULTS.frame_stride):
+    """The frames the edit will use (the task's own reader, with the frames and stride settings)."""
+    from pipelines.video import read_clip
+
+    if not video:
+        raise UserInputError("Please upload a clip (mp4, webm, gif, ...).")
+    settings = tab_settings(frames=frames, frame_stride=frame_stride)
+    _check_clip_side(ctx, video)
+    return read_clip(video, max_frames=settings.frames or None, stride=settings.frame_stride).frames
+
+
+def display_scale(frame_shape) -> int:
+    """The whole-number factor the frame viewer enlarges a frame by (nearest neighbour), so that a
+    small clip (the built-in model's 64 px) can be clicked on precisely; clicks are divided by it."""
+    return max(1, VIEWER_SIDE // max(frame_shape[:2]))
+
+
+def frame_with_boxes(frame: np.ndarray, index: int, count: int, boxes, prompt: str) -> tuple[Image.Image, str]:
+    """Frame `index`, enlarged by `display_scale`, with every box it has (keyframes interpolated, as
+    the task will), and a line naming each word's colour, or the sentence saying what is wrong."""
+    from pipelines.video import boxes as box_tools
+
+    scale = display_scale(frame.shape)
+    picture = Image.fromarray(frame)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    try:
+        parsed = boxes_from_table(boxes)
+        if not parsed:
+            return picture, "Click two opposite corners of a box on the frame to add it for the chosen word."
+        h, w = frame.shape[:2]
+        tokenizer = _tokenizer()
+        targets = box_tools.resolve(parsed, prompt, tokenizer, tokenizer.model_max_length, count, (w, h))
+    except UserInputError as error:
+        return picture, f"**Boxes:** {error}"
+    draw = ImageDraw.Draw(picture)
+    legend = []
+    for k, target in enumerate(targets):
+        colour = BOX_COLOURS[k % len(BOX_COLOURS)]
+        x1, y1, x2, y2 = (v * scale for v in target.boxes[min(index, len(target.boxes) - 1)])
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=max(1, scale // 2))
+        keyed = "keyframe" if index in target.keyframes else "interpolated"
+        legend.append(f"*{target.word}* ({'#%02x%02x%02x' % colour}, {keyed})")
+    return picture, f"Frame {index}: " + ", ".join(legend)
+
+
+def make_viewer_handlers(ctx: AppContext):
+    """The frame viewer's events (private endpoints): show a frame with its boxes, and add a box
+    from two clicks."""
+
+    @user_errors_as_gradio
+    def show_frame(video, index, boxes, prompt, frames=DEFAULTS.frames, frame_stride=DEFAULTS.frame_stride):
+        if not video:
+            return None, gr.update(maximum=1, value=0), "Upload a clip to draw boxes on its frames."
+        clip = read_frames(ctx, video, frames, frame_stride)
+        index = int(min(max(index or 0, 0), len(clip) - 1))
+        picture, note = frame_with_boxes(clip[index], index, len(clip), boxes, prompt or "")
+        return picture, gr.update(maximum=max(len(clip) - 1, 1), value=index), note
+
+    @user_errors_as_gradio
+    def click_corner(video, index, boxes, prompt, word, corner, frames=DEFAULTS.frames,
+                     frame_stride=DEFAULTS.frame_stride, event: gr.SelectData = None):
+        x, y = (event.index if event is not None else (None, None))
+        rows, picture, note, new_corner = add_corner(ctx, video, index, boxes, prompt, word, corner, x, y, frames,
+                                                     frame_stride)
+        added = corner is not None and new_corner is None
+        # the table changes only when a box was added (its change event redraws the frame)
+        return (rows if added else gr.skip()), picture, note, new_corner
+
+    return show_frame, click_corner
+
+
+def add_corner(ctx: AppContext, video, index, boxes, prompt, word, corner, x, y, frames=DEFAULTS.frames,
+               frame_stride=DEFAULTS.frame_stride):
+    """One click on the frame viewer at its pixel (x, y): the first corner is remembered, the second adds the
+    row `word, x1, y1, x2, y2, frame` (sorted corners; the clicked pixels included), replacing the
+    word's box on this frame if it had one."""
+    rows = [list(r) for r in (boxes or []) if not all(_blank(c) for c in r)]
+    clip = read_frames(ctx, video, frames, frame_stride)
+    index = int(min(max(index or 0, 0), len(clip) - 1))
+    if x is None or y is None:
+        picture, note = frame_with_boxes(clip[index], index, len(clip), rows, prompt or "")
+        return rows, picture, note, corner
+    if not word or word not in prompt_choices(prompt):
+        raise UserInputError("Choose the word of the edited prompt the box binds to, then click its corners.")
+    scale = display_scale(clip[index].shape)
+    h, w = clip[index].shape[:2]  # viewer pixels -> pixels of the source frame (a click on the edge stays in it)
+    x, y = min(max(int(x) // scale, 0), w - 1), min(max(int(y) // scale, 0), h - 1)
+    if corner is None:
+        picture, note = frame_with_boxes(clip[index], index, len(clip), rows, prompt or "")
+        return rows, picture, f"Corner ({x}, {y}) set: now click the opposite corner. " + note, [x, y]
+    (ax, ay), (bx, by) = corner, (x, y)
+    # one box per word and keyframe: a box drawn again on the same frame replaces the word's old one
+    rows = [r for r in rows if not (len(r) == 6 and r[0] == word and _cell_is(r[5], index))]
+    rows.append([word, min(ax, bx), min(ay, by), max(ax, bx) + 1, max(ay, by) + 1, index])
+    picture, note = frame_with_boxes(clip[index], index, len(clip), rows, prompt or "")
+    return rows, picture, note, None
+
+
+# ----------------------------------------------------------------------------- the edit
+
+
+def _status(seen: dict, settings: VideoSettings, done: bool = False) -> str:
+    """One line per stage: where the fine-tune, the inversion and the editing stand."""
+    later = {"fine-tune": ("inversion", "edit"), "inversion": ("edit",), "edit": ()}
+    lines = []
+    for stage, label in (("fine-tune", "Fine-tune"), ("inversion", "Inversion"), ("edit", "Editing")):
+        if stage == "fine-tune" and not settings.tune_steps:
+            lines.append(f"- {label}: off (0 steps)")
+        elif stage in seen:
+            step, total, loss = seen[stage]
+            tail = "" if loss is None else f", loss {loss:.4f}"
+            lines.append(f"- {label}: step {step} of {total}{tail}")
+        elif done or any(s in seen for s in later[stage]):
+            lines.append(f"- {label}: from the cache")
+        else:
+            lines.append(f"- {label}: waiting")
+    return "\n".join(lines)
+
+
+def _stopped_message(stopped: Stopped) -> str:
+    """What a stop keeps, by the stage it reached (the task caches each stage as it ends)."""
+    kept = {
+        "fine-tune step": "the fine-tune's checkpoint at this step is kept, so the next Edit with the same clip, "
+                          "source prompt and settings resumes there",
+        "inversion step": "the finished fine-tune is kept (the inversion starts over)",
+        "editing step": "the fine-tune and the inversion are kept, so the next Edit starts with the editing",
+    }.get(stopped.what, "the finished stages are kept")
+    return f"{stopped} Nothing of this edit was saved; {kept}."
+
+
+def make_handler(ctx: AppContext, cache: str | Path | None = None):
+    """The event handler, also the `/edit_video` API endpoint; `cache`: the fine-tune and inversion
+    cache (default `cache_dir(ctx)`)."""
+
+    @user_errors_as_gradio
+    def edit_video(
+        model: str,
+        video,
+        source_prompt: str,
+        prompt: str,
+        boxes=None,
+        preserve_background: bool = DEFAULTS.preserve_background,
+        frames: float = DEFAULTS.frames,
+        frame_stride: float = DEFAULTS.frame_stride,
+        height: float | None = UNSET,
+        width: float | None = UNSET,
+        window: float = DEFAULTS.window,
+        window_stride: float = DEFAULTS.window_stride,
+        steps: float = DEFAULTS.steps,
+        guidance: float = DEFAULTS.guidance,
+        seed: float = DEFAULTS.seed,
+        tune_steps: float = DEFAULTS.tune_steps,
+        tune_lr: float = DEFAULTS.tune_lr,
+        tune_frames: float | None = UNSET,
+        mixed_precision: str = DEFAULTS.mixed_precision,
+        gradient_checkpointing: bool = DEFAULTS.gradient_checkpointing,
+        checkpoint_every: float = DEFAULTS.checkpoint_every,
+        per_frame_groupnorm: bool = DEFAULTS.per_frame_groupnorm,
+        rad: bool = DEFAULTS.rad,
+        rad_scale: float = DEFAULTS.rad_scale,
+        rad_until: float = DEFAULTS.rad_until,
+        refine_iterations: float = DEFAULTS.refine_iterations,
+        topk: float = DEFAULTS.topk,
+        temperature: float = DEFAULTS.temperature,
+        smoothing: float = DEFAULTS.smoothing,
+        heatmaps: bool = DEFAULTS.heatmaps,
+        progress=gr.Progress(),
+        request: gr.Request = None,
+    ):
+        """Edit the clip from the source prompt to the prompt (ReAtCo), each box holding its word.
+
+        boxes: rows word, x1, y1, x2, y2, frame in pixels of the source frames (several frames of
+        one word are keyframes, interpolated); preserve_background is IRJS; the other parameters are
+        VideoSettings fields (height, width, tune_frames 0: the source's / the whole clip; seed -1:
+        random).  Yields the progress of every stage; returns the status, the edited clip, the
+        side-by-side, the heatmap videos and the files.
+        """
+        from pipelines.video import edit_video as run_edit
+
+        values = dict(locals())
+        settings = tab_settings(**{name: values[name] for name in VideoSettings.specs()})  # before loading
+        ctx.limits.check_settings(settings, training=TRAINING_FIELDS)
+        if not video:
+            raise UserInputError("Please upload a clip (mp4, webm, gif, ...).")
+        parsed = boxes_from_table(boxes)
+        _check_clip_side(ctx, video)
+        progress(0, desc="Loading model")
+        pipe = ctx.load(model)
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        seen: dict = {}
+        skip = (gr.skip(),) * 4
+
+        with stoppable(ctx, request, TASK) as flag:
+            def work():
+                try:
+                    outcome["result"] = run_edit(pipe, video, source_prompt, prompt, parsed, settings,
+                                                 cache_dir=cache if cache is not None else cache_dir(ctx),
+                                                 progress=lambda *event: events.put(event), stop=flag.is_set)
+                except BaseException as error:  # noqa: BLE001 (re-raised in the request's thread below)
+                    outcome["error"] = error
+                finally:
+                    events.put(None)
+
+            # the edit runs in its own thread so that this generator can show every step as it ends
+            worker = threading.Thread(target=work, name="edit-video", daemon=True)
+            worker.start()
+            try:
+                yield (_status(seen, settings), *skip)
+                while (event := events.get()) is not None:
+                    stage, step, total, loss = event
+                    seen[stage] = (step, total, loss)
+                    label = {"fine-tune": "Fine-tune", "inversion": "Inversion", "edit": "Editing"}.get(stage, stage)
+                    progress((step, total), desc=label)
+                    yield (_status(seen, settings), *skip)
+            finally:
+                flag.set()  # the page went away (the generator closed): stop the edit at its next step
+                worker.join()
+        if "error" in outcome:
+            error = outcome["error"]
+            if isinstance(error, Stopped):
+                message = _stopped_message(error)
+                logger.info("stopped in edit_video: %s", message)
+                raise gr.Error(message, title="Stopped", print_exception=False)
+            raise error
+        result = outcome["result"]
+        run_dir = ctx.outputs.new_run_dir(TASK)
+        written = result.save(run_dir / "edited.mp4")
+        edited, side = written[0], written[1]
+        heat = [(str(path), word) for path, word in zip(written[2:-1], result.heatmaps)]
+        timings = result.params["timings"]
+        summary = [_status(seen, settings, done=True),
+                   f"\n{len(result.frames)} frames at {result.params['size'][0]}x{result.params['size'][1]}, "
+                   + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in timings.items())
+                   + f". Seed {settings.seed} (type it in Advanced to repeat this edit)."]
+        summary += [f"\n*{note}*" for note in result.notes]
+        yield "\n".join(summary), str(edited), str(side), heat, [str(p) for p in written]
+
+    return edit_video
+
+
+# ----------------------------------------------------------------------------- the tab
+
+
+def setting_parameters(handler) -> list[str]:
+    """The handler's VideoSettings parameters in its signature's order: the order of the event's
+    inputs (Gradio passes them by position), so no control can land in another setting."""
+    names = [name for name in inspect.signature(handler).parameters if name in VideoSettings.specs()]
+    assert sorted(names) == sorted(VideoSettings.specs()), "the handler must take every VideoSettings field"
+    return names
+
+
+def elem_id(name: str) -> str:
+    """A setting's control's HTML id: ev-<field name with dashes>."""
+    return "ev-" + name.replace("_", "-")
+
+
+def build_tab(ctx: AppContext) -> dict:
+    """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    with gr.Tab("Edit video", id="edit_video") as tab:
+        gr.Markdown(
+            "Upload a clip, say what it shows (*source prompt*) and what it should show (*edited prompt*), "
+            "and draw one box per object on a frame, bound to a word of the edited prompt: **Edit** fine-tunes "
+            "the model on the clip, inverts it, and samples the edit with each word's attention pushed into its "
+            "box (ReAtCo). Boxes on several frames of one word are keyframes, interpolated in between; with "
+            "**Keep the rest** (IRJS) everything outside the boxes follows the source."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
+                                    info="SD 1.x/2.x models (the built-in one included)", elem_id="ev-model")
+                video = gr.File(label="Clip (mp4, webm, gif, mov, avi, mkv)", file_types=CLIP_TYPES, type="filepath",
+                                elem_id="ev-video")
+                source_prompt = gr.Textbox(label="Source prompt", placeholder="a red circle on a striped background",
+                                           elem_id="ev-source-prompt")
+                prompt = gr.Textbox(label="Edited prompt", placeholder="a blue square on a striped background",
+                                    elem_id="ev-prompt")
+                preserve_background = checkbox(VideoSettings, "preserve_background",
+                                               label="Keep the rest unchanged (IRJS)", elem_id="ev-preserve-background")
+                with gr.Accordion("Advanced (the paper's settings)", open=False, elem_id="ev-advanced"):
+                    controls = _advanced_controls()
+                with gr.Row():
+                    run = gr.Button("Edit", variant="primary", elem_id="ev-run")
+                    stop = gr.Button("Stop", variant="stop", elem_id="ev-stop")
+                stop_note = gr.Markdown(elem_id="ev-stop-note")
+            with gr.Column(scale=1):
+                frame = gr.Image(label="Frame (click two opposite corners to add a box)", type="pil", format="png",
+                                 interactive=False, height=320, elem_id="ev-frame")
+                with gr.Row():
+                    frame_index = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="ev-frame-index")
+                    word = gr.Dropdown(choices=[], value=None, label="Box for the word", allow_custom_value=False,
+                                       elem_id="ev-word")
+                box_note = gr.Markdown(elem_id="ev-box-note")
+                boxes = gr.Dataframe(headers=BOX_HEADERS, datatype=["str"] + ["number"] * 5, type="array",
+                                     row_count=1, column_count=len(BOX_HEADERS), interactive=True,
+                                     label="Boxes (pixels of the source frames; edit or delete rows freely)",
+                                     elem_id="ev-boxes")
+                clear = gr.Button("Clear the boxes", elem_id="ev-clear")
+                corner = gr.State(None)
+            with gr.Column(scale=1):
+                status = gr.Markdown(elem_id="ev-status")
+                edited = gr.Video(label="Edited clip", interactive=False, elem_id="ev-edited")
+                side = gr.Video(label="Source | edit", interactive=False, elem_id="ev-side")
+                heat = gr.Gallery(label="Attention of each bound word", columns=2, elem_id="ev-attention")
+                files = gr.File(label="Downloads (edited MP4, side-by-side MP4, heatmap MP4s, JSON)",
+                                file_count="multiple", interactive=False, elem_id="ev-files")
+        if EXAMPLE_CLIP.is_file():
+            gr.Examples(examples=EXAMPLES,
+                        inputs=[video, source_prompt, prompt, boxes, preserve_background, controls["tune_steps"],
+                                controls["steps"]],
+                        label=f"Examples (a shapes-world clip for the built-in model; {EXAMPLE_TUNE_STEPS} fine-tune "
+                              f"and {EXAMPLE_STEPS} sampling steps instead of the paper's 200 and 50, for a CPU)",
+                        elem_id="ev-examples")
+
+        handler = make_handler(ctx)
+        controls["preserve_background"] = preserve_background
+        inputs = [model, video, source_prompt, prompt, boxes, *(controls[name] for name in setting_parameters(handler))]
+        outputs = [status, edited, side, heat, files]
+        run.click(handler, inputs, outputs, api_name=TASK, **GPU_CONCURRENCY)
+        stop.click(stop_handler(ctx, TASK, f"{TASK}_stop"), None, stop_note, api_name=f"{TASK}_stop", queue=False)
+
+        show_frame, click_corner = make_viewer_handlers(ctx)
+        clip_settings = [controls["frames"], controls["frame_stride"]]
+        view_inputs = [video, frame_index, boxes, prompt, *clip_settings]
+        view_outputs = [frame, frame_index, box_note]
+        for trigger in (video.change, frame_index.release, boxes.change, controls["frames"].change,
+                        controls["frame_stride"].change):
+            trigger(show_frame, view_inputs, view_outputs, api_visibility="private", queue=False)
+        video.change(lambda: None, None, corner, api_visibility="private", queue=False)  # a new clip: no pending corner
+        frame.select(click_corner, [video, frame_index, boxes, prompt, word, corner, *clip_settings],
+                     [boxes, frame, box_note, corner], api_visibility="private", queue=False)
+
+        def words(text, current):
+            choices = prompt_choices(text)
+            return gr.update(choices=choices, value=current if current in choices else None)
+
+        prompt.change(words, [prompt, word], word, api_visibility="private", queue=False)
+        clear.click(lambda: ([], None), None, [boxes, corner], api_visibility="private", queue=False)
+    return {"tab": tab, "video": video, "prompt": prompt, "boxes": boxes, "run": run}
+
+
+def _advanced_controls() -> dict:
+    """One control per VideoSettings field but IRJS, made from the field (range, default, help)."""
+    c = {}
+    with gr.Row():
+        c["frames"] = number(VideoSettings, "frames", label="Frames (0: every frame)", elem_id="ev-frames")
+        c["frame_stride"] = number(VideoSettings, "frame_stride", label="Frame stride", elem_id="ev-frame-stride")
+    with gr.Row():
+        c["width"] = number(VideoSettings, "width", label="Width (0: the source's)", elem_id="ev-width")
+        c["height"] = number(VideoSettings, "height", label="Height (0: the source's)", elem_id="ev-height")
+    with gr.Row():
+        c["window"] = number(VideoSettings, "window", label="Window (frames)", elem_id="ev-window")
+        c["window_stride"] = number(VideoSettings, "window_stride", label="Window stride", elem_id="ev-window-stride")
+    with gr.Row():
+        c["steps"] = number(VideoSettings, "steps", elem_id="ev-steps")
+        c["guidance"] = number(VideoSettings, "guidance", elem_id="ev-guidance")
+        # no range on the control: resolve_seed says what is wrong in one sentence (-1 = random)
+        c["seed"] = number(VideoSettings, "seed", minimum=None, maximum=None, label="Seed (-1 = random)",
+                           elem_id="ev-seed")
+    with gr.Row():
+        c["tune_steps"] = number(VideoSettings, "tune_steps", elem_id="ev-tune-steps")
+        c["tune_lr"] = number(VideoSettings, "tune_lr", step=1e-6, label="Fine-tune learning rate",
+                              elem_id="ev-tune-lr")
+        c["tune_frames"] = number(VideoSettings, "tune_frames", label="Fine-tune frames (0: the whole clip)",
+                                  elem_id="ev-tune-frames")
+    with gr.Row():
+        c["mixed_precision"] = dropdown(VideoSettings, "mixed_precision", elem_id="ev-mixed-precision")
+        c["checkpoint_every"] = number(VideoSettings, "checkpoint_every", label="Checkpoint every (steps)",
+                                       elem_id="ev-checkpoint-every")
+    with gr.Row():
+        c["gradient_checkpointing"] = checkbox(VideoSettings, "gradient_checkpointing", elem_id="ev-gradient-checkpointing")
+        c["per_frame_groupnorm"] = checkbox(VideoSettings, "per_frame_groupnorm", elem_id="ev-per-frame-groupnorm")
+    with gr.Row():
+        c["rad"] = checkbox(VideoSettings, "rad", elem_id="ev-rad")
+        c["heatmaps"] = checkbox(VideoSettings, "heatmaps", elem_id="ev-heatmaps")
+    c["rad_scale"] = number(VideoSettings, "rad_scale", label="RAD scale", elem_id="ev-rad-scale")
+    c["rad_until"] = slider(VideoSettings, "rad_until", label="RAD fraction of the steps", elem_id="ev-rad-until")
+    c["refine_iterations"] = slider(VideoSettings, "refine_iterations", label="Refinement iterations",
+                                    elem_id="ev-refine-iterations")
+    c["topk"] = slider(VideoSettings, "topk", label="Top-k", elem_id="ev-topk")
+    c["temperature"] = number(VideoSettings, "temperature", label="Temperature", elem_id="ev-temperature")
+    c["smoothing"] = number(VideoSettings, "smoothing", label="Smoothing (sigma)", elem_id="ev-smoothing")
+    missing = set(ADVANCED) - set(c)
+    assert not missing, missing  # a new VideoSettings field needs its control here
+    return c
