@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py TASK [--model builtin] [--scenes 50] [--markdown]
 
-TASK is generation, eraser, grounding, steering or all.  Scenes come from the world's test
+TASK is generation, eraser, grounding, steering, video or all.  Scenes come from the world's test
 seeds (`world.TEST_SEED_START` + an offset per task), which training never saw.  One JSON line
 per task: the method's figures (means over scenes, the headline's 95 % bootstrap interval as
 `<headline>_ci`), each ablation's and baseline's on the same scenes, the headline ablation
@@ -27,6 +27,15 @@ claim needs at least 3).  `--markdown` adds the table the README shows.
   backbone's default, without sink handling, and plain cross-attention of the target words (all
   three removed; the headline ablation).  Baselines that read no attention: whole image,
   centred disc, union of all objects.
+- **video** (Edit video, ReAtCo): one-object clips of 8 frames (`world.make_clip`) whose
+  object gets another colour, and in every other clip another shape, inside its per-frame box
+  (the extent of the old and the new shape + 2 px, keyframed on the first and last frame; motion
+  is linear, so the interpolated boxes are exact).  Per clip: `placed` (fraction of frames where the checker finds
+  an object of the new colour centred in the box; the headline), `placed_exact` (colour and
+  shape), `psnr_outside` (dB against the source outside the boxes) and `flicker` (mean
+  frame-to-frame change outside the boxes).  Arms on the same fine-tune and inversion: ReAtCo,
+  IRJS only, and neither (the headline ablation, Tune-A-Video editing); baseline: the source
+  unchanged.  CPU budget: 20 fine-tune and 10 DDIM steps, one 8-frame window (`VIDEO_SETTINGS`).
 - **steering**: prompts with one red object; MedSteer directions from "a red circle" vs "a
   blue circle" prompts; `flip` = the steered image's largest object is blue, `red_removed` =
   no red object left, `structure_iou` = IoU of the object masks of the pair.  Headline:
@@ -41,7 +50,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +61,12 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.builtin import world  # noqa: E402
 
-TASKS = ("generation", "eraser", "grounding", "steering")
+TASKS = ("generation", "eraser", "grounding", "steering", "video")
 # Each task draws its scenes from its own block of test seeds.
-SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000}
+SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000, "video": 40_000}
 HEADLINE = {"generation": ("exact", "higher"), "eraser": ("residual", "lower"),
-            "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher")}
+            "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher"),
+            "video": ("placed", "higher")}
 
 
 def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
@@ -415,7 +425,129 @@ def bench_steering(pipe, count: int, samples: int = 64) -> dict:
         {"no-op (the original image)": steering_cases([(original, original) for original, _ in pairs])})
 
 
+# ------------------------------------------------------------------------------ video
+
+#: the clips and the CPU budget of one edit: 8 frames of 64 px, one window over the whole clip
+#: (the paper's 4-frame windows only bound GPU memory), 20 fine-tune and 10 DDIM steps (the
+#: paper's 200 and 50 take about 10x longer); every other setting is the paper's
+VIDEO_FRAMES = 8
+VIDEO_SETTINGS = dict(frames=VIDEO_FRAMES, window=VIDEO_FRAMES, tune_steps=20, steps=10, heatmaps=False)
+#: PSNR of two identical regions (the no-op baseline outside the boxes), instead of infinity
+PSNR_CAP = 60.0
+#: pixels added around an object's extent to make its box, as a user would draw it
+BOX_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class VideoCase:
+    """One edit of a one-object clip: the object gets another colour (and, every other case,
+    another shape) inside its per-frame box."""
+
+    clip: world.Clip
+    source_prompt: str
+    prompt: str
+    word: str  # the edited prompt's shape word, bound to the box
+    colour: str  # the edited object's colour and shape
+    shape: str
+    boxes: np.ndarray  # (F, 4) x1, y1, x2, y2 pixels of the 64 px frames: the old and new object's extent + margin
+
+
+def video_cases(count: int, size: int = 64) -> list[VideoCase]:
+    cases = []
+    for seed in range(world.TEST_SEED_START + SEED_OFFSETS["video"],
+                      world.TEST_SEED_START + SEED_OFFSETS["video"] + count):
+        clip = world.make_clip(seed, VIDEO_FRAMES, num_objects=1)
+        rng = np.random.default_rng(seed)
+        obj = clip.objects_per_frame[0][0]
+        colour = str(rng.choice([c for c in world.COLOURS if c != obj.colour]))
+        shape = obj.shape if len(cases) % 2 == 0 else str(rng.choice([s for s in world.SHAPES if s != obj.shape]))
+        edited = replace(obj, colour=colour, shape=shape)
+        boxes = []
+        for objects in clip.objects_per_frame:  # the extent of the old and the new object (a triangle is lower)
+            rows, cols = np.nonzero(world.object_mask(objects[0], size)
+                                    | world.object_mask(replace(objects[0], shape=shape), size))
+            boxes.append([max(0, cols.min() - BOX_MARGIN), max(0, rows.min() - BOX_MARGIN),
+                          min(size, cols.max() + 1 + BOX_MARGIN), min(size, rows.max() + 1 + BOX_MARGIN)])
+        cases.append(VideoCase(clip, clip.caption(0), world.caption([edited], clip.background), shape, colour,
+                               shape, np.array(boxes)))
+    return cases
+
+
+def _box_masks(boxes: np.ndarray, size: int) -> np.ndarray:
+    masks = np.zeros((len(boxes), size, size), bool)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
+        mask[y1:y2, x1:x2] = True
+    return masks
+
+
+def video_figures(frames: list[np.ndarray], source: list[np.ndarray], case: VideoCase) -> dict[str, float]:
+    """One edited clip's figures: `placed` (fraction of frames where the checker finds an object of
+    the edited colour with its centroid inside the frame's box), `placed_exact` (colour and
+    shape), `psnr_outside` (dB against the source, outside the boxes, capped at PSNR_CAP) and
+    `flicker` (mean absolute frame-to-frame change outside the boxes, 0-255)."""
+    size = frames[0].shape[0]
+    inside = _box_masks(case.boxes, size)
+    placed = exact = 0
+    for frame, (x1, y1, x2, y2) in zip(frames, case.boxes):
+        found = [o for o in world.measure_objects(frame) if o.colour == case.colour
+                 and x1 <= o.x * size < x2 and y1 <= o.y * size < y2]
+        placed += bool(found)
+        exact += any(o.shape == case.shape for o in found)
+    edited = np.stack(frames).astype(np.float64)
+    original = np.stack(source).astype(np.float64)
+    outside = ~inside
+    mse = float(((edited - original) ** 2)[outside].mean())
+    psnr = PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) * 255 ** 2 else 10 * np.log10(255 ** 2 / mse)
+    still = outside[1:] & outside[:-1]  # outside the boxes of both frames
+    flicker = float(np.abs(edited[1:] - edited[:-1])[still].mean())
+    n = len(frames)
+    return {"placed": placed / n, "placed_exact": exact / n, "psnr_outside": float(psnr), "flicker": flicker}
+
+
+#: the arms on the same fine-tune and inversion: the method and its ablations
+VIDEO_ARMS = {"ReAtCo (RAD + IRJS)": dict(rad=True, preserve_background=True),
+              "IRJS only (no RAD)": dict(rad=False, preserve_background=True),
+              "no RAD, no IRJS (Tune-A-Video)": dict(rad=False, preserve_background=False)}
+
+
+def edit_clips(pipe, cases: list[VideoCase], arms: dict, cache_dir) -> dict[str, list[dict]]:
+    """Per arm, per case: the edited clip's figures (each clip fine-tuned and inverted once,
+    shared by the arms through the cache)."""
+    from pipelines.video import edit_video
+
+    out: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for case in cases:
+        source = case.clip.frames(64)
+        boxes = [(case.word, tuple(case.boxes[0])), (case.word, tuple(case.boxes[-1]), len(source) - 1)]
+        for arm, switches in arms.items():
+            result = edit_video(pipe, source, case.source_prompt, case.prompt, boxes, cache_dir=cache_dir, fps=8,
+                                **VIDEO_SETTINGS, **switches)
+            out[arm].append(video_figures(result.frames, result.source, case))
+    return out
+
+
+def bench_video(pipe, count: int) -> dict:
+    import tempfile
+
+    cases = video_cases(count)
+    with tempfile.TemporaryDirectory(prefix="quality-video-") as cache:
+        arms = edit_clips(pipe, cases, VIDEO_ARMS, cache)
+    as_cases = {arm: {key: np.array([f[key] for f in figures]) for key in figures[0]} for arm, figures in arms.items()}
+    noop = {key: np.array([video_figures(c.clip.frames(64), c.clip.frames(64), c)[key] for c in cases])
+            for key in ("placed", "placed_exact", "psnr_outside", "flicker")}
+    method, *ablations = VIDEO_ARMS
+    result = summarise("video", method, as_cases[method], ablations[-1], {a: as_cases[a] for a in ablations},
+                       {"no-op (the source clip)": noop})
+    # the second claim of the method: the rest of the clip stays (PSNR outside the boxes), with intervals
+    result["psnr_outside_ci"] = {arm: bootstrap_interval(c["psnr_outside"]) for arm, c in as_cases.items()}
+    lead = as_cases[method]["psnr_outside"] - as_cases[ablations[-1]]["psnr_outside"]
+    result["psnr_outside_margin"] = round(float(lead.mean()) / max(bootstrap_spread(lead), 1e-12), 2)
+    result["settings"] = VIDEO_SETTINGS
+    return result
+
+
 BENCHES = {"generation": bench_generation, "eraser": bench_eraser, "grounding": bench_grounding,
+           "video": bench_video,
            "steering": bench_steering}
 
 

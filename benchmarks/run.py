@@ -45,7 +45,8 @@ per arm, so a run whose processors call SDPA directly is visible as 0/N.
 Tasks live in `benchmarks/bench_<task>.py`, found without editing this file.  Each defines
     TASK = "name"
     def prepare(args) -> tuple[method, baseline, variants]   # callables; variants: dict name -> callable
-and may define FULL_SIZE = {"model-name": builder(device, dtype) -> pipeline} for full-size
+and may define BREAKDOWN = False (with BREAKDOWN_WHY, a sentence) for a task whose --breakdown
+has no operator count, and FULL_SIZE = {"model-name": builder(device, dtype) -> pipeline} for full-size
 architectures with random weights (e.g. `--model sd15-random`): real-size speed and memory
 without downloading anything, and ``ops_probe(args, method, baseline, variants)`` returning
 {"scopes": {...}, "report": fn(method_counter, stock_counter, count) -> dict} for --breakdown.
@@ -362,6 +363,11 @@ def _iqr(values):
 
 
 def run_task(args, task, module) -> list[dict]:
+    counts_ops = getattr(module, "BREAKDOWN", True)  # False: the task's model calls are not the loaded denoiser's
+    if args.breakdown and not counts_ops:
+        print(f"# {task}: no operator breakdown ({module.BREAKDOWN_WHY})", file=sys.stderr)
+        if args.ops_only:
+            return []
     args.pipes = []
     args.size = args.requested_size
     args.dtype = args.requested_dtype
@@ -376,7 +382,7 @@ def run_task(args, task, module) -> list[dict]:
               + ", ".join(f"{arm} {text}" for arm, text in backend_calls.items())
               + ("" if all(used.values()) else "  (not every arm used it)"), file=sys.stderr)
     lines = []
-    if args.breakdown:
+    if args.breakdown and counts_ops:
         lines.append(run_ops(args, task, module, method, baseline, variants))
     if not args.ops_only:
         lines.append(run_timing(args, task, method, baseline, variants, backend_calls))

@@ -88,3 +88,47 @@ def test_gpu_script_parses_and_keeps_to_its_budget(tmp_path):
     assert {line["kind"] for line in lines} == {"skipped"}
     assert {line["model"] for line in lines} == {model for _, model, *_ in gpu_all.PLAN}
     assert all(model in common.full_size_models() for _, model, *_ in gpu_all.PLAN)
+
+
+def test_the_video_checker_reads_a_perfect_edit_as_placed_and_the_source_as_not():
+    """benchmarks/quality.py video: the figures of a clip drawn with the edit done exactly (the
+    object recoloured and reshaped in place) and of the unchanged source."""
+    from dataclasses import replace
+
+    from benchmarks import quality
+    from pipelines.builtin import world
+
+    for case in quality.video_cases(4):
+        source = case.clip.frames(64)
+        edited_objects = [[replace(o, colour=case.colour, shape=case.shape) for o in objects]
+                          for objects in case.clip.objects_per_frame]
+        perfect = [world.render(case.clip.background, objects, 64) for objects in edited_objects]
+        assert case.word in case.prompt.split() and case.colour in case.prompt
+        got = quality.video_figures(perfect, source, case)
+        assert got["placed"] == got["placed_exact"] == 1.0, (case.prompt, got)
+        assert got["psnr_outside"] == quality.PSNR_CAP and got["flicker"] == 0.0  # only the boxes changed
+        unchanged = quality.video_figures(source, source, case)
+        assert unchanged["placed"] == 0.0 and unchanged["psnr_outside"] == quality.PSNR_CAP
+    # half the cases change the shape too
+    shapes = [(c.clip.objects_per_frame[0][0].shape, c.shape) for c in quality.video_cases(4)]
+    assert sum(a != b for a, b in shapes) == 2
+
+
+def test_the_reference_video_loop_does_more_passes_for_the_same_clip(tiny_pipe, tmp_path):
+    """bench_video's baseline does the reference code's extra work (a gradient pass at every step,
+    the whole UNet, discarded refinement forwards) and, since that work changes nothing, edits the
+    clip to the same frames: what our loop skips is pure waste."""
+    import numpy as np
+
+    from benchmarks.bench_video import reference_loop
+    from pipelines.video import edit_video
+
+    pipe = tiny_pipe("tiny")
+    rng = np.random.RandomState(0)
+    clip = [(rng.rand(32, 32, 3) * 255).astype(np.uint8) for _ in range(4)]
+    settings = dict(steps=6, tune_steps=1, refine_iterations=2, window=4, heatmaps=False, cache_dir=tmp_path)
+    ours = edit_video(pipe, clip, "a photo of a cat", "a photo of a dog", ["dog:0,0,16,16"], **settings)
+    with reference_loop():
+        reference = edit_video(pipe, clip, "a photo of a cat", "a photo of a dog", ["dog:0,0,16,16"], **settings)
+    assert reference.params["gradient_passes"] > ours.params["gradient_passes"]
+    assert np.abs(np.stack(reference.frames).astype(int) - np.stack(ours.frames).astype(int)).max() <= 1

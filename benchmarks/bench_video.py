@@ -1,0 +1,113 @@
+"""benchmarks/run.py video: ReAtCo's editing loop (RAD + IRJS over windows) vs the reference
+code's loop, on the same clip, fine-tune and inversion.
+
+Both arms run `pipelines.video.edit_video` on a random clip (8 frames at `--size`, one 8-frame
+window: the saving per window does not depend on the window) with a warm cache, so the fine-tune and the inversion are loaded, not redone: what is timed is
+the edit itself (encoding, sampling, decoding).  The baseline swaps the sampler for
+`ReferenceSampler`, which does what the authors' loop does and ours skips (docs/methods/video.md,
+"Our deviations"):
+
+- a conditional gradient pass at every step, also after the RAD updates end (i >= 25 of 50),
+  where the gradient is computed and thrown away;
+- the whole UNet in every gradient pass (ours stops after the block of the last capture layer);
+- an unconditional and a conditional no-grad forward after every refinement iteration, whose
+  results are discarded.
+
+So the arms do not make the same model calls (``equal_calls`` is false, by design): the ratio is
+the saving.  Goal (issue #14): ratio <= 1 / 1.3, i.e. our edit at least 1.3x faster.
+`--model sd15-random` is the SD 1.5 architecture with random weights (bench_generate.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from unittest import mock
+
+import numpy as np
+import torch
+
+from benchmarks.bench_generate import sd15_random
+from benchmarks.common import load_model
+from pipelines.video import edit as edit_module
+from pipelines.video.reatco import Sampler
+
+TASK = "video"
+BREAKDOWN = False
+BREAKDOWN_WHY = ("the edit runs an inflated copy of the UNet, not the loaded one; its layers' costs are the "
+                 "capture of attention_processors/video.py")
+FULL_SIZE = {"sd15-random": sd15_random}
+SOURCE, PROMPT, WORD = "a red circle on a striped background", "a blue square on a striped background", "square"
+#: frames of the benchmark clip, and the fine-tune steps done once before timing
+FRAMES = 8
+TUNE_STEPS = 2
+
+
+class ReferenceSampler(Sampler):
+    """The reference loop's work on top of ours: a gradient pass every step, no early exit, and
+    the discarded guidance forwards of the refinement loop."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._exit_block = torch.nn.Identity()  # never called: every gradient pass runs the whole UNet
+        self._step = -1
+
+    def rad_due(self, i: int) -> bool:
+        return bool(self.settings.rad and self.tokens)
+
+    def loss_at(self, z, t, a, b):
+        out = super().loss_at(z, t, a, b)
+        if self._step in self.refine:  # the reference's refinement iteration also predicts noise, unused
+            self.controller.capturing = False
+            self.controller.state.row_roles = ("uncond", "cond")
+            with torch.no_grad():
+                self.unet(torch.cat([z, z]).detach(), t, encoder_hidden_states=torch.cat([self.uncond, self.cond]))
+            self.controller.capturing = True
+        return out
+
+    def rad_update(self, z, i, t, a, b):
+        self._step = i
+        if i < self.rad_last or i in self.refine:
+            return super().rad_update(z, i, t, a, b)
+        self.controller.capturing = True
+        try:
+            with torch.enable_grad():
+                z_grad = z.detach().requires_grad_(True)
+                loss, _, _ = self.loss_at(z_grad, t, a, b)
+                torch.autograd.grad(loss, z_grad)  # computed and thrown away, as the reference does
+        finally:
+            self.controller.capturing = False
+        return z
+
+
+@contextmanager
+def reference_loop():
+    with mock.patch.object(edit_module, "Sampler", ReferenceSampler):
+        yield
+
+
+def prepare(args):
+    """Method: `edit_video` as shipped.  Baseline: the same call with the reference loop."""
+    from pipelines.video import edit_video
+
+    pipe = load_model(args)
+    pipe.set_progress_bar_config(disable=True)
+    size = args.size = args.size or (512 if args.model in FULL_SIZE else 64)
+    rng = np.random.RandomState(0)
+    clip = [(rng.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(FRAMES)]
+    cache = tempfile.mkdtemp(prefix="bench-video-")
+    box = [f"{WORD}:{size // 4},{size // 4},{size // 2},{size // 2}"]
+    settings = dict(steps=args.steps, tune_steps=TUNE_STEPS, frames=FRAMES, window=FRAMES, heatmaps=False)
+    edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, **settings)  # fine-tune and invert once
+
+    def method():
+        edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, **settings)
+
+    def baseline():
+        with reference_loop():
+            edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, **settings)
+
+    def no_rad():
+        edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, rad=False, **settings)
+
+    return method, baseline, {"no_rad": no_rad}
