@@ -15,22 +15,38 @@ the edit itself (encoding, sampling, decoding).  The baseline swaps the sampler 
 
 So the arms do not make the same model calls (``equal_calls`` is false, by design): the ratio is
 the saving.  Goal (issue #14): ratio <= 1 / 1.3, i.e. our edit at least 1.3x faster.
+
+Memory with the clip's length (goal: a 48-frame clip at most 1.1x the peak of a 16-frame one):
+
+    python benchmarks/bench_video.py memory [--model tiny] [--size 64] [--frames 16 48] [--device cuda]
+
+runs one whole edit (fine-tune, inversion, sampling, decoding; the paper's 4-frame windows) per
+clip length, each in a fresh process, and prints one JSON line with each peak (CUDA allocator
+peak on a GPU; process RSS on a CPU, where the weights and the Python runtime are part of it) and
+the ratios to the first.
 `--model sd15-random` is the SD 1.5 architecture with random weights (bench_generate.py).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
 
-from benchmarks.bench_generate import sd15_random
-from benchmarks.common import load_model
-from pipelines.video import edit as edit_module
-from pipelines.video.reatco import Sampler
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script (memory)
+
+from benchmarks.bench_generate import sd15_random  # noqa: E402
+from benchmarks.common import load_model  # noqa: E402
+from pipelines.video import edit as edit_module  # noqa: E402
+from pipelines.video.reatco import Sampler  # noqa: E402
 
 TASK = "video"
 BREAKDOWN = False
@@ -111,3 +127,51 @@ def prepare(args):
         edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, rad=False, **settings)
 
     return method, baseline, {"no_rad": no_rad}
+
+
+# ------------------------------------------------------------------------------ memory by clip length
+
+
+def _one_edit_peak(model: str, size: int, frames: int, device: str | None) -> int:
+    """Peak memory of one whole edit of a random `frames`-frame clip (this process, fresh)."""
+    from benchmarks.run import PeakMemory
+    from pipelines import models
+    from pipelines.video import edit_video
+
+    pipe = models.load(model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.RandomState(0)
+    clip = [(rng.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(frames)]
+    box = [f"{WORD}:{size // 4},{size // 4},{size // 2},{size // 2}"]
+    with tempfile.TemporaryDirectory(prefix="bench-video-memory-") as cache, PeakMemory(pipe.device) as memory:
+        edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, frames=0, steps=4, tune_steps=2,
+                   refine_iterations=1, heatmaps=False)
+    return int(memory.peak)
+
+
+def memory_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_video.py memory")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--frames", type=int, nargs="+", default=[16, 48])
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    peaks = {}
+    for frames in args.frames:
+        command = [sys.executable, __file__, "_peak", args.model, str(args.size), str(frames), args.device or ""]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        peaks[frames] = int(done.stdout.strip().splitlines()[-1])
+    first = peaks[args.frames[0]]
+    print(json.dumps({"kind": "memory", "task": TASK, "model": args.model, "size": args.size,
+                      "peak_bytes": peaks, "ratio_to_first": {f: round(p / first, 3) for f, p in peaks.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_peak"]:
+        model, size, frames, device = sys.argv[2:6]
+        print(_one_edit_peak(model, int(size), int(frames), device or None))
+    elif sys.argv[1:2] == ["memory"]:
+        sys.exit(memory_main(sys.argv[2:]))
+    else:
+        sys.exit("usage: python benchmarks/bench_video.py memory [--model M] [--size PX] [--frames N ...]")

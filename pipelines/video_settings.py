@@ -51,8 +51,9 @@ class VideoSettings(Settings):
     tune_lr: float = setting(3e-5, "fine-tune learning rate", label="The fine-tune learning rate", above=0,
                              maximum=1e-2)
     tune_frames: int | None = setting(None, "frames per fine-tune step, a random run of the clip (default: the "
-                                            "whole clip, the paper's)", label="Fine-tune frames", minimum=1,
-                                      maximum=MAX_FRAMES)
+                                            "whole clip up to 16 frames, the paper's clip; a longer clip trains "
+                                            "on random 16-frame runs, so memory does not grow with the clip)",
+                                      label="Fine-tune frames", minimum=1, maximum=MAX_FRAMES)
     mixed_precision: str = setting("auto", "fine-tune precision (auto: fp16 on CUDA as in the paper, none on CPU)",
                                    label="Mixed precision", choices=PRECISIONS)
     gradient_checkpointing: bool = setting(True, "gradient checkpointing in the fine-tune and RAD's gradient pass",
@@ -85,6 +86,8 @@ class VideoSettings(Settings):
     #: refinement steps at 50 steps and their thresholds theta (paper); other step counts scale the index
     REFINE: ClassVar[tuple[tuple[int, float], ...]] = ((0, 0.05), (10, 0.5), (20, 0.8))
     PAPER_STEPS: ClassVar[int] = 50
+    #: the paper's clip length: the default fine-tune run of a longer clip
+    PAPER_TUNE_FRAMES: ClassVar[int] = 16
     #: the end of the step-size schedule s = linspace(1, RAD_END, steps)
     RAD_END: ClassVar[float] = 0.5
 
@@ -102,6 +105,10 @@ class VideoSettings(Settings):
         for index, theta in self.REFINE:
             out.setdefault(min(self.steps - 1, index * self.steps // self.PAPER_STEPS), theta)
         return out
+
+    def tune_run(self, frames: int) -> int:
+        """Frames per fine-tune step on a clip of `frames` frames."""
+        return min(frames, self.tune_frames or self.PAPER_TUNE_FRAMES)
 
     def rad_last_step(self) -> int:
         """Main RAD updates happen on steps i < this."""

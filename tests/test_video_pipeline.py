@@ -82,6 +82,28 @@ def _tuner(pipe, cache, steps, seed=0):
     return VideoTuner(pipe, unet, mean, torch.full_like(mean, 0.1), text, settings, cache, torch.device("cpu"))
 
 
+def test_a_long_clip_fine_tunes_on_runs_of_the_papers_16_frames(tiny_pipe):
+    """Memory of the fine-tune is bounded like sampling's: a 20-frame clip trains on random runs of
+    16 frames (the paper's clip), a short clip on all of it, and tune_frames sets the run."""
+    assert VideoSettings().tune_run(48) == 16 and VideoSettings().tune_run(8) == 8
+    assert VideoSettings(tune_frames=4).tune_run(48) == 4
+    pipe = tiny_pipe("tiny")
+    g = torch.Generator().manual_seed(0)
+    unet = inflate(pipe.unet)
+    mean = torch.randn(1, 4, 20, 4, 4, generator=g)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    tuner = VideoTuner(pipe, unet, mean, torch.full_like(mean, 0.1), text,
+                       VideoSettings(tune_steps=1, gradient_checkpointing=False).validated(), None, torch.device("cpu"))
+    seen = []
+    hook = unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0].shape[2]),
+                                          with_kwargs=True)
+    try:
+        tuner.run()
+    finally:
+        hook.remove()
+    assert seen == [16]  # (1, C, F, h, w): one step, on 16 of the 20 frames
+
+
 def test_fine_tune_trains_only_the_q_projections_and_temporal_attention(tiny_pipe):
     pipe = tiny_pipe("tiny")
     tuner = _tuner(pipe, None, 1)

@@ -537,7 +537,7 @@ def _advanced_controls() -> dict:
         c["tune_steps"] = number(VideoSettings, "tune_steps", elem_id="ev-tune-steps")
         c["tune_lr"] = number(VideoSettings, "tune_lr", step=1e-6, label="Fine-tune learning rate",
                               elem_id="ev-tune-lr")
-        c["tune_frames"] = number(VideoSettings, "tune_frames", label="Fine-tune frames (0: the whole clip)",
+        c["tune_frames"] = number(VideoSettings, "tune_frames", label="Fine-tune frames (0: the clip, at most 16)",
                                   elem_id="ev-tune-frames")
     with gr.Row():
         c["mixed_precision"] = dropdown(VideoSettings, "mixed_precision", elem_id="ev-mixed-precision")

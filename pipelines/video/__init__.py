@@ -32,7 +32,7 @@ Deviations from the reference code (every one is ours on purpose):
   sub-token maps; a repeated word: all its occurrences); per-frame boxes (keyframes, linear
   interpolation) are our extension of the paper's static boxes;
 - inversion and the fine-tune run over the same temporal windows as sampling (inversion) or on a
-  random run of `tune_frames` frames (fine-tune; default the whole clip, the paper's), so memory
+  random run of `tune_frames` frames (fine-tune; default the whole clip up to the paper's 16), so memory
   is bounded by the window; at other step counts than 50 the RAD schedule scales (main update on
   the first `rad_until` of the steps, refinement indices i * steps // 50).
 """

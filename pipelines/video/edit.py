@@ -215,7 +215,7 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
     # ---------------------------------------------------------------- fine-tune (cached, resumable)
     model_key = model_fingerprint(pipe)
     tune_fp = {"model": model_key, "clip": video_key, "source_prompt": source_prompt,
-               "tune_steps": settings.tune_steps, "tune_lr": settings.tune_lr, "tune_frames": settings.tune_frames,
+               "tune_steps": settings.tune_steps, "tune_lr": settings.tune_lr, "tune_frames": settings.tune_run(n_frames),
                "precision": resolve_precision(settings.mixed_precision, device),
                "per_frame_groupnorm": settings.per_frame_groupnorm, "seed": settings.seed}
     tune_key = key_of(tune_fp)

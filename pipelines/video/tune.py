@@ -179,7 +179,7 @@ class VideoTuner:
 
     def one_step(self) -> float:
         frames = self.mean.shape[2]
-        run = self.settings.tune_frames or frames
+        run = self.settings.tune_run(frames)
         start = int(torch.randint(0, frames - run + 1, (1,), generator=self.generator))
         eps = torch.randn(self.mean[:, :, start:start + run].shape, generator=self.generator)
         mean, std = self.mean[:, :, start:start + run], self.std[:, :, start:start + run]
