@@ -96,6 +96,13 @@ class ReferenceSampler(Sampler):
         return z
 
 
+def random_clip(size: int, frames: int) -> tuple[list[np.ndarray], list[str]]:
+    """A seeded random clip of `frames` frames of `size` px, and a box for WORD in its middle."""
+    rng = np.random.RandomState(0)
+    clip = [(rng.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(frames)]
+    return clip, [f"{WORD}:{size // 4},{size // 4},{size // 2},{size // 2}"]
+
+
 @contextmanager
 def reference_loop():
     with mock.patch.object(edit_module, "Sampler", ReferenceSampler):
@@ -109,10 +116,8 @@ def prepare(args):
     pipe = load_model(args)
     pipe.set_progress_bar_config(disable=True)
     size = args.size = args.size or (512 if args.model in FULL_SIZE else 64)
-    rng = np.random.RandomState(0)
-    clip = [(rng.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(FRAMES)]
+    clip, box = random_clip(size, FRAMES)
     cache = tempfile.mkdtemp(prefix="bench-video-")
-    box = [f"{WORD}:{size // 4},{size // 4},{size // 2},{size // 2}"]
     settings = dict(steps=args.steps, tune_steps=TUNE_STEPS, frames=FRAMES, window=FRAMES, heatmaps=False)
     edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, **settings)  # fine-tune and invert once
 
@@ -140,9 +145,7 @@ def _one_edit_peak(model: str, size: int, frames: int, device: str | None) -> in
 
     pipe = models.load(model, device=device)
     pipe.set_progress_bar_config(disable=True)
-    rng = np.random.RandomState(0)
-    clip = [(rng.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(frames)]
-    box = [f"{WORD}:{size // 4},{size // 4},{size // 2},{size // 2}"]
+    clip, box = random_clip(size, frames)
     with tempfile.TemporaryDirectory(prefix="bench-video-memory-") as cache, PeakMemory(pipe.device) as memory:
         edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, frames=0, steps=4, tune_steps=2,
                    refine_iterations=1, heatmaps=False)

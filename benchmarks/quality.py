@@ -36,6 +36,12 @@ claim needs at least 3).  `--markdown` adds the table the README shows.
   frame-to-frame change outside the boxes).  Arms on the same fine-tune and inversion: ReAtCo,
   IRJS only, and neither (the headline ablation, Tune-A-Video editing); baseline: the source
   unchanged.  CPU budget: 20 fine-tune and 10 DDIM steps, one 8-frame window (`VIDEO_SETTINGS`).
+- **video_move**: the same clips' object, unchanged, must take its path mirrored (left-right, or
+  top-bottom where that keeps old and new boxes apart): the edited prompt is the source's, the
+  box is the new path's.  IRJS is off in both arms (the old place must be free to change), so
+  the arms are RAD vs none (Tune-A-Video).  `placed` in the new box is the headline;
+  `left_behind` is the fraction of frames still showing the object at its old place; PSNR and
+  flicker are measured outside both.
 - **steering**: prompts with one red object; MedSteer directions from "a red circle" vs "a
   blue circle" prompts; `flip` = the steered image's largest object is blue, `red_removed` =
   no red object left, `structure_iou` = IoU of the object masks of the pair.  Headline:
@@ -61,12 +67,13 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.builtin import world  # noqa: E402
 
-TASKS = ("generation", "eraser", "grounding", "steering", "video")
+TASKS = ("generation", "eraser", "grounding", "steering", "video", "video_move")
 # Each task draws its scenes from its own block of test seeds.
-SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000, "video": 40_000}
+SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000, "video": 40_000,
+                "video_move": 50_000}
 HEADLINE = {"generation": ("exact", "higher"), "eraser": ("residual", "lower"),
             "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher"),
-            "video": ("placed", "higher")}
+            "video": ("placed", "higher"), "video_move": ("placed", "higher")}
 
 
 def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
@@ -450,6 +457,40 @@ class VideoCase:
     colour: str  # the edited object's colour and shape
     shape: str
     boxes: np.ndarray  # (F, 4) x1, y1, x2, y2 pixels of the 64 px frames: the old and new object's extent + margin
+    old_boxes: np.ndarray | None = None  # a move: where the object was (it must leave), else None
+
+
+def _extent(mask: np.ndarray, size: int, dx: int = 0, dy: int = 0) -> list[int]:
+    """The box of a mask's pixels, BOX_MARGIN larger, shifted by (dx, dy), within the frame."""
+    rows, cols = np.nonzero(mask)
+    return [max(0, cols.min() - BOX_MARGIN + dx), max(0, rows.min() - BOX_MARGIN + dy),
+            min(size, cols.max() + 1 + BOX_MARGIN + dx), min(size, rows.max() + 1 + BOX_MARGIN + dy)]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def video_move_cases(count: int, size: int = 64) -> list[VideoCase]:
+    """One-object clips whose object (same colour, shape and prompt) must follow another path: its
+    own path mirrored left-right, or top-bottom where that keeps the boxes apart; clips where
+    neither does are skipped."""
+    cases = []
+    seed = world.TEST_SEED_START + SEED_OFFSETS["video_move"]
+    while len(cases) < count:
+        clip = world.make_clip(seed, VIDEO_FRAMES, num_objects=1)
+        seed += 1
+        masks = [world.object_mask(objects[0], size) for objects in clip.objects_per_frame]
+        old = [_extent(m, size) for m in masks]
+        for flip in (lambda m: m[:, ::-1], lambda m: m[::-1, :]):
+            new = [_extent(np.ascontiguousarray(flip(m)), size) for m in masks]
+            if not any(_overlap(a, b) for a, b in zip(old, new)):
+                obj = clip.objects_per_frame[0][0]
+                caption = clip.caption(0)
+                cases.append(VideoCase(clip, caption, caption, obj.shape, obj.colour, obj.shape, np.array(new),
+                                       np.array(old)))
+                break
+    return cases
 
 
 def video_cases(count: int, size: int = 64) -> list[VideoCase]:
@@ -487,6 +528,8 @@ def video_figures(frames: list[np.ndarray], source: list[np.ndarray], case: Vide
     `flicker` (mean absolute frame-to-frame change outside the boxes, 0-255)."""
     size = frames[0].shape[0]
     inside = _box_masks(case.boxes, size)
+    if case.old_boxes is not None:  # a move: the old place may change too
+        inside |= _box_masks(case.old_boxes, size)
     placed = exact = 0
     for frame, (x1, y1, x2, y2) in zip(frames, case.boxes):
         found = [o for o in world.measure_objects(frame) if o.colour == case.colour
@@ -501,7 +544,13 @@ def video_figures(frames: list[np.ndarray], source: list[np.ndarray], case: Vide
     still = outside[1:] & outside[:-1]  # outside the boxes of both frames
     flicker = float(np.abs(edited[1:] - edited[:-1])[still].mean())
     n = len(frames)
-    return {"placed": placed / n, "placed_exact": exact / n, "psnr_outside": float(psnr), "flicker": flicker}
+    figures = {"placed": placed / n, "placed_exact": exact / n, "psnr_outside": float(psnr), "flicker": flicker}
+    if case.old_boxes is not None:  # the object still (also) at its old place
+        figures["left_behind"] = sum(
+            any(o.colour == case.colour and x1 <= o.x * size < x2 and y1 <= o.y * size < y2
+                for o in world.measure_objects(frame))
+            for frame, (x1, y1, x2, y2) in zip(frames, case.old_boxes)) / n
+    return figures
 
 
 #: the arms on the same fine-tune and inversion: the method and its ablations
@@ -526,17 +575,23 @@ def edit_clips(pipe, cases: list[VideoCase], arms: dict, cache_dir) -> dict[str,
     return out
 
 
-def bench_video(pipe, count: int) -> dict:
+#: a move needs the old place editable, so IRJS is off in both arms: RAD is what moves the object
+VIDEO_MOVE_ARMS = {"RAD (IRJS off)": dict(rad=True, preserve_background=False),
+                   "no RAD, no IRJS (Tune-A-Video)": dict(rad=False, preserve_background=False)}
+
+
+def bench_video(pipe, count: int, task: str = "video") -> dict:
     import tempfile
 
-    cases = video_cases(count)
+    cases, arm_settings = (video_cases(count), VIDEO_ARMS) if task == "video" else (video_move_cases(count),
+                                                                                   VIDEO_MOVE_ARMS)
     with tempfile.TemporaryDirectory(prefix="quality-video-") as cache:
-        arms = edit_clips(pipe, cases, VIDEO_ARMS, cache)
+        arms = edit_clips(pipe, cases, arm_settings, cache)
     as_cases = {arm: {key: np.array([f[key] for f in figures]) for key in figures[0]} for arm, figures in arms.items()}
-    noop = {key: np.array([video_figures(c.clip.frames(64), c.clip.frames(64), c)[key] for c in cases])
-            for key in ("placed", "placed_exact", "psnr_outside", "flicker")}
-    method, *ablations = VIDEO_ARMS
-    result = summarise("video", method, as_cases[method], ablations[-1], {a: as_cases[a] for a in ablations},
+    noop_figures = [video_figures(c.clip.frames(64), c.clip.frames(64), c) for c in cases]
+    noop = {key: np.array([f[key] for f in noop_figures]) for key in noop_figures[0]}
+    method, *ablations = arm_settings
+    result = summarise(task, method, as_cases[method], ablations[-1], {a: as_cases[a] for a in ablations},
                        {"no-op (the source clip)": noop})
     # the second claim of the method: the rest of the clip stays (PSNR outside the boxes), with intervals
     result["psnr_outside_ci"] = {arm: bootstrap_interval(c["psnr_outside"]) for arm, c in as_cases.items()}
@@ -547,7 +602,7 @@ def bench_video(pipe, count: int) -> dict:
 
 
 BENCHES = {"generation": bench_generation, "eraser": bench_eraser, "grounding": bench_grounding,
-           "video": bench_video,
+           "video": bench_video, "video_move": lambda pipe, count: bench_video(pipe, count, "video_move"),
            "steering": bench_steering}
 
 

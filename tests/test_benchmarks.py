@@ -132,3 +132,21 @@ def test_the_reference_video_loop_does_more_passes_for_the_same_clip(tiny_pipe, 
         reference = edit_video(pipe, clip, "a photo of a cat", "a photo of a dog", ["dog:0,0,16,16"], **settings)
     assert reference.params["gradient_passes"] > ours.params["gradient_passes"]
     assert np.abs(np.stack(reference.frames).astype(int) - np.stack(ours.frames).astype(int)).max() <= 1
+
+
+def test_the_video_move_checker_reads_the_moved_object_in_its_new_box_only():
+    from benchmarks import quality
+    from pipelines.builtin import world
+
+    for case in quality.video_move_cases(3):
+        source = case.clip.frames(64)
+        assert case.prompt == case.source_prompt and case.old_boxes is not None
+        # the perfect move: the same object drawn at the centre of each new box
+        moved = []
+        for objects, (x1, y1, x2, y2) in zip(case.clip.objects_per_frame, case.boxes):
+            obj = objects[0]
+            moved.append(world.render(case.clip.background, [obj.moved((x1 + x2) / 128, (y1 + y2) / 128)], 64))
+        got = quality.video_figures(moved, source, case)
+        assert got["placed"] == 1.0 and got["left_behind"] == 0.0 and got["psnr_outside"] == quality.PSNR_CAP, got
+        unchanged = quality.video_figures(source, source, case)
+        assert unchanged["placed"] == 0.0 and unchanged["left_behind"] == 1.0
