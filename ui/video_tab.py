@@ -175,13 +175,21 @@ def _check_clip_side(ctx: AppContext, path) -> None:
 
 def read_frames(ctx: AppContext, video, frames=DEFAULTS.frames, frame_stride=DEFAULTS.frame_stride):
     """The frames the edit will use (the task's own reader, with the frames and stride settings)."""
-    from pipelines.video import read_clip
-
     if not video:
         raise UserInputError("Please upload a clip (mp4, webm, gif, ...).")
     settings = tab_settings(frames=frames, frame_stride=frame_stride)
     _check_clip_side(ctx, video)
-    return read_clip(video, max_frames=settings.frames or None, stride=settings.frame_stride).frames
+    path = Path(video)
+    return _decoded(str(path), path.stat().st_mtime_ns, settings.frames or None, settings.frame_stride)
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded(path: str, mtime_ns: int, max_frames: int | None, stride: int) -> tuple[np.ndarray, ...]:
+    """The clip's frames, decoded once per (file, version, frames, stride): every slider move and
+    click of the frame viewer reads them again."""
+    from pipelines.video import read_clip
+
+    return tuple(read_clip(path, max_frames=max_frames, stride=stride).frames)
 
 
 def display_scale(frame_shape) -> int:
