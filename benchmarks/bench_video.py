@@ -30,7 +30,9 @@ the ratios to the first.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,6 +120,7 @@ def prepare(args):
     size = args.size = args.size or (512 if args.model in FULL_SIZE else 64)
     clip, box = random_clip(size, FRAMES)
     cache = tempfile.mkdtemp(prefix="bench-video-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)  # full-size fine-tunes are large
     settings = dict(steps=args.steps, tune_steps=TUNE_STEPS, frames=FRAMES, window=FRAMES, heatmaps=False)
     edit_video(pipe, clip, SOURCE, PROMPT, box, cache_dir=cache, fps=8, **settings)  # fine-tune and invert once
 

@@ -183,10 +183,11 @@ def read_frames(ctx: AppContext, video, frames=DEFAULTS.frames, frame_stride=DEF
     return _decoded(str(path), path.stat().st_mtime_ns, settings.frames or None, settings.frame_stride)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _decoded(path: str, mtime_ns: int, max_frames: int | None, stride: int) -> tuple[np.ndarray, ...]:
     """The clip's frames, decoded once per (file, version, frames, stride): every slider move and
-    click of the frame viewer reads them again."""
+    click of the frame viewer reads them again.  Two clips at most (two visitors taking turns):
+    a long, large clip is big in memory."""
     from pipelines.video import read_clip
 
     return tuple(read_clip(path, max_frames=max_frames, stride=stride).frames)
