@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py TASK [--model builtin] [--scenes 50] [--markdown]
 
-TASK is generation, eraser, grounding, steering, video or all.  Scenes come from the world's test
+TASK is generation, eraser, grounding, steering, personalize, video, video_move or all.  Scenes come from the world's test
 seeds (`world.TEST_SEED_START` + an offset per task), which training never saw.  One JSON line
 per task: the method's figures (means over scenes, the headline's 95 % bootstrap interval as
 `<headline>_ci`), each ablation's and baseline's on the same scenes, the headline ablation
@@ -27,6 +27,15 @@ claim needs at least 3).  `--markdown` adds the table the README shows.
   backbone's default, without sink handling, and plain cross-attention of the target words (all
   three removed; the headline ablation).  Baselines that read no attention: whole image,
   centred disc, union of all objects.
+- **personalize**: two-object scenes (two different shapes, two different colours); each
+  method learns both objects ("<new1>" the first, "<new2>" the second, class words their
+  shapes) and samples "a <new1> SHAPE1" at `PERSONALIZE_SAMPLES` seeds.  Per scene (mean over
+  its samples): `own_colour` (the largest object drawn has object 1's colour), `own` (its colour
+  and shape), `leak` (some object of object 2's colour is drawn) and `faithful` (own colour and
+  no leak; the headline).  Arms on the same scenes, batches and seeds: DisenDiff (the method),
+  AttenCraft, and Custom Diffusion (the same trainer without attention losses; the headline
+  ablation).  Baseline: the base model's "a SHAPE1" (it knows neither object).  CPU budget:
+  `PERSONALIZE_SETTINGS` (the tab's example: 100 steps, 8 prior images).
 - **video** (Edit video, ReAtCo): one-object clips of 8 frames (`world.make_clip`) whose
   object gets another colour, and in every other clip another shape, inside its per-frame box
   (the extent of the old and the new shape + 2 px, keyframed on the first and last frame; motion
@@ -67,13 +76,14 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.builtin import world  # noqa: E402
 
-TASKS = ("generation", "eraser", "grounding", "steering", "video", "video_move")
+TASKS = ("generation", "eraser", "grounding", "steering", "personalize", "video", "video_move")
 # Each task draws its scenes from its own block of test seeds.
 SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000, "video": 40_000,
-                "video_move": 50_000}
+                "video_move": 50_000, "personalize": 60_000}
 HEADLINE = {"generation": ("exact", "higher"), "eraser": ("residual", "lower"),
             "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher"),
-            "video": ("placed", "higher"), "video_move": ("placed", "higher")}
+            "video": ("placed", "higher"), "video_move": ("placed", "higher"),
+            "personalize": ("faithful", "higher")}
 
 
 def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
@@ -601,9 +611,100 @@ def bench_video(pipe, count: int, task: str = "video") -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------- personalize
+
+PERSONALIZE_SETTINGS = {"steps": 100, "prior_images": 8}  # the tab's example budget (CPU)
+PERSONALIZE_SAMPLES = 4  # samples of "a <new1> SHAPE" per learned scene
+PERSONALIZE_ARMS = {  # name: (method, attention losses)
+    "DisenDiff": ("disendiff", True),
+    "AttenCraft": ("attencraft", True),
+    "Custom Diffusion (no attention losses)": ("disendiff", False),
+}
+
+
+def personalize_scenes(count: int) -> list[world.Scene]:
+    """Test scenes of exactly two objects with different shapes and different colours."""
+    found, seed = [], world.TEST_SEED_START + SEED_OFFSETS["personalize"]
+    while len(found) < count:
+        scene = world.make_scene(seed, num_objects=2)
+        a, b = scene.objects
+        if a.shape != b.shape and a.colour != b.colour:
+            found.append(scene)
+        seed += 1
+    return found
+
+
+def personalize_figures(images: list[np.ndarray] | None, scene: world.Scene) -> dict[str, float]:
+    """One learned scene's figures, each the mean over its samples of "a <new1> SHAPE1"; None: the
+    method refused the scene (AttenCraft when it cannot separate the concepts), which counts as
+    a scene it got wrong (`refused` 1)."""
+    if images is None:
+        return {"faithful": 0.0, "own_colour": 0.0, "own": 0.0, "leak": 0.0, "refused": 1.0}
+    first, second = scene.objects
+    own_colour, own, leak = [], [], []
+    for image in images:
+        found = world.measure_objects(image)
+        largest = max(found, key=lambda o: o.area) if found else None
+        own_colour.append(largest is not None and largest.colour == first.colour)
+        own.append(largest is not None and (largest.colour, largest.shape) == (first.colour, first.shape))
+        leak.append(any(o.colour == second.colour for o in found))
+    own_colour, own, leak = (np.array(v, float) for v in (own_colour, own, leak))
+    return {"faithful": float((own_colour * (1 - leak)).mean()), "own_colour": float(own_colour.mean()),
+            "own": float(own.mean()), "leak": float(leak.mean()), "refused": 0.0}
+
+
+def learn_and_sample(pipe, scene: world.Scene, method: str, attention_losses: bool, size: int) -> list[np.ndarray] | None:
+    from PIL import Image
+
+    from pipelines import personalize
+    from pipelines.errors import UserInputError
+
+    first, second = scene.objects
+    try:
+        trained = personalize.train(pipe, Image.fromarray(scene.render(size)), f"{first.shape},{second.shape}",
+                                    method, attention_losses=attention_losses, seed=0, **PERSONALIZE_SETTINGS)
+    except UserInputError:  # the method refused this scene
+        return None
+    return _to_uint8([personalize.generate(pipe, trained.learned, f"a <new1> {first.shape}", seed=k).image
+                      for k in range(PERSONALIZE_SAMPLES)])
+
+
+def _per_scene(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
+    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+
+def bench_personalize(pipe, count: int) -> dict:
+    from pipelines import models
+
+    size = models.default_size(pipe)[0]
+    scenes = personalize_scenes(count)
+    arms = {name: _per_scene([personalize_figures(learn_and_sample(pipe, scene, method, losses, size), scene)
+                              for scene in scenes])
+            for name, (method, losses) in PERSONALIZE_ARMS.items()}
+    base = _per_scene([personalize_figures(generate_scenes_at(pipe, scene, PERSONALIZE_SAMPLES), scene)
+                       for scene in scenes])
+    method, *ablations = PERSONALIZE_ARMS
+    result = summarise("personalize", method, arms[method], ablations[-1], {name: arms[name] for name in ablations},
+                       {"base model, \"a SHAPE1\" (learns nothing)": base})
+    result["settings"] = {**PERSONALIZE_SETTINGS, "samples": PERSONALIZE_SAMPLES}
+    return result
+
+
+def generate_scenes_at(pipe, scene: world.Scene, samples: int) -> list[np.ndarray]:
+    """The base model's "a SHAPE" (the scene's first object's shape word alone) at seeds 0..samples-1,
+    sampled as `personalize.generate` samples (the method's steps and guidance)."""
+    from pipelines.personalize import METHODS
+
+    settings = METHODS["disendiff"].settings()
+    images = pipe([f"a {scene.objects[0].shape}"] * samples, num_inference_steps=settings.sample_steps,
+                  guidance_scale=settings.sample_guidance,
+                  generator=[torch.Generator().manual_seed(k) for k in range(samples)]).images
+    return _to_uint8(images)
+
+
 BENCHES = {"generation": bench_generation, "eraser": bench_eraser, "grounding": bench_grounding,
            "video": bench_video, "video_move": lambda pipe, count: bench_video(pipe, count, "video_move"),
-           "steering": bench_steering}
+           "steering": bench_steering, "personalize": bench_personalize}
 
 
 def beats(task: str, result: dict) -> bool:

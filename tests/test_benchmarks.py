@@ -150,3 +150,26 @@ def test_the_video_move_checker_reads_the_moved_object_in_its_new_box_only():
         assert got["placed"] == 1.0 and got["left_behind"] == 0.0 and got["psnr_outside"] == quality.PSNR_CAP, got
         unchanged = quality.video_figures(source, source, case)
         assert unchanged["placed"] == 0.0 and unchanged["left_behind"] == 1.0
+
+
+def test_the_personalize_checker_reads_object_one_alone_as_faithful_and_both_as_leaking():
+    """benchmarks/quality.py personalize: a sample that draws exactly the first learned object is
+    faithful; one that also draws the second object leaks; the second alone is neither; a scene
+    the method refused counts as wrong."""
+    from dataclasses import replace
+
+    from benchmarks import quality
+
+    for scene in quality.personalize_scenes(4):
+        first, second = scene.objects
+        assert first.shape != second.shape and first.colour != second.colour
+        alone = replace(scene, objects=(replace(first, size="large", x=0.5, y=0.5),))
+        both = scene.render(64)
+        only_second = replace(scene, objects=(second,)).render(64)
+        got = quality.personalize_figures([alone.render(64)] * 2, scene)
+        assert got == {"faithful": 1.0, "own_colour": 1.0, "own": 1.0, "leak": 0.0, "refused": 0.0}, (scene, got)
+        mixed = quality.personalize_figures([alone.render(64), both], scene)
+        assert mixed["leak"] == 0.5 and mixed["faithful"] <= 0.5
+        wrong = quality.personalize_figures([only_second], scene)
+        assert wrong["own_colour"] == wrong["faithful"] == 0.0 and wrong["leak"] == 1.0
+        assert quality.personalize_figures(None, scene)["refused"] == 1.0

@@ -534,7 +534,7 @@ def main(argv=None) -> int:
     elapsed = time.time() - started
     card = {
         "seed": args.seed,
-        "world": "v2 (larger objects, 10 % empty scenes)",
+        "world": "v2 (10 % empty, background-only scenes)",
         "vae_from": str(args.vae) if args.vae else None,
         "text_encoder_from": str(args.text_encoder) if args.text_encoder else None,
         "text_encoder_trained": "frozen, pre-trained by pipelines.builtin.text_tower" if args.text_encoder
