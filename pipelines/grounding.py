@@ -45,7 +45,8 @@ Deviations and choices (ours):
 - the rows are renormalised over the word columns, not over the target columns only as our first design's
   3.5 reads (that makes the heatmap constant; see attention_processors/refam.py), and on DiTs
   only: on UNets the default is no renormalisation, because on the built-in model it inverts
-  the heatmap (mIoU 0.020 vs 0.189 without; `GroundingSettings.renorm`, docs/methods/grounding.md);
+  the heatmap (v1: mIoU 0.020 vs 0.189 without; v2: 0.239 vs 0.282; `GroundingSettings.renorm`,
+  docs/methods/grounding.md);
 - SAM2: transformers' Sam2Processor needs torchvision, so `sam2_mask` does SAM2's preprocessing
   itself (square resize, ImageNet normalisation) and calls `Sam2Model` directly;
 - the SD UNet's start-of-text sink is always outside the normaliser (it is a special token);

@@ -116,14 +116,15 @@ def _record(attention_maps, eraser, grounding, models, personalize, steering) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"record the outputs into {GOLDEN_FILE}")
-    parser.add_argument("--only", metavar="PREFIX", help="with --write: re-record only the outputs whose name "
-                        "starts with PREFIX and keep the rest as recorded")
+    parser.add_argument("--only", metavar="PREFIX", nargs="+", help="with --write: re-record only the outputs whose "
+                        "name starts with one of the PREFIXes and keep the rest as recorded")
     args = parser.parse_args(argv)
     outputs = record()
     if args.write:
         if args.only:
-            kept = {key: value for key, value in np.load(GOLDEN_FILE).items() if not key.startswith(args.only)}
-            outputs = kept | {key: value for key, value in outputs.items() if key.startswith(args.only)}
+            prefixes = tuple(args.only)
+            kept = {key: value for key, value in np.load(GOLDEN_FILE).items() if not key.startswith(prefixes)}
+            outputs = kept | {key: value for key, value in outputs.items() if key.startswith(prefixes)}
         GOLDEN_FILE.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(GOLDEN_FILE, **outputs)
         print(f"wrote {len(outputs)} outputs to {GOLDEN_FILE}")

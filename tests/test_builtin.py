@@ -1,10 +1,12 @@
 """The built-in model (`builtin`, assets/builtin/): it ships, loads offline, draws what it is
-asked to, and every method beats its own ablation on it.
+asked to, its text encoder tells words apart, and each method beats what it is shown to beat.
 
-The figures come from `benchmarks/quality.py` on small deterministic samples of the world's test
-seeds (never seen in training).  Each floor sits a margin below the value measured on the
-shipped weights (noted next to it), so a regression fails while float differences between
-CPUs do not.
+The figures come from `benchmarks/quality.py` on deterministic samples of the world's test
+seeds (never seen in training).  A comparison is asserted only where the lead is at least three
+paired bootstrap spreads on its sample (noted in each test); each floor sits a margin below the
+value measured on the shipped weights (noted next to it), so a regression fails while float
+differences between CPUs do not.  What the model does not do is said in each test's docstring
+and in the model card, not asserted.
 """
 
 from __future__ import annotations
@@ -26,20 +28,23 @@ from pipelines.builtin import world
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Samples (scenes per check) and floors.  Measured on the shipped weights, CPU float32, on
-# exactly these samples (2026-11-26): generation exact 0.167 (no CFG 0.125), object recall 0.50
-# (0.31), colour recall 0.76; steering red removed 1.0, structure IoU 0.061 (re-prompting
-# 0.013).  The model is weak (see assets/builtin/README.md for why), so the floors are low; they
-# still catch a model that does not load, draws noise, or a method that stops working.
+# Samples (scenes per check) and floors.  Measured on the shipped weights (version 2), CPU
+# float32, on exactly these samples (2026-12-06): generation exact 0.125 (no CFG 0.25), object
+# recall 0.56 (0.49), colour recall 0.93 (0.89); steering red removed 1.0, flipped to blue 0.67,
+# structure IoU 0.105 [0.010, 0.242] (re-prompting 0.039).  The floors sit well below, so they
+# catch a model that does not load, draws noise, or a method that stops working, while a few
+# scenes turning out otherwise on another CPU do not fail them.  Shapes are what this model draws
+# worst (model card), so no floor is put on "all objects right" beyond "some".
 GENERATION_SAMPLE = 24
-GENERATION_EXACT_FLOOR = 0.10
-GENERATION_COLOUR_FLOOR = 0.65
+GENERATION_EXACT_FLOOR = 0.04  # at least one of 24 images exactly right
+GENERATION_OBJECT_FLOOR = 0.40
+GENERATION_COLOUR_FLOOR = 0.80
 ERASER_SAMPLE = 50  # enough scenes for a margin of three bootstrap spreads (see the test)
 GROUNDING_SAMPLE = 50  # enough scenes for margins of three bootstrap spreads (see the test)
 STEERING_SAMPLE = 6
 STEERING_DIRECTION_SAMPLES = 16
 STEERING_REMOVED_FLOOR = 0.8
-STEERING_IOU_FLOOR = 0.03
+STEERING_FLIP_FLOOR = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +89,11 @@ def test_generation_draws_the_prompted_colours_and_shapes(builtin):
     result = quality.bench_generation(builtin, GENERATION_SAMPLE)
     figures = result["figures"]
     assert figures["exact"] >= GENERATION_EXACT_FLOOR, figures
+    assert figures["object_recall"] >= GENERATION_OBJECT_FLOOR, figures
     assert figures["colour_recall"] >= GENERATION_COLOUR_FLOOR, figures
-    # Not asserted: that guidance finds more of the prompted objects than no guidance.  It leads
-    # on these 24 scenes (0.48 vs 0.31, 3.2 spreads) but by only 2.2 spreads on 50 (0.47 vs 0.36),
-    # short of the three a claim needs.
+    # Not asserted: that guidance helps.  On 50 scenes it finds more prompted objects (0.54 vs
+    # 0.45) and colours (0.93 vs 0.85), short of three spreads, and fewer images are exactly
+    # right with it (0.14 vs 0.22, -1.1 spreads).
 
 
 @pytest.mark.timeout(300)
@@ -108,11 +114,12 @@ def test_generate_cli_with_the_builtin_model_draws_a_red_object(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_attentive_eraser_removes_more_of_the_object_than_doing_nothing(builtin):
-    """On 50 fresh scenes the eraser leaves 0.38 of the mask in the object's colour against 0.54
-    for the untouched input: a lead of 4.0 paired bootstrap spreads (2.9 on 30 scenes, so fewer
-    would not do).  Not asserted, because it is not true on this model: beating plain inpainting
-    (0.34, the eraser trails by 1.3 spreads) or OpenCV's Telea inpainting (0.00).  The world has
-    no empty backgrounds, so the model's prior puts objects back into any hole (model card)."""
+    """On 50 fresh scenes the eraser leaves 0.35 of the mask in the object's colour against 0.54
+    for the untouched input: a lead of 4.3 paired bootstrap spreads (v1: 4.0; 2.9 on 30 scenes,
+    so fewer would not do).  Not asserted, because it is not true on this model: beating plain
+    inpainting (0.33, the eraser trails by 0.7 spreads) or OpenCV's Telea inpainting (0.00).  On
+    this model the paper's SIP strength 0.8 keeps much of the object and SARG's s = 9 adds to it
+    (validation scenes: 0.48 at the defaults, 0.11 at strength 1.0 with s = 1; model card)."""
     size = 64
     scenes = quality.task_scenes("eraser", ERASER_SAMPLE)
     erased = quality.eraser_cases(quality.erase_scenes(builtin, scenes, aas=True), scenes, size)
@@ -123,17 +130,45 @@ def test_attentive_eraser_removes_more_of_the_object_than_doing_nothing(builtin)
 
 
 @pytest.mark.timeout(600)
-def test_refam_on_the_builtin_model_beats_its_renormalised_variant_and_masks_that_read_no_attention(builtin):
-    """On 50 fresh scenes the default (no row renormalisation on UNets) leads the renormalised
-    variant, the whole image and a centred disc by at least three paired bootstrap spreads
-    (measured 4.5, 4.1 and 3.4: mIoU 0.189 vs 0.022, 0.044, 0.073).  It does not beat the union
-    of all objects (0.44): this model's word maps are nearly identical (model card), which the
-    built-in model v2 has to fix; the test asserts nothing about that comparison."""
+def test_refam_on_the_builtin_model_beats_masks_that_read_no_attention(builtin):
+    """On 50 fresh scenes RefAM's mIoU (0.282 on v2) leads the whole image (0.044) and a centred
+    disc (0.073) by at least three paired bootstrap spreads (measured 5.9 and 5.2).  Not
+    asserted, because not shown on this model: its leads over plain cross-attention (+0.8) and
+    over the renormalised variant (+1.3), and the union of all objects (0.444) beats it: the
+    masks are about five times the target's area (model card)."""
     result = quality.bench_grounding(builtin, GROUNDING_SAMPLE)
     margins = result["margins"]
-    for name in ("with the other renormalisation", "whole image", "centred disc"):
+    for name in ("whole image", "centred disc"):
         assert margins[name] is not None and margins[name] >= 3, (name, margins, result["figures"],
                                                                   result["ablations"], result["baselines"])
+
+
+def test_the_text_encoder_tells_a_captions_words_apart(builtin):
+    """Built-in model v2's text encoder (pre-trained contrastively, then frozen): the mean
+    pairwise cosine of a caption's content-word states is at most 0.5 (measured 0.197 [0.171,
+    0.223] on 50 captions; v1, trained jointly with the UNet, collapsed to 0.913)."""
+    cosines = quality.content_word_cosines(builtin, quality.task_scenes("generation", GROUNDING_SAMPLE))
+    assert cosines.mean() <= 0.5, cosines.mean()
+
+
+@pytest.mark.timeout(600)
+def test_plain_cross_attention_of_the_named_words_is_hottest_on_the_named_object(builtin):
+    """The property every attention method relies on: on 50 fresh scenes the plain
+    cross-attention heatmap of an expression's words is hottest (mean heat) on the named object
+    more often than a uniform guess among the scene's objects, by at least three bootstrap
+    spreads.  Measured on v2: 34 of 50 (0.68 against a chance of 0.40 for these scenes, 4.4
+    spreads); v1: 25 of 50."""
+    from pipelines import grounding
+    from pipelines.grounding_settings import GroundingSettings
+
+    plain = quality.grounding_ablations(GroundingSettings(), renorm=False)["plain cross-attention of the target words"]
+    lead = []
+    for scene, expression in quality.grounding_cases(GROUNDING_SAMPLE):
+        heat = grounding.segment_image(builtin, Image.fromarray(scene.render(64)), expression.text, plain).heatmap
+        hottest = int(np.argmax([heat[mask].mean() for mask in scene.masks(64)]))
+        lead.append(float(hottest == expression.target) - 1 / len(scene.objects))
+    lead = np.array(lead)
+    assert lead.mean() >= 3 * quality.bootstrap_spread(lead), (lead.mean(), quality.bootstrap_spread(lead))
 
 
 def test_the_plain_cross_attention_ablation_is_a_map_not_a_constant(builtin):
@@ -152,11 +187,11 @@ def test_the_plain_cross_attention_ablation_is_a_map_not_a_constant(builtin):
 
 
 @pytest.mark.timeout(600)
-def test_medsteer_changes_the_colour_and_keeps_the_layout(builtin):
+def test_medsteer_removes_the_red_and_mostly_turns_it_blue(builtin):
     result = quality.bench_steering(builtin, STEERING_SAMPLE, samples=STEERING_DIRECTION_SAMPLES)
     figures = result["figures"]
     assert figures["red_removed"] >= STEERING_REMOVED_FLOOR, figures
-    assert figures["structure_iou"] >= STEERING_IOU_FLOOR, figures
-    # Not asserted: keeping more of the layout than re-prompting.  With the benchmark's 64+64
-    # direction images MedSteer leads on 50 scenes (structure IoU 0.133 vs 0.080) by 2.2 paired
-    # bootstrap spreads, short of three.
+    assert figures["flip"] >= STEERING_FLIP_FLOOR, figures
+    # Not asserted: keeping the layout, or keeping more of it than re-prompting.  On 50 scenes
+    # with the benchmark's 64+64 direction images the pair's structure IoU is 0.062 for MedSteer
+    # and 0.065 for re-prompting (-0.2 spreads): the layout of this model follows the text.

@@ -206,6 +206,22 @@ def test_export_only_writes_the_ema_too_and_refuses_checkpoints_of_the_old_scrip
     assert not (tmp_path / "no").exists()
 
 
+def test_exporting_over_a_model_folder_keeps_its_model_card(straight, tmp_path):
+    """The documented command writes into assets/builtin, whose README.md (the model card) is
+    written by hand; an export replaces the weights and training.json, never the card."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("vae.pt", "denoiser.pt"):
+        (work / name).write_bytes((straight.work / name).read_bytes())
+    output = tmp_path / "model"
+    output.mkdir()
+    (output / "README.md").write_text("# the card\n")
+    (output / "stale.json").write_text("{}")
+    assert train_builtin.main(["--work", str(work), "--output", str(output), *MICRO, "--export-only"]) == 0
+    assert (output / "README.md").read_text() == "# the card\n"
+    assert not (output / "stale.json").exists() and (output / "training.json").is_file()
+
+
 def test_min_snr_weights_are_min_snr_gamma_over_snr():
     scheduler = train_builtin.train_scheduler()
     timesteps = torch.arange(scheduler.config.num_train_timesteps)

@@ -11,7 +11,15 @@ in about an hour and to ship in the repository (< 25 MB):
   (unweighted, 600 steps left small shapes blurred and purple turned red), and a small KL term; its `scaling_factor` is then set to 1/std of the
   latents, as SD's 0.18215 was.
 - **Text encoder**: `CLIPTextModel` with the real CLIP tokenizer and vocabulary (49,408 ids,
-  77 positions), 4 layers of width 64, trained from scratch jointly with the UNet.
+  77 positions), 4 layers of width 64.  Version 2 (shipped): pre-trained by
+  `pipelines.builtin.text_tower` and passed as `--text-encoder`, frozen, as SD conditions on a
+  frozen CLIP; version 1 trained it from scratch jointly with the UNet (still the default
+  without `--text-encoder`), and its token states collapsed (see the model card).  Version 2
+  also reused version 1's VAE (`--vae`) and started from its UNet (`--init-unet`):
+
+      python -m pipelines.builtin.text_tower --work runs/builtin --steps 1500
+      python -m pipelines.builtin.train --work runs/builtin --vae assets/builtin/vae \
+          --text-encoder runs/builtin/text_encoder --init-unet assets/builtin/unet
 - **UNet**: `UNet2DConditionModel`, levels of 64/96/128 channels; cross-attention at 16x16 and
   8x8 (down and up), a cross-attention mid block at 4x4, self-attention (`attn1`) in every
   transformer block, so `up_blocks.*.attn1` exists for the eraser.  Layer names follow SD 1.x.
@@ -449,6 +457,9 @@ def export(vae, ema: dict, output: Path, card: dict) -> None:
     # The CLIP tokenizer is rebuilt from assets/ by the registry; its files are small and keep
     # the folder loadable by plain diffusers too.
     (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    card_file = output / "README.md"  # the model card is written by hand: it survives a re-export
+    if card_file.is_file():
+        shutil.copy2(card_file, tmp / "README.md")
     for path in tmp.rglob("*"):  # save_pretrained writes owner-only files; the repo wants 644
         path.chmod(0o755 if path.is_dir() else 0o644)
     if output.exists():

@@ -1,0 +1,130 @@
+"""Every tab's examples give the right answer on the app's default model (`builtin`).
+
+A new user's first click is an example; these tests run each tab's examples through the same
+Python calls and the same defaults as the tab, and check the answer against the scene's exact
+ground truth (the examples are shapes-world scenes, `assets/examples/`, whose objects, masks and
+object-free renderings `pipelines/builtin/world.py` knows exactly):
+
+- Segment by text: the mask overlaps the named object with IoU >= 0.5.
+- Remove object: at most 10 % of the brushed region keeps the removed object's colour.
+- Attention maps: the image shows every prompted colour, and each colour word's heatmap is
+  hotter on its own object than on the rest of the image.
+- Counterfactual steer (the two shapes-world examples): the steered object takes the other
+  prompt's colour.
+
+Personalize and Edit video examples take minutes on a CPU; their pipelines are covered by
+their own tests and benchmarks.
+
+An example the built-in model still gets wrong is listed in `KNOWN_WRONG` with the measured
+reason and runs as a strict expected failure: it cannot hide (the test reports it), and the day
+it gives the right answer the test fails until the entry is removed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import models
+from pipelines.builtin import world
+from ui import attention_maps_tab, eraser_tab, segment_tab, steer_tab
+
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return models.load("builtin", device="cpu")
+
+
+ERASER_STRENGTH_NOTE = ("Attentive Eraser at the paper's SIP strength 0.8 keeps most of the object on builtin "
+                        "(0.68 to 0.87 of the brushed region left; on 20 validation scenes 0.48 at 0.8, 0.22 at "
+                        "strength 1.0): model card, 'Limits, measured'")
+KNOWN_WRONG = {
+    "the purple square": "the mask spreads over about five times the object's area on builtin v2 (IoU 0.35): "
+                         "model card, 'Limits, measured'",
+    "(1090003, 0)": ERASER_STRENGTH_NOTE,
+    "(1090004, 1)": ERASER_STRENGTH_NOTE,
+    "(1090005, 0)": ERASER_STRENGTH_NOTE,
+}
+
+
+def _examples(examples, name):
+    """The tab's examples as test parameters, the known-wrong ones as strict expected failures."""
+    return [pytest.param(e, id=name(e), marks=[pytest.mark.xfail(strict=True, reason=KNOWN_WRONG[name(e)])]
+                         if name(e) in KNOWN_WRONG else []) for e in examples]
+
+
+def _example_scene(path) -> tuple[world.Scene, int]:
+    """The world scene an example picture shows (its seed is in the file name), and its size."""
+    scene = world.make_scene(int(str(path).rsplit("_", 1)[-1].split(".")[0]))
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(picture, scene.render(picture.shape[1]))
+    return scene, picture.shape[1]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("example", _examples(segment_tab.EXAMPLES, lambda e: e[1]))
+def test_segment_example_selects_the_named_object(builtin, example):
+    from pipelines.grounding import segment_image
+
+    path, expression = example
+    scene, size = _example_scene(path)
+    target = next(e.target for e in scene.referring_expressions() if e.text == expression)
+    result = segment_image(builtin, path, expression, segment_tab.tab_settings())
+    iou = _iou(np.asarray(result.mask) > 0, scene.mask(target, size))
+    assert iou >= 0.5, (expression, iou)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("example", _examples(eraser_tab.EXAMPLES, str))
+def test_remove_example_leaves_at_most_a_tenth_of_the_object(builtin, example):
+    from pipelines import eraser
+
+    seed, index = example
+    folder = eraser_tab.EXAMPLES_DIR
+    scene, size = _example_scene(folder / f"scene_{seed}.png")
+    image = Image.open(folder / f"scene_{seed}.png").convert("RGB")
+    brushed = np.asarray(Image.open(folder / f"scene_{seed}_mask{index}.png").convert("L")) > 0
+    assert brushed[scene.mask(index, size)].all()  # the example's mask covers the object
+    result = eraser.erase(builtin, image, brushed, seed=0, progress=False)  # the tab's seed and settings
+    colour = list(world.COLOURS).index(scene.objects[index].colour)
+    left = float((world.colour_of_pixels(np.asarray(result.image.convert("RGB")))[brushed] == colour).mean())
+    assert left <= 0.10, (scene.objects[index], left)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("example", _examples(attention_maps_tab.EXAMPLES, lambda e: e[0]))
+def test_attention_maps_example_draws_the_colours_and_maps_each_colour_word_onto_its_object(builtin, example):
+    from pipelines.attention_maps import generate_with_attention_maps
+
+    prompt, _negative, seed, *_ = example
+    result = generate_with_attention_maps(builtin, prompt, seed=seed, progress=False)
+    found = world.measure_objects(np.asarray(result.image.convert("RGB")))
+    named = [w for w in result.words if w in world.COLOURS]
+    assert set(named) <= {o.colour for o in found}, (prompt, [(o.colour, o.shape) for o in found])
+    for word in named:
+        heat = result.maps[result.words.index(word)]
+        own = max((o for o in found if o.colour == word), key=lambda o: o.area).mask
+        assert heat[own].mean() > heat[~own].mean(), (prompt, word)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("example", _examples(steer_tab.EXAMPLES[:2], lambda e: e[0]))
+def test_steer_example_gives_the_object_the_other_prompts_colour(builtin, example):
+    from pipelines import steering
+    from pipelines.steering_settings import DirectionSettings
+
+    positive, negative, prompt = example
+    directions = steering.estimate_directions(builtin, positive, negative,
+                                              DirectionSettings(samples=steer_tab.TAB_SAMPLES))
+    pair = steering.counterfactual_pair(builtin, directions, prompt, seed=0)
+    before, after = (world.measure_objects(np.asarray(im.convert("RGB"))) for im in (pair.original, pair.steered))
+    source, wanted = positive.split()[1], negative.split()[1]
+    assert source in {o.colour for o in before}, [o.colour for o in before]
+    colours = {o.colour for o in after}
+    assert wanted in colours and source not in colours, (prompt, [o.colour for o in after])
