@@ -692,7 +692,7 @@ def bench_personalize(pipe, count: int) -> dict:
 
 def generate_scenes_at(pipe, scene: world.Scene, samples: int) -> list[np.ndarray]:
     """The base model's "a SHAPE" (the scene's first object's shape word alone) at seeds 0..samples-1,
-    sampled as `personalize.generate` samples (the method's steps and guidance)."""
+    with the steps and guidance `personalize.generate` uses (and the model's own scheduler)."""
     from pipelines.personalize import METHODS
 
     settings = METHODS["disendiff"].settings()
