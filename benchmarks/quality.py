@@ -132,6 +132,11 @@ def summarise(task: str, method: str, method_cases: dict, ablation: str, ablatio
     }
 
 
+def _per_scene(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
+    """Per-scene figure dicts as one array per figure (the form `summarise` takes)."""
+    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+
 def task_scenes(task: str, count: int, **kwargs) -> list[world.Scene]:
     return list(world.scenes(world.TEST_SEED_START + SEED_OFFSETS[task], count, **kwargs))
 
@@ -597,9 +602,8 @@ def bench_video(pipe, count: int, task: str = "video") -> dict:
                                                                                    VIDEO_MOVE_ARMS)
     with tempfile.TemporaryDirectory(prefix="quality-video-") as cache:
         arms = edit_clips(pipe, cases, arm_settings, cache)
-    as_cases = {arm: {key: np.array([f[key] for f in figures]) for key in figures[0]} for arm, figures in arms.items()}
-    noop_figures = [video_figures(c.clip.frames(64), c.clip.frames(64), c) for c in cases]
-    noop = {key: np.array([f[key] for f in noop_figures]) for key in noop_figures[0]}
+    as_cases = {arm: _per_scene(figures) for arm, figures in arms.items()}
+    noop = _per_scene([video_figures(c.clip.frames(64), c.clip.frames(64), c) for c in cases])
     method, *ablations = arm_settings
     result = summarise(task, method, as_cases[method], ablations[-1], {a: as_cases[a] for a in ablations},
                        {"no-op (the source clip)": noop})
@@ -667,10 +671,6 @@ def learn_and_sample(pipe, scene: world.Scene, method: str, attention_losses: bo
         return None
     return _to_uint8([personalize.generate(pipe, trained.learned, f"a <new1> {first.shape}", seed=k).image
                       for k in range(PERSONALIZE_SAMPLES)])
-
-
-def _per_scene(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
-    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
 def bench_personalize(pipe, count: int) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import quality
 from pipelines import models
 from pipelines.builtin import world
 from ui import attention_maps_tab, eraser_tab, segment_tab, steer_tab
@@ -64,10 +65,6 @@ def _example_scene(path) -> tuple[world.Scene, int]:
     return scene, picture.shape[1]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("example", _examples(segment_tab.EXAMPLES, lambda e: e[1]))
 def test_segment_example_selects_the_named_object(builtin, example):
@@ -77,7 +74,7 @@ def test_segment_example_selects_the_named_object(builtin, example):
     scene, size = _example_scene(path)
     target = next(e.target for e in scene.referring_expressions() if e.text == expression)
     result = segment_image(builtin, path, expression, segment_tab.tab_settings())
-    iou = _iou(np.asarray(result.mask) > 0, scene.mask(target, size))
+    iou = quality._iou(np.asarray(result.mask) > 0, scene.mask(target, size))
     assert iou >= 0.5, (expression, iou)
 
 
