@@ -28,6 +28,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    OmniGenTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
@@ -50,7 +51,8 @@ from pipelines.backbones.sd import NOISE_SCHEDULE as SD_NOISE_SCHEDULE
 from pipelines.errors import UserInputError
 from pipelines.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, t5_tokenizer, t5_vocab_size
 
-__all__ = ["TINY_MODELS", "TINY_BACKBONE", "build_tiny", "build_tiny_as", "clip_text_config", "is_tiny", "save_tiny", "tiny_t5"]
+__all__ = ["TINY_MODELS", "TINY_BACKBONE", "build_tiny", "build_tiny_as", "clip_text_config", "is_tiny", "omnigen_v1_config",
+           "omnigen_v1_transformer", "save_tiny", "tiny_omnigen_transformer", "tiny_t5"]
 
 TINY_MODELS: tuple[str, ...] = ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
 TINY_BACKBONE = {
@@ -381,6 +383,52 @@ def _build_tiny_flux() -> FluxPipeline:
         tokenizer_2=t5_tokenizer(),
         transformer=transformer,
     )
+
+
+def tiny_omnigen_transformer(num_layers: int = 4) -> OmniGenTransformer2DModel:
+    """A seeded random-weight OmniGen transformer (transformer level only: OmniGen's Phi-3
+    tokenizer is not available offline, so there is no tiny OmniGen pipeline and it is not in
+    TINY_MODELS).  Phi-3-style layers ``layers.{i}.self_attn`` with 4 heads of 8, SuScaled RoPE
+    (all-ones factors), patch 2, a 1,000-token vocabulary; latents up to 32x32 (256 px).  For the
+    SaaS attention tests (attention_processors/saas.py)."""
+    head_dim = 8
+    with _seeded():
+        return OmniGenTransformer2DModel(
+            in_channels=4,
+            patch_size=2,
+            hidden_size=4 * head_dim,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            num_layers=num_layers,
+            pad_token_id=0,
+            vocab_size=1000,
+            rope_scaling={"short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0] * (head_dim // 2)},
+            pos_embed_max_size=16,
+            time_step_dim=32,
+        ).eval()
+
+
+def omnigen_v1_config() -> dict:
+    """The architecture of ``Shitao/OmniGen-v1-diffusers``'s transformer (32 layers, 32 heads x 96
+    = 3072, Phi-3 MLP 8192, vocabulary 32064), for speed benchmarks with random weights.  The
+    SuScaled RoPE factors of the checkpoint are not available offline: all ones here (this changes
+    the rotary frequencies, not the cost)."""
+    head_dim = 96
+    return dict(
+        in_channels=4, patch_size=2, hidden_size=3072, rms_norm_eps=1e-5, num_attention_heads=32,
+        num_key_value_heads=32, intermediate_size=8192, num_layers=32, pad_token_id=32000, vocab_size=32064,
+        max_position_embeddings=131072, original_max_position_embeddings=4096, rope_base=10000,
+        rope_scaling={"short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0] * (head_dim // 2)},
+        pos_embed_max_size=192, time_step_dim=256,
+    )
+
+
+def omnigen_v1_transformer(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> OmniGenTransformer2DModel:
+    """A random-weight transformer of OmniGen v1's full size (about 3.8 B parameters) for timing
+    SaaS against the stock processors; never built by the tests."""
+    with _seeded(), torch.device(device):
+        return OmniGenTransformer2DModel(**omnigen_v1_config()).to(dtype=dtype).eval()
 
 
 _TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
