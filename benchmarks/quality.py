@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py TASK [--model builtin] [--scenes 50] [--markdown]
 
-TASK is generation, eraser, grounding, steering, personalize, video, video_move or all.  Scenes come from the world's test
+TASK is generation, eraser, grounding, steering, personalize, video, video_move, instruct or all.  Scenes come from the world's test
 seeds (`world.TEST_SEED_START` + an offset per task), which training never saw.  One JSON line
 per task: the method's figures (means over scenes, the headline's 95 % bootstrap interval as
 `<headline>_ci`), each ablation's and baseline's on the same scenes, the headline ablation
@@ -51,6 +51,16 @@ claim needs at least 3).  `--markdown` adds the table the README shows.
   the arms are RAD vs none (Tune-A-Video).  `placed` in the new box is the headline;
   `left_behind` is the fraction of frames still showing the object at its old place; PSNR and
   flicker are measured outside both.
+- **instruct** (Instruction edit, SaaS; on `builtin-edit`): edits of 2 and 3 parts
+  (alternately) from `world.make_edit`, whose exact result is known.  Per edit: `parts_done`
+  (fraction of parts the world's checker finds carried out, `world.check_edit`), `all_done`
+  (every part; the headline) and `preserve_error` (mean absolute error, 0-1, against the exact
+  result over the pixels no part may change; `world.edit_preservation_error`).  Arms with the
+  same seed per edit: SaaS (the tab's defaults), plain sampling (the headline ablation) and SaaS
+  with the `sink_ratio` gain (the paper's ratio with CLIP's start token as the competitor).
+  Baselines: the source unchanged (no-op) and the parts applied one at a time, each edit's
+  result the next one's input (what a user of a plain editor does by hand; K times the
+  sampling cost).
 - **steering**: prompts with one red object; MedSteer directions from "a red circle" vs "a
   blue circle" prompts; `flip` = the steered image's largest object is blue, `red_removed` =
   no red object left, `structure_iou` = IoU of the object masks of the pair.  Headline:
@@ -76,14 +86,16 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.builtin import world  # noqa: E402
 
-TASKS = ("generation", "eraser", "grounding", "steering", "personalize", "video", "video_move")
+TASKS = ("generation", "eraser", "grounding", "steering", "personalize", "video", "video_move", "instruct")
 # Each task draws its scenes from its own block of test seeds.
 SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000, "video": 40_000,
-                "video_move": 50_000, "personalize": 60_000}
+                "video_move": 50_000, "personalize": 60_000, "instruct": 70_000}
+#: the model a task runs on when --model is not given (the others: builtin)
+TASK_MODELS = {"instruct": "builtin-edit"}
 HEADLINE = {"generation": ("exact", "higher"), "eraser": ("residual", "lower"),
             "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher"),
             "video": ("placed", "higher"), "video_move": ("placed", "higher"),
-            "personalize": ("faithful", "higher")}
+            "personalize": ("faithful", "higher"), "instruct": ("all_done", "higher")}
 
 
 def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
@@ -702,9 +714,53 @@ def generate_scenes_at(pipe, scene: world.Scene, samples: int) -> list[np.ndarra
     return _to_uint8(images)
 
 
+# ---------------------------------------------------------------------------- instruct
+
+
+def instruct_edits(count: int) -> list[world.Edit]:
+    """Test edits of 2 and 3 parts, alternately."""
+    start = world.TEST_SEED_START + SEED_OFFSETS["instruct"]
+    twos = list(world.edits(start, (count + 1) // 2, num_parts=2))
+    threes = list(world.edits(start + 5_000, count // 2, num_parts=3))
+    return [edit for pair in zip(twos, threes + [None]) for edit in pair if edit is not None][:count]
+
+
+def instruct_figures(edit: world.Edit, image) -> dict[str, float]:
+    image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    done = world.check_edit(edit, image)
+    return {"all_done": float(all(done)), "parts_done": float(np.mean(done)),
+            "preserve_error": world.edit_preservation_error(edit, image)}
+
+
+def bench_instruct(pipe, count: int) -> dict:
+    from PIL import Image
+
+    from pipelines.instruct import edit_by_instruction
+
+    edits = instruct_edits(count)
+    arms = {"SaaS": [], "plain sampling (same seed)": [], "SaaS, sink_ratio gain": []}
+    noop, sequential = [], []
+    for index, edit in enumerate(edits):
+        source = Image.fromarray(edit.source.render(64))
+        result = edit_by_instruction(pipe, source, edit.instruction, seed=index)
+        arms["SaaS"].append(instruct_figures(edit, result.edited))
+        arms["plain sampling (same seed)"].append(instruct_figures(edit, result.plain))
+        sink = edit_by_instruction(pipe, source, edit.instruction, seed=index, gain="sink_ratio", compare=False)
+        arms["SaaS, sink_ratio gain"].append(instruct_figures(edit, sink.edited))
+        noop.append(instruct_figures(edit, source))
+        current = source
+        for part in edit.parts:
+            current = edit_by_instruction(pipe, current, part.text, seed=index, saas=False).edited
+        sequential.append(instruct_figures(edit, current))
+    method, ablation, *others = arms
+    return summarise("instruct", method, _per_scene(arms[method]), ablation,
+                     {name: _per_scene(arms[name]) for name in (ablation, *others)},
+                     {"no-op (the source)": _per_scene(noop), "one part at a time (K edits)": _per_scene(sequential)})
+
+
 BENCHES = {"generation": bench_generation, "eraser": bench_eraser, "grounding": bench_grounding,
            "video": bench_video, "video_move": lambda pipe, count: bench_video(pipe, count, "video_move"),
-           "steering": bench_steering, "personalize": bench_personalize}
+           "steering": bench_steering, "personalize": bench_personalize, "instruct": bench_instruct}
 
 
 def beats(task: str, result: dict) -> bool:
@@ -744,7 +800,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("task", choices=TASKS + ("all",))
-    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--model", default=None,
+                        help="the model (default: builtin-edit for instruct, builtin for the others)")
     parser.add_argument("--scenes", type=int, default=50, help="scenes per task (default: 50)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
@@ -754,11 +811,12 @@ def main(argv=None) -> int:
     from pipelines import models
 
     diffusers_logging.disable_progress_bar()
-    pipe = models.load(args.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
     rows = []
     for task in TASKS if args.task == "all" else (args.task,):
-        row = {"model": args.model, **run_task(pipe, task, args.scenes)}
+        model = args.model or TASK_MODELS.get(task, "builtin")
+        pipe = models.load(model, device=args.device)
+        pipe.set_progress_bar_config(disable=True)
+        row = {"model": model, **run_task(pipe, task, args.scenes)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.markdown:

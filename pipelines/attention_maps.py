@@ -117,7 +117,7 @@ def _validate(pipe, prompt: str, settings: AttentionMapSettings, steps: int, hei
         raise UserInputError("Please enter a prompt.")
     if not prompt_words(prompt):
         raise UserInputError("The prompt has no words to map; use letters or digits.")
-    backbone = backbones.require(pipe, backbones.ALL, "Capturing attention maps")
+    backbone = backbones.require(pipe, backbones.TEXT_TO_IMAGE, "Capturing attention maps")
     if steps < backbone.min_steps:
         raise UserInputError(f"{backbone.short} models need at least {backbone.min_steps} steps.")
     models.check_size(pipe, height, width, MIN_SIDE, MAX_SIDE)

@@ -63,6 +63,9 @@ __all__ = [
     "BUILTIN_NAMES",
     "TINY_MODELS",
     "BUILTIN_DIR",
+    "BUILTIN_EDIT_DIR",
+    "EDIT_MODELS",
+    "builtin_folder",
     "backbone",
     "build_tiny",
     "check_size",
@@ -81,6 +84,7 @@ __all__ = [
     "is_tiny",
     "load",
     "load_as",
+    "model_name",
     "one_call_at_a_time",
     "quiet_view",
     "view",
@@ -88,8 +92,17 @@ __all__ = [
 ]
 
 BUILTIN_DIR = ASSETS_DIR / "builtin"
+#: the built-in instruction-edit model (InstructPix2Pix architecture, `pipelines/builtin/train_edit.py`)
+BUILTIN_EDIT_DIR = ASSETS_DIR / "builtin-edit"
 
-BUILTIN_NAMES: tuple[str, ...] = TINY_MODELS + ("builtin",)
+BUILTIN_NAMES: tuple[str, ...] = TINY_MODELS + ("builtin", "builtin-edit")
+#: built-in models that edit an image by instruction (not text-to-image): only the Instruction edit task uses them
+EDIT_MODELS: tuple[str, ...] = ("builtin-edit",)
+
+
+def builtin_folder(name: str) -> Path | None:
+    """The folder of a trained built-in model ("builtin", "builtin-edit"), or None for other names."""
+    return {"builtin": BUILTIN_DIR, "builtin-edit": BUILTIN_EDIT_DIR}.get(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,12 +191,12 @@ def describe(name_or_pipe: str | DiffusionPipeline) -> str:
     name = str(name_or_pipe)
     if is_tiny(name):
         return f"{TINY_BACKBONE[name].label} (tiny, random weights)"
-    folder = BUILTIN_DIR if name == "builtin" else Path(name).expanduser()
+    folder = builtin_folder(name) or Path(name).expanduser()
     index_file = folder / "model_index.json"
     if index_file.is_file():
         class_name = json.loads(index_file.read_text()).get("_class_name", "")
         label = backbones.by_pipeline_class(class_name).label
-        return f"{label} (built-in, trained on the shapes world)" if name == "builtin" else label
+        return f"{label} (built-in, trained on the shapes world)" if builtin_folder(name) else label
     return backbones.of(load(name)).label
 
 
@@ -192,14 +205,15 @@ GENERATION_DEFAULTS = {"steps": 25, "guidance": 7.5}
 
 
 def generation_defaults(pipe_or_name: DiffusionPipeline | str) -> dict:
-    """{"steps", "guidance"} to generate with this model by default.
+    """{"steps", "guidance"} to generate with this model by default (and "image_guidance" for an
+    instruction-edit model whose folder names one).
 
     A model folder may name its own in `training.json` ("inference_defaults", written by our
     training script, e.g. the built-in model's); others get SD's.  Takes a pipeline or a model
     name (read without loading anything, for the UI's initial values).
     """
     name = pipe_or_name if isinstance(pipe_or_name, str) else str(getattr(pipe_or_name, "name_or_path", "") or "")
-    folder = BUILTIN_DIR if name == "builtin" else Path(name).expanduser()
+    folder = builtin_folder(name) or Path(name).expanduser()
     return dict(_folder_generation_defaults(str(folder)) if folder.is_dir() else GENERATION_DEFAULTS)
 
 
@@ -210,8 +224,11 @@ def _folder_generation_defaults(folder: str) -> dict:
         saved = json.loads(path.read_text()).get("inference_defaults", {})
     except (OSError, ValueError, AttributeError):
         return GENERATION_DEFAULTS
-    return {"steps": int(saved.get("num_inference_steps", GENERATION_DEFAULTS["steps"])),
-            "guidance": float(saved.get("guidance_scale", GENERATION_DEFAULTS["guidance"]))}
+    defaults = {"steps": int(saved.get("num_inference_steps", GENERATION_DEFAULTS["steps"])),
+                "guidance": float(saved.get("guidance_scale", GENERATION_DEFAULTS["guidance"]))}
+    if "image_guidance_scale" in saved:  # an instruction-edit model (builtin-edit)
+        defaults["image_guidance"] = float(saved["image_guidance_scale"])
+    return defaults
 
 
 def view(pipe: DiffusionPipeline, *, quiet: bool = False, scheduler=None) -> DiffusionPipeline:
@@ -233,6 +250,11 @@ def view(pipe: DiffusionPipeline, *, quiet: bool = False, scheduler=None) -> Dif
 def quiet_view(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """`view(pipe, quiet=True)`: no per-call progress bar, for a task that shows its own."""
     return view(pipe, quiet=True)
+
+
+def model_name(pipe: DiffusionPipeline) -> str:
+    """The model's name as the user gave it ("builtin", a hub id, a path as typed): what results record."""
+    return str(pipe.name_or_path or type(pipe).__name__)
 
 
 def denoiser(pipe: DiffusionPipeline):
@@ -481,13 +503,14 @@ def _resolve(name_or_path: str) -> tuple[str, Callable[[torch.dtype], DiffusionP
         raise UserInputError("No model was given; use 'tiny', a local folder or a hub id.")
     if is_tiny(name):
         return name, lambda dtype: build_tiny_as(name, dtype)
-    if name == "builtin":
-        if not (BUILTIN_DIR / "model_index.json").is_file():
+    folder = builtin_folder(name)
+    if folder is not None:
+        if not (folder / "model_index.json").is_file():
             raise UserInputError(
-                f"The built-in model is missing from {BUILTIN_DIR} (it ships with the repository; restore that "
-                "folder with git, or use 'tiny' or a local checkpoint)."
+                f"The built-in model '{name}' is missing from {folder} (it ships with the repository; restore "
+                "that folder with git, or use 'tiny' or a local checkpoint)."
             )
-        return f"builtin:{BUILTIN_DIR}", lambda dtype: _load_folder(BUILTIN_DIR, dtype)
+        return f"{name}:{folder}", lambda dtype: _load_folder(folder, dtype)
     path = Path(name).expanduser()
     if path.is_dir():
         folder = path.resolve()

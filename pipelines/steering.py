@@ -97,8 +97,7 @@ def _check_backbone(pipe) -> backbones.Backbone:
     return backbones.require(pipe, SUPPORTED, "Counterfactual steering")
 
 
-def model_name(pipe) -> str:
-    return str(pipe.name_or_path or type(pipe).__name__)
+model_name = models.model_name
 
 
 def default_guidance(pipe) -> float:

@@ -1,5 +1,5 @@
 """Save the README screenshots with the built-in model: the Attention maps tab after one
-generation, Remove object, Segment by text and Edit video after running their first example,
+generation, Remove object, Segment by text, Edit video and Instruction edit after running their first example,
 and the other tabs as they open.
 
     python tests/screenshot.py [--output assets/screenshots/attention_maps.png] [--model builtin]
@@ -25,11 +25,12 @@ MAX_BYTES = 300 * 1024
 # tab label -> file name, for the tabs shown as they open
 OTHER_TABS = {"Remove object": "remove_object.png", "Segment by text": "segment_by_text.png",
               "Counterfactual steer": "counterfactual_steer.png", "Personalize": "personalize.png",
-              "Edit video": "edit_video.png"}
+              "Edit video": "edit_video.png", "Instruction edit": "instruction_edit.png"}
 # tab label -> (examples block, run button, result image) to run the first example before the shot
 RUN_EXAMPLE = {"Remove object": ("#er-examples", "#er-run", "#er-compare img"),
                "Segment by text": ("#seg-examples", "#seg-run", "#seg-mask img"),
-               "Edit video": ("#ev-examples", "#ev-run", "#ev-edited video")}
+               "Edit video": ("#ev-examples", "#ev-run", "#ev-edited video"),
+               "Instruction edit": ("#in-examples", "#in-run", "#in-edited img")}
 
 
 def save_small_png(png: bytes, output: Path) -> None:

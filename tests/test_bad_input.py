@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(600)
 
 # plausible values for the text inputs, so that the one bad value is what a call is judged on
 TEXT_VALUES = {"prompt": "a red circle", "positive": "a red circle", "negative": "a blue circle",
-               "expression": "the circle", "class_words": "cat,dog"}
+               "expression": "the circle", "class_words": "cat,dog",
+               "instruction": "make the circle blue, and make the square red"}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import common, run  # noqa: E402
 
-TASKS = ("eraser", "generate", "grounding", "personalize", "steering")
+TASKS = ("eraser", "generate", "grounding", "instruct", "personalize", "steering")
 
 
 def _lines(text: str) -> list[dict]:
@@ -173,3 +173,27 @@ def test_the_personalize_checker_reads_object_one_alone_as_faithful_and_both_as_
         wrong = quality.personalize_figures([only_second], scene)
         assert wrong["own_colour"] == wrong["faithful"] == 0.0 and wrong["leak"] == 1.0
         assert quality.personalize_figures(None, scene)["refused"] == 1.0
+
+
+def test_the_instruct_checker_reads_the_exact_edit_as_done_and_the_source_as_not():
+    """benchmarks/quality.py instruct: fresh edits of 2 and 3 parts; the exact result has every
+    part done and nothing else changed; the source has no part done; a result with one part
+    left undone is not `all_done` but keeps its other parts."""
+    from dataclasses import replace
+
+    from benchmarks import quality
+    from pipelines.builtin import world
+
+    edits = quality.instruct_edits(6)
+    assert [len(e.parts) for e in edits] == [2, 3, 2, 3, 2, 3]
+    assert min(e.seed for e in edits) >= world.TEST_SEED_START
+    for edit in edits:
+        exact = quality.instruct_figures(edit, edit.target.render(64))
+        assert exact == {"all_done": 1.0, "parts_done": 1.0, "preserve_error": 0.0}
+        source = quality.instruct_figures(edit, edit.source.render(64))
+        assert source == {"all_done": 0.0, "parts_done": 0.0, "preserve_error": 0.0}
+        first = edit.parts[0]
+        half = replace(edit, parts=edit.parts[1:]).target if first.kind == "colour" else None
+        if half is not None:  # the first part left undone
+            got = quality.instruct_figures(edit, half.render(64))
+            assert got["all_done"] == 0.0 and got["parts_done"] == (len(edit.parts) - 1) / len(edit.parts)

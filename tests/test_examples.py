@@ -11,6 +11,8 @@ object-free renderings `pipelines/builtin/world.py` knows exactly):
   hotter on its own object than on the rest of the image.
 - Counterfactual steer (the two shapes-world examples): the steered object takes the other
   prompt's colour.
+- Instruction edit (on `builtin-edit`, the tab's model): the world's checker finds every part
+  of the instruction carried out (`world.check_edit`).
 
 Personalize and Edit video examples take minutes on a CPU; their pipelines are covered by
 their own tests and benchmarks.
@@ -29,7 +31,7 @@ from PIL import Image
 from benchmarks import quality
 from pipelines import models
 from pipelines.builtin import world
-from ui import attention_maps_tab, eraser_tab, segment_tab, steer_tab
+from ui import attention_maps_tab, eraser_tab, instruct_tab, segment_tab, steer_tab
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,19 @@ def test_steer_example_gives_the_object_the_other_prompts_colour(builtin, exampl
     assert source in {o.colour for o in before}, [o.colour for o in before]
     colours = {o.colour for o in after}
     assert wanted in colours and source not in colours, (prompt, [o.colour for o in after])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("example", _examples(instruct_tab.examples(), lambda e: e[1]))
+def test_instruct_example_carries_out_every_part(example):
+    from pipelines.instruct import edit_by_instruction
+
+    path, instruction = example
+    seed = int(str(path).rsplit("_", 1)[-1].split(".")[0])
+    edit = world.make_edit(seed)
+    assert edit.instruction == instruction
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(picture, edit.source.render(picture.shape[1]))
+    result = edit_by_instruction(models.load("builtin-edit", device="cpu"), path, instruction, seed=0)  # the tab's seed
+    done = world.check_edit(edit, np.asarray(result.edited))
+    assert all(done), (instruction, done)

@@ -25,12 +25,12 @@ def _device(value: str) -> str | None:
     return None if value == "auto" else value
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="built-in name (builtin: our trained shapes model; tiny, tiny-sdxl, tiny-pixart, "
-                             "tiny-sd3, tiny-flux: random weights for tests), "
+def add_model_args(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    parser.add_argument("--model", default=default,
+                        help="built-in name (builtin: our trained shapes model; builtin-edit: its instruction-edit "
+                             "model; tiny, tiny-sdxl, tiny-pixart, tiny-sd3, tiny-flux: random weights for tests), "
                              "a hub id already downloaded, a local diffusers folder or a single "
-                             f".safetensors file (default: {DEFAULT_MODEL})")
+                             f".safetensors file (default: {default})")
     parser.add_argument("--device", default="auto", type=_device,
                         help="auto, cpu, cuda, cuda:1, mps ... (default: auto)")
     parser.add_argument("--compile", action="store_true",

@@ -185,19 +185,38 @@ class AppContext:
 
     @property
     def model_choices(self) -> list[str]:
+        """The models a text-to-image tab offers (the built-in edit models are left out)."""
         from pipelines import models
 
-        built_in = [n for n in models.BUILTIN_NAMES if n != "builtin" or (models.BUILTIN_DIR / "model_index.json").is_file()]
+        built_in = [n for n in models.BUILTIN_NAMES if n not in models.EDIT_MODELS and self._present(n)]
         return list(dict.fromkeys([self.default_model, *self.extra_models, *built_in]))
 
-    def load(self, name: str | None):
-        """Load (cached by pipelines.models) the model chosen in the UI, or the default one."""
+    @property
+    def edit_model_choices(self) -> list[str]:
+        """The models the Instruction edit tab offers: the built-in edit model first, then the
+        models the server was started with."""
         from pipelines import models
 
-        name = (name or "").strip() or self.default_model
-        if name not in self.model_choices:
+        built_in = [n for n in models.EDIT_MODELS if self._present(n)]
+        return list(dict.fromkeys([*built_in, self.default_model, *self.extra_models]))
+
+    @staticmethod
+    def _present(name: str) -> bool:
+        from pipelines import models
+
+        folder = models.builtin_folder(name)
+        return folder is None or (folder / "model_index.json").is_file()
+
+    def load(self, name: str | None, choices: list[str] | None = None):
+        """Load (cached by pipelines.models) the model chosen in the UI, or the default one;
+        `choices`: the tab's list when it is not `model_choices`."""
+        from pipelines import models
+
+        choices = self.model_choices if choices is None else choices
+        name = (name or "").strip() or choices[0]
+        if name not in choices:
             raise UserInputError(
-                f"This app serves only {', '.join(self.model_choices)}; start it with --model or "
+                f"This app serves only {', '.join(choices)}; start it with --model or "
                 "--allow-model to offer another model."
             )
         return models.load(name, device=self.device)
@@ -270,7 +289,8 @@ def header_markdown(default_model: str) -> str:
         "see where each prompt word looked (**Attention maps**), erase an object and rebuild the "
         "background (**Remove object**), find what a sentence names (**Segment by text**), and make "
         "same-seed pairs where only one concept changes (**Counterfactual steer**), teach the model the "
-        "objects of one photo (**Personalize**), and edit a clip inside boxes (**Edit video**).\n"
+        "objects of one photo (**Personalize**), edit a clip inside boxes (**Edit video**), and edit an image "
+        "by an instruction of several parts, every part carried out (**Instruction edit**).\n"
     )
     if default_model.startswith("tiny"):
         text += (

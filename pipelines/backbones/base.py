@@ -65,6 +65,8 @@ class Backbone:
     guidance_embedded: bool = False
     #: fewest inference steps its pipeline accepts
     min_steps: int = 1
+    #: draws an image from text alone (False: InstructPix2Pix, which needs a source image)
+    text_to_image: bool = True
 
     def __repr__(self) -> str:
         return f"<backbone {self.name}>"

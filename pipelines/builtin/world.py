@@ -9,7 +9,10 @@ coloured shapes on simple backgrounds with, for every scene, the ground truth ea
 - **segmentation**: referring expressions ("the red circle", "the square on the left", "the
   larger triangle") each naming exactly one object, and one exact mask per object;
 - **removal**: the same scene rendered without each object;
-- **video**: short clips of objects moving across a static background with per-frame masks.
+- **video**: short clips of objects moving across a static background with per-frame masks;
+- **instruction edits**: a scene, a 1-3 part instruction ("make the circle blue, and make the
+  background beige") and the exact edited scene, with a checker per part (`make_edit`,
+  `check_edit`).
 
 The vocabulary (shapes, colours, sizes, backgrounds) lives in this one place: the constants
 below.  Everything is drawn from a `numpy` generator seeded by the scene's seed, so a seed is a
@@ -55,6 +58,12 @@ __all__ = [
     "referring_expressions",
     "measure_objects",
     "colour_of_pixels",
+    "Edit",
+    "EditPart",
+    "make_edit",
+    "edits",
+    "check_edit",
+    "edit_preservation_error",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -584,6 +593,168 @@ def measure_objects(image: np.ndarray, min_area_fraction: float = 0.006) -> list
                 )
             )
     return found
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction edits: (scene, multi-part instruction, edited scene), exact
+
+
+@dataclasses.dataclass(frozen=True)
+class EditPart:
+    """One sub-instruction: recolour one object, or repaint the background in one plain tone."""
+
+    kind: str  # "colour" (object `target` gets colour `value`) | "background" (plain tone `value`)
+    target: int | None  # index into the source scene's objects; None for the background
+    value: str  # a COLOURS name or a BACKGROUND_TONES name
+    text: str  # "make the circle blue", "make the background beige"
+
+
+#: How the parts of an instruction are joined: the paper's comma-and style, and commas alone.
+EDIT_JOINERS: tuple[str, ...] = (", and ", ", ")
+MAX_EDIT_PARTS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """An instruction edit whose result is known exactly: `target` is `source` with every part applied."""
+
+    seed: int
+    source: Scene
+    parts: tuple[EditPart, ...]
+    joiner: str = EDIT_JOINERS[0]
+
+    @property
+    def instruction(self) -> str:
+        """"make the circle blue, and make the square red, and make the background beige"."""
+        return self.joiner.join(part.text for part in self.parts)
+
+    @property
+    def target(self) -> Scene:
+        objects = list(self.source.objects)
+        background = self.source.background
+        for part in self.parts:
+            if part.kind == "colour":
+                objects[part.target] = dataclasses.replace(objects[part.target], colour=part.value)
+            else:
+                background = dataclasses.replace(background, kind="plain", tones=(part.value, background.tones[1]))
+        return Scene(seed=self.seed, background=background, objects=tuple(objects))
+
+
+def _object_reference(objects: Sequence[WorldObject], index: int) -> str | None:
+    """The shortest expression naming object `index` alone ("the circle", else "the red circle"...)."""
+    names = [e.text for e in referring_expressions(objects) if e.target == index]
+    return min(names, key=len) if names else None
+
+
+def make_edit(seed: int, num_parts: int | None = None) -> Edit:
+    """The edit of this seed: a scene with enough objects and 1 to 3 parts (`num_parts`), each
+    recolouring a different object (to a colour no object has) or repainting the background
+    in a plain tone it does not show; at most one background part.  Parts come in random order,
+    joined by ", and " or ", "."""
+    rng = np.random.default_rng([seed, 0xED17])  # a stream of its own: the scene of `seed` is unchanged
+    count = int(rng.integers(1, MAX_EDIT_PARTS + 1)) if num_parts is None else int(num_parts)
+    if not 1 <= count <= MAX_EDIT_PARTS:
+        raise ValueError(f"num_parts must be between 1 and {MAX_EDIT_PARTS}, not {count}.")
+    # at least count - 1 objects (one part may be the background), at most MAX_OBJECTS
+    num_objects = int(rng.integers(max(1, count - 1), MAX_OBJECTS + 1))
+    scene = make_scene(seed, num_objects)
+    referable = [i for i in range(len(scene.objects)) if _object_reference(scene.objects, i)]
+    with_background = len(referable) < count or (count > 1 and rng.random() < 0.35) or (count == 1 and rng.random() < 0.2)
+    targets = [int(i) for i in rng.permutation(referable)[: count - int(with_background)]]
+    if len(targets) + int(with_background) < count:  # a scene whose objects cannot all be named
+        raise ValueError(f"scene {seed} has too few nameable objects for {count} parts")
+    parts = []
+    for index in targets:
+        obj = scene.objects[index]
+        # a colour no object of the scene has, so that "the red shape" keeps meaning one object
+        colours = [c for c in COLOURS if c not in {o.colour for o in scene.objects}]
+        colour = colours[int(rng.integers(len(colours)))]
+        parts.append(EditPart("colour", index, colour, f"make {_object_reference(scene.objects, index)} {colour}"))
+    if with_background:
+        shown = scene.background.tones[:1] if scene.background.kind == "plain" else scene.background.tones
+        tones = [t for t in BACKGROUND_TONES if t not in shown]
+        tone = tones[int(rng.integers(len(tones)))]
+        parts.insert(int(rng.integers(len(parts) + 1)), EditPart("background", None, tone, f"make the background {tone}"))
+    joiner = EDIT_JOINERS[int(rng.integers(len(EDIT_JOINERS)))]
+    return Edit(seed=seed, source=scene, parts=tuple(parts), joiner=joiner)
+
+
+def edits(start: int, count: int, num_parts: int | None = None) -> Iterator[Edit]:
+    """The edits of seeds start, start + 1, ... (seeds whose scene cannot carry the parts are skipped)."""
+    seed = start
+    made = 0
+    while made < count:
+        try:
+            edit = make_edit(seed, num_parts)
+        except ValueError:
+            seed += 1
+            continue
+        yield edit
+        made += 1
+        seed += 1
+
+
+#: A colour part is carried out when at least this fraction of the object's pixels show the new colour.
+EDIT_COLOUR_FRACTION = 0.5
+
+
+#: A background part is carried out when at least this fraction of the background pixels are
+#: nearest the new tone (a gradient through that tone does not pass).
+EDIT_BACKGROUND_FRACTION = 0.6
+
+
+def _nearest_tones(pixels: np.ndarray) -> np.ndarray:
+    """(N,) index into list(BACKGROUND_TONES) of each (N, 3) pixel's nearest tone."""
+    tones = np.array(list(BACKGROUND_TONES.values()), dtype=np.float64)
+    distances = ((pixels.reshape(-1, 1, 3).astype(np.float64) - tones[None]) ** 2).sum(-1)
+    return distances.argmin(-1)
+
+
+def _background_pixels(scene: Scene, size: int) -> np.ndarray:
+    """HxW bool: pixels at least one pixel away from every object (edges are left out)."""
+    import cv2
+
+    covered = np.zeros((size, size), bool)
+    for i in range(len(scene.objects)):
+        covered |= scene.mask(i, size)
+    grown = cv2.dilate(covered.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    return ~grown
+
+
+def check_edit(edit: Edit, image: np.ndarray) -> list[bool]:
+    """Whether each part of `edit` is carried out in `image` (HxWx3 uint8, any square size):
+    a colour part when >= EDIT_COLOUR_FRACTION of the object's pixels have the new colour; a
+    background part when >= EDIT_BACKGROUND_FRACTION of the background pixels are nearest the
+    new tone."""
+    size = image.shape[0]
+    labels = colour_of_pixels(image)
+    colour_index = {name: i for i, name in enumerate(COLOURS)}
+    done = []
+    for part in edit.parts:
+        if part.kind == "colour":
+            mask = edit.source.mask(part.target, size)
+            done.append(bool((labels[mask] == colour_index[part.value]).mean() >= EDIT_COLOUR_FRACTION))
+        else:
+            nearest = _nearest_tones(image[_background_pixels(edit.source, size)])
+            tone = list(BACKGROUND_TONES).index(part.value)
+            done.append(bool((nearest == tone).mean() >= EDIT_BACKGROUND_FRACTION))
+    return done
+
+
+def edit_preservation_error(edit: Edit, image: np.ndarray) -> float:
+    """Mean absolute error (0..1) against the exact result over the pixels no part may change
+    (objects not named, and the background unless a part repaints it)."""
+    size = image.shape[0]
+    keep = np.ones((size, size), bool)
+    for part in edit.parts:
+        if part.kind == "colour":
+            keep &= ~edit.source.mask(part.target, size)
+        else:  # the whole background may change, the band along the objects' edges included
+            keep &= np.any(edit.source.masks(size), axis=0) if edit.source.objects else np.zeros_like(keep)
+    if not keep.any():
+        return 0.0
+    target = edit.target.render(size).astype(np.float64)
+    return float(np.abs(image.astype(np.float64) - target)[keep].mean() / 255.0)
 
 
 # --------------------------------------------------------------------------------------------

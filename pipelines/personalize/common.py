@@ -358,8 +358,7 @@ def checkpoint_fingerprint(folder: str | Path | None) -> dict | None:
         return None
 
 
-def model_name(pipe) -> str:
-    return str(pipe.name_or_path or type(pipe).__name__)
+model_name = models.model_name
 
 
 # ----------------------------------------------------------------------------- losses

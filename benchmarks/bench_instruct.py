@@ -1,0 +1,89 @@
+"""benchmarks/run.py instruct: one SaaS instruction edit vs the plain InstructPix2Pix call.
+
+Both arms edit the same image with the same 3-part instruction, seed, steps and guidance scales
+(`pipelines.instruct._sample`, the task's own sampling call); the method attaches the SaaS
+controller (capture on the first 40 % of the steps, rescale from step 1 on) to the cross-attention
+layers `attention_processors.saas.sd_layers` picks.  Goal: ratio <= 1.03 (the paper reports
+1.074x on OmniGen).
+
+Models: an InstructPix2Pix model is needed.  `--model tiny` (run.py's default) is the tiny SD
+stand-in with an 8-channel UNet of seeded random weights (`tiny_ip2p`); `--model builtin-edit`
+is our trained edit model (64 px); `--model ip2p-random` is the SD 1.5 architecture with an 8-channel UNet (InstructPix2Pix's) and
+seeded random weights, at 512 px: real-size speed without downloading anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from benchmarks.bench_generate import sd15_random
+from benchmarks.common import load_model
+
+TASK = "instruct"
+INSTRUCTION = "make the circle blue, and make the square red, and make the background beige"
+SEED = 0
+
+
+def ip2p_random(device: torch.device, dtype: torch.dtype):
+    """SD 1.5's architecture with InstructPix2Pix's 8 input channels and seeded random weights."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    base = sd15_random(torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**base.unet.config, "in_channels": 8})
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=base.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+FULL_SIZE = {"ip2p-random": ip2p_random}
+
+
+def tiny_ip2p(device, dtype):
+    """The registry's `tiny` SD pipeline's components with an 8-channel UNet (seeded random
+    weights): the tiny stand-in of an InstructPix2Pix model."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    from pipelines import models
+
+    base = models.load("tiny", device=device, dtype=dtype)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**base.unet.config, "in_channels": 8})
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=base.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe.to(device=base.device, dtype=base.unet.dtype)
+
+
+def prepare(args):
+    """Method: the SaaS edit.  Baseline: the same `_sample` call without the controller."""
+    from attention_processors.saas import clip_spans, split_instruction
+    from pipelines import backbones
+    from pipelines.builtin import world
+    from pipelines.instruct import INSTRUCT, _controller, _resolve, _sample, working_size
+
+    if args.model == "tiny":
+        pipe = tiny_ip2p(args.device, args.dtype)
+        args.pipes = [*getattr(args, "pipes", []), pipe]  # run.py compiles / sets backends on these
+    else:
+        pipe = load_model(args)
+    pipe.set_progress_bar_config(disable=True)
+    size = args.size = args.size or (512 if args.model in FULL_SIZE else 64)
+    width, height = working_size(pipe, size, size)
+    source = Image.fromarray(world.make_scene(1_000_001).render(max(width, height))).resize((width, height))
+    settings = INSTRUCT.replace(steps=args.steps).validated()
+    run = _resolve(pipe, settings)
+    roles = backbones.of(pipe).row_roles(pipe, run["guidance"], run["image_guidance"])
+    spans = clip_spans(pipe.tokenizer, INSTRUCTION, split_instruction(INSTRUCTION))
+
+    def saas():
+        _sample(pipe, source, INSTRUCTION, SEED, run, _controller(pipe, spans, roles, run["steps"], settings))
+
+    def baseline():
+        _sample(pipe, source, INSTRUCTION, SEED, run)
+
+    return saas, baseline, {}

@@ -1,0 +1,219 @@
+"""Instruction edit: an image and a multi-part instruction ("make the circle blue, and make the
+background beige") edited by an InstructPix2Pix model, with SaaS (self-adaptive attention
+scaling; ICCV 2025) so that no part of the instruction is neglected.
+
+    from pipelines import models
+    from pipelines.instruct import edit_by_instruction
+
+    pipe = models.load("builtin-edit")
+    result = edit_by_instruction(pipe, "scene.png", "make the circle blue, and make the square red", seed=0)
+    result.edited, result.plain        # SaaS and plain sampling with the same seed
+    result.save("out/")                # edited.png, plain.png, masks, result.json
+
+The paper's backbone is OmniGen, whose input image is attention tokens that out-compete the
+text.  InstructPix2Pix (and our `builtin-edit`) takes the image by channel concatenation, so on
+these models SaaS is our extrapolation (docs/methods/instruction.md, spec section 6): each part's
+cross-attention map in the instruction row gives a mask (blur, min-max, Otsu), and inside its
+mask the part's attention is boosted by a gain that equalises the parts' attention (capped at
+`max_gain`), measured on the previous step.  The attention mechanism is
+`attention_processors/saas.py`; this module validates the inputs, runs the pipeline twice with
+one seed (SaaS and plain, the baseline), and returns what it saw: the masks and gains per step.
+
+Sizes: the image is resized (aspect kept) so that its longer side is the model's native side,
+rounded to the model's grid multiple; the result has that working size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import backbones, models
+from .errors import UserInputError
+from .instruct_settings import INSTRUCT, MAX_PARTS, InstructSettings
+from .io import atomic_path, load_image, save_image
+from .seeds import resolve_seed
+from .tokenizers import check_fits
+
+__all__ = ["InstructResult", "edit_by_instruction", "instruction_parts", "working_size"]
+
+SUPPORTED = (backbones.INSTRUCT_PIX2PIX,)
+TASK = "Instruction edit"
+
+
+@dataclass
+class InstructResult:
+    """What one instruction edit made and saw."""
+
+    source: Image.Image  # the input at working size
+    edited: Image.Image  # with SaaS (or plain when SaaS was off)
+    plain: Image.Image | None  # plain sampling with the same seed (None when not asked for)
+    instruction: str
+    parts: list[str]
+    seed: int
+    masks: list[np.ndarray] = field(default_factory=list, repr=False)  # per rescaled step: (K, h, w) bool
+    gains: list[list[float]] = field(default_factory=list)  # per rescaled step: K gains
+    params: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # sentences for the user (e.g. one part: SaaS is a no-op)
+
+    def mask_gallery(self, every: int = 1) -> list[tuple[Image.Image, str]]:
+        """(picture, caption) per part and recorded step: the part's mask over the source, with its gain."""
+        pictures = []
+        for index in range(0, len(self.masks), max(1, every)):
+            masks, gains = self.masks[index], self.gains[index]
+            for k, part in enumerate(self.parts):
+                if k >= len(masks):
+                    continue
+                mask = np.asarray(Image.fromarray(masks[k].astype(np.uint8) * 255).resize(self.source.size,
+                                                                                        Image.NEAREST)) > 127
+                base = np.asarray(self.source, dtype=np.float32)
+                tinted = base.copy()
+                tinted[mask] = 0.45 * base[mask] + 0.55 * np.array([255.0, 40.0, 40.0])
+                picture = Image.fromarray(np.uint8(tinted)).resize((128, 128 * self.source.height // self.source.width),
+                                                                 Image.NEAREST)
+                pictures.append((picture, f"step {self.params['saas_steps'][index]}: '{part}', gain {gains[k]:.2f}"))
+        return pictures
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write edited.png, plain.png (if made), source.png and result.json (settings, parts, gains)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = save_image(self.edited, folder / "edited.png", None)
+        if self.plain is not None:
+            written += save_image(self.plain, folder / "plain.png", None)
+        written += save_image(self.source, folder / "source.png", None)
+        record = {**self.params, "instruction": self.instruction, "parts": self.parts, "seed": self.seed,
+                  "gains_per_step": self.gains, "notes": self.notes}
+        sidecar = folder / "result.json"
+        with atomic_path(sidecar) as temp:
+            temp.write_text(json.dumps(record, indent=2, default=str))
+        return written + [sidecar]
+
+
+def instruction_parts(instruction: str) -> list[str]:
+    """The sub-instructions of `instruction` (separated by ",", ", and" or ";"), or one sentence
+    naming what is wrong: empty, an empty part, more than MAX_PARTS parts."""
+    from attention_processors.saas import split_instruction, validate_parts
+
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise UserInputError("Please write an instruction, e.g. 'make the circle blue, and make the square red'.")
+    text = instruction.strip()
+    ranges = validate_parts(text, split_instruction(text))
+    if len(ranges) > MAX_PARTS:
+        raise UserInputError(f"The instruction has {len(ranges)} parts; at most {MAX_PARTS} are supported.")
+    return [text[a:b] for a, b in ranges]
+
+
+def working_size(pipe, width: int, height: int) -> tuple[int, int]:
+    """(width, height): the longer side becomes the model's native side, the aspect is kept, and
+    both sides are rounded to the model's grid multiple (at least one multiple)."""
+    backbone = backbones.of(pipe)
+    multiple = backbone.grid_multiple(pipe)
+    native = max(models.default_size(pipe))
+    scale = native / max(width, height)
+
+    def side(value: int) -> int:
+        return max(multiple, int(round(value * scale / multiple)) * multiple)
+
+    return side(width), side(height)
+
+
+def _resolve(pipe, settings: InstructSettings) -> dict:
+    defaults = models.generation_defaults(pipe)
+    return {
+        "steps": settings.steps or defaults["steps"],
+        "guidance": settings.guidance if settings.guidance is not None else defaults["guidance"],
+        "image_guidance": (settings.image_guidance if settings.image_guidance is not None
+                           else defaults.get("image_guidance", 1.5)),
+    }
+
+
+@models.one_call_at_a_time
+def _sample(pipe, image: Image.Image, instruction: str, seed: int, run: dict, controller=None) -> Image.Image:
+    from attention_processors.core import attach
+
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = dict(prompt=instruction, image=image, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+                  image_guidance_scale=run["image_guidance"], generator=generator, output_type="pil")
+    if controller is None:
+        return pipe(**kwargs).images[0]
+    with attach(models.denoiser(pipe), controller):
+        return pipe(**kwargs).images[0]
+
+
+def edit_by_instruction(
+    pipe,
+    image,
+    instruction: str,
+    settings: InstructSettings | None = None,
+    seed: int | None = None,
+    compare: bool = True,
+    **options,
+) -> InstructResult:
+    """Edit `image` (path, PIL image or array) by `instruction`, with SaaS unless `saas=False`.
+
+    settings: `InstructSettings` (defaults: SaaS's window and scale, our gain rule); `options`
+    override its fields by name (`saas=False`, `window=0.5`).  compare: also sample plainly
+    with the same seed (the baseline the tab shows side by side).  seed None or negative draws
+    one, reported in the result.
+    """
+    backbones.require(pipe, SUPPORTED, TASK)
+    settings = (settings or INSTRUCT).replace(**options).validated()
+    parts = instruction_parts(instruction)
+    instruction = instruction.strip()
+    check_fits(pipe.tokenizer, instruction, pipe.tokenizer.model_max_length, "instruction")
+    source = load_image(image, "image")
+    width, height = working_size(pipe, *source.size)
+    source = source.resize((width, height), Image.BICUBIC) if source.size != (width, height) else source
+    seed = resolve_seed(seed)
+    run = _resolve(pipe, settings)
+    pipe = models.view(pipe)  # this call's own progress and call attributes
+    notes = []
+    if len(parts) == 1 and settings.saas:
+        notes.append("The instruction has one part, so SaaS has no other part to balance it against: "
+                     "its result equals plain sampling.")
+    plain = _sample(pipe, source, instruction, seed, run) if (compare or not settings.saas) else None
+    masks, gains, recorded = [], [], []
+    if settings.saas:
+        from attention_processors.saas import clip_spans, split_instruction
+
+        roles = backbones.of(pipe).row_roles(pipe, run["guidance"], run["image_guidance"])
+        spans = clip_spans(pipe.tokenizer, instruction, split_instruction(instruction))
+        controller = _controller(pipe, spans, roles, run["steps"], settings)
+        edited = _sample(pipe, source, instruction, seed, run, controller)
+        for entry in controller.history:
+            # entry i holds the masks and gains measured at step i, which step i + 1 rescales with
+            if bool(entry["active"][0].any()):
+                recorded.append(int(entry["step"]) + 1)
+                masks.append(entry["masks"][0].numpy().astype(bool))
+                gains.append([float(g) for g in entry["gains"][0]])
+    else:
+        edited = plain
+        plain = None
+    params = {"model": models.model_name(pipe), "task": "instruct", **run, "saas": settings.saas, "window": settings.window,
+              "scale": settings.scale, "gain": settings.gain, "max_gain": settings.max_gain,
+              "mask_threshold": settings.mask_threshold, "width": width, "height": height, "saas_steps": recorded}
+    return InstructResult(source=source, edited=edited, plain=plain, instruction=instruction, parts=parts, seed=seed,
+                          masks=masks, gains=gains, params=params, notes=notes)
+
+
+def _controller(pipe, spans, roles, steps: int, settings: InstructSettings):
+    """SaaS on the instruction row's cross-attention (ours for SD-family models, spec section 6):
+    masks measured at steps 0..thre-1 rescale steps 1..thre, thre = ceil(window * steps)."""
+    from attention_processors.core import ControlState, attention_layer_names
+    from attention_processors.saas import SaaSController, sd_layers, sd_window
+
+    unet = models.denoiser(pipe)
+    layers = sd_layers(attention_layer_names(unet), backbones.of(pipe).unet_depth(unet))
+    fixed = settings.gain == "fixed"
+    return SaaSController(
+        spans, layers, window=sd_window(steps, settings.window), scale=settings.scale, gain_mode=settings.gain,
+        g_max=settings.max_gain, gain=settings.max_gain if fixed else None,
+        mask_threshold="auto" if settings.mask_threshold is None else settings.mask_threshold,
+        rows=("cond",), state=ControlState(row_roles=roles),
+    )

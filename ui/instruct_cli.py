@@ -1,0 +1,75 @@
+"""`python app.py instruct ...`: edit an image by a multi-part instruction (SaaS on InstructPix2Pix).
+
+    python app.py instruct --image IN.png --instruction "make the circle blue, and make the square red" \
+        --output OUT.png [--plain PLAIN.png] [--no-saas] [--model builtin-edit] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.errors import UserInputError
+from pipelines.instruct_settings import InstructSettings
+from ui.cli_common import Command, add_model_args
+from ui.cli_settings import add_settings_arguments, settings_from_args
+
+DEFAULT_EDIT_MODEL = "builtin-edit"
+
+
+def add_instruct_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", type=Path, required=True, help="the image to edit")
+    parser.add_argument("--instruction", required=True,
+                        help="what to change, parts separated by commas, e.g. "
+                             "\"make the circle blue, and make the background beige\"")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="the edited .png; a JSON sidecar with every setting, the parts and the gains per step "
+                             "goes next to it")
+    parser.add_argument("--plain", type=Path, default=None,
+                        help="also write plain sampling with the same seed here (.png): the baseline")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (-1: draw one; default: 0)")
+    # every SaaS setting, with its default, from pipelines.instruct_settings.InstructSettings
+    add_settings_arguments(parser, InstructSettings)
+    add_model_args(parser, default=DEFAULT_EDIT_MODEL)
+
+
+def run_instruct(args: argparse.Namespace) -> int:
+    from pipelines import models
+    from pipelines.instruct import edit_by_instruction, instruction_parts
+    from pipelines.io import save_image
+
+    for flag, path in (("--output", args.output), ("--plain", args.plain)):
+        if path is not None and path.suffix.lower() != ".png":
+            raise UserInputError(f"{flag} must be a .png file, not '{path}'.")
+    if not args.image.is_file():
+        raise UserInputError(f"There is no image at '{args.image}'.")
+    settings = settings_from_args(args, InstructSettings).validated()  # before loading the model
+    instruction_parts(args.instruction)  # a bad instruction is one sentence before the model loads
+    if args.plain is not None and not settings.saas:
+        raise UserInputError("--plain writes the baseline next to the SaaS result; with --no-saas the output is "
+                             "already plain sampling.")
+    pipe = models.load(args.model, device=args.device)
+    result = edit_by_instruction(pipe, args.image, args.instruction, settings, seed=args.seed,
+                                 compare=args.plain is not None)
+    record = {**result.params, "instruction": result.instruction, "parts": result.parts, "seed": result.seed,
+              "gains_per_step": result.gains, "notes": result.notes}
+    try:
+        written = save_image(result.edited, args.output, record)
+        if args.plain is not None:
+            written += save_image(result.plain, args.plain, {**record, "saas": False})
+    except OSError as error:
+        raise UserInputError(f"Cannot write the results: {error.strerror or error} ({error.filename or args.output}).") from error
+    print(f"{len(result.parts)} parts: " + "; ".join(f"'{p}'" for p in result.parts) + f" (seed {result.seed})")
+    if result.gains:
+        print("gains at the last rescaled step: " + ", ".join(f"{g:.2f}" for g in result.gains[-1]))
+    for note in result.notes:
+        print(note)
+    for path in written:
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "instruct": Command("edit an image by a multi-part instruction, every part carried out (SaaS)",
+                        add_instruct_args, run_instruct),
+}
