@@ -27,16 +27,7 @@ SEED = 0
 
 def ip2p_random(device: torch.device, dtype: torch.dtype):
     """SD 1.5's architecture with InstructPix2Pix's 8 input channels and seeded random weights."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
-
-    base = sd15_random(torch.device("cpu"), torch.float32)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{**base.unet.config, "in_channels": 8})
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=base.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    return pipe.to(device=device, dtype=dtype)
+    return with_ip2p_unet(sd15_random(torch.device("cpu"), torch.float32)).to(device=device, dtype=dtype)
 
 
 FULL_SIZE = {"ip2p-random": ip2p_random}
@@ -45,18 +36,23 @@ FULL_SIZE = {"ip2p-random": ip2p_random}
 def tiny_ip2p(device, dtype):
     """The registry's `tiny` SD pipeline's components with an 8-channel UNet (seeded random
     weights): the tiny stand-in of an InstructPix2Pix model."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
-
     from pipelines import models
 
     base = models.load("tiny", device=device, dtype=dtype)
+    return with_ip2p_unet(base).to(device=base.device, dtype=base.unet.dtype)
+
+
+def with_ip2p_unet(base):
+    """An InstructPix2Pix pipeline of `base`'s components with a seeded random 8-channel UNet of
+    `base`'s UNet config."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{**base.unet.config, "in_channels": 8})
-    pipe = StableDiffusionInstructPix2PixPipeline(
+    return StableDiffusionInstructPix2PixPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=base.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    return pipe.to(device=base.device, dtype=base.unet.dtype)
 
 
 def prepare(args):

@@ -451,6 +451,13 @@ def export(vae, ema: dict, output: Path, card: dict) -> None:
         scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
         image_encoder=None, requires_safety_checker=False,
     ).to(dtype=torch.float16)
+    save_model_folder(pipe, output, card)
+
+
+def save_model_folder(pipe, output: Path, card: dict) -> None:
+    """Write `pipe` (as safetensors, in its dtype) and `training.json` (`card`) to the folder `output`,
+    atomically (temp folder + rename); the hand-written model card `README.md` of an earlier
+    export survives.  Both built-in models' exports end here."""
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

@@ -29,10 +29,7 @@ card `README.md` survives a re-export.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +51,7 @@ from pipelines.builtin.train import (
     min_snr_weights,
     restore_ema,
     save_atomic,
+    save_model_folder,
     train_scheduler,
 )
 
@@ -179,18 +177,7 @@ def export(vae, text_encoder, unet, ema, output: Path, card: dict) -> None:
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=inference_scheduler(),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     ).to(dtype=torch.float16)
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
-    card_file = output / "README.md"  # written by hand: it survives a re-export
-    if card_file.is_file():
-        shutil.copy2(card_file, tmp / "README.md")
-    for path in tmp.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    save_model_folder(pipe, output, card)
 
 
 def main(argv=None) -> int:
