@@ -113,27 +113,36 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-model", action="append", default=[], metavar="NAME",
                         help="another model users may pick in the app (repeatable); users can "
                              "pick only these, --model and the built-in models")
+    parser.add_argument("--models-from-hf-cache", action="store_true",
+                        help="also offer every diffusers pipeline already in the local Hugging Face cache "
+                             "(read only; nothing is downloaded)")
     add_model_args(parser)
 
 
 def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, outputs=None,
-              extra_models: tuple[str, ...] = (), limits=None):
+              extra_models: tuple[str, ...] = (), limits=None, models_from_cache: tuple[str, ...] = ()):
     """Build the Gradio Blocks app (not launched). Returns `(blocks, context)`.
 
-    `limits`: a `ui.limits.Limits` (the defaults if None)."""
+    `limits`: a `ui.limits.Limits` (the defaults if None); `models_from_cache`: hub ids found in the
+    local Hugging Face cache (`--models-from-hf-cache`), offered after `extra_models`."""
     import gradio as gr
 
-    from ui.common import AppContext, OutputStore, header_markdown
+    from ui import gradio_fixes
+    from ui.common import AppContext, OutputStore, details, header_markdown, models_markdown
     from ui.limits import DEFAULT_LIMITS
     from ui.request_guard import GuardedBlocks
 
+    gradio_fixes.install()  # result images written atomically (ui/gradio_fixes.py)
     ctx = AppContext(default_model=default_model, device=device,
                      outputs=outputs if outputs is not None else OutputStore(),
-                     extra_models=tuple(extra_models), limits=limits or DEFAULT_LIMITS)
+                     extra_models=tuple(dict.fromkeys([*extra_models, *models_from_cache])),
+                     limits=limits or DEFAULT_LIMITS)
     # GuardedBlocks: only this process's uploads and results reach a handler (ui/request_guard.py)
     with GuardedBlocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
-        gr.Markdown(header_markdown(default_model))
+        gr.Markdown(header_markdown(default_model), elem_id="app-header")
+        with details("About the models", elem_id="app-models"):
+            gr.Markdown(models_markdown(default_model, tuple(models_from_cache)))
         tabs = {}
         with gr.Tabs():
             for module in sorted(_ui_modules("_tab"), key=lambda m: m.ORDER):
@@ -146,8 +155,19 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     return blocks, ctx
 
 
-# Small results (64 px from the tiny models) are scaled up, pixels kept sharp.
-APP_CSS = "#am-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+# Small results (64 px from the built-in models) fill their box, pixels kept sharp (class
+# ui.common.PIXEL_RESULT); the header stays compact so that every tab's inputs open above the fold.
+APP_CSS = """
+#am-image img, .pixel-result img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#app-header h2 { margin: 0 0 4px 0; }
+#app-header p { margin: 0; }
+"""
+
+
+def app_css() -> str:
+    """APP_CSS and every tab module's own `CSS` (optional), in tab order."""
+    tabs = sorted(_ui_modules("_tab"), key=lambda m: m.ORDER)
+    return "\n".join([APP_CSS, *(getattr(module, "CSS", "") for module in tabs)])
 
 
 def private_gradio_folder() -> Path:
@@ -218,8 +238,11 @@ def run_serve(args: argparse.Namespace) -> int:
     private_gradio_folder()
     limits = Limits(max_image_side=args.max_image_side, max_steps=args.max_steps,
                     max_train_steps=args.max_train_steps)
+    from pipelines import models
+
     blocks, ctx = build_app(default_model=args.model, device=args.device, extra_models=args.allow_model,
-                            limits=limits)
+                            limits=limits,
+                            models_from_cache=tuple(models.hf_cache_models()) if args.models_from_hf_cache else ())
     # SIGTERM and Ctrl-C: Gradio closes the server, `shut_down` stops the tasks, and the atexit
     # handlers remove this process's temporary folders (results and uploads; see docs/security.md)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -247,7 +270,7 @@ def _launch(blocks, args: argparse.Namespace) -> None:
         # (named by a salted hash), so `file=` serves nothing of the output store directly.
         ssr_mode=False,
         show_error=True,
-        css=APP_CSS,
+        css=app_css(),
     )
 
 
@@ -257,6 +280,7 @@ def _launch(blocks, args: argparse.Namespace) -> None:
 #   ui/<task>_cli.py  defines COMMANDS: dict[str, Command]      (subcommands of `python app.py`)
 #   ui/<task>_tab.py  defines ORDER: int and build_tab(ctx) -> dict of named components, and
 #                     optionally connect(ctx, tabs) to wire events across tabs once all exist
+#                     and CSS: str, rules for its own elements (added to the page's style sheet)
 #                     (`tabs` maps each tab module's short name, e.g. "eraser", to its components).
 
 

@@ -315,13 +315,36 @@ def prepare(bb: EraserBackbone, image, mask, grow: int = 0, crop: str = "auto", 
     weights = np.maximum(weights, big.astype(np.float32))
     full = np.zeros((height, width), bool)
     full[y0:y1, x0:x1] = big
-    if region.cropped:
-        notes.append(
-            f"The image is large, so only a {rw}x{rh} region around the mask was processed "
-            f"(at {w}x{h} pixels); the rest is unchanged."
-        )
     return Prepared(picture, user, region, work_image, work_mask, full, weights, kernel, radius, notes)
 
+
+
+def describe_work(params: dict, image_size: tuple[int, int]) -> str:
+    """What a run worked on, in words, from its `params`: the region around the mask (the rest of
+    the image is untouched), the model's working size, and the mask as used.  Two paragraphs; the
+    tab shows them under "Details", the CLI prints the first when only a region was processed."""
+    width, height = image_size
+    x0, y0, x1, y1 = params.get("region") or (0, 0, width, height)
+    rw, rh = x1 - x0, y1 - y0
+    ww, wh = params.get("working_size") or (rw, rh)  # padded to the model's multiple
+    if (rw, rh) == (width, height):
+        text = f"Worked on the whole {width}x{height} image, at {ww}x{wh} pixels."
+    else:
+        text = (f"Worked on a {rw}x{rh} region around the mask (x {x0} to {x1}, y {y0} to {y1}), at {ww}x{wh} "
+                "pixels; pixels outside it are unchanged.")
+    part = "image" if (rw, rh) == (width, height) else "region"
+    if ww * wh < rw * rh:
+        text += (f" The {part} is larger than the model's working size, so it was scaled down to {ww}x{wh} "
+                 "and the result scaled back up.")
+    elif ww * wh > 1.3 * rw * rh:
+        text += (f" The {part} is smaller than the model's working size, so it was scaled up to {ww}x{wh} "
+                 "and the result scaled back down.")
+    mask = f"The mask: grown by {params['grow']} px" if params.get("grow") else "The mask: as painted"
+    if int(params.get("blur_kernel") or 1) > 1:
+        mask += f", softened with a {params['blur_kernel']} px blur"
+    if params.get("feather_radius"):
+        mask += f"; the result is blended in over {params['feather_radius']} px around it"
+    return text + "\n\n" + mask + "."
 
 
 # ------------------------------------------------------------------------------------ DDIM

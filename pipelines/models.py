@@ -200,6 +200,43 @@ def describe(name_or_pipe: str | DiffusionPipeline) -> str:
     return backbones.of(load(name)).label
 
 
+def backbone_without_loading(name: str) -> backbones.Backbone | None:
+    """The family of a model name read from its files alone (tiny names, built-in and local
+    diffusers folders, hub ids already in the local Hugging Face cache), or None when only
+    loading it would tell (a single checkpoint file, a hub id not downloaded yet)."""
+    name = str(name or "").strip()
+    if is_tiny(name):
+        return TINY_BACKBONE[name]
+    index_file: Path | None = None
+    folder = builtin_folder(name) or Path(name).expanduser()
+    if folder.is_dir():
+        index_file = folder / "model_index.json"
+    elif _HUB_ID.match(name) and not name.startswith((".", "/")):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "model_index.json")
+        index_file = Path(cached) if isinstance(cached, str) else None
+    try:
+        class_name = json.loads(index_file.read_text()).get("_class_name", "") if index_file else ""
+    except (OSError, ValueError, AttributeError):
+        return None
+    return backbones.by_pipeline_class(class_name) if class_name else None
+
+
+def hf_cache_models() -> list[str]:
+    """Hub ids of the diffusers pipelines in the local Hugging Face cache (a snapshot with a
+    `model_index.json`), for `python app.py --models-from-hf-cache`; reads only the cache."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir()
+    except (CacheNotFound, OSError):
+        return []
+    return sorted(repo.repo_id for repo in cache.repos if repo.repo_type == "model"
+                  and any((revision.snapshot_path / "model_index.json").is_file() for revision in repo.revisions))
+
+
 #: Steps and guidance for text-to-image when a model folder does not say otherwise (SD's).
 GENERATION_DEFAULTS = {"steps": 25, "guidance": 7.5}
 

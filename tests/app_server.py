@@ -138,6 +138,7 @@ def generate_attention_maps_in_browser(page, url: str, prompt: str = "a photo of
     default; 64 px), click Generate and wait until the image and the heatmaps are shown."""
     page.goto(url)
     page.locator("#am-prompt textarea").fill(prompt)
+    page.locator("#am-settings").get_by_text("Settings").click()  # the closed section with steps and size
     if steps is not None:
         page.locator("#am-steps input").fill(steps)
     page.locator("#am-width input").fill("64")
@@ -146,6 +147,65 @@ def generate_attention_maps_in_browser(page, url: str, prompt: str = "a photo of
     page.locator("#am-image img").first.wait_for(state="visible", timeout=timeout_ms)
     page.locator("#am-heatmaps .thumbnail-item img").first.wait_for(state="visible",
                                                                     timeout=timeout_ms)
+
+
+# --------------------------------------------------------------------------- every tab, as a user meets it
+
+#: The viewport of the visual checks and the README screenshots (a common laptop window).
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+@dataclass(frozen=True)
+class TabWalk:
+    """How the visual checks (tests/test_browser_tabs.py) and tests/screenshot.py use one tab:
+    its examples block, and for the tabs whose first example runs in seconds on a CPU with the
+    built-in models, the button that runs it and the element where the result appears."""
+
+    label: str  # the tab's name in the tab bar
+    screenshot: str  # file name under assets/screenshots/
+    examples: str
+    run: str | None = None  # None: the example takes minutes on a CPU; the tab is checked as it opens
+    result: str | None = None  # an element that holds the result image (its <img> or <video>)
+
+
+TAB_WALKS = (
+    TabWalk("Attention maps", "attention_maps.png", "#am-examples", "#am-generate", "#am-image"),
+    TabWalk("Remove object", "remove_object.png", "#er-examples", "#er-run", "#er-result"),
+    TabWalk("Segment by text", "segment_by_text.png", "#seg-examples", "#seg-run", "#seg-mask"),
+    TabWalk("Counterfactual steer", "counterfactual_steer.png", "#st-examples"),
+    TabWalk("Personalize", "personalize.png", "#pz-examples"),
+    TabWalk("Edit video", "edit_video.png", "#ev-examples"),
+    TabWalk("Instruction edit", "instruction_edit.png", "#in-examples", "#in-run", "#in-edited"),
+)
+
+
+def open_tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label).click()
+    page.wait_for_timeout(800)
+
+
+def first_example(page, walk: TabWalk):
+    """The first example: a button when the examples have labels, else the first table row."""
+    return page.locator(f"{walk.examples} button.gallery-item, {walk.examples} tbody tr").first
+
+
+def run_first_example(page, walk: TabWalk, timeout_ms: int = 300_000) -> None:
+    """Click the tab's first example and its run button; wait until the result is shown."""
+    first_example(page, walk).click()
+    page.wait_for_timeout(1500)  # the example's values reach the inputs
+    page.locator(walk.run).click()
+    page.locator(f"{walk.result} img, {walk.result} video").first.wait_for(state="visible", timeout=timeout_ms)
+    page.wait_for_timeout(1000)  # let it paint
+
+
+def error_badges(page) -> int:
+    """Outputs still marked "Error" by Gradio (the notices in the corner are not counted)."""
+    return page.locator("span.error:not(.toast-title)").filter(has_text="Error").count()
+
+
+def horizontal_overflow(page) -> int:
+    """How many pixels the page is wider than the window (0 when nothing sticks out sideways)."""
+    return page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
 
 
 def require_browser() -> None:

@@ -1,12 +1,12 @@
-"""Save the README screenshots with the built-in model: the Attention maps tab after one
-generation, Remove object, Segment by text, Edit video and Instruction edit after running their first example,
-and the other tabs as they open.
+"""Save the README screenshots with the built-in models: every tab at 1400x900, after running its
+first example where that takes seconds on a CPU (the same walk as tests/test_browser_tabs.py:
+`app_server.TAB_WALKS`), as it opens otherwise.
 
-    python tests/screenshot.py [--output assets/screenshots/attention_maps.png] [--model builtin]
+    python tests/screenshot.py                          # every tab, into assets/screenshots/
     python tests/screenshot.py --only "Edit video"      # one tab's screenshot again
 
 Not a test (pytest does not collect it): it reuses the browser-test machinery, needs Debian's
-chromium, and writes a palette PNG kept under 300 KB.
+chromium, and writes palette PNGs kept under 300 KB.
 """
 
 from __future__ import annotations
@@ -19,18 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import ROOT, generate_attention_maps_in_browser, launch_chromium, launched_app  # noqa: E402
+from app_server import ROOT, TAB_WALKS, VIEWPORT, launch_chromium, launched_app, open_tab, run_first_example  # noqa: E402
 
 MAX_BYTES = 300 * 1024
-# tab label -> file name, for the tabs shown as they open
-OTHER_TABS = {"Remove object": "remove_object.png", "Segment by text": "segment_by_text.png",
-              "Counterfactual steer": "counterfactual_steer.png", "Personalize": "personalize.png",
-              "Edit video": "edit_video.png", "Instruction edit": "instruction_edit.png"}
-# tab label -> (examples block, run button, result image) to run the first example before the shot
-RUN_EXAMPLE = {"Remove object": ("#er-examples", "#er-run", "#er-compare img"),
-               "Segment by text": ("#seg-examples", "#seg-run", "#seg-mask img"),
-               "Edit video": ("#ev-examples", "#ev-run", "#ev-edited video"),
-               "Instruction edit": ("#in-examples", "#in-run", "#in-edited img")}
 
 
 def save_small_png(png: bytes, output: Path) -> None:
@@ -52,11 +43,9 @@ def save_small_png(png: bytes, output: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path,
-                        default=ROOT / "assets" / "screenshots" / "attention_maps.png")
+    parser.add_argument("--folder", type=Path, default=ROOT / "assets" / "screenshots")
     parser.add_argument("--model", default="builtin")
-    parser.add_argument("--prompt", default="a red circle and a blue square on a striped background")
-    parser.add_argument("--only", metavar="TAB", choices=sorted(OTHER_TABS),
+    parser.add_argument("--only", metavar="TAB", choices=[walk.label for walk in TAB_WALKS],
                         help="redo only this tab's screenshot (its label, e.g. 'Edit video')")
     args = parser.parse_args()
 
@@ -65,28 +54,18 @@ def main() -> int:
     with launched_app("--model", args.model) as server, sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            if args.only is None:
-                generate_attention_maps_in_browser(page, server.url, args.prompt, steps=None)
-                page.wait_for_timeout(1000)  # let thumbnails finish painting
-                save_small_png(page.screenshot(full_page=True), args.output)
-            else:
-                page.goto(server.url)
-            for label, name in OTHER_TABS.items():
-                if args.only not in (None, label):
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(server.url)
+            page.wait_for_timeout(1500)
+            for walk in TAB_WALKS:
+                if args.only not in (None, walk.label):
                     continue
-                page.get_by_role("tab", name=label).click()
-                page.wait_for_timeout(1500)
-                if label in RUN_EXAMPLE:
-                    examples, run, result = RUN_EXAMPLE[label]
-                    # Gradio renders multi-input examples as table rows, single ones as buttons.
-                    page.locator(f"{examples} tbody tr, {examples} button.gallery-item").first.click()
-                    page.wait_for_timeout(2000)
-                    page.locator(run).click()
-                    page.locator(result).first.wait_for(state="visible", timeout=600_000)
-                    page.evaluate("window.scrollTo(0, 0)")
-                    page.wait_for_timeout(6000)  # let the result paint and the notice fade
-                save_small_png(page.screenshot(), args.output.parent / name)
+                open_tab(page, walk.label)
+                if walk.run:
+                    run_first_example(page, walk)
+                page.evaluate("window.scrollTo(0, 0)")
+                page.wait_for_timeout(5000)  # let the result paint and the notices fade
+                save_small_png(page.screenshot(), args.folder / walk.screenshot)
         finally:
             browser.close()
     return 0

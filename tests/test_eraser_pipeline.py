@@ -18,6 +18,7 @@ from pipelines.eraser import (
     EraserBackbone,
     add_noise,
     backbone,
+    describe_work,
     ddim_scheduler,
     dilate_mask,
     erase,
@@ -302,7 +303,9 @@ def test_large_image_goes_through_the_crop_strategy(tiny_pipe):
     outside = np.ones((400, 640), bool)
     outside[y0:y1, x0:x1] = False
     assert (out[outside] == image[outside]).all() and (out[~result.changed] == image[~result.changed]).all()
-    assert any("region" in note for note in result.notes)
+    # told as what was done (Details in the tab, one line on the CLI), not as a warning
+    assert not any("region" in note for note in result.notes)
+    assert describe_work(result.params, result.input.size).startswith(f"Worked on a {x1 - x0}x{y1 - y0} region")
 
 
 def test_num_images_two_gives_two_different_images(tiny_pipe):

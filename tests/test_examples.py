@@ -102,7 +102,7 @@ def test_remove_example_leaves_at_most_a_tenth_of_the_object(builtin, example):
 def test_attention_maps_example_draws_the_colours_and_maps_each_colour_word_onto_its_object(builtin, example):
     from pipelines.attention_maps import generate_with_attention_maps
 
-    prompt, _negative, seed, *_ = example
+    prompt, seed = example
     result = generate_with_attention_maps(builtin, prompt, seed=seed, progress=False)
     found = world.measure_objects(np.asarray(result.image.convert("RGB")))
     named = [w for w in result.words if w in world.COLOURS]

@@ -114,42 +114,150 @@ def test_segment_endpoint_returns_heatmap_mask_tokens_and_files(server, tmp_path
     captions = [item["caption"] for item in gallery]
     assert "1: red (content)" in captions and any("(magnet)" in c for c in captions)
     assert {Path(f).name for f in files} == {"mask.png", "mask.json", "heatmap.png", "token_maps.zip"}
-    assert "Sinks" in summary
+    # the first paragraph is what the tab shows in plain view; the diagnostics follow it
+    from ui.segment_tab import headline
+
+    assert headline(summary).startswith("Mask: ") and headline(summary).endswith("% of the image.")
+    assert "Sinks" in summary and "Prompt read by the model" in summary and "magnet words" in summary
     with pytest.raises(Exception) as caught:
         client.predict(model="tiny-flux", image=handle_file(str(image)), video=None, expression="the of",
                        api_name="/segment")
     assert "stop words" in str(caught.value)
 
 
+# ------------------------------------------------------------------------------------ the tab, in-process
+
+
+def test_the_hand_off_checks_what_it_sends():
+    """"Remove this object" sends only a mask made from the image shown, never an empty one, and
+    one over half the image only on a second press."""
+    from ui.segment_tab import fingerprint, hand_off_check
+
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 96, 3), np.uint8))
+    small, large = np.zeros((64, 96), np.uint8), np.zeros((64, 96), np.uint8)
+    small[10:30, 10:40], large[:, :70] = 255, 255
+    source = fingerprint(image)
+    verdict, message, share = hand_off_check(image, Image.fromarray(small), source, False)
+    assert verdict == "send" and "10 % of the image" in message and "Mask box" in message
+    assert round(share, 3) == round(20 * 30 / (64 * 96), 3)
+    verdict, message, share = hand_off_check(image, Image.fromarray(large), source, False)
+    assert verdict == "ask" and "covers 73 % of the image" in message and "Send anyway" in message
+    assert hand_off_check(image, Image.fromarray(large), source, True)[0] == "send"
+    assert hand_off_check(image, Image.fromarray(np.zeros_like(small)), source, True)[:2][0] == "refuse"
+    other = Image.fromarray(np.asarray(image)[:, ::-1].copy())
+    verdict, message, _ = hand_off_check(other, Image.fromarray(small), source, True)
+    assert verdict == "refuse" and "not made from the image shown" in message
+    assert hand_off_check(image, Image.fromarray(small), None, True)[0] == "refuse"  # a video's mask
+    assert hand_off_check(None, None, None, False)[0] == "refuse"
+
+
+@pytest.fixture(scope="module")
+def tab(tmp_path_factory):
+    """The Segment tab's components by elem_id and its AppContext (tiny model), no server."""
+    from app_server import built_tab
+    from ui.segment_tab import build_tab
+
+    return built_tab(build_tab, tmp_path_factory.mktemp("outputs"))
+
+
+def _inside_closed_details(block) -> bool:
+    import gradio as gr
+
+    while block is not None:
+        if isinstance(block, gr.Accordion) and block.label == "Details":
+            return not block.open
+        block = getattr(block, "parent", None)
+    return False
+
+
+def test_magnet_words_and_token_maps_are_only_under_details(tab, tmp_path):
+    """Plain view: the mask's share of the image; the prompt as read (with its magnet words),
+    the sinks and the per-token maps are in the closed Details section."""
+    from ui.segment_tab import headline, make_handler
+
+    controls, ctx = tab
+    assert _inside_closed_details(controls["seg-tokens"]) and _inside_closed_details(controls["seg-details-text"])
+    for plain in ("seg-summary", "seg-heatmap", "seg-mask", "seg-remove", "seg-files"):
+        assert not _inside_closed_details(controls[plain]), plain
+    stages = []
+    heat, mask, gallery, video, files, summary = make_handler(ctx)(
+        "tiny", Image.open(picture(tmp_path / "in.png")), None, "the red circle", size=64,
+        progress=lambda *a, desc=None, **k: stages.append(desc))
+    shown = headline(summary)
+    assert shown.startswith("Mask: ") and "magnet" not in shown and "Prompt" not in shown
+    magnets = [caption.split(": ", 1)[1].split(" (")[0] for _, caption in gallery if "(magnet)" in caption]
+    assert magnets and f"magnet words appended to soak up the background: {', '.join(magnets)}" in summary
+    # progress names its stage, no step counter of the pipeline's own
+    assert stages == ["Loading the model", "Reading the attention: one noisy pass"]
+
+
+def test_the_placeholder_and_the_model_menu_follow_the_model(tab):
+    from ui.segment_tab import REAL_PLACEHOLDER, SHAPES_PLACEHOLDER, placeholder
+
+    controls, _ = tab
+    assert placeholder("builtin") == placeholder("tiny") == SHAPES_PLACEHOLDER == controls["seg-text"].placeholder
+    assert placeholder("stabilityai/stable-diffusion-3-medium-diffusers") == REAL_PLACEHOLDER
+    # the model menu names each model's family (ui.common.model_menu)
+    assert any("·" in label for label, _ in controls["seg-model"].choices)
+    assert "pixel-result" in controls["seg-mask"].elem_classes and controls["seg-mask"].height >= 256
+
+
 # ------------------------------------------------------------------------------------ browser
 
 
-
-
 def test_segment_tab_in_a_real_browser(server):
-    """Pick an example, type an expression, see the mask; send it to the Remove object tab."""
+    """At 1400 x 900: the examples open above the fold, the results are large; segment an
+    upload, see the mask and the per-token maps under Details; a mask over half the image goes
+    to Remove object only on the second press, and lands in its Mask box."""
     require_browser()
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server.url)
             page.get_by_role("tab", name="Segment by text").click()
+            examples = page.locator("#seg-examples").bounding_box()
+            assert examples and examples["y"] + examples["height"] <= 900, examples
             page.locator("#seg-image input[type=file]").set_input_files(str(SAMPLE / "images" / "0000.png"))
             page.locator("#seg-image img").first.wait_for(state="visible", timeout=60_000)
             page.locator("#seg-text textarea").fill("the red square")
             page.locator("#seg-run").click()
             page.locator("#seg-mask img").first.wait_for(state="visible", timeout=120_000)
-            page.locator("#seg-tokens .thumbnail-item img").first.wait_for(state="visible", timeout=60_000)
+            for result in ("#seg-mask img", "#seg-heatmap img"):
+                box = page.locator(result).bounding_box()
+                assert box["width"] >= 256 and box["height"] >= 256, (result, box)
             expect(page.locator("#seg-summary")).to_contain_text("Mask:")
+            expect(page.locator("#seg-summary")).not_to_contain_text("magnet")
             expect(page.locator('#seg-files a[href$="mask.png"]')).to_have_count(1)
+            assert not page.locator("#seg-tokens .thumbnail-item img").first.is_visible()
+            page.locator("#seg-details").get_by_text("Details").click()
+            page.locator("#seg-tokens .thumbnail-item img").first.wait_for(state="visible", timeout=60_000)
+            expect(page.locator("#seg-details-text")).to_contain_text("Prompt read by the model")
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
             if page.locator("#er-mask").count():
+                # a low threshold: a mask over most of the image (the random tiny model's heatmap)
+                page.locator("#seg-settings").get_by_text("Settings").click()
+                page.locator("#seg-threshold input[type=number]").fill("0.05")
+                page.locator("#seg-threshold input[type=number]").press("Enter")
+                before = page.locator("#seg-summary").inner_text()
+                page.locator("#seg-run").click()
+                page.wait_for_function("(before) => document.querySelector('#seg-summary').innerText.trim() "
+                                       "!== before.trim()", arg=before, timeout=120_000)
+                share = float(page.locator("#seg-summary").inner_text().split(":")[1].split("%")[0])
+                assert share > 50, share  # tiny's heatmap at threshold 0.05 (seed 0): the whole image
+                page.locator("#seg-remove").click()
+                expect(page.locator(".toast-body")).to_contain_text("press Send anyway", timeout=30_000)
+                expect(page.locator("#seg-remove")).to_have_text("Send anyway")
+                expect(page.locator("#er-mask img")).to_have_count(0)
                 page.locator("#seg-remove").click()
                 page.locator("#er-mask img").first.wait_for(state="visible", timeout=30_000)
+                expect(page.locator(".toast-body").last).to_contain_text("sent to Remove object")
+                page.get_by_role("tab", name="Segment by text").click()
+                expect(page.locator("#seg-remove")).to_have_text("Remove this object")
             assert not errors, errors
         finally:
             browser.close()

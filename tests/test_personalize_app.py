@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import assert_user_error, launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import assert_user_error, error_badges, launch_chromium, launched_app, require_browser  # noqa: E402
 from app_server import run_app as run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +193,7 @@ def test_personalize_tab_in_a_real_browser(server, tmp_path):
             page.get_by_role("tab", name="Personalize").click()
             page.locator("#pz-image input[type=file]").set_input_files(str(photo))
             page.locator("#pz-steps input").fill("40")
+            page.locator("#pz-settings").get_by_text("Training settings").click()  # closed at first
             page.locator("#pz-prior input").fill("1")
             page.locator("#pz-train").click()
             seen: set[str] = set()
@@ -216,9 +217,14 @@ def test_personalize_tab_in_a_real_browser(server, tmp_path):
             expect(page.locator("#pz-maps img")).to_have_count(4, timeout=30_000)
             expect(page.locator('#pz-learned-out a[href$=".safetensors"]')).to_have_count(1)
             page.locator("#pz-gen-steps input").fill("2")
+            expect(page.locator("#pz-seed-row")).to_be_hidden()  # no "Seed used 0" before a generation
             page.locator("#pz-generate").click()
             expect(page.locator("#pz-result img")).to_have_count(1, timeout=120_000)
+            expect(page.locator("#pz-seed-row")).to_be_visible()
             assert page.locator("#pz-seed-used input").input_value() == "42"
+            page.locator("#pz-seed input").fill("-1")
+            page.locator("#pz-reuse-seed").click()
+            expect(page.locator("#pz-seed input")).to_have_value("42")
             assert not errors, errors
         finally:
             browser.close()
@@ -246,3 +252,117 @@ def test_cancel_without_a_name_stops_this_clients_run_only(server, tmp_path):
     status = job.result(timeout=120)[0]
     assert re.search(r"Stopped at step \d+/2000 \(checkpoint saved\)", status), status
     assert time.monotonic() - asked < 60  # one training step: about 0.1 s here
+
+
+# ----------------------------------------------------------------------------- the tab's defaults, progress, layout
+
+
+def _controls(tmp_path, model: str) -> dict:
+    import gradio as gr
+
+    from ui.common import AppContext, OutputStore
+    from ui.personalize_tab import build_tab
+
+    ctx = AppContext(default_model=model, outputs=OutputStore(tmp_path / model))
+    with gr.Blocks() as demo:
+        build_tab(ctx)
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+def test_the_tab_starts_with_words_steps_and_a_prompt_the_model_can_draw(tmp_path):
+    from ui import personalize_tab as tab
+
+    builtin = _controls(tmp_path, "builtin")  # the shapes world: no cats, and a CPU
+    assert builtin["pz-classes"].value == "circle,square" and builtin["pz-steps"].value == tab.UI_BUILTIN_STEPS
+    assert builtin["pz-prompt"].value == builtin["pz-prompt"].placeholder == "a <new1> circle on a striped background"
+    other = _controls(tmp_path, "tiny")  # any other model: the paper's
+    assert other["pz-classes"].value == "cat,dog" and other["pz-steps"].value == 250
+    assert other["pz-prompt"].value == "a <new1> cat on the beach"
+    # every long job has a Stop (Train's keeps its id and endpoint, personalize_cancel)
+    assert builtin["pz-cancel"].value == builtin["pz-generate-stop"].value == "Stop"
+    assert builtin["pz-seed-row"].visible is False  # no "Seed used 0" before a generation
+
+
+def test_the_suggestions_follow_the_model_menu_unless_the_user_edited_them():
+    from ui.personalize_tab import follow_model
+
+    words, prompt, steps = follow_model("tiny", "circle,square", "a <new1> circle on a striped background", 100)
+    assert (words["value"], words["placeholder"]) == ("cat,dog", "cat,dog")
+    assert prompt["value"] == prompt["placeholder"] == "a <new1> cat on the beach"
+    assert steps["value"] == 250
+    words, prompt, steps = follow_model("builtin", "cat,dog", "", 250.0)  # an empty box is not an edit
+    assert (words["value"], prompt["value"], steps["value"]) == ("circle,square",
+                                                                  "a <new1> circle on a striped background", 100)
+    # the user's own words, prompt and steps stay; only the placeholders change
+    words, prompt, steps = follow_model("builtin", "bear,cup", "a <new2> cup", 30)
+    assert "value" not in words and "value" not in prompt and words["placeholder"] == "circle,square"
+    assert steps == {"__type__": "update"}  # gr.skip()
+
+
+@pytest.mark.timeout(300)
+def test_the_progress_bar_names_each_stage(tmp_path, monkeypatch):
+    """Preparing the prior images counts images ("preparing 2 prior images 1/2"), then AttenCraft's
+    masks, then training counts optimiser steps, and generation counts its denoising steps: no
+    stage shows another's count."""
+    from pipelines.personalize import Trainer
+    from tests.app_server import built_tab
+    from ui import personalize_tab
+
+    _, ctx = built_tab(personalize_tab.build_tab, tmp_path / "outputs")
+    train, generate, _ = personalize_tab.make_handlers(ctx)
+    # the prior images' sampling is not under test: a flat image each, at once
+    monkeypatch.setattr(Trainer, "_generate_prior",
+                        lambda self, prompt, index: Image.new("RGB", (64, 64), (40 * index, 90, 120)))
+    calls = []
+
+    def progress(value, desc=None, total=None, unit="steps"):
+        calls.append((value, desc, unit))
+
+    with Image.open(write_photo(tmp_path / "photo.png")) as photo:
+        outputs = list(train("tiny", photo.convert("RGB"), "cat,dog", "attencraft", 2, 2, 0.0, 0, None,
+                             progress=progress))
+    assert "Step 2/2" in outputs[-1][0], outputs[-1][0]
+    stages = list(dict.fromkeys(desc for _, desc, _ in calls))
+    assert stages == ["loading the model", "preparing 2 prior images", "preparing AttenCraft's masks", "training"]
+    by_stage = {stage: [(value, unit) for value, desc, unit in calls if desc == stage] for stage in stages}
+    assert ((1, 2), "images") in by_stage["preparing 2 prior images"]
+    assert by_stage["preparing 2 prior images"][-1] == ((2, 2), "images")
+    assert by_stage["training"][-1] == ((2, 2), "steps") and ((1, 2), "steps") in by_stage["training"]
+
+    calls.clear()
+    image, seed, _ = generate("tiny", None, outputs[-1][4], "a <new1> cat", 4, 3, 0, progress=progress)
+    assert seed == 4
+    assert list(dict.fromkeys(desc for _, desc, _ in calls)) == ["loading the model", "generating"]
+    steps = [value for value, desc, _ in calls if desc == "generating"]
+    assert steps[:3] == [(0, 3), (1, 3), (2, 3)] and all(total == 3 for _, total in steps)
+
+
+@pytest.mark.timeout(300)
+def test_the_tab_opens_with_its_examples_in_view(server):
+    """At 1400x900 the examples are on screen as the tab opens, and nothing is wider than the page."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(server.url)
+            page.get_by_role("tab", name="Personalize").click()
+            first = page.locator("#pz-examples tbody tr").first
+            first.wait_for(state="visible", timeout=30_000)
+            box = first.bounding_box()
+            assert box["y"] + box["height"] <= 900, box
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            examples = page.locator("#pz-examples").bounding_box()
+            assert examples["x"] + examples["width"] <= 1400
+            table = page.evaluate("(() => { const t = document.querySelector('#pz-examples table');"
+                                  " return [t.scrollWidth, t.parentElement.clientWidth]; })()")
+            assert table[0] <= table[1], table  # the table fits its box: no sideways scrolling
+            # a refused run (no image) is one notice; no output keeps an "Error" badge
+            page.locator("#pz-train").click()
+            page.locator(".toast-title.error").first.wait_for(state="visible", timeout=30_000)
+            page.wait_for_timeout(1500)
+            assert error_badges(page) == 0
+        finally:
+            browser.close()

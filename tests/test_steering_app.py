@@ -103,37 +103,112 @@ def test_gradio_client_directions_pair_upload_and_errors(server):
 
 @pytest.mark.timeout(600)
 def test_steer_tab_in_a_real_browser(server):
+    """At 1400 x 900: the examples open above the fold, no "Seed used" before a run, a failed run
+    leaves no "Error" badge, the pair shows at 256 px or more."""
     require_browser()
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1200})
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server.url)
             page.get_by_role("tab", name="Counterfactual steer").click()
+            examples = page.locator("#st-examples").bounding_box()
+            assert examples and examples["y"] + examples["height"] <= 900, examples
+            expect(page.locator("#st-seed-used")).to_be_hidden()
+            expect(page.locator("#st-positive textarea")).to_have_attribute("placeholder",
+                                                                           "a red circle on a striped background")
+            page.locator("#st-generate").click()  # nothing typed: one notice, no badge on the outputs
+            expect(page.locator(".toast-body")).to_contain_text("Please enter the concept to remove")
+            page.wait_for_timeout(500)
+            for elem in ("st-original", "st-steered", "st-heatmap", "st-status", "st-files"):
+                assert "Error" not in page.locator(f"#{elem}").inner_text(), elem
             page.locator("#st-positive textarea").fill("a photo of a cat")
             page.locator("#st-negative textarea").fill("a photo of a dog")
+            page.locator("#st-prompt textarea").fill("a photo of a cat")
+            page.locator("#st-settings").get_by_text("Settings").click()
             page.locator("#st-samples input").fill("2")
             page.locator("#st-steps input").fill("2")
             page.locator("#st-width input").fill("64")
             page.locator("#st-height input").fill("64")
-            page.locator("#st-prompt textarea").fill("a photo of a cat")
             page.locator("#st-seed input").fill("3")
             page.locator("#st-generate").click()
             for elem in ("st-original", "st-steered", "st-heatmap"):
                 expect(page.locator(f"#{elem} img")).to_have_count(1, timeout=120_000)
+                box = page.locator(f"#{elem} img").bounding_box()
+                assert box["width"] >= 256 and box["height"] >= 256, (elem, box)
             expect(page.locator("#st-status")).to_contain_text("estimated now")
+            expect(page.locator("#st-seed-used")).to_be_visible()
             assert page.locator("#st-seed-used input").input_value() == "3"
             expect(page.locator('#st-files a[href$="steered_seed3.png"]')).to_have_count(1)
+            page.locator("#st-directions").get_by_text("Directions file").click()
             page.locator("#st-estimate").click()
             expect(page.locator("#st-status")).to_contain_text("from the cache", timeout=60_000)
             expect(page.locator('#st-directions-out a[href$="directions.safetensors"]')).to_have_count(1)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_the_tabs_words_placeholders_and_results(tmp_path):
+    """The two concepts have task names ("negative prompt" keeps its usual meaning: it is not
+    on the tab), the placeholders follow the model, the results are large with sharp pixels."""
+    import gradio as gr
+
+    from ui.steer_tab import EXAMPLE_LABELS, EXAMPLES, PAPER_PLACEHOLDERS, SHAPES_PLACEHOLDERS, build_tab, placeholder_updates
+
+    controls, _ = built_tab(build_tab, tmp_path)
+    assert controls["st-positive"].label.startswith("Concept to remove")
+    assert controls["st-negative"].label.startswith("Replace with")
+    labels = [str(getattr(block, "label", "") or "") for block in controls.values()]
+    assert not [label for label in labels if "negative" in label.lower()], labels
+    assert (controls["st-positive"].placeholder, controls["st-negative"].placeholder,
+            controls["st-prompt"].placeholder) == SHAPES_PLACEHOLDERS  # the tiny and built-in models
+    assert tuple(update.placeholder for update in placeholder_updates("builtin")) == SHAPES_PLACEHOLDERS
+    assert tuple(update.placeholder for update in placeholder_updates("PixArt-alpha/PixArt-XL-2-512x512")) == \
+        PAPER_PLACEHOLDERS
+    for elem in ("st-original", "st-steered", "st-heatmap"):
+        assert "pixel-result" in controls[elem].elem_classes and controls[elem].height >= 256, elem
+    assert len(EXAMPLE_LABELS) == len(EXAMPLES) and "st-examples" in controls
+    row = controls["st-seed-row"]
+    assert isinstance(row, gr.Row) and row.visible is False  # no "Seed used: 0" before a run
+
+
+@pytest.mark.timeout(300)
+def test_the_tab_speaks_of_the_concepts_and_names_its_progress(tmp_path):
+    from pipelines.errors import UserInputError
+    from ui.steer_tab import make_handlers
+
+    steer_directions, steer_pair = make_handlers(built_tab(lambda ctx: None, tmp_path)[1])
+    quiet = dict(progress=lambda *a, **k: None)
+    with pytest.raises(Exception, match="Please enter the concept to remove"):
+        steer_directions("tiny", " ", "a blue circle", 1, 2, 0, 0, 0, **quiet)
+    with pytest.raises(Exception, match="Please enter what replaces it"):
+        steer_directions("tiny", "a red circle", "", 1, 2, 0, 0, 0, **quiet)
+    with pytest.raises(Exception, match="concept to remove and its replacement are identical"):
+        steer_directions("tiny", "a red circle", "A red  circle", 1, 2, 0, 0, 0, **quiet)
+    assert UserInputError  # the handlers turn it into gr.Error (one sentence)
+
+    stages = []
+
+    def progress(value, desc=None, **_):
+        stages.append((value, desc))
+
+    *_, status = steer_pair("tiny", "a red circle", "a blue circle", 2, 2, 0, 64, 64, None, "a red circle", 0,
+                            False, 2.0, "both", progress=progress)
+    descs = [desc for _, desc in stages]
+    assert descs[0] == "Loading the model" and "estimated now" in status
+    assert "Estimating the direction: sampling 2/4 (step 1/2)" in descs
+    assert "Estimating the direction: sampling 4/4 (step 2/2)" in descs
+    # the tiny model's PNDM scheduler calls the model 3 times for 2 steps: counted in steps
+    assert descs[descs.index("Generating the pair"):] == ["Generating the pair", "Generating the pair: step 1/2",
+                                                          "Generating the pair: step 1/2",
+                                                          "Generating the pair: step 2/2"]
+    assert all(value is None or 0 <= value <= 1 for value, _ in stages)
 
 
 @pytest.mark.timeout(300)

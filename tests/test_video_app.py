@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import built_tab, launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import built_tab, error_badges, launch_chromium, launched_app, require_browser  # noqa: E402
 
 from pipelines.errors import UserInputError  # noqa: E402
 from pipelines.video_settings import VideoSettings  # noqa: E402
@@ -43,11 +43,15 @@ def tab(tmp_path):
     return controls, ctx, video_tab.make_handler(ctx, cache=tmp_path / "cache")
 
 
-def _run(handler, clip, boxes, **settings):
-    """Every status line the handler yields, and its last output."""
+def _run(handler, clip, boxes, progress_calls: list | None = None, **settings):
+    """Every status line the handler yields, and its last output; `progress_calls` receives
+    every (progress, desc, unit) the handler reports."""
+    def progress(value, desc=None, total=None, unit="steps"):
+        if progress_calls is not None:
+            progress_calls.append((value, desc, unit))
+
     statuses, last = [], None
-    for last in handler("tiny", str(clip), SOURCE, PROMPT, boxes, **{**FAST, **settings},
-                        progress=lambda *a, **k: None):
+    for last in handler("tiny", str(clip), SOURCE, PROMPT, boxes, **{**FAST, **settings}, progress=progress):
         if not isinstance(last[0], type(gr.skip())):
             statuses.append(last[0])
     return statuses, last
@@ -69,6 +73,13 @@ def test_every_setting_has_a_control_starting_at_its_default(tab):
     assert controls["ev-width"].value == controls["ev-height"].value == controls["ev-tune-frames"].value == 0
     settings = video_tab.tab_settings(width=0, height=0, tune_frames=0, seed=-1)
     assert settings.width is settings.height is settings.tune_frames is None and settings.seed >= 0
+
+
+def test_every_long_job_has_a_stop_and_the_examples_say_what_they_do(tab):
+    controls, _, _ = tab
+    assert controls["ev-stop"].value == "Stop" and controls["ev-run"].value == "Edit"
+    assert len(video_tab.EXAMPLE_LABELS) == len(video_tab.EXAMPLES)
+    assert controls["ev-stop-note"].visible is False  # shown once Stop is pressed: no empty gap under the buttons
 
 
 def test_the_edit_event_passes_each_control_to_its_own_parameter(tmp_path):
@@ -137,8 +148,15 @@ def test_the_word_menu_offers_the_edited_prompts_words():
 @pytest.mark.timeout(300)
 def test_an_edit_reports_every_stage_writes_its_files_and_reuses_the_cache(tab, clip):
     _, _, handler = tab
+    calls = []
     statuses, (summary, edited, side, heat, files) = _run(handler, clip, [["dog", 0, 0, 16, 16, 0],
-                                                                        ["dog", 16, 16, 32, 32, 3]])
+                                                                        ["dog", 16, 16, 32, 32, 3]], calls)
+    # the progress bar names each stage with its own count ("fine-tuning 1/2", "inverting the clip 2/2")
+    assert list(dict.fromkeys(desc for _, desc, _ in calls)) == ["loading the model", "fine-tuning",
+                                                                  "inverting the clip", "editing", "writing the clips"]
+    for stage in ("fine-tuning", "inverting the clip", "editing"):
+        assert [value for value, desc, _ in calls if desc == stage][-1] == (2, 2), stage
+    assert ((1, 2), "fine-tuning", "steps") in calls
     assert any("Fine-tune: step 1 of 2" in s for s in statuses)
     assert any("Inversion: step 2 of 2" in s for s in statuses)
     assert any("Editing: step 1 of 2" in s for s in statuses)
@@ -241,12 +259,25 @@ def test_edit_video_tab_in_a_real_browser():
     with launched_app("--model", "tiny") as server, sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server.url)
             page.get_by_role("tab", name="Edit video").click()
-            page.locator("#ev-examples [data-testid='dataset-cell-0-1']").click()  # the first example
+            # as the tab opens at 1400x900, its examples are on screen and nothing is wider than the page
+            examples = page.locator("#ev-examples button")
+            expect(examples).to_have_count(len(video_tab.EXAMPLES))
+            for k in range(len(video_tab.EXAMPLES)):
+                box = examples.nth(k).bounding_box()
+                assert box["y"] + box["height"] <= 900 and box["x"] + box["width"] <= 1400, box
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            # a refused edit (no clip) is one notice; no output keeps an "Error" badge
+            page.locator("#ev-run").click()
+            page.locator(".toast-title.error").first.wait_for(state="visible", timeout=30_000)
+            page.wait_for_timeout(1500)
+            assert error_badges(page) == 0
+            page.set_viewport_size({"width": 1400, "height": 1200})
+            examples.first.click()  # the first example
             expect(page.locator("#ev-prompt textarea")).to_have_value("a blue square on a striped background")
             expect(page.locator("#ev-frame img")).to_have_count(1, timeout=60_000)
             expect(page.locator("#ev-box-note")).to_contain_text("square", timeout=60_000)

@@ -6,15 +6,27 @@ import gradio as gr
 
 from pipelines.attention_maps_settings import DEFAULTS, AttentionMapSettings
 from pipelines.seeds import resolve_seed
-from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio, zip_files
+from ui.common import (
+    GPU_CONCURRENCY,
+    PIXEL_RESULT,
+    AppContext,
+    clear_error_badges,
+    model_menu,
+    reveal_after_success,
+    seed_used_row,
+    stop_handler,
+    stoppable,
+    user_errors_as_gradio,
+    zip_files,
+)
 from ui.settings_controls import UNSET, dropdown, number, slider, textbox, unset
 
-# Prompts in the built-in model's vocabulary (pipelines/builtin/world.py): they run offline in about a
-# second on a CPU.  The last column is the steps (0 = the model's default).
+# Prompts in the built-in model's vocabulary (pipelines/builtin/world.py) and their seeds: they run
+# offline in about a second on a CPU.
 EXAMPLES = [
-    ["a red circle and a blue square on a striped background", "", 0, 0],
-    ["a picture of a yellow triangle, a green circle and a purple square", "", 1, 0],
-    ["an orange square on a white background", "", 2, 0],
+    ["a red circle and a blue square on a striped background", 0],
+    ["a picture of a yellow triangle, a green circle and a purple square", 1],
+    ["an orange square on a white background", 2],
 ]
 
 
@@ -73,71 +85,68 @@ ORDER = 10  # position among the tabs
 
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    from pipelines.backbones import TEXT_TO_IMAGE
+
     with gr.Tab("Attention maps", id="attention_maps"):
-        gr.Markdown(
-            "Type a prompt and press **Generate**: next to the image you get one heatmap per "
-            "word showing where the model's cross-attention looked while drawing it."
-        )
+        gr.Markdown("Type a prompt and press **Generate**: next to the image, one heatmap per word shows where "
+                    "the model's cross-attention looked while drawing it.")
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(
-                    choices=ctx.model_choices,
-                    value=ctx.default_model,
-                    label="Model",
-                    info="the models this app was started with (--model, --allow-model) and the built-in ones",
-                    elem_id="am-model",
-                )
+                model = model_menu(ctx, TEXT_TO_IMAGE, "Attention maps", elem_id="am-model",
+                                   info="the models this app was started with and the built-in ones")
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle and a blue square on a striped background",
                                     elem_id="am-prompt")
                 negative_prompt = textbox(AttentionMapSettings, "negative_prompt", label="Negative prompt",
+                                          placeholder="what the image should not show (optional)",
                                           elem_id="am-negative")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)",
-                                     elem_id="am-seed")
-                    randomize_seed = gr.Checkbox(value=False, label="Random seed",
-                                                 elem_id="am-randomize")
-                # ranges and steps come from AttentionMapSettings; 0 (UNSET) is the model's own
-                with gr.Row():
-                    steps = number(AttentionMapSettings, "steps",
-                                   label="Steps (0: the model's)", elem_id="am-steps")
-                    guidance = number(AttentionMapSettings, "guidance",
-                                      label="Guidance (0: the model's)", elem_id="am-guidance")
-                with gr.Row():
-                    width = number(AttentionMapSettings, "width",
-                                   label="Width (0: the model's)", elem_id="am-width")
-                    height = number(AttentionMapSettings, "height",
-                                    label="Height (0: the model's)", elem_id="am-height")
-                layers = dropdown(AttentionMapSettings, "layers", label="Layers averaged", elem_id="am-layers")
-                overlay_alpha = slider(AttentionMapSettings, "overlay_alpha", label="Heatmap opacity",
-                                       elem_id="am-overlay-alpha")
+                    seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="am-seed")
+                    randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="am-randomize")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="am-generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="am-stop")
                 stop_note = gr.Markdown(elem_id="am-stop-note")
+                # the examples go here, under the buttons (filled below, once `steps` exists)
+                examples_slot = gr.Column()
+                # ranges and steps come from AttentionMapSettings; 0 (UNSET) is the model's own
+                with gr.Accordion("Settings", open=False, elem_id="am-settings"):
+                    with gr.Row():
+                        steps = number(AttentionMapSettings, "steps", label="Steps (0: the model's)", elem_id="am-steps")
+                        guidance = number(AttentionMapSettings, "guidance", label="Guidance (0: the model's)",
+                                          elem_id="am-guidance")
+                    with gr.Row():
+                        width = number(AttentionMapSettings, "width", label="Width (0: the model's)", elem_id="am-width")
+                        height = number(AttentionMapSettings, "height", label="Height (0: the model's)",
+                                        elem_id="am-height")
+                    layers = dropdown(AttentionMapSettings, "layers", label="Layers averaged", elem_id="am-layers")
+                    overlay_alpha = slider(AttentionMapSettings, "overlay_alpha", label="Heatmap opacity",
+                                           elem_id="am-overlay-alpha")
             with gr.Column(scale=2):
-                image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320,
-                                 elem_id="am-image")
-                gallery = gr.Gallery(label="Heatmap per word", columns=4, format="png",
-                                     elem_id="am-heatmaps")
-                with gr.Row():
-                    seed_used = gr.Number(label="Seed used", precision=0, interactive=False,
-                                          elem_id="am-seed-used")
-                    reuse = gr.Button("Reuse this seed", elem_id="am-reuse-seed")
+                image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=360,
+                                 elem_id="am-image", elem_classes=PIXEL_RESULT)
+                # height="auto": every word's heatmap shows at once, no box scrolling on its own
+                gallery = gr.Gallery(label="Heatmap per word", columns=6, height="auto", format="png",
+                                     object_fit="contain", elem_id="am-heatmaps", elem_classes=PIXEL_RESULT)
+                seed_row, seed_used, reuse = seed_used_row("am")
                 files = gr.File(label="Downloads (PNG with parameters, JSON, heatmaps zip)",
                                 file_count="multiple", interactive=False, elem_id="am-files")
-
-        gr.Examples(
-            examples=EXAMPLES,
-            inputs=[prompt, negative_prompt, seed, steps],
-            label="Examples (the built-in model's vocabulary; about a second each on a CPU)",
-        )
+        with examples_slot:
+            gr.Examples(
+                examples=EXAMPLES,
+                inputs=[prompt, seed],
+                example_labels=[prompt for prompt, _ in EXAMPLES],
+                label="Examples (the built-in model's vocabulary; about a second each on a CPU)",
+                elem_id="am-examples",
+            )
 
         inputs = [model, prompt, negative_prompt, seed, randomize_seed, steps, guidance,
                   width, height, layers, overlay_alpha]
         outputs = [image, gallery, seed_used, files]
         handler = make_handler(ctx)
-        generate.click(handler, inputs, outputs, api_name="attention_maps", **GPU_CONCURRENCY)
-        prompt.submit(handler, inputs, outputs, api_visibility="private", **GPU_CONCURRENCY)
+        for event in (generate.click(handler, inputs, outputs, api_name="attention_maps", **GPU_CONCURRENCY),
+                      prompt.submit(handler, inputs, outputs, api_visibility="private", **GPU_CONCURRENCY)):
+            reveal_after_success(event, seed_row)
+            clear_error_badges(event, outputs)
         # outside the queue, so that it runs while the generation holds the GPU slot
         stop.click(stop_handler(ctx, "attention_maps", "attention_maps_stop"), None, stop_note,
                    api_name="attention_maps_stop", queue=False)

@@ -282,28 +282,162 @@ def stoppable(ctx: "AppContext", request, task: str, pipe=None, total: int | Non
                 yield flag
 
 
+# --------------------------------------------------------------------------- shared components
+
+#: `elem_classes` of a result image or gallery: small results (64 px from the built-in models)
+#: fill their box, pixels kept sharp (APP_CSS in app.py)
+PIXEL_RESULT = ["pixel-result"]
+
+
+def model_label(ctx: "AppContext", name: str, supported: tuple | None = None) -> str:
+    """What the Model menu shows for `name`: the name, its family when the files tell it without
+    loading, and whether this tab can run it, e.g. "builtin · SD 1.x/2.x UNet, built-in"."""
+    from pipelines import models
+
+    backbone = models.backbone_without_loading(name)
+    if backbone is None:
+        return name
+    where = ", built-in" if models.builtin_folder(name) else ", tiny test model" if models.is_tiny(name) else ""
+    unfit = "  (not for this tab)" if supported is not None and backbone not in supported else ""
+    return f"{name} · {backbone.label}{where}{unfit}"
+
+
+def model_note(name: str | None, supported: tuple | None, task: str) -> str:
+    """One sentence under the Model menu when this tab cannot run the chosen model (or "" when
+    it can, or when only loading the model would tell)."""
+    from pipelines import backbones, models
+
+    backbone = models.backbone_without_loading(name or "")
+    if supported is None or backbone is None or backbone in supported:
+        return ""
+    return (f"⚠ {task} works with {backbones.sentence_list(supported)} models; `{name}` is "
+            f"{backbone.label}: pick another model.")
+
+
+def model_menu(ctx: "AppContext", supported: tuple | None, task: str, *, choices: list[str] | None = None,
+               elem_id: str | None = None, **options) -> gr.Dropdown:
+    """The tab's Model menu: every model the server offers (`ctx.model_choices` or `choices`) with
+    its family, and below it a note that appears as soon as a model this tab cannot run is
+    picked, before the user presses the button.  `supported`: the task's backbones (its
+    pipeline's SUPPORTED), None for any.  Values are the plain names, as the API takes them."""
+    choices = ctx.model_choices if choices is None else choices
+    value = options.pop("value", choices[0])
+    dropdown = gr.Dropdown(choices=[(model_label(ctx, name, supported), name) for name in choices], value=value,
+                           label=options.pop("label", "Model"), elem_id=elem_id, **options)
+    first = model_note(value, supported, task)
+    note = gr.Markdown(first, visible=bool(first), elem_id=f"{elem_id}-note" if elem_id else None)
+
+    def show_note(name):
+        text = model_note(name, supported, task)
+        return gr.update(value=text, visible=bool(text))
+
+    dropdown.change(show_note, dropdown, note, queue=False, api_visibility="private", show_progress="hidden")
+    return dropdown
+
+
+def is_shapes_model(name: str | None) -> bool:
+    """Whether `name` is a built-in shapes-world model (or a tiny test one): placeholders and
+    defaults use the shapes world's words for it, a real checkpoint's otherwise."""
+    from pipelines import models
+
+    name = (name or "").strip()
+    return models.builtin_folder(name) is not None or models.is_tiny(name)
+
+
+@contextlib.contextmanager
+def denoiser_progress(pipe, progress, describe, steps: int = 0, runs: int | None = None):
+    """Report each denoiser call of this thread to `progress` as it starts, with a named stage
+    instead of the pipeline's own step counter ("44/50 steps" says nothing of what is sampled).
+
+    `describe(run, step)` names denoising step `step` (1..steps) of pipeline run `run` (0-based).
+    `steps` 0: every call is a run of its own (one noisy pass per image or batch of frames);
+    `runs` None: the total is unknown (no fraction shown).  A scheduler that calls the model
+    more than once per step (PNDM's warm-up, Heun) is counted in steps: each run makes as many
+    calls as its scheduler has timesteps.  Other threads' calls on the same model are ignored.
+    """
+    from pipelines import models
+
+    owner, calls = threading.get_ident(), [0]
+
+    def before_call(_module, _args):
+        if threading.get_ident() != owner:
+            return
+        timesteps = getattr(pipe.scheduler, "timesteps", None) if steps > 0 else None
+        per_run = max(len(timesteps) if timesteps is not None else 0, 1)
+        run, within = divmod(calls[0], per_run)
+        calls[0] += 1
+        step = min(steps, 1 + within * steps // per_run) if steps > 0 else 0
+        if runs:
+            progress(min(1.0, (run * per_run + within) / (runs * per_run)), desc=describe(min(run, runs - 1), step))
+        else:
+            progress(None, desc=describe(run, step))
+
+    handle = models.denoiser(pipe).register_forward_pre_hook(before_call)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def seed_used_row(prefix: str) -> tuple[gr.Row, gr.Number, gr.Button]:
+    """The read-only "Seed used" box and its "Reuse this seed" button, in a row that stays hidden
+    until a run has used a seed (Gradio draws an empty number box as "0"); show it with
+    `reveal_after_success(event, row)`.  Element ids `<prefix>-seed-used`, `<prefix>-reuse-seed`."""
+    with gr.Row(visible=False, elem_id=f"{prefix}-seed-row") as row:
+        seed_used = gr.Number(value=None, label="Seed used", precision=0, interactive=False,
+                              elem_id=f"{prefix}-seed-used")
+        reuse = gr.Button("Reuse this seed", elem_id=f"{prefix}-reuse-seed")
+    return row, seed_used, reuse
+
+
+def reveal_after_success(event, *components) -> None:
+    """Make `components` visible once `event` has succeeded (e.g. the seed row after a run)."""
+    event.success(lambda: tuple(gr.update(visible=True) for _ in components) if len(components) > 1
+                  else gr.update(visible=True), None, list(components), queue=False,
+                  api_visibility="private", show_progress="hidden")
+
+
+def details(label: str = "Details", **options) -> gr.Accordion:
+    """A closed section for diagnostics (words the method adds, token maps, crop sizes)."""
+    return gr.Accordion(label, open=options.pop("open", False), **options)
+
+
+def clear_error_badges(event, outputs: list) -> None:
+    """After a failed run, keep the outputs as they were but drop the "Error" badge Gradio left on
+    each of them (the error itself was shown once, as a notice)."""
+    event.failure(lambda: tuple(gr.skip() for _ in outputs) if len(outputs) > 1 else gr.skip(), None, outputs,
+                  queue=False, api_visibility="private", show_progress="hidden")
+
+
+#: The tabs in the header's one line, as the tab bar names them
+HEADER = (
+    "## Attention-layer editing with diffusion models\n"
+    "Work inside the attention layers of a diffusion model: see where each word looked, remove an "
+    "object, segment by text, steer a concept out, personalize, edit a video or an image by instruction."
+)
+
+
 def header_markdown(default_model: str) -> str:
-    text = (
-        "# Attention-layer editing with diffusion models\n"
-        "Edit and explain images by working inside the attention layers of diffusion models: "
-        "see where each prompt word looked (**Attention maps**), erase an object and rebuild the "
-        "background (**Remove object**), find what a sentence names (**Segment by text**), and make "
-        "same-seed pairs where only one concept changes (**Counterfactual steer**), teach the model the "
-        "objects of one photo (**Personalize**), edit a clip inside boxes (**Edit video**), and edit an image "
-        "by an instruction of several parts, every part carried out (**Instruction edit**).\n"
-    )
+    """The app's two header lines (a title and what the tabs do)."""
+    return HEADER
+
+
+def models_markdown(default_model: str, models_from_cache: tuple[str, ...] = ()) -> str:
+    """What the closed "About the models" section under the header says about the default model
+    and how to offer others."""
     if default_model.startswith("tiny"):
-        text += (
-            f"\n**Note:** the default model `{default_model}` is a tiny model with *random "
-            "weights*, built offline for tests: it runs in seconds on a CPU but its images, "
-            f"heatmaps and masks are noise. {REAL_MODEL_HINT}\n"
-        )
+        text = (f"**Note:** the default model `{default_model}` is a tiny model with *random weights*, built "
+                "offline for tests: it runs in seconds on a CPU but its images, heatmaps and masks are noise. ")
     elif default_model == "builtin":
-        text += (
-            "\n**Model:** `builtin`, our own small Stable-Diffusion-architecture model trained on a "
-            "world of coloured circles, squares and triangles on plain, striped, checkered and "
-            "gradient backgrounds (64 px; see `assets/builtin/README.md`). It runs offline on a CPU "
-            "in about a second; prompts like *a red circle and a blue square on a striped "
-            f"background* work, photos of cats do not. {REAL_MODEL_HINT}\n"
-        )
-    return text
+        text = ("`builtin` is our own small Stable-Diffusion-architecture model trained on a world of coloured "
+                "circles, squares and triangles on plain, striped, checkered and gradient backgrounds (64 px; see "
+                "`assets/builtin/README.md`); `builtin-edit` is its instruction-edit variant. They run offline on a "
+                "CPU in about a second; prompts like *a red circle and a blue square on a striped background* work, "
+                "photos of cats do not. ")
+    else:
+        text = f"The default model is `{default_model}`. "
+    if models_from_cache:
+        text += f"From the local Hugging Face cache: {', '.join(f'`{name}`' for name in models_from_cache)}. "
+    return text + REAL_MODEL_HINT + (" `--models-from-hf-cache` offers every diffusers pipeline already in the "
+                                      "local Hugging Face cache. Each Model menu shows a model's family and marks "
+                                      "the ones its tab cannot run.")

@@ -79,12 +79,14 @@ def run_erase(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise UserInputError(f"There is no {flag} file at '{path}'.")
     from pipelines import models
-    from pipelines.eraser import erase
+    from pipelines.eraser import describe_work, erase
 
     pipe = models.load(args.model, device=args.device)
     result = erase(pipe, args.image, args.mask, **_options(args))
     for note in result.notes:
         _warn(note)
+    if list(result.params["region"]) != [0, 0, *result.input.size]:  # only part of the image was processed
+        print(describe_work(result.params, result.input.size).split("\n\n")[0], file=sys.stderr)
     for path in _save(result, args.output):
         print(path)
     print("seed: " + ", ".join(str(s) for s in result.seeds))

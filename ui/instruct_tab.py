@@ -12,7 +12,19 @@ import gradio as gr
 
 from pipelines.instruct_settings import INSTRUCT, InstructSettings
 from pipelines.seeds import resolve_seed
-from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio
+from ui.common import (
+    GPU_CONCURRENCY,
+    PIXEL_RESULT,
+    AppContext,
+    clear_error_badges,
+    details,
+    model_menu,
+    reveal_after_success,
+    seed_used_row,
+    stop_handler,
+    stoppable,
+    user_errors_as_gradio,
+)
 from ui.settings_controls import UNSET, checkbox, number, radio, slider, unset
 
 ORDER = 70  # position among the tabs
@@ -108,21 +120,25 @@ def make_handler(ctx: AppContext):
 
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    from pipelines.instruct import SUPPORTED
+
     with gr.Tab("Instruction edit", id=TASK):
-        gr.Markdown(
-            "**SaaS** (self-adaptive attention scaling): write several changes in one instruction, "
-            "separated by commas (*make the circle blue, and make the background beige*). Plain "
-            "instruction editing often carries out only some of them; SaaS measures where each part "
-            "attends, and boosts the parts that are losing inside their own region. The result and plain "
-            "sampling with the same seed are shown side by side."
-        )
+        gr.Markdown("Write several changes in one instruction, separated by commas, and press **Edit**: **SaaS** "
+                    "(self-adaptive attention scaling) boosts the parts plain editing leaves out; both results, same seed.")
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(choices=ctx.edit_model_choices, value=ctx.edit_model_choices[0], label="Model",
-                                    elem_id="in-model")
-                image = gr.Image(label="Image to edit", type="pil", sources=["upload", "clipboard"], elem_id="in-image")
+                model = model_menu(ctx, SUPPORTED, "Instruction edit", choices=ctx.edit_model_choices, elem_id="in-model")
+                image = gr.Image(label="Image to edit", type="pil", sources=["upload", "clipboard"], height=220,
+                                 elem_id="in-image", elem_classes=PIXEL_RESULT)
                 instruction = gr.Textbox(label="Instruction (parts separated by commas)", lines=2, elem_id="in-text",
                                          placeholder="make the circle blue, and make the background beige")
+                with gr.Row():
+                    run = gr.Button("Edit", variant="primary", elem_id="in-run")
+                    stop = gr.Button("Stop", variant="stop", elem_id="in-stop")
+                stop_note = gr.Markdown(elem_id="in-stop-note")
+                gr.Examples(examples=examples(), inputs=[image, instruction],
+                            example_labels=[instruction for _, instruction in examples()],
+                            label="Examples (for the built-in edit model)", elem_id="in-examples")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="in-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="in-randomize")
@@ -137,32 +153,26 @@ def build_tab(ctx: AppContext) -> dict:
                     window = slider(InstructSettings, "window", elem_id="in-window")
                     gain = radio(InstructSettings, "gain", elem_id="in-gain")
                     max_gain = slider(InstructSettings, "max_gain", elem_id="in-max-gain")
-                with gr.Row():
-                    run = gr.Button("Edit", variant="primary", elem_id="in-run")
-                    stop = gr.Button("Stop", variant="stop", elem_id="in-stop")
-                stop_note = gr.Markdown(elem_id="in-stop-note")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="in-status")
                 with gr.Row():
-                    edited = gr.Image(label="With SaaS", type="pil", format="png", interactive=False, height=320,
-                                      elem_id="in-edited")
+                    edited = gr.Image(label="With SaaS", type="pil", format="png", interactive=False, height=360,
+                                      elem_id="in-edited", elem_classes=PIXEL_RESULT)
                     plain = gr.Image(label="Plain (same seed)", type="pil", format="png", interactive=False,
-                                     height=320, elem_id="in-plain")
-                with gr.Row():
-                    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="in-seed-used")
-                    reuse = gr.Button("Reuse this seed", elem_id="in-reuse-seed")
-                with gr.Accordion("Details: each part's mask and gain per step", open=False, elem_id="in-details"):
-                    masks = gr.Gallery(label="Masks (red) and gains", columns=4, height=300, elem_id="in-masks")
+                                     height=360, elem_id="in-plain", elem_classes=PIXEL_RESULT)
+                seed_row, seed_used, reuse = seed_used_row("in")
+                with details("Details: each part's mask and gain per step", elem_id="in-details"):
+                    masks = gr.Gallery(label="Masks (red) and gains", columns=4, height="auto", object_fit="contain",
+                                       elem_id="in-masks", elem_classes=PIXEL_RESULT)
                 files = gr.File(label="Downloads (edited, plain, source, JSON)", file_count="multiple",
                                 interactive=False, elem_id="in-files")
 
-        gr.Examples(examples=examples(), inputs=[image, instruction], label="Examples (for the built-in edit model)",
-                    elem_id="in-examples")
-
         handler = make_handler(ctx)
-        run.click(handler, [model, image, instruction, seed, randomize_seed, saas, steps, guidance, image_guidance,
-                            window, gain, max_gain], [edited, plain, masks, seed_used, files, status],
-                  api_name=TASK, **GPU_CONCURRENCY)
+        outputs = [edited, plain, masks, seed_used, files, status]
+        event = run.click(handler, [model, image, instruction, seed, randomize_seed, saas, steps, guidance,
+                                    image_guidance, window, gain, max_gain], outputs, api_name=TASK, **GPU_CONCURRENCY)
+        reveal_after_success(event, seed_row)
+        clear_error_badges(event, outputs)
         stop.click(stop_handler(ctx, TASK, f"{TASK}_stop"), None, stop_note, api_name=f"{TASK}_stop", queue=False)
         reuse.click(lambda used, current: (current if used is None else used, False), [seed_used, seed],
                     [seed, randomize_seed], api_visibility="private", queue=False)

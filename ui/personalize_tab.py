@@ -5,23 +5,34 @@ Named API endpoints:
   and the loss, the attention map of each learned token (and of the class words / the
   background), AttenCraft's masks, the learned file (written at every checkpoint), and the run
   folder's name.  Pressing *Train* again with the same settings resumes the run (also after
-  *Cancel*).
-- `/personalize_cancel(run_folder)`: stop the training run of that name after its current step;
-  it saves a checkpoint there and reports "Stopped at step N".
+  *Stop*).
+- `/personalize_cancel(run_folder)` (the *Stop* button): stop the training run of that name after
+  its current step; it saves a checkpoint there and reports "Stopped at step N".
 - `/personalize_generate`: an image from a prompt with the learned tokens, using the uploaded
   learned file if given, else the run's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
 from pipelines import viz
-from pipelines.personalize import DEFAULT_METHOD, GENERATE_SEED, METHODS, method_named
+from pipelines.personalize import DEFAULT_METHOD, GENERATE_SEED, METHODS, SUPPORTED, method_named
 from pipelines.seeds import resolve_seed
-from ui.common import GPU_CONCURRENCY, AppContext, stoppable, user_errors_as_gradio
+from ui.common import (
+    GPU_CONCURRENCY,
+    PIXEL_RESULT,
+    AppContext,
+    clear_error_badges,
+    details,
+    model_menu,
+    reveal_after_success,
+    seed_used_row,
+    user_errors_as_gradio,
+)
 from ui.settings_controls import number
 
 ORDER = 50  # position among the tabs
@@ -36,6 +47,103 @@ UI_METHOD_GUIDANCE = 0  # the guidance box's 0 stands for the learned method's o
 # the training seed follows the seed rule of every tab (pipelines/seeds.py: -1 draws one), not the field's range
 
 DEFAULT = METHODS[DEFAULT_METHOD].settings
+#: the steps the tab starts with for the built-in model: a couple of minutes on a CPU (as its examples)
+UI_BUILTIN_STEPS = 100
+
+
+@dataclass(frozen=True)
+class Suggestions:
+    """What the tab starts with for a model: class words, the scene of the suggested prompt
+    ("a <new1> circle" + scene) and the training steps."""
+
+    class_words: str
+    scene: str
+    steps: int
+
+    def prompt(self, token: str = "<new1>", word: str | None = None) -> str:
+        return f"a {token} {word or self.class_words.split(',')[0].strip()} {self.scene}"
+
+
+#: the built-in model draws coloured shapes on plain, striped, checkered and gradient backgrounds (no cats)
+SHAPES_WORLD = Suggestions("circle,square", "on a striped background", UI_BUILTIN_STEPS)
+#: every other model: the paper's (DisenDiff: cat and dog, 250 steps)
+PAPER = Suggestions("cat,dog", "on the beach", DEFAULT.default("steps"))
+
+
+def suggestions(model: str | None) -> Suggestions:
+    """The class words, prompt and steps that suit `model`."""
+    from pipelines import models
+
+    return SHAPES_WORLD if models.builtin_folder((model or "").strip()) else PAPER
+
+
+def follow_model(model, class_words, prompt, steps):
+    """The Model menu changed: the new model's suggestions as placeholders, and as the values of
+    the boxes the user has not edited (empty, or still holding a model's suggestion)."""
+    new, every = suggestions(model), (SHAPES_WORLD, PAPER)
+
+    def untouched(value, known) -> bool:
+        return value is None or (isinstance(value, str) and not value.strip()) or value in known
+
+    words = (dict(value=new.class_words) if untouched(class_words, {s.class_words for s in every}) else {})
+    text = dict(value=new.prompt()) if untouched(prompt, {s.prompt() for s in every}) else {}
+    return (gr.update(placeholder=new.class_words, **words), gr.update(placeholder=new.prompt(), **text),
+            gr.update(value=new.steps) if untouched(steps, {s.steps for s in every}) else gr.skip())
+
+
+def finds_masks(method: str | None) -> bool:
+    """Whether the method finds masks before training (it has its own `prepare`: AttenCraft's
+    mask initialisation), so the tab shows its masks."""
+    from pipelines.personalize.base import Method
+
+    kind = METHODS.get(method or "")
+    return kind is not None and kind.prepare is not Method.prepare
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def reporting(stop, progress, desc: str, total: int | None, unit: str = "steps"):
+    """A `stop_between_steps` question (asked before every denoiser call) that also moves the
+    progress bar: "`desc` done/total"."""
+    done = 0
+
+    def ask() -> bool:
+        nonlocal done
+        progress((min(done, total) if total else done, total), desc=desc, unit=unit)
+        done += 1
+        return stop()
+
+    return ask
+
+
+class _Preparation:
+    """Names the preparation on the progress bar: "preparing 8 prior images 3/8" (one report per
+    regularisation image, made or kept from an earlier run), then AttenCraft's masks.
+
+    The trainer tells each regularisation image (`Trainer.on_prior_image`), and the stop hook,
+    asked before every denoiser call, tells when the model runs for anything else than an image."""
+
+    def __init__(self, trainer, progress, stop):
+        self.progress, self.stop, self.count = progress, stop, trainer.settings.prior_images
+        self.images = f"preparing {_plural(self.count, 'prior image')}"
+        self.masks = f"preparing {METHODS[trainer.method].title}'s masks" if finds_masks(trainer.method) \
+            else "preparing"
+        self.in_image = False
+
+        def prior_image(done, count):
+            self.in_image = done < count
+            self.progress((done, count), desc=self.images, unit="images")
+
+        trainer.on_prior_image = prior_image
+        if self.count:
+            progress((0, self.count), desc=self.images, unit="images")
+
+    def ask(self) -> bool:
+        if not self.in_image:
+            self.progress(0, desc=self.masks)
+        return self.stop()
 
 
 def _owner(name: str):
@@ -103,7 +211,7 @@ def make_handlers(ctx: AppContext):
         tau: float = _owner("tau").settings.default("tau"),
         seed: float = DEFAULT.default("seed"),
         run_folder: str | None = None,
-        progress=gr.Progress(track_tqdm=True),
+        progress=gr.Progress(),
         request: gr.Request = None,
     ):
         """Train (or resume) DisenDiff / AttenCraft on one image; yields one update per step.
@@ -124,31 +232,33 @@ def make_handlers(ctx: AppContext):
         settings = kind.settings().replace(**{k: v for k, v in values.items() if k in kind.settings.specs()})
         settings = settings.validated()
         ctx.limits.check_settings(settings, training=("steps",))
+        progress(0, desc="loading the model")
         pipe = load_fp32(model)
         folder = ctx.outputs.run_dir_named(run_folder, "personalize")
         trainer = Trainer(pipe, image, class_words, method, folder, settings=settings)
         if folder is None or not trainer.checkpoint_matches():
             trainer.output = ctx.outputs.new_run_dir("personalize")
         name = trainer.output.name
-        # this request's stop flag: set by Cancel (this session, or any client naming the run)
+        # this request's stop flag: set by Stop (this session, or any client naming the run)
         with ctx.stops.job(request, "personalize") as stop:
             with stop_flags_lock:
                 stop_flags[name] = stop
             try:
                 # the run's name reaches the page (and an API client) before the preparation, so
-                # Cancel can name it from the start
-                yield "Preparing (regularisation images, masks) ...", gr.skip(), gr.skip(), gr.skip(), name
-                progress(0, desc="Preparing (regularisation images, masks)")
-                yield from _train_steps(trainer, name, stop, progress)
+                # Stop can name it from the start
+                masks = f" and {kind.title}'s masks" if finds_masks(method) else ""
+                yield (f"Preparing {_plural(settings.prior_images, 'prior image')}{masks} before the first "
+                       "training step ...", gr.skip(), gr.skip(), gr.skip(), name)
+                yield from _train_steps(trainer, name, stop, progress, suggestions(model))
             finally:
                 with stop_flags_lock:
                     stop_flags.pop(name, None)
 
-    def _train_steps(trainer, name, stop, progress):
+    def _train_steps(trainer, name, stop, progress, suggested: Suggestions):
         from pipelines.stopping import Stopped, stop_between_steps
 
         try:  # the regularisation images and AttenCraft's masks run the model: stoppable at a step
-            with stop_between_steps(trainer.pipe, stop.is_set):
+            with stop_between_steps(trainer.pipe, _Preparation(trainer, progress, stop.is_set).ask):
                 trainer.start()
         except Stopped as stopped:
             yield (f"Stopped while preparing (at denoising step {stopped.step} of the regularisation images), "
@@ -160,6 +270,7 @@ def make_handlers(ctx: AppContext):
         if trainer.step >= trainer.total_steps:
             yield f"Already trained {trainer.step} steps{resumed}.", maps, masks, learned, name
             return
+        progress((trainer.step, trainer.total_steps), desc="training", unit="steps")
         for info in trainer.run(stop=stop.is_set):
             if info.maps is not None:
                 maps = _gallery(info.maps, info.map_labels)
@@ -174,11 +285,11 @@ def make_handlers(ctx: AppContext):
             status = (f"Step {info.step}/{info.total}{resumed} · loss {info.loss:.4f} ({parts}) · "
                       f"{trainer.method}, tokens " + ", ".join(f"`{t}` {w}" for t, w in zip(trainer.tokens, trainer.words)))
             if info.step == info.total:
-                status += " · done: generate below with e.g. " + f"`a {trainer.tokens[0]} {trainer.words[0]} on the beach`"
+                status += " · done: generate with e.g. " + f"`{suggested.prompt(trainer.tokens[0], trainer.words[0])}`"
             if info.stopped:
                 status = (f"Stopped at step {info.step}/{info.total} (checkpoint saved); press Train with the "
                           "same settings to resume.")
-            progress((info.step, info.total), desc=f"loss {info.loss:.4f}")
+            progress((info.step, info.total), desc="training", unit="steps")
             yield status, maps, masks, file_update, name
 
     def personalize_cancel(run_folder: str | None = None, request: gr.Request = None) -> str:
@@ -205,7 +316,7 @@ def make_handlers(ctx: AppContext):
         seed: float | None = GENERATE_SEED,
         steps: float = DEFAULT.default("sample_steps"),
         guidance: float | None = None,
-        progress=gr.Progress(track_tqdm=True),
+        progress=gr.Progress(),
         request: gr.Request = None,
     ):
         """Generate `prompt` (with a learned token such as <new1>) from the uploaded learned file,
@@ -213,6 +324,7 @@ def make_handlers(ctx: AppContext):
         the learned method's.  Returns image, seed used, files."""
         from pipelines.errors import UserInputError
         from pipelines.personalize import Learned, generate
+        from pipelines.stopping import stop_between_steps
 
         seed = resolve_seed(seed)  # cheap checks first: no file is read for a bad seed
         if learned_file:
@@ -224,8 +336,12 @@ def make_handlers(ctx: AppContext):
         if steps:
             ctx.limits.check_steps(steps, "Steps")
         learned = Learned.load(path)
+        progress(0, desc="loading the model")
         pipe = load_fp32(model)
-        with stoppable(ctx, request, "personalize", pipe):
+        # the sampler calls the denoiser once per step (PNDM once more: the bar then holds at total/total)
+        total = int(steps or METHODS.get(learned.method, METHODS[DEFAULT_METHOD]).settings.default("sample_steps"))
+        with ctx.stops.job(request, "personalize") as flag, \
+                stop_between_steps(pipe, reporting(flag.is_set, progress, "generating", total)):
             result = generate(pipe, learned, prompt, seed=seed, steps=steps or None,
                               guidance=None if guidance in (None, UI_METHOD_GUIDANCE) else guidance)
         out = ctx.outputs.new_run_dir("personalize") / f"personalized_seed{result.seed}.png"
@@ -235,81 +351,124 @@ def make_handlers(ctx: AppContext):
     return personalize_train, personalize_generate, personalize_cancel
 
 
+INTRO = ("**DisenDiff / AttenCraft**: learn each object of one image as a new word (`<new1>`, `<new2>`), watch "
+         "its attention map as it trains, then generate with it. Train again resumes a stopped run.")
+#: before the first run, the status line says what to do
+START = "Upload an image (or pick an example), name each object's class, and press **Train**."
+#: rules for this tab's elements (app.py adds them to the page): the examples' table fits its
+#: column, and the file boxes are small while they are empty
+CSS = """
+#pz-examples table { table-layout: fixed; width: 100%; }
+#pz-examples th { white-space: normal; }
+#pz-examples td.image .container { width: 56px; height: 56px; }
+#pz-learned-out .empty, #pz-files .empty { min-height: 0; height: 88px; }
+"""
+
+
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    start = suggestions(ctx.model_choices[0])  # the Model menu's first choice
     with gr.Tab("Personalize", id="personalize"):
-        gr.Markdown(
-            "**DisenDiff / AttenCraft**: learn each object of one photo as a new word (`<new1>`, `<new2>`) "
-            "by fine-tuning the cross-attention keys/values and the new token embeddings, with attention "
-            "losses that keep the concepts apart. Watch each token's attention map as it trains, then "
-            "generate e.g. *a &lt;new1&gt; cat on the beach*. Pressing Train again resumes a cancelled run."
-        )
+        gr.Markdown(INTRO, elem_id="pz-intro")
         with gr.Row():
-            with gr.Column(scale=1):
-                model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
-                                    elem_id="pz-model")
-                image = gr.Image(label="Image with the concepts", type="pil", elem_id="pz-image")
-                class_words = gr.Textbox(label="Class word of each concept (comma-separated, one token each)",
-                                         value="cat,dog", elem_id="pz-classes")
-                method = gr.Radio([(kind.title, name) for name, kind in METHODS.items()], value=DEFAULT_METHOD,
-                                  label="Method", elem_id="pz-method")
+            with gr.Column(scale=1, min_width=380):
+                model = model_menu(ctx, SUPPORTED, "Personalization", elem_id="pz-model")
                 with gr.Row():
-                    steps = number(DEFAULT, "steps", label=f"Steps (paper: {_per_method('steps')})",
-                                   elem_id="pz-steps")
-                    prior = number(DEFAULT, "prior_images", value=UI_DEFAULT_PRIOR,
-                                   label=f"Prior images (paper: {DEFAULT.default('prior_images')})", elem_id="pz-prior")
-                with gr.Row():
-                    tau = number(_owner("tau").settings, "tau", label=f"{_owner('tau').title} margin τ",
-                                 elem_id="pz-tau")
-                    train_seed = gr.Number(value=DEFAULT.default("seed"), precision=0, label="Training seed",
-                                           elem_id="pz-train-seed")
+                    image = gr.Image(label="Image with the concepts", type="pil", height=260, scale=1, min_width=170,
+                                     elem_id="pz-image")
+                    with gr.Column(scale=1, min_width=170):
+                        class_words = gr.Textbox(label="Class words", value=start.class_words,
+                                                 placeholder=start.class_words, elem_id="pz-classes")
+                        steps = number(DEFAULT, "steps", value=start.steps,
+                                       label=f"Steps (paper: {_per_method('steps')})", elem_id="pz-steps")
+                        method = gr.Radio([(kind.title, name) for name, kind in METHODS.items()],
+                                          value=DEFAULT_METHOD, label="Method", elem_id="pz-method")
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="pz-train")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="pz-cancel")
+                    # elem_id and endpoint keep their first name (cancel); the button reads Stop, as on every tab
+                    cancel = gr.Button("Stop", variant="stop", elem_id="pz-cancel")
+                # the examples go here, under the buttons (filled below, once the prompt exists)
+                examples_slot = gr.Column()
+                with details("Training settings", elem_id="pz-settings"):
+                    with gr.Row():
+                        prior = number(DEFAULT, "prior_images", value=UI_DEFAULT_PRIOR,
+                                       label=f"Prior images (paper: {DEFAULT.default('prior_images')})",
+                                       elem_id="pz-prior")
+                        tau = number(_owner("tau").settings, "tau", label=f"{_owner('tau').title} margin τ",
+                                     elem_id="pz-tau")
+                        train_seed = gr.Number(value=DEFAULT.default("seed"), precision=0, label="Training seed",
+                                               elem_id="pz-train-seed")
                 run_folder = gr.Textbox(visible=False, elem_id="pz-run")
             with gr.Column(scale=2):
-                status = gr.Markdown(elem_id="pz-status")
-                maps = gr.Gallery(label="Attention map per token", columns=6, format="png", height=200,
-                                  elem_id="pz-maps")
-                masks = gr.Gallery(label="AttenCraft masks (token assigned)", columns=6, format="png", height=200,
-                                   elem_id="pz-masks")
-                learned_out = gr.File(label="Learned file (download)", interactive=False, elem_id="pz-learned-out")
-                learned_in = gr.File(label="Or upload a learned file (.safetensors)", file_types=[".safetensors"],
-                                     type="filepath", elem_id="pz-learned-in")
-                prompt = gr.Textbox(label="Prompt with a learned token", value="a <new1> cat on the beach",
-                                    elem_id="pz-prompt")
+                status = gr.Markdown(START, elem_id="pz-status")
                 with gr.Row():
-                    seed = gr.Number(value=GENERATE_SEED, precision=0, label="Seed (-1 = random)", elem_id="pz-seed")
-                    gen_steps = number(DEFAULT, "sample_steps", elem_id="pz-gen-steps")
-                    guidance = number(DEFAULT, "sample_guidance", value=UI_METHOD_GUIDANCE,
-                                      label=f"Guidance (0 = the method's: {_per_method('sample_guidance')})",
+                    with gr.Column(scale=1):
+                        result = gr.Image(label="Generated", type="pil", format="png", interactive=False, height=340,
+                                          elem_id="pz-result", elem_classes=PIXEL_RESULT)
+                        seed_row, seed_used, reuse = seed_used_row("pz")
+                    with gr.Column(scale=1):
+                        # a map per learned token and per class word (or the background): 2 x 2 for two concepts
+                        maps = gr.Gallery(label="Attention map per token", columns=2, format="png", height=340,
+                                          object_fit="contain", elem_id="pz-maps", elem_classes=PIXEL_RESULT)
+                        masks = gr.Gallery(label="AttenCraft masks (token assigned)", columns=3, format="png",
+                                           height=170, object_fit="contain", visible=finds_masks(DEFAULT_METHOD),
+                                           elem_id="pz-masks", elem_classes=PIXEL_RESULT)
+                with gr.Row():
+                    prompt = gr.Textbox(label="Prompt with a learned token", value=start.prompt(),
+                                        placeholder=start.prompt(), scale=2, elem_id="pz-prompt")
+                    seed = gr.Number(value=GENERATE_SEED, precision=0, label="Seed (-1 = random)", scale=1,
+                                     min_width=120, elem_id="pz-seed")
+                    gen_steps = number(DEFAULT, "sample_steps", scale=1, min_width=120, elem_id="pz-gen-steps")
+                    guidance = number(DEFAULT, "sample_guidance", value=UI_METHOD_GUIDANCE, scale=1, min_width=120,
+                                      label=f"Guidance (0: the method's, {_per_method('sample_guidance')})",
                                       elem_id="pz-guidance")
-                generate = gr.Button("Generate", elem_id="pz-generate")
                 with gr.Row():
-                    result = gr.Image(label="Generated", type="pil", format="png", interactive=False,
-                                      elem_id="pz-result")
-                    with gr.Column():
-                        seed_used = gr.Number(label="Seed used", precision=0, interactive=False,
-                                              elem_id="pz-seed-used")
-                        files = gr.File(label="Downloads (image, JSON)", file_count="multiple", interactive=False,
-                                        elem_id="pz-files")
+                    generate = gr.Button("Generate", variant="primary", elem_id="pz-generate")
+                    generate_stop = gr.Button("Stop", variant="stop", elem_id="pz-generate-stop")
+                with gr.Row():
+                    learned_out = gr.File(label="Learned file (download)", interactive=False, height=110,
+                                          elem_id="pz-learned-out")
+                    files = gr.File(label="Downloads (image, JSON)", file_count="multiple", interactive=False,
+                                    height=110, elem_id="pz-files")
+                with details("Generate from a learned file", elem_id="pz-learned"):
+                    learned_in = gr.File(label="Learned file (.safetensors) to generate with, instead of the run's",
+                                         file_types=[".safetensors"], type="filepath", height=110,
+                                         elem_id="pz-learned-in")
 
-        gr.Examples(
-            examples=[[str(EXAMPLES_DIR / "scene_1090003.png"), "circle,square", "disendiff", 100,
-                       "a <new1> circle on a striped background"],
-                      [str(EXAMPLES_DIR / "scene_1090004.png"), "triangle,square", "attencraft", 100,
-                       "a <new2> square on a white background"]],
-            inputs=[image, class_words, method, steps, prompt],
-            label="Examples (shapes-world scenes for the built-in model; 100 steps train in one to two minutes on a CPU)",
-        )
+        with examples_slot:
+            gr.Examples(
+                examples=[[str(EXAMPLES_DIR / "scene_1090003.png"), "circle,square", "disendiff", UI_BUILTIN_STEPS,
+                           "a <new1> circle on a striped background"],
+                          [str(EXAMPLES_DIR / "scene_1090004.png"), "triangle,square", "attencraft", UI_BUILTIN_STEPS,
+                           "a <new2> square on a white background"]],
+                inputs=[image, class_words, method, steps, prompt],
+                visible_columns=[0, 1, 2],  # the steps and the prompt are set too, not shown
+                label=f"Examples (built-in model, {UI_BUILTIN_STEPS} steps: minutes on a CPU)",
+                elem_id="pz-examples",
+            )
 
+        # the masks are AttenCraft's: shown while a method that finds masks is chosen
+        method.change(lambda name: gr.update(visible=finds_masks(name)), method, masks, queue=False,
+                      api_visibility="private", show_progress="hidden")
+        model.change(follow_model, [model, class_words, prompt, steps], [class_words, prompt, steps], queue=False,
+                     api_visibility="private", show_progress="hidden")
         personalize_train, personalize_generate, personalize_cancel = make_handlers(ctx)
-        train.click(
+        train_outputs = [status, maps, masks, learned_out, run_folder]
+        training = train.click(
             personalize_train, [model, image, class_words, method, steps, prior, tau, train_seed, run_folder],
-            [status, maps, masks, learned_out, run_folder], api_name="personalize_train", **GPU_CONCURRENCY)
+            train_outputs, api_name="personalize_train", **GPU_CONCURRENCY)
+        clear_error_badges(training, train_outputs)
         # not Gradio's `cancels=`: that kills the job mid-step (losing the steps since the last
         # checkpoint) and works only for the page that started it, never for an API client
         cancel.click(personalize_cancel, [run_folder], [status], api_name="personalize_cancel", queue=False)
-        generate.click(personalize_generate, [model, learned_in, run_folder, prompt, seed, gen_steps, guidance],
-                       [result, seed_used, files], api_name="personalize_generate", **GPU_CONCURRENCY)
+        # the same request without a run name: stops this page's generation (or training)
+        generate_stop.click(personalize_cancel, None, [status], api_visibility="private", queue=False)
+        generate_outputs = [result, seed_used, files]
+        generation = generate.click(personalize_generate,
+                                    [model, learned_in, run_folder, prompt, seed, gen_steps, guidance],
+                                    generate_outputs, api_name="personalize_generate", **GPU_CONCURRENCY)
+        reveal_after_success(generation, seed_row)
+        clear_error_badges(generation, generate_outputs)
+        reuse.click(lambda used, current: current if used is None else used, [seed_used, seed], seed, queue=False,
+                    api_visibility="private", show_progress="hidden")
     return {"image": image, "class_words": class_words, "prompt": prompt, "result": result, "status": status}

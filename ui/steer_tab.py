@@ -1,14 +1,20 @@
 """The "Counterfactual steer" tab: MedSteer steering directions and counterfactual pairs.
 
 Two named API endpoints: `/steer_directions` (estimate, or fetch from the in-memory cache, the
-directions of a positive/negative prompt pair; returns a status line and the .safetensors file)
-and `/steer_pair` (the plain and the steered image of a prompt with one seed, and their
-difference heatmap; uses an uploaded directions file if given, otherwise the cached or freshly
-estimated directions of the prompt pair).
+directions of a prompt pair; returns a status line and the .safetensors file) and `/steer_pair`
+(the plain and the steered image of a prompt with one seed, and their difference heatmap; uses
+an uploaded directions file if given, otherwise the cached or freshly estimated directions of
+the prompt pair).
+
+The pair is MedSteer's "positive" prompt (`positive`: it shows the concept to remove) and its
+"negative" prompt (`negative`: it shows what replaces it); the tab calls them *Concept to remove*
+and *Replace with*, so that "negative prompt" keeps its usual meaning (the CFG negative prompt,
+which this tab leaves empty, as the paper does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 
@@ -23,7 +29,20 @@ from pipelines.steering_settings import (
     DirectionSettings,
     PairSettings,
 )
-from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio
+from ui.common import (
+    GPU_CONCURRENCY,
+    PIXEL_RESULT,
+    AppContext,
+    clear_error_badges,
+    denoiser_progress,
+    is_shapes_model,
+    model_menu,
+    reveal_after_success,
+    seed_used_row,
+    stop_handler,
+    stoppable,
+    user_errors_as_gradio,
+)
 from ui.settings_controls import UNSET, number, radio, slider, unset
 
 ORDER = 40  # position among the tabs
@@ -35,9 +54,51 @@ TAB_SAMPLES = 8  # the tab's starting value: a quick first estimate (the Python 
 EXAMPLES = [
     ["a red circle", "a blue circle", "a red circle on a striped background"],
     ["a green square", "a yellow square", "a picture of a green square and a purple triangle"],
-    ["An endoscopic image of dyed lifted polyps", "An endoscopic image of normal cecum",
-     "An endoscopic image of dyed lifted polyps"],
+    [PAPER_POSITIVE, PAPER_NEGATIVE, PAPER_POSITIVE],
 ]
+#: what the examples' buttons say (the three prompts do not fit a narrow column as a table)
+EXAMPLE_LABELS = ["red circle → blue circle", "green square → yellow square",
+                  "the paper's: polyps → normal cecum (endoscopy)"]
+
+REMOVE_LABEL = "Concept to remove (a prompt showing it)"
+REPLACE_LABEL = "Replace with (a prompt showing the replacement)"
+#: (concept to remove, replace with, prompt to steer) as placeholders: words the built-in shapes
+#: world knows, or the paper's prompts for the other models
+SHAPES_PLACEHOLDERS = ("a red circle on a striped background", "a blue circle on a striped background",
+                       "a red circle and a green square on a striped background")
+PAPER_PLACEHOLDERS = (PAPER_POSITIVE, PAPER_NEGATIVE, PAPER_POSITIVE)
+
+
+def placeholders(model: str | None) -> tuple[str, str, str]:
+    """(concept to remove, replace with, prompt to steer) placeholders that suit `model`."""
+    return SHAPES_PLACEHOLDERS if is_shapes_model(model) else PAPER_PLACEHOLDERS
+
+
+def check_concepts(positive, negative) -> None:
+    """The prompt pair in the tab's words (the pipeline's sentences say positive and negative)."""
+    from pipelines.errors import UserInputError
+
+    for value, what in ((positive, "the concept to remove (a prompt showing it)"),
+                        (negative, "what replaces it (a prompt showing the replacement)")):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise UserInputError(f"Please enter {what}.")
+    if isinstance(positive, str) and isinstance(negative, str) and \
+            " ".join(positive.split()).casefold() == " ".join(negative.split()).casefold():
+        raise UserInputError("The concept to remove and its replacement are identical, so there is no direction "
+                             "to steer along; give two different concepts.")
+
+
+def sampling(settings: DirectionSettings):
+    """`describe` for the direction estimate: which of the 2 x samples images are being drawn
+    (runs: the batches of the first prompt, then those of the second)."""
+    batches = -(-settings.samples // settings.batch_size)
+
+    def describe(run: int, step: int) -> str:
+        prompt, batch = divmod(run, batches)
+        drawn = prompt * settings.samples + min(settings.samples, (batch + 1) * settings.batch_size)
+        return f"Estimating the direction: sampling {drawn}/{2 * settings.samples} (step {step}/{settings.steps})"
+
+    return describe, 2 * batches
 
 
 def make_handlers(ctx: AppContext):
@@ -55,10 +116,13 @@ def make_handlers(ctx: AppContext):
         settings = DIRECTIONS.replace(samples=samples, steps=steps, guidance=unset(guidance), height=unset(height),
                                       width=unset(width)).validated()
         ctx.limits.check_settings(settings)
+        check_concepts(positive, negative)
+        progress(0, desc="Loading the model")
         pipe = ctx.load(model)  # a bad model name is one sentence before anything is estimated
         estimated_here.value = False
-        progress(0, desc="Estimating directions")
-        with stoppable(ctx, request, "steer", pipe, 2 * -(-settings.samples // settings.batch_size) * settings.steps):
+        describe, runs = sampling(settings)
+        with (stoppable(ctx, request, "steer", pipe, runs * settings.steps),
+              denoiser_progress(pipe, progress, describe, settings.steps, runs)):
             directions = cached_directions(model or ctx.default_model, positive, negative, settings)
         return pipe, directions, not estimated_here.value
 
@@ -79,13 +143,15 @@ def make_handlers(ctx: AppContext):
         guidance: float | None = UNSET,
         width: float | None = UNSET,
         height: float | None = UNSET,
-        progress=gr.Progress(track_tqdm=True),
+        progress=gr.Progress(),
         request: gr.Request = None,
     ):
         """Estimate (or reuse) the steering directions of a prompt pair.
 
-        Returns a status line and the directions as a .safetensors file to download.
-        Width, height and guidance 0 (or None) are the model's (guidance: PixArt the paper's 4.5).
+        positive: a prompt showing the concept to remove; negative: a prompt showing what
+        replaces it (MedSteer's names; not a CFG negative prompt).  Returns a status line and the
+        directions as a .safetensors file to download.  Width, height and guidance 0 (or None)
+        are the model's (guidance: PixArt the paper's 4.5).
         """
         pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
                                                   width, height, progress, request)
@@ -108,21 +174,24 @@ def make_handlers(ctx: AppContext):
         randomize_seed: bool = False,
         beta: float = PAIR.beta,
         steer: str = PAIR.steer,
-        progress=gr.Progress(track_tqdm=True),
+        progress=gr.Progress(),
         request: gr.Request = None,
     ):
         """Generate the plain and the steered image of `prompt` with one seed, and their difference.
 
-        With `directions_file` (a .safetensors from /steer_directions or the CLI) that file is
-        used and the prompt pair is ignored; otherwise the pair's directions are taken from the
-        cache or estimated first.  Seed -1 or randomize_seed=True draws a random seed.  Returns
-        original, steered, difference heatmap, the seed used, the files and a status line.
+        positive: a prompt showing the concept to remove; negative: a prompt showing what
+        replaces it (MedSteer's names; not a CFG negative prompt).  With `directions_file` (a
+        .safetensors from /steer_directions or the CLI) that file is used and the prompt pair is
+        ignored; otherwise the pair's directions are taken from the cache or estimated first.
+        Seed -1 or randomize_seed=True draws a random seed.  Returns original, steered,
+        difference heatmap, the seed used, the files and a status line.
         """
         from pipelines.steering import Directions, counterfactual_pair
 
         pair_settings = PAIR.replace(beta=beta, steer=steer).validated()
         ctx.limits.check_settings(pair_settings)
         if directions_file:
+            progress(0, desc="Loading the model")
             pipe = ctx.load(model)
             directions = Directions.load(directions_file)
             status = describe(directions, False, "from the uploaded file")
@@ -131,8 +200,13 @@ def make_handlers(ctx: AppContext):
                                                       width, height, progress, request)
             status = describe(directions, cached)
         use_seed = resolve_seed(seed, randomize_seed)
+        steps = pair_settings.steps or directions.steps
+        # beta 0 or an unbatched pair renders twice; the batched pair (the default) once
+        runs = 1 if pair_settings.batched or pair_settings.beta == 0 else 2
         progress(0, desc="Generating the pair")
-        with stoppable(ctx, request, "steer", pipe):
+        with (stoppable(ctx, request, "steer", pipe),
+              denoiser_progress(pipe, progress, lambda run, step: f"Generating the pair: step {step}/{steps}",
+                                steps, runs)):
             result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, settings=pair_settings)
         written = result.save(ctx.outputs.new_run_dir("steer"))
         status += f" Mean absolute difference: {result.mean_abs_diff:.4f}."
@@ -141,77 +215,85 @@ def make_handlers(ctx: AppContext):
     return steer_directions, steer_pair
 
 
+def placeholder_updates(model: str | None):
+    """The three text boxes' placeholders for `model` (on a change of the Model menu)."""
+    return tuple(gr.Textbox(placeholder=text) for text in placeholders(model))
+
+
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    from pipelines.steering import SUPPORTED
+
+    first = placeholders(ctx.model_choices[0])
     with gr.Tab("Counterfactual steer", id="steer"):
-        gr.Markdown(
-            "**MedSteer**: estimate a steering direction from a *positive* concept (to remove) and a "
-            "*negative* concept (to steer towards), then generate a prompt twice with the same seed, "
-            "plainly and with the concept steered out of every cross-attention layer. Beta 1 removes "
-            "the concept's component, 2 (the paper's) reflects it."
-        )
+        gr.Markdown("Name a concept to remove and what replaces it, then **Generate pair**: the prompt drawn twice "
+                    "with one seed, plainly and with the concept steered out of the cross-attention (MedSteer).",
+                    elem_id="st-intro")
         with gr.Row():
-            with gr.Column(scale=1):
-                model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
-                                    elem_id="st-model")
-                positive = gr.Textbox(label="Positive prompt (concept to remove)", elem_id="st-positive",
-                                      placeholder=PAPER_POSITIVE)
-                negative = gr.Textbox(label="Negative prompt (concept to steer towards)", elem_id="st-negative",
-                                      placeholder=PAPER_NEGATIVE)
+            with gr.Column(scale=2, min_width=320):
+                model = model_menu(ctx, SUPPORTED, "Counterfactual steer", elem_id="st-model")
+                positive = gr.Textbox(label=REMOVE_LABEL, placeholder=first[0], elem_id="st-positive")
+                negative = gr.Textbox(label=REPLACE_LABEL, placeholder=first[1], elem_id="st-negative")
+                prompt = gr.Textbox(label="Prompt to steer", placeholder=first[2], elem_id="st-prompt")
                 with gr.Row():
-                    # ranges and defaults from DirectionSettings; samples start small for a quick try
-                    samples = number(DirectionSettings, "samples", value=TAB_SAMPLES, elem_id="st-samples")
-                    steps = number(DirectionSettings, "steps", elem_id="st-steps")
-                    guidance = number(DirectionSettings, "guidance",
-                                      label="Guidance (0: the model's)", elem_id="st-guidance")
-                with gr.Row():
-                    width = number(DirectionSettings, "width", step=8, label="Width (0: the model's)",
-                                   elem_id="st-width")
-                    height = number(DirectionSettings, "height", step=8, label="Height (0: the model's)",
-                                    elem_id="st-height")
-                with gr.Row():
-                    estimate = gr.Button("Estimate directions", elem_id="st-estimate")
+                    generate = gr.Button("Generate pair", variant="primary", elem_id="st-generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="st-stop")
                 stop_note = gr.Markdown(elem_id="st-stop-note")
-                directions_out = gr.File(label="Directions (download)", interactive=False,
-                                         elem_id="st-directions-out")
-                directions_in = gr.File(label="Or upload a directions file (.safetensors)", file_types=[".safetensors"],
-                                        type="filepath", elem_id="st-directions-in")
-            with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt to steer", lines=2, elem_id="st-prompt")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="st-seed")
-                    randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="st-randomize")
-                    beta = slider(PairSettings, "beta", info=None, elem_id="st-beta")
+                gr.Examples(examples=EXAMPLES, inputs=[positive, negative, prompt], example_labels=EXAMPLE_LABELS,
+                            elem_id="st-examples", label="Examples (the first two suit the built-in model)")
+                with gr.Accordion("Settings", open=False, elem_id="st-settings"):
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="st-seed")
+                        randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="st-randomize")
+                    beta = slider(PairSettings, "beta", info="1 removes the concept, 2 (the paper's) reflects it "
+                                                             "towards the replacement", elem_id="st-beta")
                     steer = radio(PairSettings, "steer", label="CFG halves steered", elem_id="st-steer")
-                generate = gr.Button("Generate pair", variant="primary", elem_id="st-generate")
-                status = gr.Markdown(elem_id="st-status")
-                with gr.Row():
-                    original = gr.Image(label="Original", type="pil", format="png", interactive=False,
-                                        elem_id="st-original")
-                    steered = gr.Image(label="Steered", type="pil", format="png", interactive=False,
-                                       elem_id="st-steered")
+                    with gr.Row():
+                        # ranges and defaults from DirectionSettings; samples start small for a quick try
+                        samples = number(DirectionSettings, "samples", value=TAB_SAMPLES, elem_id="st-samples")
+                        steps = number(DirectionSettings, "steps", elem_id="st-steps")
+                        guidance = number(DirectionSettings, "guidance",
+                                          label="Guidance (0: the model's)", elem_id="st-guidance")
+                    with gr.Row():
+                        width = number(DirectionSettings, "width", step=8, label="Width (0: the model's)",
+                                       elem_id="st-width")
+                        height = number(DirectionSettings, "height", step=8, label="Height (0: the model's)",
+                                        elem_id="st-height")
+                with gr.Accordion("Directions file", open=False, elem_id="st-directions"):
+                    estimate = gr.Button("Estimate directions only", elem_id="st-estimate")
+                    directions_out = gr.File(label="Directions (download)", interactive=False,
+                                             elem_id="st-directions-out")
+                    directions_in = gr.File(label="Or upload a directions file (.safetensors; replaces the two "
+                                                  "concepts)", file_types=[".safetensors"], type="filepath",
+                                            elem_id="st-directions-in")
+            with gr.Column(scale=5):
+                with gr.Row(equal_height=True):
+                    original = gr.Image(label="Original", type="pil", format="png", interactive=False, height=300,
+                                        min_width=256, elem_id="st-original", elem_classes=PIXEL_RESULT)
+                    steered = gr.Image(label="Steered", type="pil", format="png", interactive=False, height=300,
+                                       min_width=256, elem_id="st-steered", elem_classes=PIXEL_RESULT)
                     heatmap = gr.Image(label="|difference|", type="pil", format="png", interactive=False,
-                                       elem_id="st-heatmap")
-                with gr.Row():
-                    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="st-seed-used")
-                    reuse = gr.Button("Reuse this seed", elem_id="st-reuse-seed")
+                                       height=300, min_width=256, elem_id="st-heatmap", elem_classes=PIXEL_RESULT)
+                status = gr.Markdown(elem_id="st-status")
+                seed_row, seed_used, reuse = seed_used_row("st")
                 files = gr.File(label="Downloads (original, steered, difference, JSON)", file_count="multiple",
                                 interactive=False, elem_id="st-files")
 
-        gr.Examples(examples=EXAMPLES, inputs=[positive, negative, prompt],
-                    label="Examples (the first two suit the built-in model)")
-
         steer_directions, steer_pair = make_handlers(ctx)
         pair_inputs = [model, positive, negative, samples, steps, guidance, width, height]
-        estimate.click(steer_directions, pair_inputs, [status, directions_out], api_name="steer_directions",
-                       **GPU_CONCURRENCY)
-        generate.click(steer_pair, pair_inputs + [directions_in, prompt, seed, randomize_seed, beta, steer],
-                       [original, steered, heatmap, seed_used, files, status], api_name="steer_pair",
-                       **GPU_CONCURRENCY)
+        estimated = estimate.click(steer_directions, pair_inputs, [status, directions_out],
+                                   api_name="steer_directions", **GPU_CONCURRENCY)
+        clear_error_badges(estimated, [status, directions_out])
+        pair_outputs = [original, steered, heatmap, seed_used, files, status]
+        generated = generate.click(steer_pair, pair_inputs + [directions_in, prompt, seed, randomize_seed, beta, steer],
+                                   pair_outputs, api_name="steer_pair", **GPU_CONCURRENCY)
+        clear_error_badges(generated, pair_outputs)
+        reveal_after_success(generated, seed_row)
         # stops the directions estimate and the pair of this session, before their next step
         stop.click(stop_handler(ctx, "steer", "steer_stop"), None, stop_note, api_name="steer_stop", queue=False)
         reuse.click(lambda used, current: (current if used is None else used, False), [seed_used, seed],
                     [seed, randomize_seed], api_visibility="private", queue=False)
+        model.change(placeholder_updates, model, [positive, negative, prompt], api_visibility="private",
+                     queue=False, show_progress="hidden")
     return {"prompt": prompt, "positive": positive, "negative": negative, "original": original,
             "steered": steered, "seed": seed}

@@ -34,7 +34,15 @@ from pipelines.errors import UserInputError
 from pipelines.seeds import resolve_seed
 from pipelines.stopping import Stopped
 from pipelines.video_settings import VideoSettings
-from ui.common import GPU_CONCURRENCY, AppContext, stop_handler, stoppable, user_errors_as_gradio
+from ui.common import (
+    GPU_CONCURRENCY,
+    AppContext,
+    clear_error_badges,
+    model_menu,
+    stop_handler,
+    stoppable,
+    user_errors_as_gradio,
+)
 from ui.settings_controls import UNSET, checkbox, dropdown, number, slider, unset
 
 ORDER = 60  # position among the tabs
@@ -63,6 +71,8 @@ EXAMPLES = [
     [str(EXAMPLE_CLIP), "a red circle on a striped background", "a red circle on a checkered background",
      [], False, EXAMPLE_TUNE_STEPS, EXAMPLE_STEPS],
 ]
+#: what each example's button says (the button fills in the clip, both prompts, the boxes, IRJS and the steps)
+EXAMPLE_LABELS = ["red circle → blue square", "stripes → checkers"]
 
 #: the settings under Advanced, in the dataclass's order (IRJS has its own checkbox above them)
 ADVANCED = tuple(name for name in VideoSettings.specs() if name != "preserve_background")
@@ -70,6 +80,16 @@ ADVANCED = tuple(name for name in VideoSettings.specs() if name != "preserve_bac
 UNSET_FIELDS = tuple(name for name, (f, _, _) in VideoSettings.specs().items() if f.default is None)
 #: the settings that count optimiser steps (--max-train-steps); `steps` counts denoising steps
 TRAINING_FIELDS = ("tune_steps",)
+#: what the progress bar says during each stage the task reports (`progress(stage, done, total, loss)`)
+STAGE_PROGRESS = {"fine-tune": "fine-tuning", "inversion": "inverting the clip", "edit": "editing"}
+
+#: rules for this tab's elements (app.py adds them to the page): the 64 px clips of the built-in
+#: model fill their box with sharp pixels, and the downloads box is small while empty
+CSS = """
+#ev-edited video, #ev-side video { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#ev-frame img { image-rendering: pixelated; }
+#ev-files .empty { min-height: 0; height: 88px; }
+"""
 
 
 def cache_dir(ctx: AppContext) -> Path:
@@ -369,7 +389,7 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
             raise UserInputError("Please upload a clip (mp4, webm, gif, ...).")
         parsed = boxes_from_table(boxes)
         _check_clip_side(ctx, video)
-        progress(0, desc="Loading model")
+        progress(0, desc="loading the model")
         pipe = ctx.load(model)
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
@@ -395,8 +415,7 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
                 while (event := events.get()) is not None:
                     stage, step, total, loss = event
                     seen[stage] = (step, total, loss)
-                    label = {"fine-tune": "Fine-tune", "inversion": "Inversion", "edit": "Editing"}.get(stage, stage)
-                    progress((step, total), desc=label)
+                    progress((step, total), desc=STAGE_PROGRESS.get(stage, stage), unit="steps")
                     yield (_status(seen, settings), *skip)
             finally:
                 flag.set()  # the page went away (the generator closed): stop the edit at its next step
@@ -409,6 +428,7 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
                 raise gr.Error(message, title="Stopped", print_exception=False)
             raise error
         result = outcome["result"]
+        progress(0, desc="writing the clips")
         run_dir = ctx.outputs.new_run_dir(TASK)
         written = result.save(run_dir / "edited.mp4")
         edited, side = written[0], written[1]
@@ -442,32 +462,32 @@ def elem_id(name: str) -> str:
 
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
+    from pipelines.video import SUPPORTED
+
     with gr.Tab("Edit video", id="edit_video") as tab:
         gr.Markdown(
-            "Upload a clip, say what it shows (*source prompt*) and what it should show (*edited prompt*), "
-            "and draw one box per object on a frame, bound to a word of the edited prompt: **Edit** fine-tunes "
-            "the model on the clip, inverts it, and samples the edit with each word's attention pushed into its "
-            "box (ReAtCo). Boxes on several frames of one word are keyframes, interpolated in between; with "
-            "**Keep the rest** (IRJS) everything outside the boxes follows the source."
-        )
+            "**ReAtCo**: say what the clip shows and what it should show, and box each object on a frame for a word "
+            "of the edited prompt; **Edit** fine-tunes, inverts and edits the clip with each word held in its box.",
+            elem_id="ev-intro")
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(choices=ctx.model_choices, value=ctx.default_model, label="Model",
-                                    info="SD 1.x/2.x models (the built-in one included)", elem_id="ev-model")
+                model = model_menu(ctx, SUPPORTED, "Edit video", elem_id="ev-model")
                 video = gr.File(label="Clip (mp4, webm, gif, mov, avi, mkv)", file_types=CLIP_TYPES, type="filepath",
-                                elem_id="ev-video")
+                                height=140, elem_id="ev-video")
                 source_prompt = gr.Textbox(label="Source prompt", placeholder="a red circle on a striped background",
                                            elem_id="ev-source-prompt")
                 prompt = gr.Textbox(label="Edited prompt", placeholder="a blue square on a striped background",
                                     elem_id="ev-prompt")
                 preserve_background = checkbox(VideoSettings, "preserve_background",
                                                label="Keep the rest unchanged (IRJS)", elem_id="ev-preserve-background")
-                with gr.Accordion("Advanced (the paper's settings)", open=False, elem_id="ev-advanced"):
-                    controls = _advanced_controls()
                 with gr.Row():
                     run = gr.Button("Edit", variant="primary", elem_id="ev-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="ev-stop")
-                stop_note = gr.Markdown(elem_id="ev-stop-note")
+                stop_note = gr.Markdown(visible=False, elem_id="ev-stop-note")  # shown once Stop is pressed
+                # the examples go here, under the buttons (filled below, once the settings exist)
+                examples_slot = gr.Column()
+                with gr.Accordion("Advanced (the paper's settings)", open=False, elem_id="ev-advanced"):
+                    controls = _advanced_controls()
             with gr.Column(scale=1):
                 frame = gr.Image(label="Frame (click two opposite corners to add a box)", type="pil", format="png",
                                  interactive=False, height=320, elem_id="ev-frame")
@@ -478,31 +498,35 @@ def build_tab(ctx: AppContext) -> dict:
                 box_note = gr.Markdown(elem_id="ev-box-note")
                 boxes = gr.Dataframe(headers=BOX_HEADERS, datatype=["str"] + ["number"] * 5, type="array",
                                      row_count=1, column_count=len(BOX_HEADERS), interactive=True,
-                                     label="Boxes (pixels of the source frames; edit or delete rows freely)",
+                                     label="Boxes (source-frame pixels; a word's boxes on several frames are "
+                                           "keyframes, interpolated between; edit or delete rows freely)",
                                      elem_id="ev-boxes")
                 clear = gr.Button("Clear the boxes", elem_id="ev-clear")
                 corner = gr.State(None)
             with gr.Column(scale=1):
+                edited = gr.Video(label="Edited clip", interactive=False, height=320, elem_id="ev-edited")
                 status = gr.Markdown(elem_id="ev-status")
-                edited = gr.Video(label="Edited clip", interactive=False, elem_id="ev-edited")
                 side = gr.Video(label="Source | edit", interactive=False, elem_id="ev-side")
                 heat = gr.Gallery(label="Attention of each bound word", columns=2, elem_id="ev-attention")
                 files = gr.File(label="Downloads (edited MP4, side-by-side MP4, heatmap MP4s, JSON)",
-                                file_count="multiple", interactive=False, elem_id="ev-files")
+                                file_count="multiple", interactive=False, height=120, elem_id="ev-files")
         if EXAMPLE_CLIP.is_file():
-            gr.Examples(examples=EXAMPLES,
-                        inputs=[video, source_prompt, prompt, boxes, preserve_background, controls["tune_steps"],
-                                controls["steps"]],
-                        label=f"Examples (a shapes-world clip for the built-in model; {EXAMPLE_TUNE_STEPS} fine-tune "
-                              f"and {EXAMPLE_STEPS} sampling steps instead of the paper's 200 and 50, for a CPU)",
-                        elem_id="ev-examples")
+            with examples_slot:
+                gr.Examples(examples=EXAMPLES,
+                            inputs=[video, source_prompt, prompt, boxes, preserve_background, controls["tune_steps"],
+                                    controls["steps"]],
+                            example_labels=EXAMPLE_LABELS,
+                            label=f"Examples (built-in model; {EXAMPLE_TUNE_STEPS} fine-tune + {EXAMPLE_STEPS} steps, for a CPU)",
+                            elem_id="ev-examples")
 
         handler = make_handler(ctx)
         controls["preserve_background"] = preserve_background
         inputs = [model, video, source_prompt, prompt, boxes, *(controls[name] for name in setting_parameters(handler))]
         outputs = [status, edited, side, heat, files]
-        run.click(handler, inputs, outputs, api_name=TASK, **GPU_CONCURRENCY)
-        stop.click(stop_handler(ctx, TASK, f"{TASK}_stop"), None, stop_note, api_name=f"{TASK}_stop", queue=False)
+        clear_error_badges(run.click(handler, inputs, outputs, api_name=TASK, **GPU_CONCURRENCY), outputs)
+        stop.click(stop_handler(ctx, TASK, f"{TASK}_stop"), None, stop_note, api_name=f"{TASK}_stop", queue=False) \
+            .then(lambda: gr.update(visible=True), None, stop_note, queue=False, api_visibility="private",
+                  show_progress="hidden")
 
         show_frame, click_corner = make_viewer_handlers(ctx)
         clip_settings = [controls["frames"], controls["frame_stride"]]

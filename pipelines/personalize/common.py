@@ -497,8 +497,12 @@ class Trainer:
     default); `overrides` replace its fields by name (e.g. ``steps=3, prior_images=2``), and an
     unknown name is a TypeError.  `method` may be left out when `settings` are given.
     `subset_sampler` (AttenCraft): ``f(step, {"losses": [...]}) -> concept indices`` instead of
-    the uniform draw.
+    the uniform draw.  `on_prior_image(done, count)`, when set, is told before each
+    regularisation image is made or reused (done = images ready so far) and once all `count`
+    are ready: the only progress there is before the first training step.
     """
+
+    on_prior_image: Callable[[int, int], None] | None = None
 
     def __init__(self, pipe, image, class_words, method: str | None = None, output: str | Path | None = None, *,
                  settings: PersonalizeSettings | None = None, subset_sampler: Callable | None = None, **overrides):
@@ -675,6 +679,8 @@ class Trainer:
             folder = self.output / "prior" if self.output is not None else None
             prompt = self._prior_prompt()
             for i in range(count):
+                if self.on_prior_image is not None:
+                    self.on_prior_image(i, count)
                 path = folder / f"{i:04d}.png" if folder is not None else None
                 if path is not None and path.is_file():
                     with Image.open(path) as opened:
@@ -684,6 +690,8 @@ class Trainer:
                 if path is not None and self.accelerator.is_main_process:
                     write_atomic(path, lambda temp, im=image: im.save(temp, format="PNG"), "a regularisation image")
                 images.append(image)
+            if self.on_prior_image is not None:
+                self.on_prior_image(count, count)
             pixels = torch.stack([_to_tensor(im.convert("RGB").resize((self.size, self.size), Image.BICUBIC))
                                   for im in images])
             dists = [self._encode_pixels(pixels[i:i + 8]) for i in range(0, len(pixels), 8)]
