@@ -174,6 +174,24 @@ def test_bad_images_models_and_settings_get_one_sentence(edit_pipe):
         assert fragment in str(caught.value), (fragment, str(caught.value))
 
 
+@pytest.mark.timeout(600)
+def test_the_tab_names_each_run_and_step_on_its_progress_bar(tmp_path):
+    """Progress names the stage: plain sampling (the comparison) first, then SaaS, by step."""
+    from ui.common import AppContext, OutputStore
+    from ui.instruct_tab import make_handler
+
+    seen = []
+    handler = make_handler(AppContext(outputs=OutputStore(tmp_path)))
+    edit = world.make_edit(1_095_003)  # two parts
+    handler("builtin-edit", Image.fromarray(edit.source.render(64)), edit.instruction, 0, False, True, 3,
+            progress=lambda value, desc=None, **_: seen.append((value, desc)))
+    named = [desc for _, desc in seen if desc and "step" in desc]
+    assert named[0] == "plain editing, for comparison: step 1/3", seen
+    assert named[-1] == "editing with SaaS: step 3/3", seen
+    fractions = [value for value, desc in seen if desc in named]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] < fractions[-1] <= 1
+
+
 def test_result_saves_every_file_with_settings_and_gains(edit_pipe, tmp_path):
     from pipelines.instruct import edit_by_instruction
 

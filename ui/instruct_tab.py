@@ -17,6 +17,7 @@ from ui.common import (
     PIXEL_RESULT,
     AppContext,
     clear_error_badges,
+    denoiser_progress,
     details,
     model_menu,
     reveal_after_success,
@@ -78,7 +79,7 @@ def make_handler(ctx: AppContext):
         window: float = INSTRUCT.window,
         gain: str = INSTRUCT.gain,
         max_gain: float = INSTRUCT.max_gain,
-        progress=gr.Progress(track_tqdm=True),
+        progress=gr.Progress(),
         request: gr.Request = None,
     ):
         """Edit `image` by `instruction` (parts separated by commas) with SaaS and, with the same
@@ -96,11 +97,11 @@ def make_handler(ctx: AppContext):
                                     image_guidance=unset(image_guidance), window=window, gain=gain,
                                     max_gain=max_gain).validated()  # every value checked before the model loads
         ctx.limits.check_settings(settings)
-        instruction_parts(instruction)
+        parts = instruction_parts(instruction)
         use_seed = resolve_seed(seed, randomize_seed)
         progress(0, desc="Loading model")
         pipe = ctx.load(model, ctx.edit_model_choices)
-        with stoppable(ctx, request, TASK, pipe):
+        with stoppable(ctx, request, TASK, pipe), denoiser_progress(pipe, progress, *stages(pipe, settings, parts)):
             result = edit_by_instruction(pipe, image, instruction, settings, seed=use_seed)
         written = result.save(ctx.outputs.new_run_dir(TASK))
         parts = "; ".join(f"**{p}**" for p in result.parts)
@@ -116,6 +117,21 @@ def make_handler(ctx: AppContext):
                 [str(p) for p in written], status)
 
     return instruct
+
+
+def stages(pipe, settings: InstructSettings, parts: list[str]) -> tuple:
+    """(describe, steps, runs) of `denoiser_progress` for one edit: with SaaS and several parts,
+    plain sampling (the comparison) runs first, then SaaS; otherwise one run."""
+    from pipelines import models
+
+    steps = settings.steps or models.generation_defaults(pipe)["steps"]
+    runs = 2 if settings.saas and len(parts) > 1 else 1
+    names = ("plain editing, for comparison", "editing with SaaS") if runs == 2 else ("editing",)
+
+    def describe(run: int, step: int) -> str:
+        return f"{names[run]}: step {step}/{steps}"
+
+    return describe, steps, runs
 
 
 def build_tab(ctx: AppContext) -> dict:
