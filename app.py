@@ -128,7 +128,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     import gradio as gr
 
     from ui import gradio_fixes
-    from ui.common import AppContext, OutputStore, details, header_markdown, models_markdown
+    from ui.common import HEADER, AppContext, OutputStore, details, models_markdown
     from ui.limits import DEFAULT_LIMITS
     from ui.request_guard import GuardedBlocks
 
@@ -140,7 +140,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     # GuardedBlocks: only this process's uploads and results reach a handler (ui/request_guard.py)
     with GuardedBlocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
-        gr.Markdown(header_markdown(default_model), elem_id="app-header")
+        gr.Markdown(HEADER, elem_id="app-header")
         with details("About the models", elem_id="app-models"):
             gr.Markdown(models_markdown(default_model, tuple(models_from_cache)))
         tabs = {}

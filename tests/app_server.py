@@ -179,6 +179,25 @@ TAB_WALKS = (
 )
 
 
+@contextlib.contextmanager
+def browser_page(url: str, viewport: dict | None = None):
+    """Chromium on `url` (at `viewport`, the checks' 1400x900 by default); yields the page, and
+    fails the test if the page raised a JavaScript error meanwhile."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport=viewport or VIEWPORT)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            yield page
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
 def open_tab(page, label: str) -> None:
     page.get_by_role("tab", name=label).click()
     page.wait_for_timeout(800)

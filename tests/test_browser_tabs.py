@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import (  # noqa: E402
     TAB_WALKS,
     VIEWPORT,
+    browser_page,
     error_badges,
     first_example,
     horizontal_overflow,
-    launch_chromium,
     launched_app,
     open_tab,
     require_browser,
@@ -38,20 +38,9 @@ MIN_RESULT_PX = 256
 @pytest.fixture(scope="module")
 def page():
     require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with launched_app("--model", "builtin") as server, sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport=VIEWPORT)
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.wait_for_timeout(1500)
-            yield page
-            assert not errors, errors
-        finally:
-            browser.close()
+    with launched_app("--model", "builtin") as server, browser_page(server.url) as page:
+        page.wait_for_timeout(1500)
+        yield page
 
 
 @pytest.mark.timeout(120)

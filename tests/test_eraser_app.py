@@ -14,7 +14,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import browser_page, launch_chromium, launched_app, require_browser  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 UPLOAD_LIMIT_MB = 0.2
@@ -274,48 +274,39 @@ def test_tab_at_1400x900_example_result_and_details(server):
     its mask at once, and after Remove the comparison opens left of the object (all of it "after"),
     with no popup and the processed region under Details."""
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from ui import eraser_tab
 
     _, mask_path = eraser_tab.example_files(0)
     columns = np.flatnonzero((np.asarray(Image.open(mask_path).convert("L")) > 0).any(axis=0))
     mask_left = 100 * columns.min() / Image.open(mask_path).width
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.get_by_role("tab", name="Remove object").click()
-            first = page.locator("#er-examples tbody tr").first
-            first.wait_for()
-            time.sleep(1)
-            box = first.bounding_box()
-            assert box["y"] + box["height"] <= 900, box  # visible without scrolling
-            expect(page.locator("#er-seed-row")).to_be_hidden()
-            first.click()
-            page.locator("#er-mask-preview img").first.wait_for(state="visible", timeout=30_000)
-            page.locator("#er-run").click()
-            after = page.locator("#er-compare img").nth(1)
-            after.wait_for(state="visible", timeout=120_000)
-            expect(page.locator("#er-seed-row")).to_be_visible()
-            # the "after" image is drawn right of its clip inset; the picture fills the box's
-            # middle (object-fit: contain), so measure the handle in picture coordinates
-            clip, box, natural = after.evaluate(
-                "img => [img.style.clipPath, (({x, width, height}) => ({x, width, height}))("
-                "img.getBoundingClientRect()), [img.naturalWidth, img.naturalHeight]]")
-            shown = min(box["width"], box["height"] * natural[0] / natural[1])
-            left = box["x"] + (box["width"] - shown) / 2
-            handle_x = box["x"] + box["width"] * float(clip.split()[-1].rstrip("%)")) / 100
-            handle = 100 * (handle_x - left) / shown
-            assert mask_left - 15 < handle < mask_left, (clip, box, handle, mask_left)
-            assert shown >= 256, box  # the result shown big
-            assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
-            page.locator("#er-details").click()
-            expect(page.locator("#er-details-text")).to_contain_text("region around the mask")
-            assert not page.locator(".toast-body").filter(has_text="large").count()
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page(server.url) as page:
+        page.get_by_role("tab", name="Remove object").click()
+        first = page.locator("#er-examples tbody tr").first
+        first.wait_for()
+        time.sleep(1)
+        box = first.bounding_box()
+        assert box["y"] + box["height"] <= 900, box  # visible without scrolling
+        expect(page.locator("#er-seed-row")).to_be_hidden()
+        first.click()
+        page.locator("#er-mask-preview img").first.wait_for(state="visible", timeout=30_000)
+        page.locator("#er-run").click()
+        after = page.locator("#er-compare img").nth(1)
+        after.wait_for(state="visible", timeout=120_000)
+        expect(page.locator("#er-seed-row")).to_be_visible()
+        # the "after" image is drawn right of its clip inset; the picture fills the box's
+        # middle (object-fit: contain), so measure the handle in picture coordinates
+        clip, box, natural = after.evaluate(
+            "img => [img.style.clipPath, (({x, width, height}) => ({x, width, height}))("
+            "img.getBoundingClientRect()), [img.naturalWidth, img.naturalHeight]]")
+        shown = min(box["width"], box["height"] * natural[0] / natural[1])
+        left = box["x"] + (box["width"] - shown) / 2
+        handle_x = box["x"] + box["width"] * float(clip.split()[-1].rstrip("%)")) / 100
+        handle = 100 * (handle_x - left) / shown
+        assert mask_left - 15 < handle < mask_left, (clip, box, handle, mask_left)
+        assert shown >= 256, box  # the result shown big
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+        page.locator("#er-details").click()
+        expect(page.locator("#er-details-text")).to_contain_text("region around the mask")
+        assert not page.locator(".toast-body").filter(has_text="large").count()

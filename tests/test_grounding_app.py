@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import cli_in_process, launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import cli_in_process, browser_page, launched_app, require_browser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "refseg_sample"
@@ -210,54 +210,45 @@ def test_segment_tab_in_a_real_browser(server):
     upload, see the mask and the per-token maps under Details; a mask over half the image goes
     to Remove object only on the second press, and lands in its Mask box."""
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.get_by_role("tab", name="Segment by text").click()
-            examples = page.locator("#seg-examples").bounding_box()
-            assert examples and examples["y"] + examples["height"] <= 900, examples
-            page.locator("#seg-image input[type=file]").set_input_files(str(SAMPLE / "images" / "0000.png"))
-            page.locator("#seg-image img").first.wait_for(state="visible", timeout=60_000)
-            page.locator("#seg-text textarea").fill("the red square")
+    with browser_page(server.url) as page:
+        page.get_by_role("tab", name="Segment by text").click()
+        examples = page.locator("#seg-examples").bounding_box()
+        assert examples and examples["y"] + examples["height"] <= 900, examples
+        page.locator("#seg-image input[type=file]").set_input_files(str(SAMPLE / "images" / "0000.png"))
+        page.locator("#seg-image img").first.wait_for(state="visible", timeout=60_000)
+        page.locator("#seg-text textarea").fill("the red square")
+        page.locator("#seg-run").click()
+        page.locator("#seg-mask img").first.wait_for(state="visible", timeout=120_000)
+        for result in ("#seg-mask img", "#seg-heatmap img"):
+            box = page.locator(result).bounding_box()
+            assert box["width"] >= 256 and box["height"] >= 256, (result, box)
+        expect(page.locator("#seg-summary")).to_contain_text("Mask:")
+        expect(page.locator("#seg-summary")).not_to_contain_text("magnet")
+        expect(page.locator('#seg-files a[href$="mask.png"]')).to_have_count(1)
+        assert not page.locator("#seg-tokens .thumbnail-item img").first.is_visible()
+        page.locator("#seg-details").get_by_text("Details").click()
+        page.locator("#seg-tokens .thumbnail-item img").first.wait_for(state="visible", timeout=60_000)
+        expect(page.locator("#seg-details-text")).to_contain_text("Prompt read by the model")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        if page.locator("#er-mask").count():
+            # a low threshold: a mask over most of the image (the random tiny model's heatmap)
+            page.locator("#seg-settings").get_by_text("Settings").click()
+            page.locator("#seg-threshold input[type=number]").fill("0.05")
+            page.locator("#seg-threshold input[type=number]").press("Enter")
+            before = page.locator("#seg-summary").inner_text()
             page.locator("#seg-run").click()
-            page.locator("#seg-mask img").first.wait_for(state="visible", timeout=120_000)
-            for result in ("#seg-mask img", "#seg-heatmap img"):
-                box = page.locator(result).bounding_box()
-                assert box["width"] >= 256 and box["height"] >= 256, (result, box)
-            expect(page.locator("#seg-summary")).to_contain_text("Mask:")
-            expect(page.locator("#seg-summary")).not_to_contain_text("magnet")
-            expect(page.locator('#seg-files a[href$="mask.png"]')).to_have_count(1)
-            assert not page.locator("#seg-tokens .thumbnail-item img").first.is_visible()
-            page.locator("#seg-details").get_by_text("Details").click()
-            page.locator("#seg-tokens .thumbnail-item img").first.wait_for(state="visible", timeout=60_000)
-            expect(page.locator("#seg-details-text")).to_contain_text("Prompt read by the model")
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-            if page.locator("#er-mask").count():
-                # a low threshold: a mask over most of the image (the random tiny model's heatmap)
-                page.locator("#seg-settings").get_by_text("Settings").click()
-                page.locator("#seg-threshold input[type=number]").fill("0.05")
-                page.locator("#seg-threshold input[type=number]").press("Enter")
-                before = page.locator("#seg-summary").inner_text()
-                page.locator("#seg-run").click()
-                page.wait_for_function("(before) => document.querySelector('#seg-summary').innerText.trim() "
-                                       "!== before.trim()", arg=before, timeout=120_000)
-                share = float(page.locator("#seg-summary").inner_text().split(":")[1].split("%")[0])
-                assert share > 50, share  # tiny's heatmap at threshold 0.05 (seed 0): the whole image
-                page.locator("#seg-remove").click()
-                expect(page.locator(".toast-body")).to_contain_text("press Send anyway", timeout=30_000)
-                expect(page.locator("#seg-remove")).to_have_text("Send anyway")
-                expect(page.locator("#er-mask img")).to_have_count(0)
-                page.locator("#seg-remove").click()
-                page.locator("#er-mask img").first.wait_for(state="visible", timeout=30_000)
-                expect(page.locator(".toast-body").last).to_contain_text("sent to Remove object")
-                page.get_by_role("tab", name="Segment by text").click()
-                expect(page.locator("#seg-remove")).to_have_text("Remove this object")
-            assert not errors, errors
-        finally:
-            browser.close()
+            page.wait_for_function("(before) => document.querySelector('#seg-summary').innerText.trim() "
+                                   "!== before.trim()", arg=before, timeout=120_000)
+            share = float(page.locator("#seg-summary").inner_text().split(":")[1].split("%")[0])
+            assert share > 50, share  # tiny's heatmap at threshold 0.05 (seed 0): the whole image
+            page.locator("#seg-remove").click()
+            expect(page.locator(".toast-body")).to_contain_text("press Send anyway", timeout=30_000)
+            expect(page.locator("#seg-remove")).to_have_text("Send anyway")
+            expect(page.locator("#er-mask img")).to_have_count(0)
+            page.locator("#seg-remove").click()
+            page.locator("#er-mask img").first.wait_for(state="visible", timeout=30_000)
+            expect(page.locator(".toast-body").last).to_contain_text("sent to Remove object")
+            page.get_by_role("tab", name="Segment by text").click()
+            expect(page.locator("#seg-remove")).to_have_text("Remove this object")

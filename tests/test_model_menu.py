@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 
 from pipelines import backbones, models
-from ui.common import AppContext, model_label, model_note
+from ui.common import model_label, model_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_label_names_the_family_without_loading_the_model():
-    ctx = AppContext()
-    assert model_label(ctx, "builtin") == "builtin · SD 1.x/2.x UNet, built-in"
-    assert model_label(ctx, "tiny-flux").startswith("tiny-flux · FLUX")
-    assert model_label(ctx, "builtin-edit", backbones.TEXT_TO_IMAGE).endswith("(not for this tab)")
+    assert model_label("builtin") == "builtin · SD 1.x/2.x UNet, built-in"
+    assert model_label("tiny-flux").startswith("tiny-flux · FLUX")
+    assert model_label("builtin-edit", backbones.TEXT_TO_IMAGE).endswith("(not for this tab)")
     # a single checkpoint file is only known once loaded: its name alone
-    assert model_label(ctx, "some/model.safetensors") == "some/model.safetensors"
+    assert model_label("some/model.safetensors") == "some/model.safetensors"
 
 
 def test_the_note_says_in_one_sentence_which_models_the_tab_needs():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import assert_user_error, built_tab, launch_chromium, launched_app, require_browser, run_app  # noqa: E402
+from app_server import assert_user_error, built_tab, browser_page, launched_app, require_browser, run_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = dict(model="tiny-pixart", positive="a photo of a cat", negative="a photo of a dog", samples=2, steps=2,
@@ -106,52 +106,43 @@ def test_steer_tab_in_a_real_browser(server):
     """At 1400 x 900: the examples open above the fold, no "Seed used" before a run, a failed run
     leaves no "Error" badge, the pair shows at 256 px or more."""
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.get_by_role("tab", name="Counterfactual steer").click()
-            examples = page.locator("#st-examples").bounding_box()
-            assert examples and examples["y"] + examples["height"] <= 900, examples
-            expect(page.locator("#st-seed-used")).to_be_hidden()
-            expect(page.locator("#st-positive textarea")).to_have_attribute("placeholder",
-                                                                           "a red circle on a striped background")
-            page.locator("#st-generate").click()  # nothing typed: one notice, no badge on the outputs
-            expect(page.locator(".toast-body")).to_contain_text("Please enter the concept to remove")
-            page.wait_for_timeout(500)
-            for elem in ("st-original", "st-steered", "st-heatmap", "st-status", "st-files"):
-                assert "Error" not in page.locator(f"#{elem}").inner_text(), elem
-            page.locator("#st-positive textarea").fill("a photo of a cat")
-            page.locator("#st-negative textarea").fill("a photo of a dog")
-            page.locator("#st-prompt textarea").fill("a photo of a cat")
-            page.locator("#st-settings").get_by_text("Settings").click()
-            page.locator("#st-samples input").fill("2")
-            page.locator("#st-steps input").fill("2")
-            page.locator("#st-width input").fill("64")
-            page.locator("#st-height input").fill("64")
-            page.locator("#st-seed input").fill("3")
-            page.locator("#st-generate").click()
-            for elem in ("st-original", "st-steered", "st-heatmap"):
-                expect(page.locator(f"#{elem} img")).to_have_count(1, timeout=120_000)
-                box = page.locator(f"#{elem} img").bounding_box()
-                assert box["width"] >= 256 and box["height"] >= 256, (elem, box)
-            expect(page.locator("#st-status")).to_contain_text("estimated now")
-            expect(page.locator("#st-seed-used")).to_be_visible()
-            assert page.locator("#st-seed-used input").input_value() == "3"
-            expect(page.locator('#st-files a[href$="steered_seed3.png"]')).to_have_count(1)
-            page.locator("#st-directions").get_by_text("Directions file").click()
-            page.locator("#st-estimate").click()
-            expect(page.locator("#st-status")).to_contain_text("from the cache", timeout=60_000)
-            expect(page.locator('#st-directions-out a[href$="directions.safetensors"]')).to_have_count(1)
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page(server.url) as page:
+        page.get_by_role("tab", name="Counterfactual steer").click()
+        examples = page.locator("#st-examples").bounding_box()
+        assert examples and examples["y"] + examples["height"] <= 900, examples
+        expect(page.locator("#st-seed-used")).to_be_hidden()
+        expect(page.locator("#st-positive textarea")).to_have_attribute("placeholder",
+                                                                       "a red circle on a striped background")
+        page.locator("#st-generate").click()  # nothing typed: one notice, no badge on the outputs
+        expect(page.locator(".toast-body")).to_contain_text("Please enter the concept to remove")
+        page.wait_for_timeout(500)
+        for elem in ("st-original", "st-steered", "st-heatmap", "st-status", "st-files"):
+            assert "Error" not in page.locator(f"#{elem}").inner_text(), elem
+        page.locator("#st-positive textarea").fill("a photo of a cat")
+        page.locator("#st-negative textarea").fill("a photo of a dog")
+        page.locator("#st-prompt textarea").fill("a photo of a cat")
+        page.locator("#st-settings").get_by_text("Settings").click()
+        page.locator("#st-samples input").fill("2")
+        page.locator("#st-steps input").fill("2")
+        page.locator("#st-width input").fill("64")
+        page.locator("#st-height input").fill("64")
+        page.locator("#st-seed input").fill("3")
+        page.locator("#st-generate").click()
+        for elem in ("st-original", "st-steered", "st-heatmap"):
+            expect(page.locator(f"#{elem} img")).to_have_count(1, timeout=120_000)
+            box = page.locator(f"#{elem} img").bounding_box()
+            assert box["width"] >= 256 and box["height"] >= 256, (elem, box)
+        expect(page.locator("#st-status")).to_contain_text("estimated now")
+        expect(page.locator("#st-seed-used")).to_be_visible()
+        assert page.locator("#st-seed-used input").input_value() == "3"
+        expect(page.locator('#st-files a[href$="steered_seed3.png"]')).to_have_count(1)
+        page.locator("#st-directions").get_by_text("Directions file").click()
+        page.locator("#st-estimate").click()
+        expect(page.locator("#st-status")).to_contain_text("from the cache", timeout=60_000)
+        expect(page.locator('#st-directions-out a[href$="directions.safetensors"]')).to_have_count(1)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
 
 def test_the_tabs_words_placeholders_and_results(tmp_path):

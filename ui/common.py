@@ -289,7 +289,7 @@ def stoppable(ctx: "AppContext", request, task: str, pipe=None, total: int | Non
 PIXEL_RESULT = ["pixel-result"]
 
 
-def model_label(ctx: "AppContext", name: str, supported: tuple | None = None) -> str:
+def model_label(name: str, supported: tuple | None = None) -> str:
     """What the Model menu shows for `name`: the name, its family when the files tell it without
     loading, and whether this tab can run it, e.g. "builtin · SD 1.x/2.x UNet, built-in"."""
     from pipelines import models
@@ -322,7 +322,7 @@ def model_menu(ctx: "AppContext", supported: tuple | None, task: str, *, choices
     pipeline's SUPPORTED), None for any.  Values are the plain names, as the API takes them."""
     choices = ctx.model_choices if choices is None else choices
     value = options.pop("value", choices[0])
-    dropdown = gr.Dropdown(choices=[(model_label(ctx, name, supported), name) for name in choices], value=value,
+    dropdown = gr.Dropdown(choices=[(model_label(name, supported), name) for name in choices], value=value,
                            label=options.pop("label", "Model"), elem_id=elem_id, **options)
     first = model_note(value, supported, task)
     note = gr.Markdown(first, visible=bool(first), elem_id=f"{elem_id}-note" if elem_id else None)
@@ -409,17 +409,12 @@ def clear_error_badges(event, outputs: list) -> None:
                   queue=False, api_visibility="private", show_progress="hidden")
 
 
-#: The tabs in the header's one line, as the tab bar names them
+#: The app's two header lines: a title and what the tabs do
 HEADER = (
     "## Attention-layer editing with diffusion models\n"
     "Work inside the attention layers of a diffusion model: see where each word looked, remove an "
     "object, segment by text, steer a concept out, personalize, edit a video or an image by instruction."
 )
-
-
-def header_markdown(default_model: str) -> str:
-    """The app's two header lines (a title and what the tabs do)."""
-    return HEADER
 
 
 def models_markdown(default_model: str, models_from_cache: tuple[str, ...] = ()) -> str:
