@@ -9,7 +9,8 @@ Tasks plug in without editing this file: `ui/<task>_cli.py` adds subcommands and
 happen inside the commands, so `--help` is fast and importing this module launches nothing.
 
 A user mistake (bad argument, bad size, unknown model, missing file) prints one line
-`error: <sentence>` on stderr and exits with status 2, without a traceback.
+`error: <sentence>` on stderr and exits with status 2, without a traceback; so does running out of
+GPU or CPU memory, saying what to lower (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -335,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except UserInputError as error:
         fail(str(error))
+    except Exception as error:
+        # out of GPU or CPU memory: one sentence saying what to lower (pipelines/errors.py); a bug
+        # keeps its traceback
+        from pipelines.errors import out_of_memory_message
+
+        if (message := out_of_memory_message(error)) is None:
+            raise
+        fail(message)
     except KeyboardInterrupt:
         # Ctrl-C: every result is written atomically, so nothing half-written is left behind;
         # folder commands (erase, segment --folder, steer pairs, personalize train) resume

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,35 +110,88 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.uint8(mask) * 255)
 
 
+#: errors of a write that ran out of room: a full disk (ENOSPC), a full quota (EDQUOT) or a
+#: file-size limit (EFBIG: `ulimit -f`, RLIMIT_FSIZE, a filesystem's largest file)
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# the same errors as writers that do not raise OSError word them: safetensors (Rust: "... (os error
+# 27)"), and the C library's texts where only a message is left
+_NO_ROOM_TEXT = re.compile(r"\(os error (?:%s)\)|No space left on device|File too large|Disk quota exceeded"
+                           % "|".join(str(number) for number in sorted(_NO_ROOM)))
+
+
+def out_of_room(error: BaseException | None) -> bool:
+    """Whether a failed write ran out of room (see `_NO_ROOM`), also when the writer wrapped the
+    OSError in its own error: torch.save's RuntimeError keeps it as `__context__` (when it writes
+    through a Python file object, see `save_torch`), safetensors only words it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_ROOM:
+            return True
+        if _NO_ROOM_TEXT.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _no_room(what: str, folder: Path) -> str:
+    return (f"The disk is full or a file-size limit was reached: {what} could not be written to '{folder}'; "
+            "the previous one (if any) is kept; free some space and run again to resume.")
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` that replaces it only if the block succeeds."""
+def atomic_path(path: str | Path, what: str | None = None) -> Iterator[Path]:
+    """A temporary path beside `path` (".<stem>.<random><suffix>") that replaces it only if the
+    block succeeds: a failed or interrupted write leaves the previous file as it was.  A full disk
+    or a file-size limit becomes `UserInputError` with one sentence naming `what` (default: the
+    file's name); the temporary file is removed (a killed process can leave it behind: every
+    reader here skips names starting with a dot)."""
     path = Path(path)
+    what = what or f"'{path.name}'"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    try:
+        handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as error:
+        if error.errno in _NO_ROOM:
+            raise UserInputError(_no_room(what, path.parent)) from error
+        raise
     os.close(handle)
     temp = Path(temp)
     try:
         yield temp
         os.replace(temp, path)
+    except Exception as error:
+        if out_of_room(error):
+            raise UserInputError(_no_room(what, path.parent)) from error
+        raise
     finally:
         temp.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None], what: str) -> None:
-    """`write(temp)` then rename onto `path`: the old file survives a failure, and a full disk or
-    an unwritable folder becomes one sentence naming `what` ("the learned file")."""
+    """`write(temp)` then rename onto `path` (`atomic_path`): the old file survives a failure, and
+    a full disk, a file-size limit or an unwritable folder becomes one sentence naming `what`
+    ("the learned file")."""
     path = Path(path)
     try:
-        with atomic_path(path) as temp:
+        with atomic_path(path, what) as temp:
             write(temp)
     except OSError as error:
-        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise UserInputError(
-                f"The disk is full: {what} could not be written to '{path.parent}'; the previous "
-                "one (if any) is kept, free some space and rerun to resume."
-            ) from error
         raise UserInputError(f"{what.capitalize()} could not be written to '{path}': {error.strerror or error}.") from error
+
+
+def save_torch(obj, path: str | Path, what: str) -> Path:
+    """`torch.save(obj)` atomically (see `write_atomic`), through a Python file object: torch's
+    own file writer reports a full disk only as "file write failed", its Python-file path keeps
+    the OSError, so a full disk becomes one sentence and the previous file is kept."""
+    import torch
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as file:
+            torch.save(obj, file)
+
+    write_atomic(path, write, what)
+    return Path(path)
 
 
 def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str], what: str) -> Path:
@@ -229,4 +283,23 @@ def write_video(frames: list[Image.Image], path: str | Path, fps: float = 8.0) -
         arrays.append(np.pad(array, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge"))
     with atomic_path(path) as temp:
         iio.imwrite(temp, np.stack(arrays), fps=fps, codec="libx264", macro_block_size=1)
+        _check_video(temp, len(arrays), path)
     return path
+
+
+def _check_video(temp: Path, frames: int, path: Path) -> None:
+    """FFmpeg writes the file in another process, and imageio-ffmpeg does not look at how it
+    ended: on a full disk (or past a file-size limit) FFmpeg stops and leaves a video without its
+    index, and nothing is raised.  Count the frames of what was written (FFmpeg copies the
+    stream, about 50 ms) so that a cut-short video never replaces the previous one."""
+    import imageio_ffmpeg
+
+    try:
+        written, _ = imageio_ffmpeg.count_frames_and_secs(str(temp))
+    except Exception:  # noqa: BLE001 (an unreadable file: the same failure)
+        written = None
+    if written != frames:
+        raise UserInputError(
+            f"'{path.name}' could not be written completely to '{path.parent}' (FFmpeg stopped early: the disk is "
+            "full or a file-size limit was reached); the previous one (if any) is kept; free some space and run again."
+        )

@@ -72,10 +72,13 @@ class OutputStore:
 
 
 def zip_files(paths: list[Path], zip_path: Path) -> Path:
-    """Zip `paths` flat (by file name) into `zip_path`."""
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in paths:
-            archive.write(path, arcname=path.name)
+    """Zip `paths` flat (by file name) into `zip_path`, atomically (`pipelines.io.atomic_path`)."""
+    from pipelines.io import atomic_path
+
+    with atomic_path(zip_path, f"the archive {Path(zip_path).name}") as temp:
+        with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in paths:
+                archive.write(path, arcname=path.name)
     return zip_path
 
 
@@ -238,20 +241,47 @@ def stopped_error(stopped: Stopped, where: str = "") -> gr.Error:
     return gr.Error(message, title="Stopped", print_exception=False)
 
 
+#: a handler's write failed for want of room, wherever it was (an atomic write says more itself)
+DISK_FULL = ("The server's disk is full (or a file-size limit was reached): the result could not be saved, "
+             "and earlier results are intact; try again once space is freed.")
+
+
+def out_of_memory_error(message: str, where: str = "") -> gr.Error:
+    """What a visitor sees when a request ran out of GPU or CPU memory: one sentence saying what to
+    lower (`pipelines.errors.out_of_memory_message`), logged as one warning line without a
+    traceback (a request too large for this machine, not a bug)."""
+    logger.warning("out of memory%s: %s", f" in {where}" if where else "", message)
+    return gr.Error(message, title="Out of memory", print_exception=False)
+
+
 def user_errors_as_gradio(fn):
     """Turn `UserInputError` into `gr.Error` so the person sees the sentence, not a traceback
-    (logged as one line), and a task stopped on request (`Stopped`) into a "Stopped" notice.
-    Works for plain and generator handlers."""
+    (logged as one line), a task stopped on request (`Stopped`) into a "Stopped" notice, and
+    running out of GPU or CPU memory into one sentence saying what to lower, after freeing what
+    the failed call held (so the server goes on serving), and a full disk while writing a result
+    into one sentence (every earlier result is intact: files are written atomically).  Works for
+    plain and generator handlers."""
+    from pipelines.errors import out_of_memory_message, release_memory
+    from pipelines.io import out_of_room
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def stream(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
+                return
             except UserInputError as error:
                 raise user_error(error, fn.__name__) from None
             except Stopped as stopped:
                 raise stopped_error(stopped, fn.__name__) from None
+            except Exception as error:
+                if out_of_room(error):
+                    raise user_error(DISK_FULL, fn.__name__) from None
+                if (message := out_of_memory_message(error)) is None:
+                    raise
+                release_memory(error)
+            # raised outside the except block, so that nothing refers to the failed call's frames
+            raise out_of_memory_error(message, fn.__name__)
 
         return stream
 
@@ -263,6 +293,14 @@ def user_errors_as_gradio(fn):
             raise user_error(error, fn.__name__) from None
         except Stopped as stopped:
             raise stopped_error(stopped, fn.__name__) from None
+        except Exception as error:
+            if out_of_room(error):
+                raise user_error(DISK_FULL, fn.__name__) from None
+            if (message := out_of_memory_message(error)) is None:
+                raise
+            release_memory(error)
+        # raised outside the except block, so that nothing refers to the failed call's frames
+        raise out_of_memory_error(message, fn.__name__)
 
     return wrapper
 

@@ -188,6 +188,13 @@ class GuardedBlocks(gr.Blocks):
                 logger.info("user error: %s", error.message)
             raise
         except Exception as error:
+            from pipelines.errors import out_of_memory_message, release_memory
+
+            if (message := out_of_memory_message(error)) is not None:
+                # out of memory outside a handler (Gradio's pre- or post-processing): not a bug
+                release_memory(error)
+                logger.warning("out of memory in a request: %s", message)
+                raise gr.Error(message, title="Out of memory", print_exception=False) from None
             # a bug, not a mistake of the visitor's: its traceback goes to the log, one sentence to them
             logger.exception("unexpected error in a request")
             raise gr.Error(" ".join(without_server_paths(f"{type(error).__name__}: {error}").split()),

@@ -195,10 +195,9 @@ def scene_batch(step: int, batch_size: int, seed: int, stage: str, with_masks: b
 
 def save_atomic(state: dict, path: Path) -> None:
     """The checkpoint replaces the previous one only once it is completely written."""
-    from pipelines.io import atomic_path
+    from pipelines.io import save_torch
 
-    with atomic_path(path) as temp:
-        torch.save(state, temp)
+    save_torch(state, path, "the training checkpoint")
 
 
 def load_checkpoint(path: Path):

@@ -47,8 +47,8 @@ from attention_processors import ControlState, attach
 from attention_processors.personalize import INSTANCE, PersonalizeAttention, unet_personalization_layers
 
 from .. import backbones, models
-from ..errors import UserInputError
-from ..io import load_image, load_tensors, save_image, save_tensors, write_atomic
+from ..errors import UserInputError, out_of_memory_message
+from ..io import load_image, load_tensors, save_image, save_tensors, save_torch, write_atomic
 from ..seeds import resolve_seed
 from ..tokenizers import check_fits
 from . import DEFAULT_METHOD, METHODS, method_named, method_of
@@ -622,7 +622,7 @@ class Trainer:
             "masks": None if self.masks is None else self.masks.cpu(), "assignment": self.assignment,
             "losses": list(self.losses),
         }
-        write_atomic(self.output / CHECKPOINT, lambda temp: torch.save(state, temp), f"the checkpoint of step {self.step}")
+        save_torch(state, self.output / CHECKPOINT, f"the checkpoint of step {self.step}")
         self.learned().save(self.output / LEARNED)
 
     def try_resume(self) -> bool:
@@ -632,6 +632,8 @@ class Trainer:
         try:
             state = torch.load(self.output / CHECKPOINT, map_location="cpu", weights_only=True)
         except Exception as error:
+            if out_of_memory_message(error):  # a full memory is not a damaged checkpoint: keep it
+                raise
             raise UserInputError(f"The checkpoint in '{self.output}' is not readable; use another output folder.") from error
         if state.get("fingerprint") != self.fingerprint():
             raise UserInputError(
@@ -889,15 +891,17 @@ def train(pipe, image, class_words, method: str | None = None, output: str | Pat
     trainer.start()
     bar = tqdm(total=trainer.total_steps, desc=f"{trainer.method} training", disable=not trainer.accelerator.is_main_process)
     first = True
-    for info in trainer.run():
-        if first:
-            bar.update(trainer.resumed_from)
-            first = False
-        bar.update(1)
-        bar.set_postfix(loss=f"{info.loss:.4f}")
-        if on_step is not None:
-            on_step(info)
-    bar.close()
+    try:
+        for info in trainer.run():
+            if first:
+                bar.update(trainer.resumed_from)
+                first = False
+            bar.update(1)
+            bar.set_postfix(loss=f"{info.loss:.4f}")
+            if on_step is not None:
+                on_step(info)
+    finally:
+        bar.close()  # also on an error: its message starts a line of its own
     learned = trainer.learned()
     path = trainer.output / LEARNED if trainer.output is not None else None
     if path is not None and trainer.accelerator.is_main_process:

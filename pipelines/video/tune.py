@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserInputError
-from ..io import load_tensors, save_tensors, write_atomic
+from ..errors import UserInputError, out_of_memory_message
+from ..io import load_tensors, save_tensors, save_torch
 from ..stopping import Stopped
 from .inflate import self_attention_layers, video_call
 
@@ -147,6 +147,8 @@ class VideoTuner:
         try:
             state = torch.load(self.cache.checkpoint, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 (a damaged checkpoint is one sentence)
+            if out_of_memory_message(error):  # a full memory is not a damaged checkpoint: keep it
+                raise
             raise UserInputError(f"The fine-tune checkpoint in '{self.cache.folder}' is not readable; remove it.") \
                 from error
         if state.get("fingerprint") != self.cache.fingerprint:
@@ -166,8 +168,7 @@ class VideoTuner:
         state = {"fingerprint": self.cache.fingerprint, "step": self.step, "losses": list(self.losses),
                  "params": {k: p.detach().cpu().clone() for k, p in self.params.items()},
                  "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-        write_atomic(self.cache.checkpoint, lambda temp: torch.save(state, temp),
-                     f"the fine-tune checkpoint of step {self.step}")
+        save_torch(state, self.cache.checkpoint, f"the fine-tune checkpoint of step {self.step}")
 
     def save_tuned(self) -> None:
         if self.cache is None or not self.accelerator.is_main_process:
