@@ -84,6 +84,18 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    import math
+
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, not {value!r}")
+    return number
+
+
 # --------------------------------------------------------------------------- serve
 
 #: seconds a shutdown (SIGTERM, Ctrl-C) waits for the running tasks to stop at their next step
@@ -117,7 +129,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-from-hf-cache", action="store_true",
                         help="also offer every diffusers pipeline already in the local Hugging Face cache "
                              "(read only; nothing is downloaded)")
+    from ui import results
+
+    parser.add_argument("--output-dir", type=Path, metavar="DIR",
+                        help="folder that keeps every run's results across restarts (default: "
+                             f"{_home_relative(results.default_results_dir())})")
+    parser.add_argument("--keep-results-days", default=results.DEFAULT_KEEP_DAYS, type=_non_negative_float,
+                        metavar="DAYS", help="remove runs older than this (default: "
+                                             f"{results.DEFAULT_KEEP_DAYS:g}; 0 keeps them)")
+    parser.add_argument("--max-results-gb", default=results.DEFAULT_MAX_GB, type=_non_negative_float,
+                        metavar="GB", help="size cap of the results folder; the oldest runs go first "
+                                           f"(default: {results.DEFAULT_MAX_GB:g}; 0: no cap)")
     add_model_args(parser)
+
+
+def _home_relative(path: Path) -> str:
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
 
 
 def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, outputs=None,
@@ -133,9 +163,10 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     from ui.limits import DEFAULT_LIMITS
     from ui.request_guard import GuardedBlocks
 
+    outputs = outputs if outputs is not None else OutputStore()
     gradio_fixes.install()  # result images written atomically (ui/gradio_fixes.py)
-    ctx = AppContext(default_model=default_model, device=device,
-                     outputs=outputs if outputs is not None else OutputStore(),
+    gradio_fixes.allow_results_from(outputs.root)
+    ctx = AppContext(default_model=default_model, device=device, outputs=outputs,
                      extra_models=tuple(dict.fromkeys([*extra_models, *models_from_cache])),
                      limits=limits or DEFAULT_LIMITS)
     # GuardedBlocks: only this process's uploads and results reach a handler (ui/request_guard.py)
@@ -225,11 +256,12 @@ def _on_shutdown_signal(ctx):
 
 def shut_down(ctx, wait_s: float = SHUTDOWN_WAIT_S) -> None:
     """Stop every running task at its next step (a personalization run writes its checkpoint) and
-    wait for them, so that nothing writes into the folders removed at exit."""
+    wait for them, so that every result is complete in the results folder and nothing writes into
+    the upload folder removed at exit."""
     log = logging.getLogger("app")
     ctx.stops.stop_all()
     if not ctx.stops.wait_idle(wait_s):
-        log.warning("shutting down: tasks still running after %ss; their results are lost", wait_s)
+        log.warning("shutting down: tasks still running after %ss; their unfinished results are lost", wait_s)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -240,12 +272,21 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_image_side=args.max_image_side, max_steps=args.max_steps,
                     max_train_steps=args.max_train_steps)
     from pipelines import models
+    from ui.results import OutputStore, default_results_dir
 
+    try:
+        outputs = OutputStore(args.output_dir or default_results_dir(), keep_days=args.keep_results_days,
+                              max_bytes=int(args.max_results_gb * 1e9))
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"The results folder cannot be used: {error}") from error
+    outputs.clean()  # runs past their age, over the cap, and what a killed process left half-written
+    logging.getLogger("app").info("results are kept in %s", outputs.root)
     blocks, ctx = build_app(default_model=args.model, device=args.device, extra_models=args.allow_model,
-                            limits=limits,
+                            limits=limits, outputs=outputs,
                             models_from_cache=tuple(models.hf_cache_models()) if args.models_from_hf_cache else ())
-    # SIGTERM and Ctrl-C: Gradio closes the server, `shut_down` stops the tasks, and the atexit
-    # handlers remove this process's temporary folders (results and uploads; see docs/security.md)
+    # SIGTERM and Ctrl-C: Gradio closes the server, `shut_down` stops the tasks (their results are
+    # kept in the results folder), and the atexit handler removes this process's Gradio folder
+    # (uploads and the copies of results sent to browsers; see docs/security.md)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _on_shutdown_signal(ctx))
     try:

@@ -68,11 +68,17 @@ def listening_addresses(port: int) -> set[str]:
 
 
 @contextlib.contextmanager
-def launched_app(*args: str, startup_timeout: float = 180.0, env: dict | None = None):
+def launched_app(*args: str, startup_timeout: float = 180.0, env: dict | None = None, port: int | None = None):
     """Run `python app.py --port <free> *args`; yield an `AppServer` once it answers HTTP.
-    `env`: extra environment variables (e.g. TMPDIR, to find the folders the server makes)."""
-    port = free_port()
+    `env`: extra environment variables (e.g. TMPDIR, to find the folders the server makes);
+    `port`: this one instead of a free one (a restart that a browser must find at the same
+    address); results go to a temporary folder unless `--output-dir` is among `args`."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
+    results = None
+    if "--output-dir" not in args:  # never the user's own results folder
+        results = tempfile.TemporaryDirectory(prefix="app-results-")
+        args = (*args, "--output-dir", results.name)
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1", **(env or {}))
     log_file = tempfile.NamedTemporaryFile("w+b", prefix="app-server-", suffix=".log", delete=False)
@@ -109,6 +115,8 @@ def launched_app(*args: str, startup_timeout: float = 180.0, env: dict | None = 
         log_file.close()
         with contextlib.suppress(OSError):
             os.unlink(log_file.name)
+        if results is not None:
+            results.cleanup()
 
 
 # --------------------------------------------------------------------------- browser helpers

@@ -1,6 +1,6 @@
 """Save the README screenshots with the built-in models: every tab at 1400x900, after running its
 first example where that takes seconds on a CPU (the same walk as tests/test_browser_tabs.py:
-`app_server.TAB_WALKS`), as it opens otherwise.
+`app_server.TAB_WALKS`), as it opens otherwise; then the Results tab with the newest run opened.
 
     python tests/screenshot.py                          # every tab, into assets/screenshots/
     python tests/screenshot.py --only "Edit video"      # one tab's screenshot again
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import ROOT, TAB_WALKS, VIEWPORT, launch_chromium, launched_app, open_tab, run_first_example  # noqa: E402
 
 MAX_BYTES = 300 * 1024
+RESULTS = "Results"  # the last tab: the runs of the walk, one of them opened
 
 
 def save_small_png(png: bytes, output: Path) -> None:
@@ -45,7 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=ROOT / "assets" / "screenshots")
     parser.add_argument("--model", default="builtin")
-    parser.add_argument("--only", metavar="TAB", choices=[walk.label for walk in TAB_WALKS],
+    parser.add_argument("--only", metavar="TAB", choices=[walk.label for walk in TAB_WALKS] + [RESULTS],
                         help="redo only this tab's screenshot (its label, e.g. 'Edit video')")
     args = parser.parse_args()
 
@@ -66,6 +67,15 @@ def main() -> int:
                 page.evaluate("window.scrollTo(0, 0)")
                 page.wait_for_timeout(5000)  # let the result paint and the notices fade
                 save_small_png(page.screenshot(), args.folder / walk.screenshot)
+            if args.only in (None, RESULTS):
+                if args.only == RESULTS:  # something to list: the first example of the first tab
+                    run_first_example(page, TAB_WALKS[0])
+                open_tab(page, RESULTS)
+                page.locator("#rs-table [role=gridcell]").nth(2).click()  # the newest run's "What"
+                page.locator("#rs-gallery img").first.wait_for(state="visible", timeout=30_000)
+                page.evaluate("window.scrollTo(0, 0)")
+                page.wait_for_timeout(3000)
+                save_small_png(page.screenshot(), args.folder / "results.png")
         finally:
             browser.close()
     return 0

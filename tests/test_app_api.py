@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -156,17 +158,27 @@ def test_stop_ends_a_direction_estimate_and_nothing_is_cached(client):
     assert "estimated now" in status, status
 
 
-def test_sigterm_stops_the_running_task_and_removes_the_temporary_folders(tmp_path):
+def test_sigterm_stops_the_running_task_keeps_the_results_and_removes_the_temporary_folders(tmp_path):
     """systemd and docker stop a server with SIGTERM: the running task stops at a step, the
-    process exits 0, and its temporary folders (results, uploads) are removed, not left behind."""
+    process exits 0, the results folder keeps every finished run complete (no half-written
+    file), and its temporary folder (uploads, copies sent to browsers) is removed, not left behind.
+    The results folder lies outside the working and the temp folder, as the user's data
+    directory does: results are still returned (ui/gradio_fixes.allow_results_from)."""
     import os
     import signal
 
     from app_server import launched_app
 
-    with launched_app("--model", "tiny", env={"TMPDIR": str(tmp_path)}) as running:
+    results, temp = tmp_path / "results", tmp_path / "tmp"
+    temp.mkdir()
+    with launched_app("--model", "tiny", "--output-dir", str(results), env={"TMPDIR": str(temp)}) as running:
         client = Client(running.url, verbose=False)
-        client.predict(prompt="a cat", **dict(FAST, steps=1), api_name="/attention_maps")  # the model is loaded
+        first = client.predict(prompt="a cat", **dict(FAST, steps=1), api_name="/attention_maps")  # the model is loaded
+        assert Path(first[3][0]).name == "image.png" and Path(first[3][0]).is_file()
+        kept = next(results.glob("attention_maps-*/image.png"))  # the results folder itself is never served
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{running.url}/gradio_api/file={kept}", timeout=30)
+        assert refused.value.code in (403, 404), refused.value.code
         job = client.submit(prompt="a photo of a cat", **dict(FAST, steps=100, width=256, height=256),
                             api_name="/attention_maps")
         deadline = time.monotonic() + 120
@@ -176,15 +188,20 @@ def test_sigterm_stops_the_running_task_and_removes_the_temporary_folders(tmp_pa
                 break
             time.sleep(0.1)
         assert not job.done(), "the generation ended before the signal could be sent"
-        folders = list(tmp_path.glob("attention-app-*"))
-        assert len(folders) == 2, folders  # this process's results folder and its Gradio folder
+        ours = list(temp.glob("attention-app-*"))  # (torch may make its own cache folder there)
+        assert [folder.name.startswith("attention-app-gradio-") for folder in ours] == [True], ours
         started = time.monotonic()
         os.killpg(running.process.pid, signal.SIGTERM)
         code = running.process.wait(timeout=STOP_WAIT_S)
         assert code == 0, running.log()[-3000:]
         assert time.monotonic() - started < STOP_WAIT_S
         log = running.log()
-    assert not list(tmp_path.glob("attention-app-*")), list(tmp_path.rglob("*"))[:10]
+    assert not list(temp.glob("attention-app-*")), list(temp.rglob("*"))[:10]
+    runs = [folder for folder in results.iterdir() if folder.name.startswith("attention_maps-")]
+    assert len(runs) == 1, list(results.iterdir())  # the finished run; the stopped one saved nothing
+    kept = {path.name for path in runs[0].rglob("*")}
+    assert {"run.json", "image.png", "image.json"} <= kept, kept
+    assert not [name for name in kept if name.startswith(".")], kept  # no temporary file
     assert "SIGTERM: shutting down; stopping 1 running task" in log, log[-3000:]
     assert "stopped in attention_maps: Stopped at step" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]

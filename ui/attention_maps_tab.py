@@ -67,7 +67,7 @@ def make_handler(ctx: AppContext):
         use_seed = resolve_seed(seed, randomize_seed)
         with stoppable(ctx, request, "attention_maps", pipe, settings.steps):
             result = generate_with_attention_maps(pipe, prompt, settings, seed=use_seed)
-        run_dir = ctx.outputs.new_run_dir("attention_maps")
+        run_dir = ctx.new_run_dir("attention_maps", request, about=f"{prompt} (seed {result.seed})")
         heatmap_dir = run_dir / "heatmaps"
         written = result.save(run_dir / "image.png", heatmap_dir=heatmap_dir)
         heatmaps = [p for p in written if p.parent == heatmap_dir]

@@ -1,22 +1,16 @@
-"""Shared pieces of the Gradio app: the app context, the output folder it owns, the server's
-limits, per-session Stop requests, error handling and the header."""
+"""Shared pieces of the Gradio app: the app context (with its results folder, ui/results.py and
+who owns each run), the server's limits, per-session Stop requests, error handling and the header."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import inspect
 import logging
-import re
-import shutil
-import tempfile
 import threading
 import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import gradio as gr
@@ -24,6 +18,7 @@ import gradio as gr
 from pipelines.errors import UserInputError
 from pipelines.stopping import Stopped
 from ui.limits import DEFAULT_LIMITS, Limits
+from ui.results import OutputStore, browser_owner
 
 #: The app's log: one line per user mistake, a traceback per unexpected error.
 logger = logging.getLogger("app")
@@ -37,38 +32,6 @@ REAL_MODEL_HINT = (
     "beforehand), `--model path/to/diffusers-folder`, or `--model path/to/model.safetensors`; "
     "add more choices for the *Model* menu with `--allow-model NAME`."
 )
-
-
-class OutputStore:
-    """A temporary folder the app owns; every run writes into its own subfolder.
-
-    Only this folder is passed to `launch(allowed_paths=...)`; it is removed when the process exits.
-    """
-
-    def __init__(self, root: str | Path | None = None):
-        if root is None:
-            root = Path(tempfile.mkdtemp(prefix="attention-app-")) / "outputs"
-            atexit.register(shutil.rmtree, root.parent, ignore_errors=True)
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def new_run_dir(self, task: str) -> Path:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = self.root / f"{task}-{stamp}-{uuid.uuid4().hex}"
-        run_dir.mkdir(parents=True)
-        return run_dir
-
-    def run_dir_named(self, name: str | None, task: str) -> Path | None:
-        """The existing run folder of `task` called `name` (as `new_run_dir` made it), or None.
-
-        Visitors refer to a run by this name, never by a path: anything that is not exactly the
-        name of one of this store's `task` folders (a path, `..`, another task's run) is None.
-        """
-        name = (name or "").strip()
-        if not re.fullmatch(rf"{re.escape(task)}-\d{{8}}-\d{{6}}-[0-9a-f]{{32}}", name):
-            return None
-        folder = self.root / name
-        return folder if folder.is_dir() and folder.resolve().parent == self.root else None
 
 
 def zip_files(paths: list[Path], zip_path: Path) -> Path:
@@ -185,6 +148,30 @@ class AppContext:
     extra_models: tuple[str, ...] = ()
     limits: Limits = DEFAULT_LIMITS
     stops: StopRequests = field(default_factory=StopRequests)
+    #: browser page (Gradio session) -> its owner, registered by the page's load event (ui/results_tab.py)
+    _page_owners: dict = field(default_factory=dict, repr=False)
+
+    def owner(self, request, token: str | None = None) -> str | None:
+        """Who a request's runs belong to (see ui/results.py): the login with --auth, else the
+        browser (its token, sent along or registered for this page), else the API client's session."""
+        username = getattr(request, "username", None) if request is not None else None
+        if username:
+            return f"user:{username}"
+        session = StopRequests.session(request)
+        return browser_owner(token) or self._page_owners.get(session) or (f"session:{session}" if session else None)
+
+    def register_page(self, request, token: str | None) -> None:
+        """Remember that this browser page (Gradio session) belongs to the browser with `token`."""
+        session, owner = StopRequests.session(request), browser_owner(token)
+        if session and owner:
+            if len(self._page_owners) >= 100_000:  # bounded: forget the oldest pages
+                self._page_owners.pop(next(iter(self._page_owners)))
+            self._page_owners[session] = owner
+
+    def new_run_dir(self, task: str, request=None, about: str = "", inputs: dict | None = None) -> Path:
+        """A new folder for one run of `task` in the results folder, recorded for the requester
+        (listed back to them in the Results tab) with a line `about` it."""
+        return self.outputs.new_run_dir(task, owner=self.owner(request), about=about, inputs=inputs)
 
     @property
     def model_choices(self) -> list[str]:

@@ -185,7 +185,7 @@ def make_handler(ctx: AppContext):
         with stoppable(ctx, request, "erase", pipe):
             result = run_erase(pipe, picture, painted, settings, seed=use_seed)
         _notify(result.notes)
-        run_dir = ctx.outputs.new_run_dir("erase")
+        run_dir = ctx.new_run_dir("erase", request, about=f"{settings.mode.upper()}, {settings.steps} steps, seed {use_seed}")
         written = result.save(run_dir / "result.png")
         return (
             (result.input, result.image),

@@ -103,7 +103,7 @@ def make_handler(ctx: AppContext):
         pipe = ctx.load(model, ctx.edit_model_choices)
         with stoppable(ctx, request, TASK, pipe), denoiser_progress(pipe, progress, *stages(pipe, settings, parts)):
             result = edit_by_instruction(pipe, image, instruction, settings, seed=use_seed)
-        written = result.save(ctx.outputs.new_run_dir(TASK))
+        written = result.save(ctx.new_run_dir(TASK, request, about=f"{instruction} (seed {use_seed})"))
         parts = "; ".join(f"**{p}**" for p in result.parts)
         status = f"{len(result.parts)} part{'s' if len(result.parts) != 1 else ''}: {parts}."
         if result.gains:

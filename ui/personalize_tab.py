@@ -182,6 +182,25 @@ def _snapshot_learned(folder: Path, step: int, previous: str | None) -> str:
     return str(target)
 
 
+#: the training image as a run folder keeps it, so that the Results tab can reopen the run
+INPUT_IMAGE = "input.png"
+
+
+def new_training_folder(ctx: AppContext, request, trainer, model: str, method: str, values: dict) -> Path:
+    """A run folder for a new training run, holding what resuming it needs: the image
+    (`INPUT_IMAGE`, lossless, so its fingerprint matches) and the tab's inputs (the record's
+    `inputs`, read back by the Results tab's "Open in Personalize")."""
+    from pipelines.io import write_atomic
+
+    inputs = {"model": model or ctx.default_model, "class_words": ",".join(trainer.words), "method": method,
+              **{key: float(value) if key == "tau" else int(value) for key, value in values.items()}}
+    about = f"{trainer.method} on {', '.join(trainer.words)}, {inputs['steps']} steps"
+    folder = ctx.new_run_dir("personalize", request, about=about, inputs=inputs)
+    source = trainer.source_image
+    write_atomic(folder / INPUT_IMAGE, lambda temp: source.save(temp, format="PNG"), "the training image")
+    return folder
+
+
 def make_handlers(ctx: AppContext):
     """(personalize_train, personalize_generate, personalize_cancel): the event handlers, also
     the API endpoints."""
@@ -237,10 +256,11 @@ def make_handlers(ctx: AppContext):
         folder = ctx.outputs.run_dir_named(run_folder, "personalize")
         trainer = Trainer(pipe, image, class_words, method, folder, settings=settings)
         if folder is None or not trainer.checkpoint_matches():
-            trainer.output = ctx.outputs.new_run_dir("personalize")
+            trainer.output = new_training_folder(ctx, request, trainer, model, method, values)
         name = trainer.output.name
-        # this request's stop flag: set by Stop (this session, or any client naming the run)
-        with ctx.stops.job(request, "personalize") as stop:
+        # this request's stop flag: set by Stop (this session, or any client naming the run);
+        # the results clean-up leaves the folder alone while it trains
+        with ctx.stops.job(request, "personalize") as stop, ctx.outputs.in_use(trainer.output):
             with stop_flags_lock:
                 stop_flags[name] = stop
             try:
@@ -344,7 +364,7 @@ def make_handlers(ctx: AppContext):
                 stop_between_steps(pipe, reporting(flag.is_set, progress, "generating", total)):
             result = generate(pipe, learned, prompt, seed=seed, steps=steps or None,
                               guidance=None if guidance in (None, UI_METHOD_GUIDANCE) else guidance)
-        out = ctx.outputs.new_run_dir("personalize") / f"personalized_seed{result.seed}.png"
+        out = ctx.new_run_dir("personalize", request, about=f"{prompt} (seed {result.seed})") / f"personalized_seed{result.seed}.png"
         written = result.save(out)
         return result.image, result.seed, [str(p) for p in written]
 
@@ -368,7 +388,7 @@ CSS = """
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
     start = suggestions(ctx.model_choices[0])  # the Model menu's first choice
-    with gr.Tab("Personalize", id="personalize"):
+    with gr.Tab("Personalize", id="personalize") as tab:
         gr.Markdown(INTRO, elem_id="pz-intro")
         with gr.Row():
             with gr.Column(scale=1, min_width=380):
@@ -471,4 +491,6 @@ def build_tab(ctx: AppContext) -> dict:
         clear_error_badges(generation, generate_outputs)
         reuse.click(lambda used, current: current if used is None else used, [seed_used, seed], seed, queue=False,
                     api_visibility="private", show_progress="hidden")
-    return {"image": image, "class_words": class_words, "prompt": prompt, "result": result, "status": status}
+    return {"tab": tab, "model": model, "image": image, "class_words": class_words, "method": method, "steps": steps,
+            "prior": prior, "tau": tau, "train_seed": train_seed, "run_folder": run_folder, "prompt": prompt,
+            "result": result, "status": status}

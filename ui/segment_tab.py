@@ -196,7 +196,7 @@ def make_handler(ctx: AppContext):
 
             with stoppable(ctx, request, "segment", pipe), denoiser_progress(pipe, progress, frames):
                 result = segment_video(pipe, video, expression, settings)
-            run_dir = ctx.outputs.new_run_dir("segment")
+            run_dir = ctx.new_run_dir("segment", request, about=f"{expression} (video)")
             written = result.save(run_dir / "mask.mp4")
             first = result.overlays()[0]
             mask = Image.fromarray(np.uint8(result.masks[0]) * 255)
@@ -210,7 +210,7 @@ def make_handler(ctx: AppContext):
         with (stoppable(ctx, request, "segment", pipe),
               denoiser_progress(pipe, progress, lambda *_: "Reading the attention: one noisy pass", runs=1)):
             result = segment_image(pipe, image, expression, settings)
-        run_dir = ctx.outputs.new_run_dir("segment")
+        run_dir = ctx.new_run_dir("segment", request, about=expression)
         written = result.save(run_dir / "mask.png", heatmap=run_dir / "heatmap.png")
         token_dir = run_dir / "tokens"
         token_files = []

@@ -155,7 +155,8 @@ def make_handlers(ctx: AppContext):
         """
         pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
                                                   width, height, progress, request)
-        path = directions.save(ctx.outputs.new_run_dir("steer") / "directions.safetensors")
+        run_dir = ctx.new_run_dir("steer", request, about=f"directions: {positive} → {negative}")
+        path = directions.save(run_dir / "directions.safetensors")
         return describe(directions, cached), str(path)
 
     @user_errors_as_gradio
@@ -208,7 +209,7 @@ def make_handlers(ctx: AppContext):
               denoiser_progress(pipe, progress, lambda run, step: f"Generating the pair: step {step}/{steps}",
                                 steps, runs)):
             result = counterfactual_pair(pipe, directions, prompt, seed=use_seed, settings=pair_settings)
-        written = result.save(ctx.outputs.new_run_dir("steer"))
+        written = result.save(ctx.new_run_dir("steer", request, about=f"{prompt} (seed {result.seed}, beta {pair_settings.beta})"))
         status += f" Mean absolute difference: {result.mean_abs_diff:.4f}."
         return result.original, result.steered, result.heatmap, result.seed, [str(p) for p in written], status
 

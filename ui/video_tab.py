@@ -93,10 +93,10 @@ CSS = """
 
 
 def cache_dir(ctx: AppContext) -> Path:
-    """Where the app keeps fine-tunes and inversions: inside this process's results folder, so
-    that, like the results, nothing derived from a visitor's clip outlives the server process;
-    never named by a request (not a run folder)."""
-    return ctx.outputs.root / "video-cache"
+    """Where the app keeps fine-tunes and inversions: in the results folder, kept across restarts
+    (editing the same clip again skips them) and cleaned up with the runs by the server's
+    --keep-results-days and --max-results-gb (ui/results.py); never named by a request."""
+    return ctx.outputs.cache_dir("video-cache")
 
 
 # ----------------------------------------------------------------------------- settings and boxes
@@ -429,7 +429,7 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
             raise error
         result = outcome["result"]
         progress(0, desc="writing the clips")
-        run_dir = ctx.outputs.new_run_dir(TASK)
+        run_dir = ctx.new_run_dir(TASK, request, about=prompt)
         written = result.save(run_dir / "edited.mp4")
         edited, side = written[0], written[1]
         heat = [(str(path), word) for path, word in zip(written[2:-1], result.heatmaps)]

@@ -528,7 +528,8 @@ class Trainer:
         self.factor = int(pipe.vae_scale_factor)
         models.check_size(pipe, self.size, self.size)
         min_side = max(64, self.size // 2)
-        self.image = square_image(load_image(image, min_side=min_side), self.size, s.crop)
+        self.source_image = load_image(image, min_side=min_side)  # as given (kept by the app to resume)
+        self.image = square_image(self.source_image, self.size, s.crop)
         self.image_hash = hashlib.sha256(self.image.tobytes()).hexdigest()[:16]
         self.output = Path(output) if output is not None else None
         self.seed, self.lora_rank, self.attention_losses = s.seed, s.lora_rank, s.attention_losses
