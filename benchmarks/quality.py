@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py TASK [--model builtin] [--scenes 50] [--markdown]
 
-TASK is generation, eraser, grounding, steering, personalize, video, video_move, instruct or all.  Scenes come from the world's test
+TASK is generation, eraser, grounding, steering, personalize, video, video_move, instruct, parts or all.  Scenes come from the world's test
 seeds (`world.TEST_SEED_START` + an offset per task), which training never saw.  One JSON line
 per task: the method's figures (means over scenes, the headline's 95 % bootstrap interval as
 `<headline>_ci`), each ablation's and baseline's on the same scenes, the headline ablation
@@ -61,6 +61,13 @@ claim needs at least 3).  `--markdown` adds the table the README shows.
   Baselines: the source unchanged (no-op) and the parts applied one at a time, each edit's
   result the next one's input (what a user of a plain editor does by hand; K times the
   sampling cost).
+- **parts** (Instruction edit's multi-part text-to-image mode, SaaS on `builtin`; our
+  extrapolation, spec section 7): scenes of 2 and 3 objects, prompted by their caption split
+  into parts at commas and " and " ("a red circle", "a blue square", "a green triangle on a
+  striped background").  Per scene the generation figures (`object_recall`, the headline;
+  `colour_recall`; `exact`).  Arms with the scene's seed: SaaS (the tab's defaults), plain
+  generation (the headline ablation), SaaS with a fixed gain of 2, SaaS with the `sink_ratio`
+  gain.  Attend-and-Excite, the gradient-based cousin, is not an arm (not built here).
 - **steering**: prompts with one red object; MedSteer directions from "a red circle" vs "a
   blue circle" prompts; `flip` = the steered image's largest object is blue, `red_removed` =
   no red object left, `structure_iou` = IoU of the object masks of the pair.  Headline:
@@ -86,16 +93,17 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.builtin import world  # noqa: E402
 
-TASKS = ("generation", "eraser", "grounding", "steering", "personalize", "video", "video_move", "instruct")
+TASKS = ("generation", "eraser", "grounding", "steering", "personalize", "video", "video_move", "instruct", "parts")
 # Each task draws its scenes from its own block of test seeds.
 SEED_OFFSETS = {"generation": 0, "eraser": 10_000, "grounding": 20_000, "steering": 30_000, "video": 40_000,
-                "video_move": 50_000, "personalize": 60_000, "instruct": 70_000}
+                "video_move": 50_000, "personalize": 60_000, "instruct": 70_000, "parts": 80_000}
 #: the model a task runs on when --model is not given (the others: builtin)
 TASK_MODELS = {"instruct": "builtin-edit"}
 HEADLINE = {"generation": ("exact", "higher"), "eraser": ("residual", "lower"),
             "grounding": ("miou", "higher"), "steering": ("structure_iou", "higher"),
             "video": ("placed", "higher"), "video_move": ("placed", "higher"),
-            "personalize": ("faithful", "higher"), "instruct": ("all_done", "higher")}
+            "personalize": ("faithful", "higher"), "instruct": ("all_done", "higher"),
+            "parts": ("object_recall", "higher")}
 
 
 def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
@@ -758,9 +766,37 @@ def bench_instruct(pipe, count: int) -> dict:
                      {"no-op (the source)": _per_scene(noop), "one part at a time (K edits)": _per_scene(sequential)})
 
 
+# ---------------------------------------------------------------------------- parts
+
+
+def parts_scenes(count: int) -> list[world.Scene]:
+    """Test scenes of 2 and 3 objects (a prompt of 2-3 parts, split at commas and " and ")."""
+    start = world.TEST_SEED_START + SEED_OFFSETS["parts"]
+    return [scene for scene in world.scenes(start, 4 * count) if len(scene.objects) >= 2][:count]
+
+
+def bench_parts(pipe, count: int) -> dict:
+    from pipelines.instruct import generate_by_parts
+
+    scenes = parts_scenes(count)
+    arms = {"SaaS": [], "plain generation (same seed)": [], "SaaS, fixed gain 2": [], "SaaS, sink_ratio gain": []}
+    for scene in scenes:
+        result = generate_by_parts(pipe, scene.caption(0), seed=scene.seed)
+        arms["SaaS"].append(result.edited)
+        arms["plain generation (same seed)"].append(result.plain)
+        for name, options in (("SaaS, fixed gain 2", dict(gain="fixed", max_gain=2.0)),
+                              ("SaaS, sink_ratio gain", dict(gain="sink_ratio"))):
+            arms[name].append(generate_by_parts(pipe, scene.caption(0), seed=scene.seed, compare=False,
+                                                **options).edited)
+    cases = {name: generation_cases(_to_uint8(images), scenes) for name, images in arms.items()}
+    method, ablation, *others = arms
+    return summarise("parts", method, cases[method], ablation, {name: cases[name] for name in (ablation, *others)})
+
+
 BENCHES = {"generation": bench_generation, "eraser": bench_eraser, "grounding": bench_grounding,
            "video": bench_video, "video_move": lambda pipe, count: bench_video(pipe, count, "video_move"),
-           "steering": bench_steering, "personalize": bench_personalize, "instruct": bench_instruct}
+           "steering": bench_steering, "personalize": bench_personalize, "instruct": bench_instruct,
+           "parts": bench_parts}
 
 
 def beats(task: str, result: dict) -> bool:

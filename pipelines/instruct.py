@@ -40,17 +40,20 @@ from .io import atomic_path, load_image, save_image
 from .seeds import resolve_seed
 from .tokenizers import check_fits
 
-__all__ = ["InstructResult", "edit_by_instruction", "instruction_parts", "working_size"]
+__all__ = ["InstructResult", "edit_by_instruction", "generate_by_parts", "instruction_parts", "working_size"]
 
 SUPPORTED = (backbones.INSTRUCT_PIX2PIX,)
 TASK = "Instruction edit"
+#: multi-part text-to-image (spec section 7): SD 1.x/2.x UNets, whose attn2 levels `sd_layers` knows
+T2I_SUPPORTED = (backbones.SD,)
+T2I_TASK = "Multi-part generation"
 
 
 @dataclass
 class InstructResult:
     """What one instruction edit made and saw."""
 
-    source: Image.Image  # the input at working size
+    source: Image.Image | None  # the input at working size (None: generated from a prompt of parts)
     edited: Image.Image  # with SaaS (or plain when SaaS was off)
     plain: Image.Image | None  # plain sampling with the same seed (None when not asked for)
     instruction: str
@@ -69,24 +72,26 @@ class InstructResult:
             for k, part in enumerate(self.parts):
                 if k >= len(masks):
                     continue
-                mask = np.asarray(Image.fromarray(masks[k].astype(np.uint8) * 255).resize(self.source.size,
+                under = self.source if self.source is not None else self.edited
+                mask = np.asarray(Image.fromarray(masks[k].astype(np.uint8) * 255).resize(under.size,
                                                                                         Image.NEAREST)) > 127
-                base = np.asarray(self.source, dtype=np.float32)
+                base = np.asarray(under, dtype=np.float32)
                 tinted = base.copy()
                 tinted[mask] = 0.45 * base[mask] + 0.55 * np.array([255.0, 40.0, 40.0])
-                picture = Image.fromarray(np.uint8(tinted)).resize((128, 128 * self.source.height // self.source.width),
+                picture = Image.fromarray(np.uint8(tinted)).resize((128, 128 * under.height // under.width),
                                                                  Image.NEAREST)
                 pictures.append((picture, f"step {self.params['saas_steps'][index]}: '{part}', gain {gains[k]:.2f}"))
         return pictures
 
     def save(self, folder: str | Path) -> list[Path]:
-        """Write edited.png, plain.png (if made), source.png and result.json (settings, parts, gains)."""
+        """Write edited.png, plain.png (if made), source.png (an edit) and result.json (settings, parts, gains)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         written = save_image(self.edited, folder / "edited.png", None)
         if self.plain is not None:
             written += save_image(self.plain, folder / "plain.png", None)
-        written += save_image(self.source, folder / "source.png", None)
+        if self.source is not None:
+            written += save_image(self.source, folder / "source.png", None)
         record = {**self.params, "instruction": self.instruction, "parts": self.parts, "seed": self.seed,
                   "gains_per_step": self.gains, "notes": self.notes}
         sidecar = folder / "result.json"
@@ -95,17 +100,20 @@ class InstructResult:
         return written + [sidecar]
 
 
-def instruction_parts(instruction: str) -> list[str]:
-    """The sub-instructions of `instruction` (separated by ",", ", and" or ";"), or one sentence
-    naming what is wrong: empty, an empty part, more than MAX_PARTS parts."""
+def instruction_parts(instruction: str, split_and: bool = False) -> list[str]:
+    """The sub-instructions of `instruction` (separated by ",", ", and" or ";", and with
+    `split_and` by a bare " and " too, as in a prompt), or one sentence naming what is wrong:
+    empty, an empty part, more than MAX_PARTS parts."""
     from attention_processors.saas import split_instruction, validate_parts
 
     if not isinstance(instruction, str) or not instruction.strip():
-        raise UserInputError("Please write an instruction, e.g. 'make the circle blue, and make the square red'.")
+        example = "'a red circle and a blue square'" if split_and else "'make the circle blue, and make the square red'"
+        raise UserInputError(f"Please write {'a prompt' if split_and else 'an instruction'}, e.g. {example}.")
     text = instruction.strip()
-    ranges = validate_parts(text, split_instruction(text))
+    ranges = validate_parts(text, split_instruction(text, split_and=split_and))
     if len(ranges) > MAX_PARTS:
-        raise UserInputError(f"The instruction has {len(ranges)} parts; at most {MAX_PARTS} are supported.")
+        raise UserInputError(f"The {'prompt' if split_and else 'instruction'} has {len(ranges)} parts; at most "
+                             f"{MAX_PARTS} are supported.")
     return [text[a:b] for a, b in ranges]
 
 
@@ -203,6 +211,84 @@ def edit_by_instruction(
               "scale": settings.scale, "gain": settings.gain, "max_gain": settings.max_gain,
               "mask_threshold": settings.mask_threshold, "width": width, "height": height, "saas_steps": recorded}
     return InstructResult(source=source, edited=edited, plain=plain, instruction=instruction, parts=parts, seed=seed,
+                          masks=masks, gains=gains, params=params, notes=notes)
+
+
+@models.one_call_at_a_time
+def _generate(pipe, prompt: str, seed: int, run: dict, controller=None) -> Image.Image:
+    from attention_processors.core import attach
+
+    kwargs = dict(prompt=prompt, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+                  height=run["height"], width=run["width"], generator=torch.Generator().manual_seed(seed),
+                  output_type="pil", **backbones.of(pipe).call_defaults(pipe))
+    if controller is None:
+        return pipe(**kwargs).images[0]
+    with attach(models.denoiser(pipe), controller):
+        return pipe(**kwargs).images[0]
+
+
+def generate_by_parts(
+    pipe,
+    prompt: str,
+    settings: InstructSettings | None = None,
+    seed: int | None = None,
+    compare: bool = True,
+    width: int | None = None,
+    height: int | None = None,
+    **options,
+) -> InstructResult:
+    """Text to image from a prompt of parts ("a red circle, a blue square and a green triangle on
+    a striped background") with SaaS balancing the parts, on an SD 1.x/2.x model: our
+    extrapolation (spec section 7, docs/methods/instruction.md), a gradient-free cousin of
+    Attend-and-Excite.  The parts are split at ",", ";" and " and "; the rows edited are the
+    conditional ones of classifier-free guidance; the gain rule is the settings' (`equalize`
+    by default).  `compare`: also generate plainly with the same seed.  The result's `source` is
+    None (there is no input image): its masks are shown over the SaaS image.
+    """
+    backbones.require(pipe, T2I_SUPPORTED, T2I_TASK)
+    settings = (settings or INSTRUCT).replace(**options).validated()
+    parts = instruction_parts(prompt, split_and=True)
+    prompt = prompt.strip()
+    check_fits(pipe.tokenizer, prompt, pipe.tokenizer.model_max_length, "prompt")
+    native_height, native_width = models.default_size(pipe)
+    height, width = int(height or native_height), int(width or native_width)
+    models.check_size(pipe, height, width)
+    seed = resolve_seed(seed)
+    defaults = models.generation_defaults(pipe)
+    run = {"steps": settings.steps or defaults["steps"],
+           "guidance": settings.guidance if settings.guidance is not None else defaults["guidance"],
+           "height": height, "width": width}
+    pipe = models.view(pipe)
+    notes = []
+    if len(parts) == 1 and settings.saas:
+        notes.append("The prompt has one part, so SaaS has no other part to balance it against: "
+                     "its result equals plain generation.")
+    plain = _generate(pipe, prompt, seed, run) if (compare or not settings.saas or len(parts) == 1) else None
+    masks, gains, recorded = [], [], []
+    if settings.saas and len(parts) > 1:
+        from attention_processors.saas import clip_spans, split_instruction
+
+        roles = backbones.of(pipe).row_roles(pipe, run["guidance"])  # ("cond",) alone at guidance 1
+        spans = clip_spans(pipe.tokenizer, prompt, split_instruction(prompt, split_and=True))
+        controller = _controller(pipe, spans, roles, run["steps"], settings)
+        edited = _generate(pipe, prompt, seed, run, controller)
+        for entry in controller.history:
+            if bool(entry["active"][0].any()):
+                recorded.append(int(entry["step"]) + 1)
+                masks.append(entry["masks"][0].numpy().astype(bool))
+                gains.append([float(g) for g in entry["gains"][0]])
+        if not compare:
+            plain = None
+    elif settings.saas:  # one part: every gain is 1, the stock path bit for bit; no second sampling
+        edited = plain
+        if not compare:
+            plain = None
+    else:
+        edited, plain = plain, None
+    params = {"model": models.model_name(pipe), "task": "parts", **run, "saas": settings.saas,
+              "window": settings.window, "scale": settings.scale, "gain": settings.gain,
+              "max_gain": settings.max_gain, "mask_threshold": settings.mask_threshold, "saas_steps": recorded}
+    return InstructResult(source=None, edited=edited, plain=plain, instruction=prompt, parts=parts, seed=seed,
                           masks=masks, gains=gains, params=params, notes=notes)
 
 

@@ -206,6 +206,84 @@ def test_result_saves_every_file_with_settings_and_gains(edit_pipe, tmp_path):
     assert len(gallery) == len(result.masks) * 3 and "gain" in gallery[0][1]
 
 
+# ----------------------------------------------------------------------------- a prompt of parts (spec section 7)
+
+
+@pytest.fixture(scope="module")
+def draw_pipe():
+    from pipelines import models
+
+    return models.load("builtin")
+
+
+def test_a_prompt_of_parts_is_drawn_with_saas_on_the_cond_row_and_plain_is_the_stock_pipeline(draw_pipe, tmp_path):
+    import torch
+
+    from pipelines.instruct import generate_by_parts
+
+    prompt = "a red circle, a blue square and a green triangle on a striped background"
+    result = generate_by_parts(draw_pipe, prompt, seed=3, **FAST)
+    assert result.parts == ["a red circle", "a blue square", "a green triangle on a striped background"]
+    stock = draw_pipe(prompt=prompt, num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+                      generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(result.plain), np.asarray(stock))
+    assert result.params["saas_steps"] and set(result.params["saas_steps"]) <= {1, 2}
+    assert all(len(g) == 3 and all(1.0 <= x <= 3.0 for x in g) for g in result.gains)
+    assert any(x > 1.0 for g in result.gains for x in g)  # a part was boosted, so the image changed
+    assert not np.array_equal(np.asarray(result.edited), np.asarray(result.plain))
+    # no input image: nothing called source is written, and the masks are shown over the result
+    assert sorted(p.name for p in result.save(tmp_path)) == ["edited.png", "plain.png", "result.json"]
+    assert len(result.mask_gallery()) == 3 * len(result.masks)
+    # one part: every gain is 1, so SaaS is the stock path and the result is the plain one
+    one = generate_by_parts(draw_pipe, "a red circle on a striped background", seed=3, **FAST)
+    assert one.notes and np.array_equal(np.asarray(one.edited), np.asarray(one.plain))
+    off = generate_by_parts(draw_pipe, prompt, seed=3, saas=False, **FAST)
+    assert off.plain is None and np.array_equal(np.asarray(off.edited), np.asarray(result.plain))
+
+
+def test_a_prompt_of_parts_refuses_what_it_cannot_do(draw_pipe, edit_pipe):
+    from pipelines.instruct import generate_by_parts
+
+    cases = [
+        (lambda: generate_by_parts(edit_pipe, "a red circle and a blue square"), "works with SD 1.x/2.x"),
+        (lambda: generate_by_parts(draw_pipe, "  "), "Please write a prompt"),
+        (lambda: generate_by_parts(draw_pipe, "a red circle, , a blue square"), "Part 2"),
+        (lambda: generate_by_parts(draw_pipe, "a red circle and a blue square", width=100), "multiple"),
+        (lambda: generate_by_parts(draw_pipe, " and ".join(["a red circle"] * 40)), "parts"),
+    ]
+    for call, fragment in cases:
+        with pytest.raises(UserInputError) as caught:
+            call()
+        assert fragment in str(caught.value), (fragment, str(caught.value))
+
+
+@pytest.mark.timeout(300)
+def test_the_tab_and_the_cli_draw_a_prompt_of_parts_with_a_text_to_image_model(tmp_path):
+    from ui.common import AppContext, OutputStore
+    from ui.instruct_tab import make_handler
+
+    handler = make_handler(AppContext(outputs=OutputStore(tmp_path / "results")))
+    seen = []
+    edited, plain, masks, seed, files, status = handler(
+        "builtin", None, "a red circle and a blue square on a striped background", 2, False, True, 3,
+        progress=lambda value, desc=None, **_: seen.append(desc))
+    assert "2 parts" in status and seed == 2 and plain is not None and masks
+    assert "plain generating, for comparison: step 1/3" in seen and "generating with SaaS: step 3/3" in seen
+    assert sorted(Path(f).name for f in files) == ["edited.png", "plain.png", "result.json"]
+    with pytest.raises(Exception) as caught:  # an edit model still needs its image
+        handler("builtin-edit", None, "make the circle blue", 0, False, True, 3)
+    assert "upload an image" in str(caught.value)
+
+    proc = run_app("instruct", "--prompt", "a red circle and a blue square on a striped background", "--steps", "3",
+                   "--output", "drawn.png", "--plain", "plain.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "drawn.json").read_text())
+    assert record["model"] == "builtin" and record["task"] == "parts" and len(record["parts"]) == 2
+    assert_user_error(run_app("instruct", "--prompt", "a red circle", "--image", "x.png", "--output", "o.png",
+                              cwd=tmp_path), "either --prompt")
+    assert_user_error(run_app("instruct", "--output", "o.png", cwd=tmp_path), "--prompt")
+
+
 # ----------------------------------------------------------------------------- CLI, API, browser
 
 

@@ -1,7 +1,10 @@
-"""`python app.py instruct ...`: edit an image by a multi-part instruction (SaaS on InstructPix2Pix).
+"""`python app.py instruct ...`: edit an image by a multi-part instruction (SaaS on InstructPix2Pix),
+or draw a prompt of parts with a text-to-image model (SaaS on SD 1.x/2.x, our extrapolation).
 
     python app.py instruct --image IN.png --instruction "make the circle blue, and make the square red" \
         --output OUT.png [--plain PLAIN.png] [--no-saas] [--model builtin-edit] [--seed 0]
+    python app.py instruct --prompt "a red circle and a blue square on a striped background" \
+        --output OUT.png [--plain PLAIN.png] [--model builtin]
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ from ui.cli_common import Command, add_model_args
 from ui.cli_settings import add_settings_arguments, settings_from_args
 
 DEFAULT_EDIT_MODEL = "builtin-edit"
+DEFAULT_DRAW_MODEL = "builtin"  # --prompt: a text-to-image model
 
 
 def add_instruct_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image", type=Path, required=True, help="the image to edit")
-    parser.add_argument("--instruction", required=True,
+    parser.add_argument("--image", type=Path, help="the image to edit (with --instruction)")
+    parser.add_argument("--instruction",
                         help="what to change, parts separated by commas, e.g. "
                              "\"make the circle blue, and make the background beige\"")
+    parser.add_argument("--prompt",
+                        help="instead of --image and --instruction: a prompt of parts to draw with a text-to-image "
+                             f"model (default then: {DEFAULT_DRAW_MODEL}), parts separated by commas or 'and', e.g. "
+                             "\"a red circle and a blue square on a striped background\"")
     parser.add_argument("--output", type=Path, required=True,
                         help="the edited .png; a JSON sidecar with every setting, the parts and the gains per step "
                              "goes next to it")
@@ -35,22 +43,33 @@ def add_instruct_args(parser: argparse.ArgumentParser) -> None:
 
 def run_instruct(args: argparse.Namespace) -> int:
     from pipelines import models
-    from pipelines.instruct import edit_by_instruction, instruction_parts
+    from pipelines.instruct import edit_by_instruction, generate_by_parts, instruction_parts
     from pipelines.io import save_image
 
+    drawing = args.prompt is not None
+    if drawing and (args.image is not None or args.instruction is not None):
+        raise UserInputError("Give either --prompt (draw a prompt of parts) or --image with --instruction (edit), "
+                             "not both.")
+    if not drawing and (args.image is None or args.instruction is None):
+        raise UserInputError("Give --image and --instruction to edit an image, or --prompt to draw a prompt of parts.")
     for flag, path in (("--output", args.output), ("--plain", args.plain)):
         if path is not None and path.suffix.lower() != ".png":
             raise UserInputError(f"{flag} must be a .png file, not '{path}'.")
-    if not args.image.is_file():
+    if not drawing and not args.image.is_file():
         raise UserInputError(f"There is no image at '{args.image}'.")
     settings = settings_from_args(args, InstructSettings).validated()  # before loading the model
-    instruction_parts(args.instruction)  # a bad instruction is one sentence before the model loads
+    # a bad instruction or prompt is one sentence before the model loads
+    instruction_parts(args.prompt if drawing else args.instruction, split_and=drawing)
     if args.plain is not None and not settings.saas:
         raise UserInputError("--plain writes the baseline next to the SaaS result; with --no-saas the output is "
                              "already plain sampling.")
-    pipe = models.load(args.model, device=args.device)
-    result = edit_by_instruction(pipe, args.image, args.instruction, settings, seed=args.seed,
-                                 compare=args.plain is not None)
+    model = DEFAULT_DRAW_MODEL if drawing and args.model == DEFAULT_EDIT_MODEL else args.model
+    pipe = models.load(model, device=args.device)
+    if drawing:
+        result = generate_by_parts(pipe, args.prompt, settings, seed=args.seed, compare=args.plain is not None)
+    else:
+        result = edit_by_instruction(pipe, args.image, args.instruction, settings, seed=args.seed,
+                                     compare=args.plain is not None)
     record = {**result.params, "instruction": result.instruction, "parts": result.parts, "seed": result.seed,
               "gains_per_step": result.gains, "notes": result.notes}
     try:
@@ -70,6 +89,7 @@ def run_instruct(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "instruct": Command("edit an image by a multi-part instruction, every part carried out (SaaS)",
+    "instruct": Command("edit an image by a multi-part instruction, or draw a prompt of parts, every part "
+                        "carried out (SaaS)",
                         add_instruct_args, run_instruct),
 }

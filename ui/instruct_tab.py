@@ -88,21 +88,35 @@ def make_handler(ctx: AppContext):
         with saas=False), the masks per part and step (gallery), the seed used, the files and a
         status line.  The two images are enlarged for display when small (`for_display`); the
         files keep the working size."""
+        from pipelines import backbones, models
         from pipelines.errors import UserInputError
-        from pipelines.instruct import edit_by_instruction, instruction_parts
+        from pipelines.instruct import T2I_SUPPORTED, edit_by_instruction, generate_by_parts, instruction_parts
 
-        if image is None:
-            raise UserInputError("Please upload an image first.")
+        # a text-to-image model (builtin) draws a prompt of parts instead of editing an image
+        drawing = models.backbone_without_loading((model or "").strip() or ctx.edit_model_choices[0]) in T2I_SUPPORTED
+        if image is None and not drawing:
+            raise UserInputError("Please upload an image first (or pick a text-to-image model, e.g. builtin, to "
+                                 "generate a prompt of parts).")
         settings = INSTRUCT.replace(saas=bool(saas), steps=unset(steps), guidance=unset(guidance),
                                     image_guidance=unset(image_guidance), window=window, gain=gain,
                                     max_gain=max_gain).validated()  # every value checked before the model loads
         ctx.limits.check_settings(settings)
-        parts = instruction_parts(instruction)
+        parts = instruction_parts(instruction, split_and=drawing)
         use_seed = resolve_seed(seed, randomize_seed)
         progress(0, desc="Loading model")
         pipe = ctx.load(model, ctx.edit_model_choices)
-        with stoppable(ctx, request, TASK, pipe), denoiser_progress(pipe, progress, *stages(pipe, settings, parts)):
-            result = edit_by_instruction(pipe, image, instruction, settings, seed=use_seed)
+        drawing = backbones.of(pipe) in T2I_SUPPORTED
+        if drawing:
+            parts = instruction_parts(instruction, split_and=True)
+        with (stoppable(ctx, request, TASK, pipe),
+              denoiser_progress(pipe, progress, *stages(pipe, settings, parts, drawing))):
+            if drawing:
+                result = generate_by_parts(pipe, instruction, settings, seed=use_seed)
+                if image is not None:
+                    result.notes.insert(0, f"{models.model_name(pipe)} draws from text: the image was not used, and "
+                                           "the instruction was read as a prompt of parts.")
+            else:
+                result = edit_by_instruction(pipe, image, instruction, settings, seed=use_seed)
         written = result.save(ctx.new_run_dir(TASK, request, about=f"{instruction} (seed {use_seed})"))
         parts = "; ".join(f"**{p}**" for p in result.parts)
         status = f"{len(result.parts)} part{'s' if len(result.parts) != 1 else ''}: {parts}."
@@ -119,14 +133,16 @@ def make_handler(ctx: AppContext):
     return instruct
 
 
-def stages(pipe, settings: InstructSettings, parts: list[str]) -> tuple:
-    """(describe, steps, runs) of `denoiser_progress` for one edit: with SaaS and several parts,
-    plain sampling (the comparison) runs first, then SaaS; otherwise one run."""
+def stages(pipe, settings: InstructSettings, parts: list[str], drawing: bool = False) -> tuple:
+    """(describe, steps, runs) of `denoiser_progress` for one edit (or, `drawing`, one generation
+    from a prompt of parts): with SaaS and several parts, plain sampling (the comparison) runs
+    first, then SaaS; otherwise one run."""
     from pipelines import models
 
     steps = settings.steps or models.generation_defaults(pipe)["steps"]
     runs = 2 if settings.saas and len(parts) > 1 else 1
-    names = ("plain editing, for comparison", "editing with SaaS") if runs == 2 else ("editing",)
+    verb = "generating" if drawing else "editing"
+    names = (f"plain {verb}, for comparison", f"{verb} with SaaS") if runs == 2 else (verb,)
 
     def describe(run: int, step: int) -> str:
         return f"{names[run]}: step {step}/{steps}"
@@ -136,14 +152,17 @@ def stages(pipe, settings: InstructSettings, parts: list[str]) -> tuple:
 
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
-    from pipelines.instruct import SUPPORTED
+    from pipelines.instruct import SUPPORTED, T2I_SUPPORTED
 
     with gr.Tab("Instruction edit", id=TASK):
         gr.Markdown("Write several changes in one instruction, separated by commas, and press **Edit**: **SaaS** "
-                    "(self-adaptive attention scaling) boosts the parts plain editing leaves out; both results, same seed.")
+                    "(self-adaptive attention scaling) boosts the parts plain editing leaves out; both results, same "
+                    "seed. With a text-to-image model (e.g. `builtin`) the instruction is a prompt of parts to draw, "
+                    "no image needed.")
         with gr.Row():
             with gr.Column(scale=1):
-                model = model_menu(ctx, SUPPORTED, "Instruction edit", choices=ctx.edit_model_choices, elem_id="in-model")
+                model = model_menu(ctx, SUPPORTED + T2I_SUPPORTED, "Instruction edit", choices=ctx.edit_model_choices,
+                                   elem_id="in-model")
                 image = gr.Image(label="Image to edit", type="pil", sources=["upload", "clipboard"], height=220,
                                  elem_id="in-image", elem_classes=PIXEL_RESULT)
                 instruction = gr.Textbox(label="Instruction (parts separated by commas)", lines=2, elem_id="in-text",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -22,6 +24,11 @@ class StableDiffusion(Backbone):
 
     def matches(self, denoiser) -> bool:
         return isinstance(denoiser, UNet2DConditionModel) and denoiser.config.addition_embed_type != "text_time"
+
+    def size_multiple(self, pipe) -> int:
+        # diffusers' Stable Diffusion pipelines refuse sides that are not multiples of 8, whatever
+        # the VAE's factor (the built-in model's is 4)
+        return math.lcm(self.vae_factor(pipe), 8)
 
     def grid_multiple(self, pipe) -> int:
         # every down-sampling halves the grid: the deepest level must still be whole
