@@ -142,16 +142,20 @@ def _resolve(pipe, settings: InstructSettings) -> dict:
 
 
 @models.one_call_at_a_time
-def _sample(pipe, image: Image.Image, instruction: str, seed: int, run: dict, controller=None) -> Image.Image:
+def _call(pipe, controller=None, **kwargs) -> Image.Image:
+    """One image from the pipeline, with `controller` attached to its denoiser for this call only."""
     from attention_processors.core import attach
 
-    generator = torch.Generator().manual_seed(seed)
-    kwargs = dict(prompt=instruction, image=image, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
-                  image_guidance_scale=run["image_guidance"], generator=generator, output_type="pil")
     if controller is None:
-        return pipe(**kwargs).images[0]
+        return pipe(**kwargs, output_type="pil").images[0]
     with attach(models.denoiser(pipe), controller):
-        return pipe(**kwargs).images[0]
+        return pipe(**kwargs, output_type="pil").images[0]
+
+
+def _sample(pipe, image: Image.Image, instruction: str, seed: int, run: dict, controller=None) -> Image.Image:
+    return _call(pipe, controller, prompt=instruction, image=image, num_inference_steps=run["steps"],
+                 guidance_scale=run["guidance"], image_guidance_scale=run["image_guidance"],
+                 generator=torch.Generator().manual_seed(seed))
 
 
 def edit_by_instruction(
@@ -214,17 +218,10 @@ def edit_by_instruction(
                           masks=masks, gains=gains, params=params, notes=notes)
 
 
-@models.one_call_at_a_time
 def _generate(pipe, prompt: str, seed: int, run: dict, controller=None) -> Image.Image:
-    from attention_processors.core import attach
-
-    kwargs = dict(prompt=prompt, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
-                  height=run["height"], width=run["width"], generator=torch.Generator().manual_seed(seed),
-                  output_type="pil", **backbones.of(pipe).call_defaults(pipe))
-    if controller is None:
-        return pipe(**kwargs).images[0]
-    with attach(models.denoiser(pipe), controller):
-        return pipe(**kwargs).images[0]
+    return _call(pipe, controller, prompt=prompt, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+                 height=run["height"], width=run["width"], generator=torch.Generator().manual_seed(seed),
+                 **backbones.of(pipe).call_defaults(pipe))
 
 
 def generate_by_parts(

@@ -241,15 +241,31 @@ def out_of_memory_error(message: str, where: str = "") -> gr.Error:
     return gr.Error(message, title="Out of memory", print_exception=False)
 
 
+def _for_visitor(error: Exception, where: str) -> gr.Error | str | None:
+    """What a visitor sees for `error` raised in handler `where`: a `gr.Error` to raise at once, an
+    out-of-memory sentence (raised by the caller outside its except block, once memory is
+    freed), or None for a bug (re-raised as it is)."""
+    from pipelines.errors import out_of_memory_message
+    from pipelines.io import out_of_room
+
+    if isinstance(error, UserInputError):
+        return user_error(error, where)
+    if isinstance(error, Stopped):
+        return stopped_error(error, where)
+    if out_of_room(error):
+        return user_error(DISK_FULL, where)
+    return out_of_memory_message(error)
+
+
 def user_errors_as_gradio(fn):
     """Turn `UserInputError` into `gr.Error` so the person sees the sentence, not a traceback
-    (logged as one line), a task stopped on request (`Stopped`) into a "Stopped" notice, and
+    (logged as one line), a task stopped on request (`Stopped`) into a "Stopped" notice,
     running out of GPU or CPU memory into one sentence saying what to lower, after freeing what
     the failed call held (so the server goes on serving), and a full disk while writing a result
     into one sentence (every earlier result is intact: files are written atomically).  Works for
-    plain and generator handlers."""
-    from pipelines.errors import out_of_memory_message, release_memory
-    from pipelines.io import out_of_room
+    plain and generator handlers.  The out-of-memory error is raised outside the except block,
+    so that nothing refers to the failed call's frames (and the tensors they hold)."""
+    from pipelines.errors import release_memory
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -257,18 +273,14 @@ def user_errors_as_gradio(fn):
             try:
                 yield from fn(*args, **kwargs)
                 return
-            except UserInputError as error:
-                raise user_error(error, fn.__name__) from None
-            except Stopped as stopped:
-                raise stopped_error(stopped, fn.__name__) from None
             except Exception as error:
-                if out_of_room(error):
-                    raise user_error(DISK_FULL, fn.__name__) from None
-                if (message := out_of_memory_message(error)) is None:
+                shown = _for_visitor(error, fn.__name__)
+                if shown is None:
                     raise
+                if isinstance(shown, gr.Error):
+                    raise shown from None
                 release_memory(error)
-            # raised outside the except block, so that nothing refers to the failed call's frames
-            raise out_of_memory_error(message, fn.__name__)
+            raise out_of_memory_error(shown, fn.__name__)
 
         return stream
 
@@ -276,18 +288,14 @@ def user_errors_as_gradio(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserInputError as error:
-            raise user_error(error, fn.__name__) from None
-        except Stopped as stopped:
-            raise stopped_error(stopped, fn.__name__) from None
         except Exception as error:
-            if out_of_room(error):
-                raise user_error(DISK_FULL, fn.__name__) from None
-            if (message := out_of_memory_message(error)) is None:
+            shown = _for_visitor(error, fn.__name__)
+            if shown is None:
                 raise
+            if isinstance(shown, gr.Error):
+                raise shown from None
             release_memory(error)
-        # raised outside the except block, so that nothing refers to the failed call's frames
-        raise out_of_memory_error(message, fn.__name__)
+        raise out_of_memory_error(shown, fn.__name__)
 
     return wrapper
 
