@@ -273,6 +273,12 @@ def test_the_tab_and_the_cli_draw_a_prompt_of_parts_with_a_text_to_image_model(t
     with pytest.raises(Exception) as caught:  # an edit model still needs its image
         handler("builtin-edit", None, "make the circle blue", 0, False, True, 3)
     assert "upload an image" in str(caught.value)
+    from ui.instruct_tab import follow_model  # the text box and the button say which mode the model is in
+
+    text, button = follow_model("builtin")
+    assert text["label"].startswith("Prompt of parts") and button["value"] == "Generate"
+    text, button = follow_model("builtin-edit")
+    assert text["label"].startswith("Instruction") and button["value"] == "Edit"
 
     proc = run_app("instruct", "--prompt", "a red circle and a blue square on a striped background", "--steps", "3",
                    "--output", "drawn.png", "--plain", "plain.png", cwd=tmp_path)

@@ -150,6 +150,22 @@ def stages(pipe, settings: InstructSettings, parts: list[str], drawing: bool = F
     return describe, steps, runs
 
 
+EDIT_TEXT = dict(label="Instruction (parts separated by commas)",
+                 placeholder="make the circle blue, and make the background beige")
+DRAW_TEXT = dict(label="Prompt of parts (separated by commas or 'and'; no image needed)",
+                 placeholder="a red circle and a blue square on a striped background")
+
+
+def follow_model(name: str | None):
+    """The text box's label and placeholder, and the button's name, for the chosen model: an
+    edit model edits the image by an instruction, a text-to-image model draws a prompt of parts."""
+    from pipelines import models
+    from pipelines.instruct import T2I_SUPPORTED
+
+    drawing = models.backbone_without_loading(name or "") in T2I_SUPPORTED
+    return gr.update(**(DRAW_TEXT if drawing else EDIT_TEXT)), gr.update(value="Generate" if drawing else "Edit")
+
+
 def build_tab(ctx: AppContext) -> dict:
     """Add the tab's components and events to the enclosing `gr.Blocks`; return the components."""
     from pipelines.instruct import SUPPORTED, T2I_SUPPORTED
@@ -165,8 +181,7 @@ def build_tab(ctx: AppContext) -> dict:
                                    elem_id="in-model")
                 image = gr.Image(label="Image to edit", type="pil", sources=["upload", "clipboard"], height=220,
                                  elem_id="in-image", elem_classes=PIXEL_RESULT)
-                instruction = gr.Textbox(label="Instruction (parts separated by commas)", lines=2, elem_id="in-text",
-                                         placeholder="make the circle blue, and make the background beige")
+                instruction = gr.Textbox(lines=2, elem_id="in-text", **EDIT_TEXT)
                 with gr.Row():
                     run = gr.Button("Edit", variant="primary", elem_id="in-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="in-stop")
@@ -209,6 +224,8 @@ def build_tab(ctx: AppContext) -> dict:
         reveal_after_success(event, seed_row)
         clear_error_badges(event, outputs)
         stop.click(stop_handler(ctx, TASK, f"{TASK}_stop"), None, stop_note, api_name=f"{TASK}_stop", queue=False)
+        model.change(follow_model, model, [instruction, run], queue=False, api_visibility="private",
+                     show_progress="hidden")
         reuse.click(lambda used, current: (current if used is None else used, False), [seed_used, seed],
                     [seed, randomize_seed], api_visibility="private", queue=False)
     return {"image": image, "instruction": instruction, "edited": edited, "plain": plain, "seed": seed}
