@@ -149,6 +149,24 @@ def test_a_stop_request_saves_the_step_and_the_run_resumes_identically(pipe, pho
     assert all(torch.equal(resumed.kv[k], straight.kv[k]) for k in straight.kv)
 
 
+def test_a_checkpoint_is_written_once_the_time_bound_passed_however_many_steps_that_is(pipe, photo, tmp_path,
+                                                                                           monkeypatch):
+    """A killed run loses at most about `checkpoint_seconds` of training: with a step every 30 s
+    (a fake clock) and the 60 s bound, checkpoints land every second step although the step
+    interval is 50; 0 turns the bound off."""
+    from pipelines.personalize import common
+
+    clock = iter(range(0, 10_000, 30))
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    opts = dict(_kwargs("disendiff"), steps=5, checkpoint_every=50)
+    saved = [info.step for info in Trainer(pipe, photo, "cat,dog", "disendiff", tmp_path / "a", **opts).run()
+             if info.note]
+    assert saved == [2, 4, 5]
+    saved = [info.step for info in Trainer(pipe, photo, "cat,dog", "disendiff", tmp_path / "b",
+                                           **dict(opts, checkpoint_seconds=0)).run() if info.note]
+    assert saved == [5]
+
+
 def test_disk_full_keeps_the_previous_checkpoint(pipe, photo, tmp_path, monkeypatch):
     trainer = Trainer(pipe, photo, "cat,dog", "disendiff", tmp_path, **dict(_kwargs("disendiff"), steps=4,
                                                                             checkpoint_every=2))

@@ -99,6 +99,10 @@ class PersonalizeSettings(Settings):
     sample_steps: int = setting(50, "sampling steps when generating", label="Sampling steps",
                                 minimum=1, maximum=MAX_SAMPLE_STEPS, step=1, flag="--steps")
     # ours
+    checkpoint_seconds: float = setting(60.0, "also write a checkpoint once this many seconds passed since the last "
+                                              "one, so that a killed run loses at most about that much training "
+                                              "(0: by steps only)", label="The checkpoint time bound", minimum=0,
+                                        maximum=86400)
     seed: int = setting(0, "training seed", label="The training seed", minimum=0, maximum=MAX_SEED)
     lora_rank: int = setting(0, "0: full-rank K/V (the papers'); above 0: a peft LoRA of this rank on them",
                              label="The LoRA rank", minimum=0, maximum=MAX_LORA_RANK, step=1)

@@ -34,6 +34,7 @@ import copy
 import hashlib
 import json
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -864,18 +865,27 @@ class Trainer:
 
         `stop` is asked after every step; when it answers True the run saves a checkpoint (so
         no step is lost and the same settings resume from here), reports `stopped=True` and ends.
+        Checkpoints are also written every `checkpoint_every` steps, once `checkpoint_seconds`
+        have passed since the last one (a killed run loses at most about that much training,
+        however slow a step is), and at the end.
         """
         self.start()
-        every = self.settings.checkpoint_every
+        every, seconds = self.settings.checkpoint_every, self.settings.checkpoint_seconds
+        saved_at = time.monotonic()
         while self.step < self.total_steps:
             step = self.step
             refresh = self.strategy.refresh_due(step)
             batches = [self.make_batch(step) for _ in range(self.settings.grad_accum)]
             info = self.optimizer_step(batches, refresh=refresh)
             info.stopped = self.step < self.total_steps and stop is not None and bool(stop())
-            if info.stopped or self.step % every == 0 or self.step == self.total_steps:
+            overdue = bool(seconds) and time.monotonic() - saved_at >= seconds
+            if seconds and self.accelerator.num_processes > 1:  # every process saves together, or none
+                flag = torch.tensor([float(overdue)], device=self.accelerator.device)
+                overdue = bool(self.accelerator.reduce(flag, "max").item())
+            if info.stopped or overdue or self.step % every == 0 or self.step == self.total_steps:
                 self.accelerator.wait_for_everyone()
                 self.save_checkpoint()
+                saved_at = time.monotonic()
                 info.note = f"checkpoint saved at step {self.step}"
             yield info
             if info.stopped:
