@@ -170,13 +170,16 @@ def _snapshot_learned(folder: Path, step: int, previous: str | None) -> str:
     import os
     import shutil
 
+    from pipelines.io import atomic_path
+
     source = folder / "learned.safetensors"
     target = folder / f"learned-step{step}.safetensors"
     target.unlink(missing_ok=True)
     try:
         os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+    except OSError:  # no hard links here: a copy, written atomically
+        with atomic_path(target, "the learned file's copy") as temp:
+            shutil.copyfile(source, temp)
     if previous and Path(previous).name.startswith("learned-step") and Path(previous) != target:
         Path(previous).unlink(missing_ok=True)
     return str(target)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import threading
 from pathlib import Path
 
 import gradio as gr
@@ -182,6 +180,7 @@ def make_handler(ctx: AppContext):
         """
         from pipelines.errors import UserInputError
         from pipelines.grounding import segment_image, segment_video
+        from pipelines.io import save_image
 
         if image is None and not video:
             raise UserInputError("Please upload an image or a video.")
@@ -212,13 +211,8 @@ def make_handler(ctx: AppContext):
             result = segment_image(pipe, image, expression, settings)
         run_dir = ctx.new_run_dir("segment", request, about=expression)
         written = result.save(run_dir / "mask.png", heatmap=run_dir / "heatmap.png")
-        token_dir = run_dir / "tokens"
-        token_files = []
-        for i, (picture, _) in enumerate(result.gallery()):
-            path = token_dir / f"{i:02d}.png"
-            token_dir.mkdir(exist_ok=True)
-            picture.save(path)
-            token_files.append(path)
+        token_files = [save_image(picture, run_dir / "tokens" / f"{i:02d}.png", None)[0]  # atomic, no sidecar
+                       for i, (picture, _) in enumerate(result.gallery())]
         files = [str(p) for p in written]
         if token_files:
             files.append(str(zip_files(token_files, run_dir / "token_maps.zip")))
