@@ -202,12 +202,7 @@ def edit_by_instruction(
         spans = clip_spans(pipe.tokenizer, instruction, split_instruction(instruction))
         controller = _controller(pipe, spans, roles, run["steps"], settings)
         edited = _sample(pipe, source, instruction, seed, run, controller)
-        for entry in controller.history:
-            # entry i holds the masks and gains measured at step i, which step i + 1 rescales with
-            if bool(entry["active"][0].any()):
-                recorded.append(int(entry["step"]) + 1)
-                masks.append(entry["masks"][0].numpy().astype(bool))
-                gains.append([float(g) for g in entry["gains"][0]])
+        recorded, masks, gains = _rescaled_steps(controller)
     else:
         edited = plain
         plain = None
@@ -269,11 +264,7 @@ def generate_by_parts(
         spans = clip_spans(pipe.tokenizer, prompt, split_instruction(prompt, split_and=True))
         controller = _controller(pipe, spans, roles, run["steps"], settings)
         edited = _generate(pipe, prompt, seed, run, controller)
-        for entry in controller.history:
-            if bool(entry["active"][0].any()):
-                recorded.append(int(entry["step"]) + 1)
-                masks.append(entry["masks"][0].numpy().astype(bool))
-                gains.append([float(g) for g in entry["gains"][0]])
+        recorded, masks, gains = _rescaled_steps(controller)
         if not compare:
             plain = None
     elif settings.saas:  # one part: every gain is 1, the stock path bit for bit; no second sampling
@@ -287,6 +278,18 @@ def generate_by_parts(
               "max_gain": settings.max_gain, "mask_threshold": settings.mask_threshold, "saas_steps": recorded}
     return InstructResult(source=None, edited=edited, plain=plain, instruction=prompt, parts=parts, seed=seed,
                           masks=masks, gains=gains, params=params, notes=notes)
+
+
+def _rescaled_steps(controller) -> tuple[list[int], list[np.ndarray], list[list[float]]]:
+    """(steps, masks, gains) of every step SaaS rescaled, from the controller's history: entry i
+    holds the masks and gains measured at step i, which step i + 1 rescales with."""
+    steps, masks, gains = [], [], []
+    for entry in controller.history:
+        if bool(entry["active"][0].any()):
+            steps.append(int(entry["step"]) + 1)
+            masks.append(entry["masks"][0].numpy().astype(bool))
+            gains.append([float(g) for g in entry["gains"][0]])
+    return steps, masks, gains
 
 
 def _controller(pipe, spans, roles, steps: int, settings: InstructSettings):

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import assert_user_error, launch_chromium, launched_app, require_browser, run_app  # noqa: E402
+from app_server import assert_user_error, browser_page, launched_app, require_browser, run_app  # noqa: E402
 
 from pipelines.builtin import world  # noqa: E402
 from pipelines.errors import UserInputError  # noqa: E402
@@ -354,36 +354,27 @@ def test_api_edits_with_the_builtin_edit_model_and_offers_no_text_to_image_tab_i
 @pytest.mark.timeout(600)
 def test_instruct_tab_in_a_real_browser(server):
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from ui import instruct_tab
 
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.get_by_role("tab", name="Instruction edit").click()
-            # the first example fills the image and the instruction
-            first = world.make_edit(instruct_tab.EXAMPLE_EDITS[0])
-            assert len(first.parts) == 2
-            page.get_by_text(first.instruction).first.click()
-            expect(page.locator("#in-text textarea")).to_have_value(first.instruction)
-            page.locator("#in-seed input").fill("6")
-            page.locator("#in-settings").get_by_text("Settings").click()
-            page.locator("#in-steps input").fill("4")
-            page.locator("#in-run").click()
-            for elem in ("in-edited", "in-plain"):
-                expect(page.locator(f"#{elem} img")).to_have_count(1, timeout=120_000)
-            expect(page.locator("#in-status")).to_contain_text("2 parts")
-            assert page.locator("#in-seed-used input").input_value() == "6"
-            expect(page.locator('#in-files a[href$="edited.png"]')).to_have_count(1)
-            # a bad instruction: one sentence, no result lost
-            page.locator("#in-text textarea").fill("make it blue, , and red")
-            page.locator("#in-run").click()
-            expect(page.get_by_text("Part 2 of the instruction is empty").first).to_be_visible(timeout=60_000)
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page(server.url, {"width": 1400, "height": 1000}) as page:  # fails on a page error
+        page.get_by_role("tab", name="Instruction edit").click()
+        # the first example fills the image and the instruction
+        first = world.make_edit(instruct_tab.EXAMPLE_EDITS[0])
+        assert len(first.parts) == 2
+        page.get_by_text(first.instruction).first.click()
+        expect(page.locator("#in-text textarea")).to_have_value(first.instruction)
+        page.locator("#in-seed input").fill("6")
+        page.locator("#in-settings").get_by_text("Settings").click()
+        page.locator("#in-steps input").fill("4")
+        page.locator("#in-run").click()
+        for elem in ("in-edited", "in-plain"):
+            expect(page.locator(f"#{elem} img")).to_have_count(1, timeout=120_000)
+        expect(page.locator("#in-status")).to_contain_text("2 parts")
+        assert page.locator("#in-seed-used input").input_value() == "6"
+        expect(page.locator('#in-files a[href$="edited.png"]')).to_have_count(1)
+        # a bad instruction: one sentence, no result lost
+        page.locator("#in-text textarea").fill("make it blue, , and red")
+        page.locator("#in-run").click()
+        expect(page.get_by_text("Part 2 of the instruction is empty").first).to_be_visible(timeout=60_000)

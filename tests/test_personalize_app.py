@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import assert_user_error, error_badges, launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import (assert_user_error, browser_page, error_badges, launch_chromium, launched_app,  # noqa: E402
+                        require_browser)
 from app_server import run_app as run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,30 +340,18 @@ def test_the_progress_bar_names_each_stage(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_the_tab_opens_with_its_examples_in_view(server):
-    """At 1400x900 the examples are on screen as the tab opens, and nothing is wider than the page."""
+    """At 1400x900 the examples' table fits its column (tests/test_browser_tabs.py checks that the
+    first example is on screen and nothing sticks out sideways, for every tab), and a refused
+    run leaves no "Error" badge."""
     require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(server.url)
-            page.get_by_role("tab", name="Personalize").click()
-            first = page.locator("#pz-examples tbody tr").first
-            first.wait_for(state="visible", timeout=30_000)
-            box = first.bounding_box()
-            assert box["y"] + box["height"] <= 900, box
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-            examples = page.locator("#pz-examples").bounding_box()
-            assert examples["x"] + examples["width"] <= 1400
-            table = page.evaluate("(() => { const t = document.querySelector('#pz-examples table');"
-                                  " return [t.scrollWidth, t.parentElement.clientWidth]; })()")
-            assert table[0] <= table[1], table  # the table fits its box: no sideways scrolling
-            # a refused run (no image) is one notice; no output keeps an "Error" badge
-            page.locator("#pz-train").click()
-            page.locator(".toast-title.error").first.wait_for(state="visible", timeout=30_000)
-            page.wait_for_timeout(1500)
-            assert error_badges(page) == 0
-        finally:
-            browser.close()
+    with browser_page(server.url) as page:
+        page.get_by_role("tab", name="Personalize").click()
+        page.locator("#pz-examples tbody tr").first.wait_for(state="visible", timeout=30_000)
+        table = page.evaluate("(() => { const t = document.querySelector('#pz-examples table');"
+                              " return [t.scrollWidth, t.parentElement.clientWidth]; })()")
+        assert table[0] <= table[1], table  # the table fits its box: no sideways scrolling
+        # a refused run (no image) is one notice; no output keeps an "Error" badge
+        page.locator("#pz-train").click()
+        page.locator(".toast-title.error").first.wait_for(state="visible", timeout=30_000)
+        page.wait_for_timeout(1500)
+        assert error_badges(page) == 0

@@ -241,11 +241,11 @@ def out_of_memory_error(message: str, where: str = "") -> gr.Error:
     return gr.Error(message, title="Out of memory", print_exception=False)
 
 
-def _for_visitor(error: Exception, where: str) -> gr.Error | str | None:
-    """What a visitor sees for `error` raised in handler `where`: a `gr.Error` to raise at once, an
-    out-of-memory sentence (raised by the caller outside its except block, once memory is
-    freed), or None for a bug (re-raised as it is)."""
-    from pipelines.errors import out_of_memory_message
+def _for_visitor(error: Exception, where: str) -> gr.Error | None:
+    """The `gr.Error` a visitor sees for `error` raised in handler `where`, or None for a bug
+    (re-raised as it is).  Called in the except block; the caller raises the answer after it,
+    so that nothing refers to the failed call's frames (and the tensors they hold)."""
+    from pipelines.errors import out_of_memory_message, release_memory
     from pipelines.io import out_of_room
 
     if isinstance(error, UserInputError):
@@ -254,7 +254,10 @@ def _for_visitor(error: Exception, where: str) -> gr.Error | str | None:
         return stopped_error(error, where)
     if out_of_room(error):
         return user_error(DISK_FULL, where)
-    return out_of_memory_message(error)
+    if (message := out_of_memory_message(error)) is None:
+        return None
+    release_memory(error)
+    return out_of_memory_error(message, where)
 
 
 def user_errors_as_gradio(fn):
@@ -263,9 +266,7 @@ def user_errors_as_gradio(fn):
     running out of GPU or CPU memory into one sentence saying what to lower, after freeing what
     the failed call held (so the server goes on serving), and a full disk while writing a result
     into one sentence (every earlier result is intact: files are written atomically).  Works for
-    plain and generator handlers.  The out-of-memory error is raised outside the except block,
-    so that nothing refers to the failed call's frames (and the tensors they hold)."""
-    from pipelines.errors import release_memory
+    plain and generator handlers; the visitor's error is raised outside the except block."""
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -274,13 +275,9 @@ def user_errors_as_gradio(fn):
                 yield from fn(*args, **kwargs)
                 return
             except Exception as error:
-                shown = _for_visitor(error, fn.__name__)
-                if shown is None:
+                if (shown := _for_visitor(error, fn.__name__)) is None:
                     raise
-                if isinstance(shown, gr.Error):
-                    raise shown from None
-                release_memory(error)
-            raise out_of_memory_error(shown, fn.__name__)
+            raise shown
 
         return stream
 
@@ -289,13 +286,9 @@ def user_errors_as_gradio(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as error:
-            shown = _for_visitor(error, fn.__name__)
-            if shown is None:
+            if (shown := _for_visitor(error, fn.__name__)) is None:
                 raise
-            if isinstance(shown, gr.Error):
-                raise shown from None
-            release_memory(error)
-        raise out_of_memory_error(shown, fn.__name__)
+        raise shown
 
     return wrapper
 
