@@ -302,6 +302,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _launch(blocks, args: argparse.Namespace) -> None:
+    from ui.common import SHORTCUTS_JS
+
     blocks.launch(
         server_name=args.host,
         server_port=args.port,
@@ -313,6 +315,7 @@ def _launch(blocks, args: argparse.Namespace) -> None:
         ssr_mode=False,
         show_error=True,
         css=app_css(),
+        js=SHORTCUTS_JS,  # Ctrl+Enter runs the visible tab, Escape stops it (ui/common.py)
     )
 
 

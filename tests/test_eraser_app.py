@@ -14,7 +14,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import browser_page, launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import browser_page, launched_app, require_browser  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 UPLOAD_LIMIT_MB = 0.2
@@ -109,48 +109,39 @@ def test_empty_mask_returns_the_input(client, files):
 
 def test_brush_a_stroke_remove_and_see_the_result(server, tmp_path):
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     rng = np.random.RandomState(1)
     Image.fromarray((rng.rand(128, 192, 3) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.get_by_role("tab", name="Remove object").click()
-            canvas_box = page.locator("#er-editor")
-            canvas_box.get_by_text("Upload an image").wait_for()
-            time.sleep(1)  # the editor finishes mounting after its placeholder appears
-            canvas_box.locator("input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
-            canvas_box.get_by_text("Upload an image").wait_for(state="hidden")
-            time.sleep(1)
-            box = canvas_box.locator("canvas").first.bounding_box()
-            x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2
-            page.mouse.move(x, y)
-            page.mouse.down()
-            for i in range(1, 21):
-                page.mouse.move(x + 6 * i, y + (i % 3), steps=2)
-            page.mouse.up()
-            # the dilated mask appears over the image while painting
-            page.locator("#er-mask-preview img").first.wait_for(state="visible", timeout=60_000)
-            page.locator("#er-advanced").click()
-            page.locator("#er-steps input[type=number]").fill("2")
-            page.locator("#er-run").click()
-            page.locator("#er-compare img").first.wait_for(state="visible", timeout=120_000)
-            page.locator("#er-results img").first.wait_for(state="visible", timeout=60_000)
-            expect(page.locator('#er-files a[href$="result.png"]')).to_have_count(1)
-            assert page.locator("#er-seed-used input").input_value() == "0"
-            # successive removals: the result becomes the input, and one step back is possible
-            page.locator("#er-use-result").click()
-            expect(page.locator("#er-history")).to_contain_text("1 earlier input")
-            page.locator("#er-step-back").click()
-            expect(page.locator("#er-history")).to_contain_text("empty")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page(server.url, viewport={"width": 1280, "height": 1000}) as page:
+        page.get_by_role("tab", name="Remove object").click()
+        canvas_box = page.locator("#er-editor")
+        canvas_box.get_by_text("Upload an image").wait_for()
+        time.sleep(1)  # the editor finishes mounting after its placeholder appears
+        canvas_box.locator("input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
+        canvas_box.get_by_text("Upload an image").wait_for(state="hidden")
+        time.sleep(1)
+        box = canvas_box.locator("canvas").first.bounding_box()
+        x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for i in range(1, 21):
+            page.mouse.move(x + 6 * i, y + (i % 3), steps=2)
+        page.mouse.up()
+        # the dilated mask appears over the image while painting
+        page.locator("#er-mask-preview img").first.wait_for(state="visible", timeout=60_000)
+        page.locator("#er-advanced").click()
+        page.locator("#er-steps input[type=number]").fill("2")
+        page.locator("#er-run").click()
+        page.locator("#er-compare img").first.wait_for(state="visible", timeout=120_000)
+        page.locator("#er-results img").first.wait_for(state="visible", timeout=60_000)
+        expect(page.locator('#er-files a[href$="result.png"]')).to_have_count(1)
+        assert page.locator("#er-seed-used input").input_value() == "0"
+        # successive removals: the result becomes the input, and one step back is possible
+        page.locator("#er-use-result").click()
+        expect(page.locator("#er-history")).to_contain_text("1 earlier input")
+        page.locator("#er-step-back").click()
+        expect(page.locator("#er-history")).to_contain_text("empty")
 
 
 # ----------------------------------------------------------------------- issue #18: what the user sees

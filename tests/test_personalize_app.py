@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import (assert_user_error, browser_page, error_badges, launch_chromium, launched_app,  # noqa: E402
+from app_server import (assert_user_error, browser_page, error_badges, launched_app,  # noqa: E402
                         require_browser)
 from app_server import run_app as run_cli  # noqa: E402
 
@@ -181,54 +181,45 @@ def test_the_cancel_endpoint_stops_a_run_at_a_step_and_loses_nothing(server, tmp
 @pytest.mark.timeout(300)
 def test_personalize_tab_in_a_real_browser(server, tmp_path):
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     photo = write_photo(tmp_path / "photo.png")
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.get_by_role("tab", name="Personalize").click()
-            page.locator("#pz-image input[type=file]").set_input_files(str(photo))
-            page.locator("#pz-steps input").fill("40")
-            page.locator("#pz-settings").get_by_text("Training settings").click()  # closed at first
-            page.locator("#pz-prior input").fill("1")
-            page.locator("#pz-train").click()
-            seen: set[str] = set()
-            map_sources: set[str] = set()
-            first_map = page.locator("#pz-maps img").first
-            deadline = time.monotonic() + 200
-            while time.monotonic() < deadline:
-                text = page.locator("#pz-status").inner_text()
-                if "Step" in text:
-                    seen.add(text.split("·")[0].strip())
-                if first_map.count():
-                    source = first_map.get_attribute("src")
-                    if source:
-                        map_sources.add(source)
-                if "Step 40/40" in text:
-                    break
-                time.sleep(0.05)
-            assert "Step 40/40" in text and "loss" in text, text
-            assert len(seen) >= 2, seen  # the loss line updated while training
-            assert len(map_sources) >= 2, map_sources  # and so did the attention maps
-            expect(page.locator("#pz-maps img")).to_have_count(4, timeout=30_000)
-            expect(page.locator('#pz-learned-out a[href$=".safetensors"]')).to_have_count(1)
-            page.locator("#pz-gen-steps input").fill("2")
-            expect(page.locator("#pz-seed-row")).to_be_hidden()  # no "Seed used 0" before a generation
-            page.locator("#pz-generate").click()
-            expect(page.locator("#pz-result img")).to_have_count(1, timeout=120_000)
-            expect(page.locator("#pz-seed-row")).to_be_visible()
-            assert page.locator("#pz-seed-used input").input_value() == "42"
-            page.locator("#pz-seed input").fill("-1")
-            page.locator("#pz-reuse-seed").click()
-            expect(page.locator("#pz-seed input")).to_have_value("42")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page(server.url, viewport={"width": 1280, "height": 1400}) as page:
+        page.get_by_role("tab", name="Personalize").click()
+        page.locator("#pz-image input[type=file]").set_input_files(str(photo))
+        page.locator("#pz-steps input").fill("40")
+        page.locator("#pz-settings").get_by_text("Training settings").click()  # closed at first
+        page.locator("#pz-prior input").fill("1")
+        page.locator("#pz-train").click()
+        seen: set[str] = set()
+        map_sources: set[str] = set()
+        first_map = page.locator("#pz-maps img").first
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            text = page.locator("#pz-status").inner_text()
+            if "Step" in text:
+                seen.add(text.split("·")[0].strip())
+            if first_map.count():
+                source = first_map.get_attribute("src")
+                if source:
+                    map_sources.add(source)
+            if "Step 40/40" in text:
+                break
+            time.sleep(0.05)
+        assert "Step 40/40" in text and "loss" in text, text
+        assert len(seen) >= 2, seen  # the loss line updated while training
+        assert len(map_sources) >= 2, map_sources  # and so did the attention maps
+        expect(page.locator("#pz-maps img")).to_have_count(4, timeout=30_000)
+        expect(page.locator('#pz-learned-out a[href$=".safetensors"]')).to_have_count(1)
+        page.locator("#pz-gen-steps input").fill("2")
+        expect(page.locator("#pz-seed-row")).to_be_hidden()  # no "Seed used 0" before a generation
+        page.locator("#pz-generate").click()
+        expect(page.locator("#pz-result img")).to_have_count(1, timeout=120_000)
+        expect(page.locator("#pz-seed-row")).to_be_visible()
+        assert page.locator("#pz-seed-used input").input_value() == "42"
+        page.locator("#pz-seed input").fill("-1")
+        page.locator("#pz-reuse-seed").click()
+        expect(page.locator("#pz-seed input")).to_have_value("42")
 
 
 @pytest.mark.timeout(300)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import built_tab, error_badges, launch_chromium, launched_app, require_browser  # noqa: E402
+from app_server import browser_page, built_tab, error_badges, launched_app, require_browser  # noqa: E402
 
 from pipelines.errors import UserInputError  # noqa: E402
 from pipelines.video_settings import VideoSettings  # noqa: E402
@@ -80,6 +80,30 @@ def test_every_long_job_has_a_stop_and_the_examples_say_what_they_do(tab):
     assert controls["ev-stop"].value == "Stop" and controls["ev-run"].value == "Edit"
     assert len(video_tab.EXAMPLE_LABELS) == len(video_tab.EXAMPLES)
     assert controls["ev-stop-note"].visible is False  # shown once Stop is pressed: no empty gap under the buttons
+
+
+def test_the_seed_used_row_shows_after_an_edit_and_reuses_its_seed(tmp_path):
+    """As on the other tabs: a hidden "Seed used" row, revealed by a successful edit (the edit
+    event's last output is its box), whose button puts the seed back into Advanced and opens it."""
+    from ui.common import AppContext, OutputStore
+
+    ctx = AppContext(default_model="tiny", outputs=OutputStore(tmp_path))
+    with gr.Blocks() as demo:
+        video_tab.build_tab(ctx)
+    by_elem = {block.elem_id: key for key, block in demo.blocks.items() if getattr(block, "elem_id", None)}
+    assert demo.blocks[by_elem["ev-seed-row"]].visible is False  # no "Seed used 0" before an edit
+    dependencies = demo.config["dependencies"]
+    edit = next(d for d in dependencies if d.get("api_name") == video_tab.TASK)
+    assert edit["outputs"][-1] == by_elem["ev-seed-used"]
+    # revealed only once the edit has succeeded (a refused or stopped edit leaves it hidden)
+    assert any(d["trigger_after"] == edit["id"] and d["trigger_only_on_success"]
+               and d["outputs"] == [by_elem["ev-seed-row"]] for d in dependencies)
+    reuse = next(d for d in dependencies if d["targets"] == [(by_elem["ev-reuse-seed"], "click")])
+    assert reuse["inputs"] == [by_elem["ev-seed-used"], by_elem["ev-seed"]]
+    assert reuse["outputs"] == [by_elem["ev-seed"], by_elem["ev-advanced"]]
+    seed, advanced = demo.fns[reuse["id"]].fn(1234, -1)
+    assert seed == 1234 and advanced.open is True
+    assert demo.fns[reuse["id"]].fn(None, 7)[0] == 7  # nothing used yet: the box keeps its value
 
 
 def test_the_edit_event_passes_each_control_to_its_own_parameter(tmp_path):
@@ -149,8 +173,9 @@ def test_the_word_menu_offers_the_edited_prompts_words():
 def test_an_edit_reports_every_stage_writes_its_files_and_reuses_the_cache(tab, clip):
     _, _, handler = tab
     calls = []
-    statuses, (summary, edited, side, heat, files) = _run(handler, clip, [["dog", 0, 0, 16, 16, 0],
-                                                                        ["dog", 16, 16, 32, 32, 3]], calls)
+    statuses, (summary, edited, side, heat, files, seed_used) = _run(handler, clip, [["dog", 0, 0, 16, 16, 0],
+                                                                                   ["dog", 16, 16, 32, 32, 3]],
+                                                                   calls)
     # the progress bar names each stage with its own count ("fine-tuning 1/2", "inverting the clip 2/2")
     assert list(dict.fromkeys(desc for _, desc, _ in calls)) == ["loading the model", "fine-tuning",
                                                                   "inverting the clip", "editing", "writing the clips"]
@@ -161,6 +186,7 @@ def test_an_edit_reports_every_stage_writes_its_files_and_reuses_the_cache(tab, 
     assert any("Inversion: step 2 of 2" in s for s in statuses)
     assert any("Editing: step 1 of 2" in s for s in statuses)
     assert "4 frames at 32x32" in summary and "fine tune" in summary and "Seed 33" in summary
+    assert seed_used == 33  # the "Seed used" box
     names = sorted(Path(f).name for f in files)
     assert names == ["edited.json", "edited.mp4", "edited_attn_0_dog.mp4", "edited_side_by_side.mp4"]
     assert Path(edited).name == "edited.mp4" and Path(side).name == "edited_side_by_side.mp4"
@@ -254,64 +280,62 @@ def test_the_examples_bind_words_of_their_prompts_inside_the_example_clip():
 def test_edit_video_tab_in_a_real_browser():
     """Pick the example, add a box with two clicks on the frame, edit, and get the clips."""
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with launched_app("--model", "tiny") as server, sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server.url)
-            page.get_by_role("tab", name="Edit video").click()
-            # as the tab opens at 1400x900, its examples are on screen and nothing is wider than the page
-            examples = page.locator("#ev-examples button")
-            expect(examples).to_have_count(len(video_tab.EXAMPLES))
-            for k in range(len(video_tab.EXAMPLES)):
-                box = examples.nth(k).bounding_box()
-                assert box["y"] + box["height"] <= 900 and box["x"] + box["width"] <= 1400, box
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-            # a refused edit (no clip) is one notice; no output keeps an "Error" badge
-            page.locator("#ev-run").click()
-            page.locator(".toast-title.error").first.wait_for(state="visible", timeout=30_000)
-            page.wait_for_timeout(1500)
-            assert error_badges(page) == 0
-            page.set_viewport_size({"width": 1400, "height": 1200})
-            examples.first.click()  # the first example
-            expect(page.locator("#ev-prompt textarea")).to_have_value("a blue square on a striped background")
-            expect(page.locator("#ev-frame img")).to_have_count(1, timeout=60_000)
-            expect(page.locator("#ev-box-note")).to_contain_text("square", timeout=60_000)
+    with launched_app("--model", "tiny") as server, browser_page(server.url) as page:
+        page.get_by_role("tab", name="Edit video").click()
+        # as the tab opens at 1400x900, its examples are on screen and nothing is wider than the page
+        examples = page.locator("#ev-examples button")
+        expect(examples).to_have_count(len(video_tab.EXAMPLES))
+        for k in range(len(video_tab.EXAMPLES)):
+            box = examples.nth(k).bounding_box()
+            assert box["y"] + box["height"] <= 900 and box["x"] + box["width"] <= 1400, box
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        # a refused edit (no clip) is one notice; no output keeps an "Error" badge
+        page.locator("#ev-run").click()
+        page.locator(".toast-title.error").first.wait_for(state="visible", timeout=30_000)
+        page.wait_for_timeout(1500)
+        assert error_badges(page) == 0
+        expect(page.locator("#ev-seed-row")).to_be_hidden()  # a refused edit used no seed
+        page.set_viewport_size({"width": 1400, "height": 1200})
+        examples.first.click()  # the first example
+        expect(page.locator("#ev-prompt textarea")).to_have_value("a blue square on a striped background")
+        expect(page.locator("#ev-frame img")).to_have_count(1, timeout=60_000)
+        expect(page.locator("#ev-box-note")).to_contain_text("square", timeout=60_000)
 
-            # two clicks on the frame add a row for the chosen word
-            page.locator("#ev-word input").click()
-            page.get_by_role("option", name="square", exact=True).click()
-            image = page.locator("#ev-frame img")
-            box = image.bounding_box()
-            image.click(position={"x": box["width"] * 0.1, "y": box["height"] * 0.1})
-            expect(page.locator("#ev-box-note")).to_contain_text("opposite corner", timeout=30_000)
-            image.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.3})
-            # the new box replaced the word's box on frame 0; frame 7's keyframe stays
-            expect(page.locator("#ev-box-note")).to_contain_text("keyframe", timeout=30_000)
-            expect(page.locator("#ev-boxes")).not_to_contain_text("29")
-            table = " ".join(page.locator("#ev-boxes").inner_text().split())
-            rows = re.findall(r"square (\d+) (\d+) (\d+) (\d+) (\d+)", table)
-            by_frame = {int(r[4]): tuple(map(int, r[:4])) for r in rows}
-            assert len(rows) == 2 and by_frame[7] == (19, 5, 46, 32), table
-            x1, y1, x2, y2 = by_frame[0]
-            assert 3 <= x1 < x2 <= 25 and 3 <= y1 < y2 <= 25, table  # clicked at 10 % and 30 % of 64 px
+        # two clicks on the frame add a row for the chosen word
+        page.locator("#ev-word input").click()
+        page.get_by_role("option", name="square", exact=True).click()
+        image = page.locator("#ev-frame img")
+        box = image.bounding_box()
+        image.click(position={"x": box["width"] * 0.1, "y": box["height"] * 0.1})
+        expect(page.locator("#ev-box-note")).to_contain_text("opposite corner", timeout=30_000)
+        image.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.3})
+        # the new box replaced the word's box on frame 0; frame 7's keyframe stays
+        expect(page.locator("#ev-box-note")).to_contain_text("keyframe", timeout=30_000)
+        expect(page.locator("#ev-boxes")).not_to_contain_text("29")
+        table = " ".join(page.locator("#ev-boxes").inner_text().split())
+        rows = re.findall(r"square (\d+) (\d+) (\d+) (\d+) (\d+)", table)
+        by_frame = {int(r[4]): tuple(map(int, r[:4])) for r in rows}
+        assert len(rows) == 2 and by_frame[7] == (19, 5, 46, 32), table
+        x1, y1, x2, y2 = by_frame[0]
+        assert 3 <= x1 < x2 <= 25 and 3 <= y1 < y2 <= 25, table  # clicked at 10 % and 30 % of 64 px
 
-            # a quick edit: 2 fine-tune and 2 sampling steps on the tiny model
-            page.locator("#ev-advanced").get_by_text("Advanced").first.click()
-            page.locator("#ev-tune-steps input").fill("2")
-            page.locator("#ev-steps input").fill("2")
-            page.locator("#ev-refine-iterations input[type=number]").fill("1")
-            page.locator("#ev-refine-iterations input[type=number]").press("Enter")
-            page.locator("#ev-run").click()
-            expect(page.locator("#ev-edited video")).to_have_count(1, timeout=300_000)
-            expect(page.locator("#ev-side video")).to_have_count(1)
-            expect(page.locator("#ev-status")).to_contain_text("8 frames at 64x64")
-            expect(page.locator('#ev-files a[href$="edited.mp4"]')).to_have_count(1)
-            expect(page.locator("#ev-attention .thumbnail-item")).to_have_count(1)
-            assert not errors, errors
-        finally:
-            browser.close()
+        # a quick edit: 2 fine-tune and 2 sampling steps on the tiny model
+        page.locator("#ev-advanced").get_by_text("Advanced").first.click()
+        page.locator("#ev-tune-steps input").fill("2")
+        page.locator("#ev-steps input").fill("2")
+        page.locator("#ev-refine-iterations input[type=number]").fill("1")
+        page.locator("#ev-refine-iterations input[type=number]").press("Enter")
+        page.locator("#ev-run").click()
+        expect(page.locator("#ev-edited video")).to_have_count(1, timeout=300_000)
+        expect(page.locator("#ev-side video")).to_have_count(1)
+        expect(page.locator("#ev-status")).to_contain_text("8 frames at 64x64")
+        expect(page.locator('#ev-files a[href$="edited.mp4"]')).to_have_count(1)
+        expect(page.locator("#ev-attention .thumbnail-item")).to_have_count(1)
+        # the seed the edit used (the settings' 33: the example leaves the seed as it is), and back
+        expect(page.locator("#ev-seed-row")).to_be_visible()
+        expect(page.locator("#ev-seed-used input")).to_have_value("33")
+        page.locator("#ev-seed input").fill("-1")
+        page.locator("#ev-reuse-seed").click()
+        expect(page.locator("#ev-seed input")).to_have_value("33")

@@ -1,5 +1,6 @@
 """Shared pieces of the Gradio app: the app context (with its results folder, ui/results.py and
-who owns each run), the server's limits, per-session Stop requests, error handling and the header."""
+who owns each run), the server's limits, per-session Stop requests, error handling, the header and
+the keyboard shortcuts."""
 
 from __future__ import annotations
 
@@ -433,6 +434,81 @@ def clear_error_badges(event, outputs: list) -> None:
     each of them (the error itself was shown once, as a notice)."""
     event.failure(lambda: tuple(gr.skip() for _ in outputs) if len(outputs) > 1 else gr.skip(), None, outputs,
                   queue=False, api_visibility="private", show_progress="hidden")
+
+
+#: Keyboard shortcuts, passed to `launch(js=...)` once for the whole app (app.py), as in Stable
+#: Diffusion web UIs and IOPaint: Ctrl+Enter (Cmd+Enter on a Mac) presses the visible tab's
+#: primary button, Escape presses its Stop button while one of its jobs runs.  The buttons are
+#: found by their variant's class (`button.primary` / `button.stop`, the app's own buttons all
+#: have an elem_id), not by id, so that a new tab gets the shortcuts without editing this.
+#: Gradio mounts only the selected tab, so the tooltips naming the keys are added by an observer.
+SHORTCUTS_JS = r"""
+() => {
+  const MAC = /Mac|iPhone|iPad/.test(navigator.platform || navigator.userAgent);
+  const RUN_KEYS = MAC ? "\u2318+Enter" : "Ctrl+Enter";
+  const PRIMARY = "button.primary[id]", STOP = "button.stop[id]";
+  // display:none on any ancestor (a hidden tab, row or component) leaves an element no boxes
+  const shown = (el) => el.getClientRects().length > 0;
+  const usable = (button) => shown(button) && !button.disabled;
+  const visibleTab = () => [...document.querySelectorAll(".tabitem")].find(shown) || document.body;
+  // A tab with two jobs (Personalize: Train and Generate) has two primary and two Stop buttons:
+  // the one nearest to `from` (the focused field, or the button that started the run) is meant.
+  const nearest = (from, buttons) => {
+    for (let node = from; node; node = node.parentElement) {
+      const found = buttons.find((button) => node.contains(button));
+      if (found) return found;
+    }
+    return buttons[0];
+  };
+  // a job of the tab runs while one of its outputs shows Gradio's progress (an error shows
+  // there too, with an "Error" badge, but nothing runs then)
+  const running = (tab) => [...tab.querySelectorAll('[data-testid="status-tracker"]')]
+    .some((tracker) => !tracker.classList.contains("hide") && !tracker.querySelector(".error"));
+  let started = null;  // the primary button pressed last, by mouse or by the shortcut
+  document.addEventListener("click", (event) => {
+    const button = event.target instanceof Element && event.target.closest(PRIMARY);
+    if (button) started = button;
+  }, true);
+  // capture phase: before a single-line textbox's own Enter handler, which would submit too
+  window.addEventListener("keydown", (event) => {
+    if (event.isComposing || event.repeat || event.altKey || event.shiftKey) return;
+    const tab = visibleTab();
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      const buttons = [...tab.querySelectorAll(PRIMARY)].filter(usable);
+      if (!buttons.length) return;
+      event.preventDefault();
+      event.stopPropagation();
+      nearest(document.activeElement, buttons).click();
+    } else if (event.key === "Escape" && !event.ctrlKey && !event.metaKey) {
+      // Escape closes an open menu first; with nothing running it is left to the page
+      if (document.activeElement && document.activeElement.closest('[aria-expanded="true"]')) return;
+      const stops = [...tab.querySelectorAll(STOP)].filter(usable);
+      if (!stops.length || !running(tab)) return;
+      event.preventDefault();
+      nearest(started && tab.contains(started) ? started : document.activeElement, stops).click();
+    }
+  }, true);
+  // the keys in each button's tooltip, and for screen readers
+  const label = () => {
+    for (const button of document.querySelectorAll(`${PRIMARY}:not([aria-keyshortcuts])`)) {
+      button.title = `${button.title ? button.title + " " : ""}(${RUN_KEYS})`;
+      button.setAttribute("aria-keyshortcuts", "Control+Enter Meta+Enter");
+    }
+    for (const button of document.querySelectorAll(`${STOP}:not([aria-keyshortcuts])`)) {
+      button.title = `${button.title ? button.title + " " : ""}(Esc while it runs)`;
+      button.setAttribute("aria-keyshortcuts", "Escape");
+    }
+  };
+  let queued = false;  // one pass per frame however many nodes Gradio adds (progress updates)
+  new MutationObserver(() => {
+    if (!queued) {
+      queued = true;
+      requestAnimationFrame(() => { queued = false; label(); });
+    }
+  }).observe(document.body, { childList: true, subtree: true });
+  label();
+}
+"""
 
 
 #: The app's two header lines: a title and what the tabs do

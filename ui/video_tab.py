@@ -39,6 +39,8 @@ from ui.common import (
     AppContext,
     clear_error_badges,
     model_menu,
+    reveal_after_success,
+    seed_used_row,
     stop_handler,
     stoppable,
     user_errors_as_gradio,
@@ -378,7 +380,7 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         one word are keyframes, interpolated); preserve_background is IRJS; the other parameters are
         VideoSettings fields (height, width, tune_frames 0: the source's / the whole clip; seed -1:
         random).  Yields the progress of every stage; returns the status, the edited clip, the
-        side-by-side, the heatmap videos and the files.
+        side-by-side, the heatmap videos, the files and the seed used (the one drawn for -1).
         """
         from pipelines.video import edit_video as run_edit
 
@@ -394,7 +396,7 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
         seen: dict = {}
-        skip = (gr.skip(),) * 4
+        skip = (gr.skip(),) * 5  # every output but the status, until the edit is done
 
         with stoppable(ctx, request, TASK) as flag:
             def work():
@@ -437,9 +439,9 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         summary = [_status(seen, settings, done=True),
                    f"\n{len(result.frames)} frames at {result.params['size'][0]}x{result.params['size'][1]}, "
                    + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in timings.items())
-                   + f". Seed {settings.seed} (type it in Advanced to repeat this edit)."]
+                   + f". Seed {settings.seed} (*Reuse this seed* puts it in Advanced to repeat this edit)."]
         summary += [f"\n*{note}*" for note in result.notes]
-        yield "\n".join(summary), str(edited), str(side), heat, [str(p) for p in written]
+        yield "\n".join(summary), str(edited), str(side), heat, [str(p) for p in written], settings.seed
 
     return edit_video
 
@@ -486,7 +488,7 @@ def build_tab(ctx: AppContext) -> dict:
                 stop_note = gr.Markdown(visible=False, elem_id="ev-stop-note")  # shown once Stop is pressed
                 # the examples go here, under the buttons (filled below, once the settings exist)
                 examples_slot = gr.Column()
-                with gr.Accordion("Advanced (the paper's settings)", open=False, elem_id="ev-advanced"):
+                with gr.Accordion("Advanced (the paper's settings)", open=False, elem_id="ev-advanced") as advanced:
                     controls = _advanced_controls()
             with gr.Column(scale=1):
                 frame = gr.Image(label="Frame (click two opposite corners to add a box)", type="pil", format="png",
@@ -505,6 +507,7 @@ def build_tab(ctx: AppContext) -> dict:
                 corner = gr.State(None)
             with gr.Column(scale=1):
                 edited = gr.Video(label="Edited clip", interactive=False, height=320, elem_id="ev-edited")
+                seed_row, seed_used, reuse = seed_used_row("ev")
                 status = gr.Markdown(elem_id="ev-status")
                 side = gr.Video(label="Source | edit", interactive=False, elem_id="ev-side")
                 heat = gr.Gallery(label="Attention of each bound word", columns=2, elem_id="ev-attention")
@@ -522,8 +525,14 @@ def build_tab(ctx: AppContext) -> dict:
         handler = make_handler(ctx)
         controls["preserve_background"] = preserve_background
         inputs = [model, video, source_prompt, prompt, boxes, *(controls[name] for name in setting_parameters(handler))]
-        outputs = [status, edited, side, heat, files]
-        clear_error_badges(run.click(handler, inputs, outputs, api_name=TASK, **GPU_CONCURRENCY), outputs)
+        outputs = [status, edited, side, heat, files, seed_used]
+        edit = run.click(handler, inputs, outputs, api_name=TASK, **GPU_CONCURRENCY)
+        clear_error_badges(edit, outputs)
+        reveal_after_success(edit, seed_row)
+        # the seed box is in the closed Advanced section: open it, so that the change is seen
+        reuse.click(lambda used, current: (current if used is None else used, gr.Accordion(open=True)),
+                    [seed_used, controls["seed"]], [controls["seed"], advanced], api_visibility="private",
+                    queue=False)
         stop.click(stop_handler(ctx, TASK, f"{TASK}_stop"), None, stop_note, api_name=f"{TASK}_stop", queue=False) \
             .then(lambda: gr.update(visible=True), None, stop_note, queue=False, api_visibility="private",
                   show_progress="hidden")
