@@ -1,15 +1,18 @@
-"""benchmarks/run.py instruct: one SaaS instruction edit vs the plain InstructPix2Pix call.
+"""benchmarks/run.py instruct: one SaaS instruction edit vs the plain call of the same model.
 
 Both arms edit the same image with the same 3-part instruction, seed, steps and guidance scales
-(`pipelines.instruct._sample`, the task's own sampling call); the method attaches the SaaS
-controller (capture on the first 40 % of the steps, rescale from step 1 on) to the cross-attention
-layers `attention_processors.saas.sd_layers` picks.  Goal: ratio <= 1.03 (the paper reports
-1.074x on OmniGen).
+through the task's own sampling call (`pipelines.instruct.edit_for(pipe).sample`): the method
+with SaaS as the task runs it on that backbone (InstructPix2Pix: capture on the first 40 % of the
+steps, rescale from step 1 on, in the cross-attention layers `attention_processors.saas.sd_layers`
+picks; OmniGen: the paper's layers and window), the baseline without.  Goal:
+ratio <= 1.03 (the paper reports 1.074x on OmniGen).
 
-Models: an InstructPix2Pix model is needed.  `--model tiny` (run.py's default) is the tiny SD
+Models: an instruction-edit model is needed.  `--model tiny` (run.py's default) is the tiny SD
 stand-in with an 8-channel UNet of seeded random weights (`tiny_ip2p`); `--model builtin-edit`
-is our trained edit model (64 px); `--model ip2p-random` is the SD 1.5 architecture with an 8-channel UNet (InstructPix2Pix's) and
-seeded random weights, at 512 px: real-size speed without downloading anything.
+is our trained edit model (64 px); `--model tiny-omnigen` is the tiny random-weight OmniGen
+pipeline; `--model ip2p-random` is the SD 1.5
+architecture with an 8-channel UNet (InstructPix2Pix's) and seeded random weights, at 512 px:
+real-size speed without downloading anything.
 """
 
 from __future__ import annotations
@@ -57,10 +60,8 @@ def with_ip2p_unet(base):
 
 def prepare(args):
     """Method: the SaaS edit.  Baseline: the same `_sample` call without the controller."""
-    from attention_processors.saas import clip_spans, split_instruction
-    from pipelines import backbones
     from pipelines.builtin import world
-    from pipelines.instruct import INSTRUCT, _controller, _resolve, _sample, working_size
+    from pipelines.instruct import INSTRUCT, edit_for, edit_run, working_size
 
     if args.model == "tiny":
         pipe = tiny_ip2p(args.device, args.dtype)
@@ -72,14 +73,14 @@ def prepare(args):
     width, height = working_size(pipe, size, size)
     source = Image.fromarray(world.make_scene(1_000_001).render(max(width, height))).resize((width, height))
     settings = INSTRUCT.replace(steps=args.steps).validated()
-    run = _resolve(pipe, settings)
-    roles = backbones.of(pipe).row_roles(pipe, run["guidance"], run["image_guidance"])
-    spans = clip_spans(pipe.tokenizer, INSTRUCTION, split_instruction(INSTRUCTION))
+    edit = edit_for(pipe)
+    run = edit_run(pipe, settings)
+    call = edit.prepare(pipe, source, INSTRUCTION, run)
 
     def saas():
-        _sample(pipe, source, INSTRUCTION, SEED, run, _controller(pipe, spans, roles, run["steps"], settings))
+        edit.sample(pipe, call, SEED, run, settings)
 
     def baseline():
-        _sample(pipe, source, INSTRUCTION, SEED, run)
+        edit.sample(pipe, call, SEED, run)
 
     return saas, baseline, {}

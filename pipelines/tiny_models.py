@@ -5,11 +5,18 @@ built right after seeding, without disturbing the caller's RNG), small enough th
 64 px take well under a second on a CPU.  They exist for tests, CI and trying the UI without
 downloads; their images are noise.  `tiny` (SD 1.x UNet), `tiny-sdxl`, `tiny-pixart` (PixArt-alpha
 DiT), `tiny-sd3` (MMDiT), `tiny-flux` (dual + single stream); `tiny-sd2` (v-prediction, linear
-projections) is built for tests but not offered in the UI.
+projections) is built for tests but not offered in the UI.  `tiny-omnigen` is a real diffusers
+`OmniGenPipeline` (the SaaS paper's backbone) for the Instruction edit task only, so it is not in
+`TINY_MODELS`, whose names every text-to-image tab offers.
 
-Their text side: CLIP tokenizers rebuilt offline from OpenAI's BPE file (exact SD ids), and our own
-small T5-style vocabulary (see pipelines/tokenizers.py).  `pipelines.models.load("tiny")` caches
-them like any other model.
+Their text side: CLIP tokenizers rebuilt offline from OpenAI's BPE file (exact SD ids), our own
+small T5-style vocabulary, and for `tiny-omnigen` our own small Llama-style BPE vocabulary with
+Phi-3's BOS and chat-template special tokens (see pipelines/tokenizers.py; OmniGen's real Phi-3
+tokenizer is not available offline).  `pipelines.models.load("tiny")` caches them like any other
+model.
+
+`omnigen_v1_pipeline()` assembles a random-weight OmniGen of v1's full size (the tiny tokenizer and
+VAE around the full transformer) for timing SaaS on a GPU; the tests never build it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    OmniGenPipeline,
     OmniGenTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
@@ -49,10 +57,18 @@ from transformers import (
 from pipelines import backbones
 from pipelines.backbones.sd import NOISE_SCHEDULE as SD_NOISE_SCHEDULE
 from pipelines.errors import UserInputError
-from pipelines.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, t5_tokenizer, t5_vocab_size
+from pipelines.tokenizers import (
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    OMNIGEN_TINY_VOCAB_LIMIT,
+    clip_tokenizer,
+    omnigen_tokenizer,
+    t5_tokenizer,
+    t5_vocab_size,
+)
 
 __all__ = ["TINY_MODELS", "TINY_BACKBONE", "build_tiny", "build_tiny_as", "clip_text_config", "is_tiny", "omnigen_v1_config",
-           "omnigen_v1_transformer", "save_tiny", "tiny_omnigen_transformer", "tiny_t5"]
+           "omnigen_v1_pipeline", "omnigen_v1_transformer", "save_tiny", "tiny_omnigen_transformer", "tiny_t5"]
 
 TINY_MODELS: tuple[str, ...] = ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
 TINY_BACKBONE = {
@@ -62,6 +78,7 @@ TINY_BACKBONE = {
     "tiny-sd3": backbones.SD3,
     "tiny-flux": backbones.FLUX,
     "tiny-sd2": backbones.SD,
+    "tiny-omnigen": backbones.OMNIGEN,
 }
 
 # Every tiny component is built right after seeding with this value, so the weights do not
@@ -386,11 +403,10 @@ def _build_tiny_flux() -> FluxPipeline:
 
 
 def tiny_omnigen_transformer(num_layers: int = 4) -> OmniGenTransformer2DModel:
-    """A seeded random-weight OmniGen transformer (transformer level only: OmniGen's Phi-3
-    tokenizer is not available offline, so there is no tiny OmniGen pipeline and it is not in
-    TINY_MODELS).  Phi-3-style layers ``layers.{i}.self_attn`` with 4 heads of 8, SuScaled RoPE
-    (all-ones factors), patch 2, a 1,000-token vocabulary; latents up to 32x32 (256 px).  For the
-    SaaS attention tests (attention_processors/saas.py)."""
+    """A seeded random-weight OmniGen transformer: Phi-3-style layers ``layers.{i}.self_attn`` with
+    4 heads of 8, SuScaled RoPE (all-ones factors), patch 2, a 1,000-token vocabulary (room for the
+    tiny tokenizer's ids); latents up to 32x32 (256 px).  The denoiser of `tiny-omnigen`, and on its
+    own the SaaS attention tests' model (attention_processors/saas.py)."""
     head_dim = 8
     with _seeded():
         return OmniGenTransformer2DModel(
@@ -402,11 +418,36 @@ def tiny_omnigen_transformer(num_layers: int = 4) -> OmniGenTransformer2DModel:
             intermediate_size=64,
             num_layers=num_layers,
             pad_token_id=0,
-            vocab_size=1000,
+            vocab_size=OMNIGEN_TINY_VOCAB_LIMIT,
             rope_scaling={"short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0] * (head_dim // 2)},
             pos_embed_max_size=16,
             time_step_dim=32,
         ).eval()
+
+
+def _omnigen_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # OmniGen v1's scheduler config is diffusers' defaults (1,000 training steps, shift 1); the
+    # pipeline passes its own sigmas, linspace(1, 0) over the steps.
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+
+
+#: `tiny-omnigen`'s native side: 64 px, like the other tiny models (OmniGenPipeline's own default
+#: is 1024 px, `default_sample_size` 128 latents)
+_TINY_OMNIGEN_SAMPLE_SIZE = 8
+
+
+def _build_tiny_omnigen() -> OmniGenPipeline:
+    # OmniGen v1's VAE is SDXL's (scaling 0.13025, 4 latent channels, /8).  `default_sample_size`
+    # is a plain attribute of the pipeline, not saved with it: a saved and reloaded copy has
+    # OmniGen's 1024 px default again.
+    pipe = OmniGenPipeline(
+        transformer=tiny_omnigen_transformer(),
+        scheduler=_omnigen_scheduler(),
+        vae=_tiny_vae(scaling_factor=0.13025),
+        tokenizer=omnigen_tokenizer(),
+    )
+    pipe.default_sample_size = _TINY_OMNIGEN_SAMPLE_SIZE
+    return pipe
 
 
 def omnigen_v1_config() -> dict:
@@ -431,6 +472,20 @@ def omnigen_v1_transformer(dtype: torch.dtype = torch.bfloat16, device: str | to
         return OmniGenTransformer2DModel(**omnigen_v1_config()).to(dtype=dtype).eval()
 
 
+def omnigen_v1_pipeline(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> OmniGenPipeline:
+    """An `OmniGenPipeline` around `omnigen_v1_transformer()` for timing SaaS at the paper's 512 px
+    (`pipelines.instruct.edit_by_instruction` runs on it).  Its tokenizer and VAE are the tiny
+    ones: the tiny vocabulary's ids are valid inputs of v1's 32,064-entry table, and the VAE's cost
+    is small beside 50 transformer steps; its images are noise.  Never built by the tests."""
+    pipe = OmniGenPipeline(
+        transformer=omnigen_v1_transformer(dtype, device),
+        scheduler=_omnigen_scheduler(),
+        vae=_tiny_vae(scaling_factor=0.13025).to(device=device, dtype=dtype),
+        tokenizer=omnigen_tokenizer(),
+    )
+    return pipe
+
+
 _TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny": _build_tiny_sd,
     "tiny-sdxl": _build_tiny_sdxl,
@@ -438,6 +493,7 @@ _TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd3": _build_tiny_sd3,
     "tiny-flux": _build_tiny_flux,
     "tiny-sd2": _build_tiny_sd2,
+    "tiny-omnigen": _build_tiny_omnigen,
 }
 
 

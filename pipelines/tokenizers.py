@@ -16,6 +16,14 @@ nothing to do with the 32k vocabulary of the real T5 checkpoints, which always b
 tokenizer files.  It follows T5's conventions so code written against real T5 works unchanged:
 `<pad>`=0, `</s>`=1, `<unk>`=2, pieces starting a word carry the "▁" marker, and the Metaspace
 pre-tokenizer gives offset mappings that map pieces back to words.
+
+OmniGen: `omnigen_tokenizer()` builds a small Llama-style BPE tokenizer in memory for the tiny
+OmniGen pipeline (`tiny-omnigen`).  Its vocabulary is OURS too (a few hundred pieces, not
+Phi-3's 32k): real OmniGen checkpoints bring their own.  It behaves as Phi-3's tokenizer does where
+OmniGen's multimodal processor and SaaS's spans depend on it: `transformers.LlamaTokenizer`
+(byte-level fallback, "▁" word markers, offset mappings), `<unk>`=0, `<s>`=1 added at the start of
+every text, and the chat template's `<|user|>`, `<|end|>`, `<|assistant|>` (and `<|endoftext|>`,
+end and padding) as special tokens; `<|diffusion|>` is plain text, as in Phi-3.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import gzip
 import string
 from pathlib import Path
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, LlamaTokenizer, T5Tokenizer
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 CLIP_BPE_PATH = ASSETS_DIR / "bpe_simple_vocab_16e6.txt.gz"
@@ -176,3 +184,59 @@ def check_fits(tokenizer, text: str, max_length: int, what: str = "prompt") -> i
         raise UserInputError(f"The {what} is {count} tokens long, but this model reads at most {max_length} "
                              f"(special tokens included); shorten it.")
     return count
+
+
+# Whole-word pieces of the tiny OmniGen vocabulary: the chat template's words, the words of
+# OmniGen's default negative prompt (so its row stays short), the SaaS paper's example edit and
+# the shapes world's edits (pipelines/builtin/world.py).  Any other text still encodes, letter by
+# letter or, outside printable ASCII, byte by byte.
+_OMNIGEN_WORDS = """
+an image according to the following instructions
+low quality jpeg artifacts ugly duplicate morbid mutilated extra fingers mutated hands poorly drawn
+face mutation deformed blurry dehydrated bad anatomy proportions limbs cloned disfigured gross
+malformed missing arms legs fused too many
+make add remove it into with of in on to the a and
+bike rusty graffiti wall weather rainy
+red orange yellow green blue purple pink brown black white gray beige
+circle square triangle shape background striped checkered gradient
+""".split()
+# Pieces that follow no space: the chat template's markup that is not a special token in Phi-3
+# either, and the template's first word, which follows a newline.
+_OMNIGEN_UNSPACED = ("<img>", "</img>", "<|diffusion|>", "Generate")
+#: Phi-3's special tokens OmniGen's chat template uses (ids after the vocabulary)
+OMNIGEN_SPECIAL_TOKENS = ("<|assistant|>", "<|end|>", "<|user|>")
+#: the tiny OmniGen transformer's embedding table (pipelines/tiny_models.py): every id must fit
+OMNIGEN_TINY_VOCAB_LIMIT = 1000
+
+
+@functools.lru_cache(maxsize=1)
+def _omnigen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Llama's layout: <unk>, <s>, </s>, the 256 byte-fallback pieces <0x00>..<0xFF>, then single
+    characters, then every prefix of every word piece, each made by one merge of the previous
+    prefix and the next character.  Merges only ever extend a prefix of a whole piece, so BPE
+    either builds the whole word or leaves its letters single."""
+    vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for char in "▁\n" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(char, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for piece in ["▁" + word for word in _OMNIGEN_WORDS] + list(_OMNIGEN_UNSPACED):
+        for end in range(2, len(piece) + 1):
+            if piece[:end] not in vocab:
+                vocab[piece[:end]] = len(vocab)
+                merges.append((piece[: end - 1], piece[end - 1]))
+    return vocab, merges
+
+
+def omnigen_tokenizer() -> LlamaTokenizer:
+    """Our tiny OmniGen tokenizer (tiny models only; see the module docstring).  A new object per call."""
+    vocab, merges = _omnigen_vocab_and_merges()
+    tokenizer = LlamaTokenizer(vocab=dict(vocab), merges=list(merges), bos_token="<s>", eos_token="<|endoftext|>",
+                               unk_token="<unk>", pad_token="<|endoftext|>", add_bos_token=True,
+                               add_eos_token=False, model_max_length=T5_MAX_LENGTH * 8,
+                               extra_special_tokens=list(OMNIGEN_SPECIAL_TOKENS))
+    if len(tokenizer) > OMNIGEN_TINY_VOCAB_LIMIT:
+        raise AssertionError(f"the tiny OmniGen vocabulary has {len(tokenizer)} ids, more than its model's "
+                             f"{OMNIGEN_TINY_VOCAB_LIMIT}")
+    return tokenizer

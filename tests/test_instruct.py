@@ -128,6 +128,17 @@ def test_saas_off_is_plain_sampling_and_one_part_says_saas_changes_nothing(edit_
     assert np.array_equal(np.asarray(alone.edited), np.asarray(one.plain))
 
 
+def test_one_part_is_still_boosted_by_a_rule_that_does_not_equalize(edit_pipe):
+    """Only `equalize` at scale 1 leaves a single part alone; a fixed gain boosts it."""
+    from pipelines.instruct import edit_by_instruction
+
+    image = world.make_edit(1_095_003).source.render(64)
+    fixed = edit_by_instruction(edit_pipe, image, "make the circle orange", seed=1, gain="fixed", max_gain=4, **FAST)
+    assert not fixed.notes and fixed.params["gain"] == "fixed" and fixed.params["saas_steps"]
+    assert all(g == [4.0] for g in fixed.gains)
+    assert not np.array_equal(np.asarray(fixed.edited), np.asarray(fixed.plain))
+
+
 def test_any_aspect_is_edited_at_the_models_side_on_its_grid(edit_pipe):
     from pipelines.instruct import edit_by_instruction
 
@@ -162,7 +173,7 @@ def test_bad_images_models_and_settings_get_one_sentence(edit_pipe):
         (lambda: edit_by_instruction(edit_pipe, np.zeros((1, 1, 3), np.uint8), ok), "at least"),
         (lambda: edit_by_instruction(edit_pipe, None, ok), "Please provide an image"),
         (lambda: edit_by_instruction(models.load("tiny"), world.make_scene(1).render(64), ok),
-         "works with InstructPix2Pix models"),
+         "works with InstructPix2Pix and OmniGen models"),
         (lambda: edit_by_instruction(edit_pipe, world.make_scene(1).render(64), ok, window=0), "above 0"),
         (lambda: edit_by_instruction(edit_pipe, world.make_scene(1).render(64), ok, gain="loud"), "one of"),
         (lambda: edit_by_instruction(edit_pipe, world.make_scene(1).render(64), ok, image_guidance=float("nan")),

@@ -1,5 +1,8 @@
 """The "Instruction edit" tab: an image and a multi-part instruction -> the SaaS result and plain
 sampling with the same seed side by side, the per-part masks and gains per step, downloads.
+It edits with InstructPix2Pix models (`builtin-edit`) and OmniGen (the SaaS paper's backbone,
+e.g. `Shitao/OmniGen-v1-diffusers` or `tiny-omnigen` when the server offers them), and draws a
+prompt of parts with an SD text-to-image model.
 
 One named API endpoint, `/instruct` (and `/instruct_stop`).
 """
@@ -135,12 +138,18 @@ def make_handler(ctx: AppContext):
 
 def stages(pipe, settings: InstructSettings, parts: list[str], drawing: bool = False) -> tuple:
     """(describe, steps, runs) of `denoiser_progress` for one edit (or, `drawing`, one generation
-    from a prompt of parts): with SaaS and several parts, plain sampling (the comparison) runs
-    first, then SaaS; otherwise one run."""
+    from a prompt of parts): with SaaS, plain sampling (the comparison) runs first, then SaaS;
+    one run without SaaS, or when SaaS is known to change nothing (`saas_changes_nothing`)."""
     from pipelines import models
+    from pipelines.instruct import edit_run, saas_changes_nothing
+    from pipelines.instruct_settings import gain_rule
 
-    steps = settings.steps or models.generation_defaults(pipe)["steps"]
-    runs = 2 if settings.saas and len(parts) > 1 else 1
+    if drawing:
+        steps, rule = settings.steps or models.generation_defaults(pipe)["steps"], gain_rule(settings, False)
+    else:
+        run = edit_run(pipe, settings)  # the steps and gain rule the edit will use, on this model
+        steps, rule = run["steps"], run["gain"]
+    runs = 2 if settings.saas and not saas_changes_nothing(settings, len(parts), rule) else 1
     verb = "generating" if drawing else "editing"
     names = (f"plain {verb}, for comparison", f"{verb} with SaaS") if runs == 2 else (verb,)
 

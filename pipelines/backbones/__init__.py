@@ -14,6 +14,7 @@ from pipelines.errors import UserInputError
 from .base import OTHER, Backbone, EncodedText, TextLayout, TextSegment
 from .flux import FLUX
 from .instruct_pix2pix import INSTRUCT_PIX2PIX
+from .omnigen import OMNIGEN
 from .pixart import PIXART
 from .sd import SD
 from .sd3 import SD3
@@ -21,11 +22,11 @@ from .sdxl import SDXL
 
 #: every family the tasks know, in the order they are tried (InstructPix2Pix before SD: its UNet is SD's
 #: with 8 input channels)
-ALL: tuple[Backbone, ...] = (INSTRUCT_PIX2PIX, SD, SDXL, PIXART, SD3, FLUX)
+ALL: tuple[Backbone, ...] = (INSTRUCT_PIX2PIX, SD, SDXL, PIXART, SD3, FLUX, OMNIGEN)
 #: the families that draw an image from text alone (what text-to-image tasks accept)
 TEXT_TO_IMAGE: tuple[Backbone, ...] = tuple(backbone for backbone in ALL if backbone.text_to_image)
 
-__all__ = ["ALL", "Backbone", "EncodedText", "FLUX", "INSTRUCT_PIX2PIX", "OTHER", "PIXART", "SD", "SD3", "SDXL", "TEXT_TO_IMAGE", "TextLayout",
+__all__ = ["ALL", "Backbone", "EncodedText", "FLUX", "INSTRUCT_PIX2PIX", "OMNIGEN", "OTHER", "PIXART", "SD", "SD3", "SDXL", "TEXT_TO_IMAGE", "TextLayout",
            "TextSegment", "by_pipeline_class", "of", "require", "sentence_list"]
 
 
