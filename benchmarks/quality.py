@@ -82,7 +82,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -290,7 +290,7 @@ def classical_inpaint_scenes(scenes: list[world.Scene], size: int) -> list[np.nd
     return outputs
 
 
-def erase_scenes(pipe, scenes: list[world.Scene], aas: bool, steps: int | None = None) -> list[np.ndarray]:
+def erase_scenes(pipe, scenes: list[world.Scene], settings) -> list[np.ndarray]:
     from PIL import Image
 
     from pipelines import eraser, models
@@ -299,22 +299,42 @@ def erase_scenes(pipe, scenes: list[world.Scene], aas: bool, steps: int | None =
     outputs = []
     for scene in scenes:
         _index, _mask, brushed = _eraser_case(scene, size)
-        result = eraser.erase(pipe, Image.fromarray(scene.render(size)), brushed, seed=scene.seed, aas=aas,
-                              progress=False, steps=steps or eraser.PAPER.steps)
+        result = eraser.erase(pipe, Image.fromarray(scene.render(size)), brushed, settings, seed=scene.seed,
+                              progress=False)
         outputs += _to_uint8([result.image])
     return outputs
 
 
+def _described(settings, paper) -> str:
+    """"strength 1, guidance 1" for the fields where `settings` differs from `paper` (a model's
+    own defaults, `Settings.for_model`)."""
+    values = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    changed = [f"{name.replace('_', ' ')} {value:g}" if isinstance(value, float) else f"{name.replace('_', ' ')} {value}"
+               for name, value in values.items() if value != getattr(paper, name)]
+    return ", ".join(changed)
+
+
 def bench_eraser(pipe, count: int) -> dict:
+    """Attentive Eraser with the model's defaults (the paper's, or the built-in model's measured
+    ones) against its ablation (AAS off and no SARG: blended inpainting with the same strength,
+    steps and seed), the paper's defaults where the model's differ, and two trivial baselines."""
     from pipelines import models
+    from pipelines.eraser_settings import PAPER, EraserSettings
 
     size = models.default_size(pipe)[0]
     scenes = task_scenes("eraser", count)
-    plain = "blended-latent inpainting, empty prompt (no AAS, no SARG)"
+    settings = EraserSettings.for_model(pipe)
+    own = _described(settings, PAPER)
+    method = (f"Attentive Eraser (AAS + SARG, the model's defaults: {own})" if own
+              else "Attentive Eraser (AAS + SARG, paper defaults)")
+    plain = "blended-latent inpainting, empty prompt (no AAS, no SARG), same strength"
+    ablations = {plain: eraser_cases(erase_scenes(pipe, scenes, settings.replace(aas=False)), scenes, size)}
+    if own:
+        ablations["Attentive Eraser, paper defaults"] = eraser_cases(erase_scenes(pipe, scenes, PAPER), scenes, size)
+        ablations["blended-latent inpainting, paper strength"] = eraser_cases(
+            erase_scenes(pipe, scenes, PAPER.replace(aas=False)), scenes, size)
     return summarise(
-        "eraser", "Attentive Eraser (AAS + SARG, paper defaults)",
-        eraser_cases(erase_scenes(pipe, scenes, aas=True), scenes, size),
-        plain, {plain: eraser_cases(erase_scenes(pipe, scenes, aas=False), scenes, size)},
+        "eraser", method, eraser_cases(erase_scenes(pipe, scenes, settings), scenes, size), plain, ablations,
         {"no-op (the input)": eraser_cases([scene.render(size) for scene in scenes], scenes, size),
          "OpenCV Telea inpainting": eraser_cases(classical_inpaint_scenes(scenes, size), scenes, size)})
 
@@ -387,14 +407,18 @@ def bench_grounding(pipe, count: int) -> dict:
     from pipelines.grounding_settings import GroundingSettings
 
     cases = grounding_cases(count)
-    settings = GroundingSettings()
+    settings = GroundingSettings.for_model(pipe)  # the defaults, or the built-in model's measured ones
+    own = _described(settings, GroundingSettings())
     renorm = grounding.default_renorm(models.backbone(pipe)) if settings.renorm is None else settings.renorm
     method = grounding_ious(pipe, cases, settings)
     ablations = grounding_ablations(settings, renorm)
+    if own:
+        ablations["RefAM, the defaults of every other model"] = GroundingSettings()
     ablation_cases = {name: {"miou": grounding_ious(pipe, cases, variant)} for name, variant in ablations.items()}
     baseline_cases = {name: {"miou": ious}
                       for name, ious in grounding_baseline_ious(cases, models.default_size(pipe)[0]).items()}
-    return summarise("grounding", f"RefAM (magnets, colour word, GAS exclude, renorm {'on' if renorm else 'off'})",
+    own = f"; the model's defaults: {own}" if own else ""
+    return summarise("grounding", f"RefAM (magnets, colour word, GAS exclude, renorm {'on' if renorm else 'off'}{own})",
                      {"miou": method}, "plain cross-attention of the target words", ablation_cases, baseline_cases)
 
 

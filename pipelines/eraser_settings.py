@@ -25,7 +25,9 @@ MAX_WORKING_SIDE = 4096
 @dataclass(frozen=True)
 class EraserSettings(Settings):
     """Remove object's settings, with the paper's defaults (docs/methods/eraser.md): the one place
-    they live; the CLI flags and the tab's controls are made from these fields."""
+    they live; the CLI flags and the tab's controls are made from these fields.  A model folder
+    may replace some for that model (`EraserSettings.for_model(model)`, `task_defaults.json`:
+    the built-in model's measured ones)."""
 
     mode: str = setting("sip", "latent process: sip re-pastes the noised background, dip inverts the image",
                         label="Mode", choices=MODES)
@@ -54,6 +56,8 @@ class EraserSettings(Settings):
     freeu: bool | None = setting(None, "FreeU (default: on for SD 2.x as in the paper, off otherwise)", label="FreeU")
     aas: bool = setting(True, "attention redirection in the decoder self-attention (off: the same loop "
                                     "without it, an ablation)", label="AAS")
+
+    TASK: ClassVar[str] = "eraser"  # a model folder's own defaults (`for_model`; the built-in model's)
 
     #: SIP's strength; DIP starts from full noise (1.0)
     SIP_STRENGTH: ClassVar[float] = 0.8

@@ -10,6 +10,7 @@ that they agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .errors import UserInputError
 from .seeds import MAX_SEED
@@ -40,7 +41,11 @@ OTSU = "otsu"
 @dataclass(frozen=True)
 class GroundingSettings(Settings):
     """Every RefAM parameter with its default (ours unless marked; docs/methods/grounding.md): the one place
-    they live; the CLI flags and the tab's controls are made from these fields."""
+    they live; the CLI flags and the tab's controls are made from these fields.  A model folder
+    may replace some for that model (`GroundingSettings.for_model(model)`, `task_defaults.json`:
+    the built-in model's measured ones)."""
+
+    TASK: ClassVar[str] = "grounding"
 
     depth: str = setting("middle+last", "DiT layers read: the first, middle or last third, middle+last, or all",
                          label="Depth", choices=DEPTHS)

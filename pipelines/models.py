@@ -50,6 +50,7 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusi
 
 from pipelines import backbones
 from pipelines.errors import UserInputError
+from pipelines.model_defaults import BUILTIN_FOLDERS
 from pipelines.tiny_models import (  # noqa: F401  (re-exported: models.build_tiny etc.)
     TINY_BACKBONE,
     TINY_MODELS,
@@ -59,7 +60,6 @@ from pipelines.tiny_models import (  # noqa: F401  (re-exported: models.build_ti
     is_tiny,
     save_tiny,
 )
-from pipelines.tokenizers import ASSETS_DIR
 
 __all__ = [
     "BUILTIN_NAMES",
@@ -93,9 +93,9 @@ __all__ = [
     "save_tiny",
 ]
 
-BUILTIN_DIR = ASSETS_DIR / "builtin"
+BUILTIN_DIR = BUILTIN_FOLDERS["builtin"]
 #: the built-in instruction-edit model (InstructPix2Pix architecture, `pipelines/builtin/train_edit.py`)
-BUILTIN_EDIT_DIR = ASSETS_DIR / "builtin-edit"
+BUILTIN_EDIT_DIR = BUILTIN_FOLDERS["builtin-edit"]
 
 BUILTIN_NAMES: tuple[str, ...] = TINY_MODELS + ("builtin", "builtin-edit")
 #: built-in models that edit an image by instruction (not text-to-image): only the Instruction edit task uses them

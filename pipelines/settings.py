@@ -16,7 +16,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import UserInputError
 
@@ -58,6 +58,27 @@ def _format(value) -> str:
 @dataclass(frozen=True)
 class Settings:
     """Base class of the task settings; subclasses add fields made by `setting()`."""
+
+    #: this task's key in a model folder's `task_defaults.json` (`pipelines/model_defaults.py`);
+    #: None: the task has no per-model defaults
+    TASK: ClassVar[str | None] = None
+
+    @classmethod
+    def for_model(cls, model, **given):
+        """The settings for `model` (a name, folder or pipeline): the `given` values, then the
+        model folder's own measured defaults for this task, then the paper's.  Names the model
+        folder sets that are not settings of this task are ignored."""
+        from .model_defaults import task_defaults
+
+        known = cls.specs()
+        measured = {name: value for name, value in task_defaults(model, cls.TASK).items() if name in known} \
+            if cls.TASK else {}
+        return cls(**{**measured, **given})
+
+    @classmethod
+    def model_default(cls, model, name: str):
+        """One setting's default for `model` (its folder's measured value, else the paper's)."""
+        return getattr(cls.for_model(model), name)
 
     @classmethod
     def specs(cls) -> dict[str, tuple[dataclasses.Field, Spec, type]]:

@@ -68,16 +68,19 @@ def _record(attention_maps, eraser, grounding, models, personalize, steering) ->
         out[f"maps/{name}/maps"] = result.maps.astype(np.float16)
         out[f"maps/{name}/params"] = _params(result.params)
 
+    # the paper's settings on every model, also on builtin whose own defaults differ
+    # (`Settings.for_model`): these outputs pin the code, not a model's chosen defaults
     for name in ("tiny", "tiny-sd3", "tiny-flux", "builtin"):
-        result = grounding.segment_image(pipe(name), _photo(96, 64), "the red square on the left", size=64)
+        result = grounding.segment_image(pipe(name), _photo(96, 64), "the red square on the left",
+                                         grounding.GroundingSettings(), size=64)
         out[f"segment/{name}/heatmap"] = result.heatmap.astype(np.float16)
         out[f"segment/{name}/mask"] = result.mask
         out[f"segment/{name}/params"] = _params({**result.params, "sinks": result.sinks, "tokens": result.tokens})
 
     for name in ("tiny", "tiny-sdxl", "builtin"):
         for mode in ("sip", "dip"):
-            result = eraser.erase(pipe(name), _photo(), _mask(), seed=1, steps=3, strength=1.0, mode=mode,
-                                  progress=False)
+            result = eraser.erase(pipe(name), _photo(), _mask(), eraser.EraserSettings(), seed=1, steps=3,
+                                  strength=1.0, mode=mode, progress=False)
             out[f"erase/{name}/{mode}/image"] = _image(result.image)
             out[f"erase/{name}/{mode}/params"] = _params(result.params)
 

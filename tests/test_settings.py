@@ -26,7 +26,7 @@ def test_every_field_is_a_flag_and_help_shows_its_default():
     for name, (f, spec, kind) in EraserSettings.specs().items():
         assert name in actions, name
         if kind is not bool and not spec.optional:
-            assert f"(default: {f.default})" in actions[name].help
+            assert f"(default: {f.default}" in actions[name].help  # then "; builtin: ..." where it differs
 
 
 def test_no_flag_means_the_default_and_flags_change_only_their_field():

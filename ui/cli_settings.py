@@ -41,16 +41,37 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings: type[Setti
             parser.add_argument(_flag(name, spec), dest=name, action="store_const", const=True, default=None,
                                 help=spec.help)
         else:
-            shown = "" if spec.optional else f" (default: {f.default if f.default != '' else 'empty'})"
+            notes = _model_notes(settings, name)
+            if spec.optional:
+                shown = f" ({notes[2:]})" if notes else ""
+            else:
+                shown = f" (default: {f.default if f.default != '' else 'empty'}{notes})"
             parser.add_argument(_flag(name, spec), dest=name, type=kind, default=None, choices=spec.choices,
                                 help=spec.help + shown)
 
 
-def settings_from_args(args: argparse.Namespace, settings: type[Settings], skip: tuple[str, ...] = ()):
-    """The settings with every flag that was given; the rest keep their defaults."""
+def _model_notes(settings: type[Settings], name: str) -> str:
+    """"; builtin: 1" for each built-in model whose folder sets its own default for this field
+    (`pipelines/model_defaults.py`), so `--help` never shows a default the model does not use."""
+    from pipelines.model_defaults import BUILTIN_FOLDERS, task_defaults
+
+    if settings.TASK is None:
+        return ""
+    notes = []
+    for model in BUILTIN_FOLDERS:
+        value = task_defaults(model, settings.TASK).get(name)
+        if value is not None:
+            notes.append(f"{model}: {_shown_default(value)}")
+    return "".join(f"; {note}" for note in notes)
+
+
+def settings_from_args(args: argparse.Namespace, settings: type[Settings], skip: tuple[str, ...] = (),
+                       model=None):
+    """The settings with every flag that was given; the rest keep their defaults: the model's
+    (`Settings.for_model`, its folder's measured ones) when `model` is given, else the paper's."""
     given = {name: getattr(args, name) for name in settings.specs()
              if name not in skip and getattr(args, name, None) is not None}
-    return settings().replace(**given)
+    return settings.for_model(model, **given) if model is not None else settings().replace(**given)
 
 
 

@@ -42,7 +42,7 @@ def add_erase_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    return dict(seed=args.seed, settings=settings_from_args(args, EraserSettings))
+    return dict(seed=args.seed, settings=settings_from_args(args, EraserSettings, model=args.model))
 
 
 def _warn(message: str) -> None:

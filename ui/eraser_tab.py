@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.eraser import SUPPORTED, describe_work, grow_mask
-from pipelines.eraser_settings import MAX_GROW, PAPER, EraserSettings
+from pipelines.eraser_settings import MAX_GROW, EraserSettings
 from pipelines.errors import UserInputError
 from pipelines.seeds import resolve_seed
 from pipelines.viz import overlay_mask
@@ -39,7 +39,7 @@ from ui.common import (
     stoppable,
     user_errors_as_gradio,
 )
-from ui.settings_controls import radio, slider
+from ui.settings_controls import follow_model_defaults, model_info, radio, slider
 
 ORDER = 20  # position among the tabs
 HISTORY_LIMIT = 20
@@ -135,6 +135,14 @@ def compare_position(changed: np.ndarray) -> float:
 
 
 
+def _control_value(settings: EraserSettings, name: str):
+    """What the tab's control shows for a field: the strength slider is SIP's, so an unset
+    strength shows SIP's default."""
+    if name == "strength" and settings.strength is None:
+        return EraserSettings.SIP_STRENGTH
+    return getattr(settings, name)
+
+
 def make_handler(ctx: AppContext):
     """The Remove event, also the `/erase` API endpoint."""
 
@@ -146,13 +154,13 @@ def make_handler(ctx: AppContext):
         grow: float = 0,
         seed: float | None = 0,
         randomize_seed: bool = False,
-        steps: float = PAPER.steps,
-        strength: float = EraserSettings.SIP_STRENGTH,
-        guidance: float = PAPER.guidance,
-        ss_steps: float = PAPER.ss_steps,
-        ss_scale: float = PAPER.ss_scale,
-        mode: str = PAPER.mode,
-        num_images: float = PAPER.num_images,
+        steps: float | None = None,
+        strength: float | None = None,
+        guidance: float | None = None,
+        ss_steps: float | None = None,
+        ss_scale: float | None = None,
+        mode: str | None = None,
+        num_images: float | None = None,
         progress=gr.Progress(track_tqdm=True),
         request: gr.Request = None,
     ):
@@ -161,7 +169,9 @@ def make_handler(ctx: AppContext):
         image: the editor value {"background": image, "layers": [stroke layers], "composite": ...};
         mask: optional mask image (white = remove), combined with the strokes.  seed -1 or
         randomize_seed=True draws a random seed; image i of num_images uses seed + i.  strength
-        applies to SIP (DIP always starts from full noise).  Returns the (input, result) pair,
+        applies to SIP (DIP always starts from full noise).  A setting left out (None) is the
+        model's default (`EraserSettings.for_model`: the paper's, or the values measured for the
+        built-in model).  Returns the (input, result) pair,
         every result, the dilated mask over the input, the seed used and the files (PNG with the
         parameters and a JSON sidecar per result); for the page (states, not in the API): the
         results, the Details text and where the before/after handle opens (`compare_position`).
@@ -174,11 +184,14 @@ def make_handler(ctx: AppContext):
         if painted is None:
             painted = np.zeros((picture.height, picture.width), bool)
         use_seed = resolve_seed(seed, randomize_seed)
-        mode = (mode or PAPER.mode).lower() if isinstance(mode, str) else mode
-        settings = PAPER.replace(
-            steps=steps, strength=strength if mode == "sip" else None, guidance=guidance, ss_steps=ss_steps,
-            ss_scale=ss_scale, mode=mode, num_images=num_images, grow=grow or 0,
-        ).validated()  # every value checked before the model loads
+        base = EraserSettings.for_model(model)
+        mode = base.mode if mode is None else (mode.lower() if isinstance(mode, str) else mode)
+        given = dict(steps=steps, strength=strength if mode == "sip" else None, guidance=guidance, ss_steps=ss_steps,
+                     ss_scale=ss_scale, num_images=num_images)
+        settings = base.replace(mode=mode, grow=grow or 0, **{k: v for k, v in given.items() if v is not None})
+        if mode != "sip":
+            settings = settings.replace(strength=None)  # DIP starts from full noise
+        settings = settings.validated()  # every value checked before the model loads
         ctx.limits.check_settings(settings)
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
@@ -336,18 +349,22 @@ def build_tab(ctx: AppContext) -> dict:
                     seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="er-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="er-randomize")
                 with gr.Accordion("Advanced", open=False, elem_id="er-advanced"):
-                    # ranges, steps and defaults come from EraserSettings (the paper's)
-                    steps = slider(EraserSettings, "steps", elem_id="er-steps")
-                    strength = slider(EraserSettings, "strength", value=EraserSettings.SIP_STRENGTH,
+                    # ranges, steps and defaults come from EraserSettings: the paper's, or the
+                    # menu model's measured ones (`follow_model_defaults` below)
+                    shown = EraserSettings.for_model(model.value)
+                    steps = slider(EraserSettings, "steps", value=shown.steps, elem_id="er-steps")
+                    strength = slider(EraserSettings, "strength", value=_control_value(shown, "strength"),
+                                      info=model_info(EraserSettings, "strength", model.value),
                                       label="Strength (SIP)", elem_id="er-strength")
                     guidance = slider(EraserSettings, "guidance", label="Removal guidance (SARG) scale",
+                                      value=shown.guidance, info=model_info(EraserSettings, "guidance", model.value),
                                       elem_id="er-guidance")
-                    ss_steps = slider(EraserSettings, "ss_steps", maximum=50,
+                    ss_steps = slider(EraserSettings, "ss_steps", maximum=50, value=shown.ss_steps,
                                       label="Similarity suppression steps (0..N; -1 = off)", elem_id="er-ss-steps")
-                    ss_scale = slider(EraserSettings, "ss_scale", label="Similarity suppression scale",
+                    ss_scale = slider(EraserSettings, "ss_scale", value=shown.ss_scale, label="Similarity suppression scale",
                                       elem_id="er-ss-scale")
                     mode = radio(EraserSettings, "mode", MODE_CHOICES, label="Latent process", elem_id="er-mode")
-                    num_images = slider(EraserSettings, "num_images", maximum=4,
+                    num_images = slider(EraserSettings, "num_images", maximum=4, value=shown.num_images,
                                         label="Results (seeds seed, seed+1, ...)", info=None, elem_id="er-num-images")
             with gr.Column(scale=1):
                 with gr.Column(elem_id="er-result"):  # the result, as the app-wide browser checks find it
@@ -385,6 +402,10 @@ def build_tab(ctx: AppContext) -> dict:
         handle_at = gr.State(50.0)  # where the before/after handle opens after a run
         brush_for = gr.State(None)  # the picture size the brush was sized for
 
+        follow_model_defaults(model, EraserSettings, {"steps": steps, "strength": strength, "guidance": guidance,
+                                                      "ss_steps": ss_steps, "ss_scale": ss_scale,
+                                                      "num_images": num_images},
+                              ctx.model_choices, value_of=_control_value)
         inputs = [model, editor, mask, grow, seed, randomize_seed, steps, strength, guidance,
                   ss_steps, ss_scale, mode, num_images]
         outputs = [compare, gallery, mask_preview, seed_used, files, results, details_state, handle_at]

@@ -63,7 +63,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from pipelines.grounding import read_refseg_folder, segment_image, segment_video
 
     _check_paths(args)
-    settings = settings_from_args(args, GroundingSettings).validated()  # before loading the model
+    settings = settings_from_args(args, GroundingSettings, model=args.model).validated()  # before loading the model
     samples = read_refseg_folder(args.folder) if args.folder is not None else None
     pipe = models.load(args.model, device=args.device)
     try:

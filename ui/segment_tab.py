@@ -9,7 +9,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pipelines.grounding_settings import DEFAULTS, OTSU, GroundingSettings
+from pipelines.grounding_settings import OTSU, GroundingSettings
 from pipelines.seeds import resolve_seed
 from ui.common import (
     GPU_CONCURRENCY,
@@ -25,7 +25,7 @@ from ui.common import (
     user_errors_as_gradio,
     zip_files,
 )
-from ui.settings_controls import UNSET, checkbox, number, radio, slider, unset
+from ui.settings_controls import UNSET, checkbox, follow_model_defaults, model_info, number, radio, slider, unset
 
 ORDER = 30  # position among the tabs
 
@@ -38,7 +38,6 @@ EXAMPLES = [
 ]
 NOISE_MAX = 0.95  # the noise slider's top (the settings accept sigma up to 0.99)
 THRESHOLD_MAX = 0.95  # the threshold slider's top; 0 on the slider means Otsu
-THRESHOLD_DEFAULT = 0 if DEFAULTS.threshold == OTSU else DEFAULTS.threshold
 #: The hand-off to Remove object asks first when the mask covers more than this share of the image
 LARGE_MASK = 0.5
 REMOVE_LABEL, SEND_ANYWAY = "Remove this object", "Send anyway"
@@ -60,13 +59,23 @@ def unet_timestep(sigma: float) -> int:
     return int(round(float(sigma) * 1000))
 
 
-def tab_settings(size=UNSET, noise=DEFAULTS.sigma, gas=DEFAULTS.gas, norm=DEFAULTS.norm, magnets=DEFAULTS.magnets,
-                 threshold=THRESHOLD_DEFAULT, refine=DEFAULTS.refine, seed=DEFAULTS.seed) -> GroundingSettings:
-    """The validated settings of the tab's controls (size 0: the model's; threshold 0: Otsu; seed -1: random)."""
-    settings = DEFAULTS.replace(
-        size=unset(size), sigma=noise, gas=gas, norm=norm, magnets=magnets, threshold=threshold or OTSU,
-        refine=refine, seed=resolve_seed(DEFAULTS.seed if seed is None else seed),
-    ).validated()
+def control_value(settings: GroundingSettings, name: str):
+    """What the tab's control shows for a field (the threshold slider's 0 is Otsu)."""
+    value = getattr(settings, name)
+    return 0 if name == "threshold" and value == OTSU else value
+
+
+def tab_settings(model, size=UNSET, noise=None, gas=None, norm=None, magnets=None, threshold=None, refine=None,
+                 seed=None) -> GroundingSettings:
+    """The validated settings of the tab's controls for `model` (size 0: the model's; threshold 0:
+    Otsu; seed -1: random; None: the model's default, `GroundingSettings.for_model`)."""
+    base = GroundingSettings.for_model(model)
+    given = {name: value for name, value in dict(sigma=noise, gas=gas, norm=norm, magnets=magnets, refine=refine).items()
+             if value is not None}
+    if threshold is not None:
+        given["threshold"] = threshold or OTSU
+    settings = base.replace(size=unset(size), seed=resolve_seed(base.seed if seed is None else seed),
+                            **given).validated()
     return settings.replace(timestep=unet_timestep(settings.sigma))
 
 
@@ -159,20 +168,22 @@ def make_handler(ctx: AppContext):
         video,
         expression: str,
         size: float | None = UNSET,
-        noise: float = DEFAULTS.sigma,
-        gas: str = DEFAULTS.gas,
-        norm: str = DEFAULTS.norm,
-        magnets: float = DEFAULTS.magnets,
-        threshold: float = THRESHOLD_DEFAULT,
-        refine: bool = DEFAULTS.refine,
-        seed: float = DEFAULTS.seed,
+        noise: float | None = None,
+        gas: str | None = None,
+        norm: str | None = None,
+        magnets: float | None = None,
+        threshold: float | None = None,
+        refine: bool | None = None,
+        seed: float | None = None,
         progress=gr.Progress(),
         request: gr.Request = None,
     ):
         """Segment the object the expression names in the image (or in every video frame).
 
         size 0 uses the model's working size; noise is sigma for FLUX/SD3 (0-1) and is mapped to
-        timestep noise*1000 on SD UNets; threshold 0 means Otsu; seed -1 draws a random one.
+        timestep noise*1000 on SD UNets; threshold 0 means Otsu; seed -1 draws a random one; a
+        setting left out (None) is the model's default (the paper's, or the values measured for
+        the built-in model: `GroundingSettings.for_model`).
         Returns the heatmap overlay, the mask, the per-token maps, the overlay video (video
         input), the files and a summary: its first paragraph says what was found (the mask's
         share of the image), the next one the diagnostics (threshold, attention sinks, the
@@ -184,7 +195,7 @@ def make_handler(ctx: AppContext):
 
         if image is None and not video:
             raise UserInputError("Please upload an image or a video.")
-        settings = tab_settings(size, noise, gas, norm, magnets, threshold, refine, seed)  # before loading
+        settings = tab_settings(model, size, noise, gas, norm, magnets, threshold, refine, seed)  # before loading
         if video:
             check_video_side(ctx, video)
         progress(0, desc="Loading the model")
@@ -248,19 +259,24 @@ def build_tab(ctx: AppContext) -> dict:
                 with gr.Accordion("A video instead of an image", open=False, elem_id="seg-video-section"):
                     video = gr.Video(label="Video (one mask per frame)", elem_id="seg-video")
                 with gr.Accordion("Settings", open=False, elem_id="seg-settings"):
-                    # ranges, steps, choices and defaults come from GroundingSettings
+                    # ranges, steps, choices and defaults come from GroundingSettings: the paper's,
+                    # or the menu model's measured ones (`follow_model_defaults` below)
+                    shown = GroundingSettings.for_model(model.value)
                     size = number(GroundingSettings, "size", label="Working size, long side (0: the model's)",
                                   elem_id="seg-size")
-                    noise = slider(GroundingSettings, "sigma", maximum=NOISE_MAX, info=None,
+                    noise = slider(GroundingSettings, "sigma", maximum=NOISE_MAX, value=shown.sigma,
+                                   info=model_info(GroundingSettings, "sigma", model.value),
                                    label="Noise level (sigma; UNet: x1000 = timestep)", elem_id="seg-noise")
-                    gas = radio(GroundingSettings, "gas", label="Attention sinks", elem_id="seg-gas")
-                    norm = radio(GroundingSettings, "norm", elem_id="seg-norm")
-                    magnets = slider(GroundingSettings, "magnets", info=None, label="Magnet words appended",
-                                     elem_id="seg-magnets")
-                    threshold = gr.Slider(0, THRESHOLD_MAX, value=THRESHOLD_DEFAULT, step=0.05, label="Threshold (0 = Otsu)",
+                    gas = radio(GroundingSettings, "gas", value=shown.gas, label="Attention sinks", elem_id="seg-gas")
+                    norm = radio(GroundingSettings, "norm", value=shown.norm, elem_id="seg-norm")
+                    magnets = slider(GroundingSettings, "magnets", value=shown.magnets, info=None,
+                                     label="Magnet words appended", elem_id="seg-magnets")
+                    threshold = gr.Slider(0, THRESHOLD_MAX, value=control_value(shown, "threshold"), step=0.05,
+                                          label="Threshold (0 = Otsu)",
+                                          info=model_info(GroundingSettings, "threshold", model.value),
                                           elem_id="seg-threshold")
-                    refine = checkbox(GroundingSettings, "refine", info=None, label="Refine by self-attention (SD UNets)",
-                                      elem_id="seg-refine")
+                    refine = checkbox(GroundingSettings, "refine", value=shown.refine, info=None,
+                                      label="Refine by self-attention (SD UNets)", elem_id="seg-refine")
                     # no range on the control: Gradio's own range message would replace our one
                     # sentence, and resolve_seed checks the value (-1 = random)
                     seed = number(GroundingSettings, "seed", minimum=None, maximum=None, label="Noise seed (-1 = random)",
@@ -299,6 +315,9 @@ def build_tab(ctx: AppContext) -> dict:
                           [summary, image, video], [found, overlay_video, source, confirmed, remove], **private)
         image.change(lambda: (False, gr.Button(value=REMOVE_LABEL)), None, [confirmed, remove], **private)
         model.change(lambda name: gr.Textbox(placeholder=placeholder(name)), model, expression, **private)
+        follow_model_defaults(model, GroundingSettings, {"sigma": noise, "gas": gas, "norm": norm, "magnets": magnets,
+                                                         "threshold": threshold, "refine": refine},
+                              ctx.model_choices, value_of=control_value)
         stop.click(stop_handler(ctx, "segment", "segment_stop"), None, stop_note, api_name="segment_stop", queue=False)
     return {"tab": tab, "image": image, "expression": expression, "mask": mask, "remove": remove,
             "source": source, "confirmed": confirmed}

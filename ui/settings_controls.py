@@ -76,3 +76,65 @@ def textbox(settings: type[Settings], name: str, **overrides) -> gr.Textbox:
     options = dict(value=f.default or "", label=settings.label(name))
     options.update(overrides)
     return gr.Textbox(**options)
+
+
+# ------------------------------------------------------------------ defaults a model folder changes
+
+
+def model_info(settings: type[Settings], name: str, model) -> str:
+    """The control's info line: the field's help, and the model's own default when its folder
+    sets one (`Settings.for_model`), so the user sees why the value is not the paper's."""
+    from pipelines.model_defaults import task_defaults
+
+    help_text = settings.specs()[name][1].help
+    measured = task_defaults(model, settings.TASK) if settings.TASK else {}
+    if name not in measured:
+        return help_text
+    paper = settings.default(name)
+    return f"{help_text} ({model}: {measured[name]:g} as measured on it; the paper's: {_shown(paper)})" \
+        if isinstance(measured[name], (int, float)) else f"{help_text} ({model}: {measured[name]}, measured)"
+
+
+def _shown(value) -> str:
+    return "auto" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def followed_fields(settings: type[Settings], choices: list[str]) -> list[str]:
+    """The fields whose default some model of the menu changes (its folder's measured defaults)."""
+    from pipelines.model_defaults import task_defaults
+
+    if settings.TASK is None:
+        return []
+    changed = set().union(*(task_defaults(name, settings.TASK) for name in choices))
+    return [name for name in settings.specs() if name in changed]
+
+
+def model_default_updates(settings: type[Settings], names: list[str], new_model, values: list, choices: list[str],
+                          value_of=getattr) -> list[dict]:
+    """The controls' updates when the Model menu changes to `new_model`: a control still at a
+    default (the paper's or any menu model's) takes the new model's value; a value the user set
+    stays; every one gets the info line of `model_info`."""
+    new = settings.for_model(new_model)
+    candidates = [settings(), *(settings.for_model(name) for name in choices)]
+    updates = []
+    for name, value in zip(names, values):
+        at_a_default = value in {value_of(known, name) for known in candidates}
+        info = model_info(settings, name, new_model)
+        updates.append(gr.update(value=value_of(new, name), info=info) if at_a_default else gr.update(info=info))
+    return updates
+
+
+def follow_model_defaults(model: gr.Dropdown, settings: type[Settings], controls: dict[str, gr.components.Component],
+                          choices: list[str], value_of=getattr) -> None:
+    """The controls whose default some model of the menu changes (`followed_fields`) follow the
+    Model menu (`model_default_updates`).  `value_of(settings, name)` is what the control shows
+    for a field (e.g. a resolved value where the field's default is None)."""
+    names = [name for name in followed_fields(settings, choices) if name in controls]
+    if not names:
+        return
+
+    def follow(new_model, *values):
+        return model_default_updates(settings, names, new_model, list(values), choices, value_of)
+
+    model.change(follow, [model, *(controls[name] for name in names)], [controls[name] for name in names],
+                 queue=False, api_visibility="private", show_progress="hidden")
