@@ -266,17 +266,23 @@ def _eraser_case(scene: world.Scene, size: int):
 
 def eraser_cases(results: list[np.ndarray], scenes: list[world.Scene], size: int) -> dict[str, np.ndarray]:
     """Per scene, inside the brushed mask: `residual` (fraction of pixels still of the removed
-    object's colour), `mae` (0-255, against the scene rendered without it), `clean` (residual
-    below 5 %)."""
-    residual, errors = [], []
+    object's colour), `invented` (fraction of pixels of any object colour where the scene
+    without the object shows background: the object kept, or another one painted into the
+    hole), `mae` (0-255, against the scene rendered without it), `clean` (residual below 5 %)
+    and `empty` (invented below 5 %: the hole holds no object of any colour)."""
+    residual, invented, errors = [], [], []
     for output, scene in zip(results, scenes):
         index, _mask, brushed = _eraser_case(scene, size)
         colour_index = list(world.COLOURS).index(scene.objects[index].colour)
-        residual.append(float((world.colour_of_pixels(output)[brushed] == colour_index).mean()))
-        truth = scene.render_without(index, size).astype(np.float32)
-        errors.append(float(np.abs(output.astype(np.float32) - truth)[brushed].mean()))
-    residual = np.array(residual)
-    return {"residual": residual, "mae": np.array(errors), "clean": (residual < 0.05).astype(float)}
+        colours = world.colour_of_pixels(output)
+        residual.append(float((colours[brushed] == colour_index).mean()))
+        truth = scene.render_without(index, size)
+        background = world.colour_of_pixels(truth) < 0
+        invented.append(float(((colours >= 0) & background)[brushed].mean()))
+        errors.append(float(np.abs(output.astype(np.float32) - truth.astype(np.float32))[brushed].mean()))
+    residual, invented = np.array(residual), np.array(invented)
+    return {"residual": residual, "invented": invented, "mae": np.array(errors),
+            "clean": (residual < 0.05).astype(float), "empty": (invented < 0.05).astype(float)}
 
 
 def classical_inpaint_scenes(scenes: list[world.Scene], size: int) -> list[np.ndarray]:

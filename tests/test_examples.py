@@ -6,7 +6,8 @@ ground truth (the examples are shapes-world scenes, `assets/examples/`, whose ob
 object-free renderings `pipelines/builtin/world.py` knows exactly):
 
 - Segment by text: the mask overlaps the named object with IoU >= 0.5.
-- Remove object: at most 10 % of the brushed region keeps the removed object's colour.
+- Remove object: at most 10 % of the brushed region keeps the removed object's colour, and at
+  most 10 % shows any object colour where the scene without it is background.
 - Attention maps: the image shows every prompted colour, and each colour word's heatmap is
   hotter on its own object than on the rest of the image.
 - Counterfactual steer (the two shapes-world examples): the steered object takes the other
@@ -39,9 +40,15 @@ def builtin():
     return models.load("builtin", device="cpu")
 
 
+_HOLE_FILLED = ("with the tab's seed 0 builtin fills the hole with another object ({}); seeds 0 to 2 leave "
+                "an object in the hole in 8 of 9 runs over the three examples, though the removed object's own "
+                "colour is gone in most: model card, 'Limits, measured'")
 KNOWN_WRONG = {
+    "(1090003, 0)": _HOLE_FILLED.format("purple over 0.51 of the brushed region"),
     "(1090004, 1)": "with the tab's seed 0 builtin redraws the small purple square in the hole (0.79 of the brushed "
-                    "region left; plain inpainting 0.76); seeds 1, 2 and 3 leave none: model card, 'Limits, measured'",
+                    "region left; plain inpainting 0.76); seeds 1 and 2 paint a red or an orange one instead: "
+                    "model card, 'Limits, measured'",
+    "(1090005, 0)": _HOLE_FILLED.format("orange over 0.50 of the brushed region"),
 }
 
 
@@ -76,7 +83,7 @@ def test_segment_example_selects_the_named_object(builtin, example):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("example", _examples(eraser_tab.EXAMPLES, str))
-def test_remove_example_leaves_at_most_a_tenth_of_the_object(builtin, example):
+def test_remove_example_leaves_the_hole_empty(builtin, example):
     from pipelines import eraser
 
     seed, index = example
@@ -86,9 +93,13 @@ def test_remove_example_leaves_at_most_a_tenth_of_the_object(builtin, example):
     brushed = np.asarray(Image.open(folder / f"scene_{seed}_mask{index}.png").convert("L")) > 0
     assert brushed[scene.mask(index, size)].all()  # the example's mask covers the object
     result = eraser.erase(builtin, image, brushed, seed=0, progress=False)  # the tab's seed and settings
-    colour = list(world.COLOURS).index(scene.objects[index].colour)
-    left = float((world.colour_of_pixels(np.asarray(result.image.convert("RGB")))[brushed] == colour).mean())
-    assert left <= 0.10, (scene.objects[index], left)
+    # as the benchmark measures it (quality.eraser_cases): the object's own colour, and any
+    # object colour where the scene without the object is background (another object painted in)
+    colours = world.colour_of_pixels(np.asarray(result.image.convert("RGB")))
+    left = float((colours[brushed] == list(world.COLOURS).index(scene.objects[index].colour)).mean())
+    background = world.colour_of_pixels(scene.render_without(index, size)) < 0
+    invented = float(((colours >= 0) & background)[brushed].mean())
+    assert left <= 0.10 and invented <= 0.10, (scene.objects[index], left, invented)
 
 
 @pytest.mark.timeout(300)
