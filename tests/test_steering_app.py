@@ -17,10 +17,24 @@ PAIR = dict(model="tiny-pixart", positive="a photo of a cat", negative="a photo 
             guidance=4.5, width=64, height=64)
 
 
+def test_the_prompt_pair_flags_say_what_they_are_and_the_papers_names_still_work():
+    # "--negative" would read as a Stable Diffusion negative prompt; MedSteer's names stay aliases
+    import argparse
+
+    from ui.steer_cli import add_steer_args
+
+    parser = argparse.ArgumentParser()
+    add_steer_args(parser)
+    rest = ["--output", "d.safetensors"]
+    ours = parser.parse_args(["directions", "--concept", "a cat", "--replacement", "a dog", *rest])
+    papers = parser.parse_args(["directions", "--positive", "a cat", "--negative", "a dog", *rest])
+    assert (ours.positive, ours.negative) == (papers.positive, papers.negative) == ("a cat", "a dog")
+
+
 @pytest.mark.timeout(300)
 def test_cli_directions_pairs_resume_and_bad_input(tmp_path):
     model = ["--model", "tiny-pixart"]
-    proc = run_app("steer", "directions", "--positive", "a cat", "--negative", "a dog", "--samples", "2",
+    proc = run_app("steer", "directions", "--concept", "a cat", "--replacement", "a dog", "--samples", "2",
                    "--steps", "2", "--output", "d.safetensors", *model, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d.safetensors").is_file() and "2 steps x 2 layers" in proc.stdout

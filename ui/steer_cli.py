@@ -1,10 +1,14 @@
 """`python app.py steer directions|pairs ...`: MedSteer steering directions and counterfactual pairs.
 
-    python app.py steer directions --positive "..." --negative "..." --samples 100 --output D.safetensors
+    python app.py steer directions --concept "..." --replacement "..." --samples 100 --output D.safetensors
     python app.py steer pairs --directions D.safetensors --prompt "..." --beta 2 --seeds 0-99 --output DIR
     accelerate launch app.py steer pairs ...   # the seeds are split across the processes
 
-The CLI registry is flat, so this is one "steer" command with its own sub-commands.
+The CLI registry is flat, so this is one "steer" command with its own sub-commands.  The prompt
+pair is `--concept` (a prompt showing the concept to remove: MedSteer's "positive" prompt) and
+`--replacement` (one showing what replaces it: MedSteer's "negative" prompt, not a negative
+prompt in the Stable Diffusion sense), as the tab names them; `--positive` and `--negative`
+still work, for the paper's readers and older scripts.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from ui.cli_settings import add_settings_arguments, settings_from_args
 
 
 def _add_directions_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--positive", required=True, help="prompt of the concept to remove, e.g. "
-                        f"\"{PAPER_POSITIVE}\"")
-    parser.add_argument("--negative", required=True, help="prompt of the concept to steer towards, e.g. "
-                        f"\"{PAPER_NEGATIVE}\"")
+    parser.add_argument("--concept", "--positive", dest="positive", required=True, metavar="PROMPT",
+                        help="a prompt showing the concept to remove (MedSteer's positive prompt), e.g. "
+                             f"\"{PAPER_POSITIVE}\"")
+    parser.add_argument("--replacement", "--negative", dest="negative", required=True, metavar="PROMPT",
+                        help="a prompt showing what replaces it (MedSteer's negative prompt; not a negative "
+                             f"prompt in the Stable Diffusion sense), e.g. \"{PAPER_NEGATIVE}\"")
     add_settings_arguments(parser, DirectionSettings)  # every setting, with its default
     parser.add_argument("--output", type=Path, required=True, help="the .safetensors file to write")
     add_model_args(parser)
@@ -41,8 +47,10 @@ def _add_pairs_args(parser: argparse.ArgumentParser) -> None:
 def add_steer_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="steer_command", metavar="STEP", title="steps", required=True)
     _add_directions_args(sub.add_parser(
-        "directions", help="estimate steering directions from a positive and a negative prompt",
-        description="estimate steering directions from a positive and a negative prompt"))
+        "directions", help="estimate steering directions from a prompt showing the concept and one showing "
+                           "its replacement",
+        description="estimate steering directions from a prompt showing the concept to remove (--concept) and "
+                    "one showing what replaces it (--replacement)"))
     _add_pairs_args(sub.add_parser(
         "pairs", help="generate counterfactual pairs (plain and steered, same seed) into a folder",
         description="generate counterfactual pairs (plain and steered, same seed) into a folder"))
