@@ -84,7 +84,7 @@ from attention_processors.refam import (
 )
 
 from . import backbones, models
-from .errors import UserInputError
+from .errors import UserInputError, out_of_memory_message
 from .stopping import Stopped
 from .grounding_settings import DEFAULTS, MAGNET_WORDS, MAX_FRAMES, OTSU, PAPER_SIZE, GroundingSettings
 from .io import atomic_path, load_image, mask_image, read_video, save_image, write_video
@@ -683,6 +683,8 @@ def load_sam2(source):
         try:
             _SAM2_CACHE[source] = Sam2Model.from_pretrained(source, local_files_only=True).eval()
         except Exception as error:  # OSError, ValueError: missing or incompatible files
+            if out_of_memory_message(error) is not None:
+                raise  # not a missing model: the request's handler says what to lower (pipelines.errors)
             raise UserInputError(
                 f"No SAM2 model at '{source}': pass a local folder or an already downloaded id such as "
                 "facebook/sam2.1-hiera-large, or leave SAM2 off to threshold the heatmap."

@@ -49,7 +49,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from pipelines import backbones
-from pipelines.errors import UserInputError
+from pipelines.errors import UserInputError, out_of_memory_message
 from pipelines.model_defaults import BUILTIN_FOLDERS
 from pipelines.tiny_models import (  # noqa: F401  (re-exported: models.build_tiny etc.)
     TINY_BACKBONE,
@@ -433,6 +433,8 @@ def _open_checkpoint(path: Path) -> _LazyCheckpoint:
     try:
         return _LazyCheckpoint(path)
     except Exception as error:  # safetensors raises its own error types for corrupt headers
+        if out_of_memory_message(error) is not None:
+            raise  # not a bad file: the request's handler says what to lower (pipelines.errors)
         raise UserInputError(f"'{path}' is not a readable .safetensors file: {_first_line(error)}") from error
 
 

@@ -272,6 +272,36 @@ def test_running_out_of_memory_while_resuming_is_not_called_a_damaged_checkpoint
     assert message.startswith("The computer's memory (CPU RAM) ran out while allocating 1.0 GiB"), message
 
 
+def _cpu_allocator_failure(*args, **kwargs):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                       "memory: you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_running_out_of_memory_while_opening_a_model_is_not_called_a_bad_file(tmp_path, monkeypatch):
+    """A single-file checkpoint or a SAM2 model that does not fit is not "unreadable" or
+    "missing": the error reaches the request's handler, which says what ran out."""
+    from pipelines import grounding, models
+    from pipelines.errors import UserInputError
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserInputError, match="not a readable .safetensors file"):
+        models._open_checkpoint(bad)
+    monkeypatch.setattr(models, "_LazyCheckpoint", _cpu_allocator_failure)
+    with pytest.raises(RuntimeError) as caught:
+        models._open_checkpoint(bad)
+    assert out_of_memory_message(caught.value).startswith("The computer's memory (CPU RAM) ran out")
+
+    import transformers
+
+    with pytest.raises(UserInputError, match="^No SAM2 model at"):
+        grounding.load_sam2(str(tmp_path / "no-sam2-here"))
+    monkeypatch.setattr(transformers.Sam2Model, "from_pretrained", _cpu_allocator_failure)
+    with pytest.raises(RuntimeError) as caught:
+        grounding.load_sam2(str(tmp_path / "sam2-too-large"))
+    assert out_of_memory_message(caught.value).startswith("The computer's memory (CPU RAM) ran out")
+
+
 OOM_SCRIPT = r"""
 import re, resource, sys
 import numpy as np
