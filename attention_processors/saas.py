@@ -21,8 +21,14 @@ What is the paper's and what is ours:
   ``sink_ratio`` gain modes (the image enters IP2P by channel concatenation, so the paper's
   competitor, image tokens, has no counterpart; in ``sink_ratio`` CLIP's start-of-text token
   plays its role), g_max = 3 and the 0.4 * T window.  Defaults: `SD_DEFAULTS`.
+- **Ours, FLUX Kontext** (a second backbone beyond the paper): `SaaSFluxKontextProcessor`,
+  `SaaSFluxKontextState`, `install_flux_kontext`: the paper's mechanism on Kontext's joint
+  sequence [T5 text, noisy latents, reference-image latents] in dual- and single-stream blocks,
+  the reference tokens playing the paper's input-image role (the competitor of its gain rule).
+  OmniGen's and Kontext's states share one implementation (`_JointSequenceSaaSState`); only the
+  layout each reads from its transformer's inputs differs.
 - **Ours, everywhere**: sub-instruction spans from the text's character ranges with a decode
-  assertion instead of the reference code's fixed token offsets; Otsu, blur and masks in torch
+  assertion instead of the reference code's fixed token offsets (`clip_spans`, `offset_spans`); Otsu, blur and masks in torch
   on the device; group masses by SDPA with one-hot indicator values (OmniGen) instead of an eager
   softmax; one explicit state object per call (no environment variables, no global dicts).
 
@@ -49,9 +55,12 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from . import layers as _layers
-from .core import AttentionCall, AttentionController, ControlState, combine_masks
+from .core import AttentionCall, AttentionController, ControlState, combine_masks, fused_attention
 from .grids import GridSums, mask_to_tokens
 
 # ----------------------------------------------------------------------------- defaults
@@ -196,6 +205,60 @@ def clip_spans(tokenizer, text: str, parts: Sequence[tuple[int, int]], max_lengt
             f"part {number} {text[a:b]!r} decodes to {decoded!r} at token positions {start}..{stop - 1}")
         spans.append(slice(start, stop))
     return spans
+
+
+def offset_spans(tokenizer, text: str, parts: Sequence[tuple[int, int]], ids: Sequence[int] | None = None,
+                 what: str = "instruction") -> list[slice]:
+    """Token positions of each part (a character range of `text`) in the ids a pipeline gives its
+    encoder for `text` (`ids`; default: the tokenizer's own encoding), from the tokenizer's offset
+    mapping (a fast tokenizer, e.g. T5's): the tokens whose characters, leading whitespace aside,
+    overlap the part.  Tokens at a span's ends that spell nothing (a lone "▁") are dropped.
+
+    Checks, with AssertionError where a tokenizer breaks the reasoning: the encoding with offsets
+    is a prefix of `ids` (what the encoder reads), and each span decodes back to its part
+    (whitespace and case aside).  An empty part raises `UserInputError`.
+    """
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    own, offsets = list(encoded.input_ids), [tuple(o) for o in encoded.offset_mapping]
+    if ids is not None:
+        given = list(ids)[: len(own)]
+        assert given == own, f"the encoder reads {given}, the offsets belong to {own}"
+    spans = []
+    for number, (a, b) in enumerate(parts, start=1):
+        if b <= a:
+            raise _user_error(f"Part {number} of the {what} is empty; remove the extra comma or write that part.")
+        inside = []
+        for j, (s, e) in enumerate(offsets):
+            while s < e and text[s].isspace():  # a "▁word" token's offsets may include its space
+                s += 1
+            if s < e and max(s, a) < min(e, b):
+                inside.append(j)
+        while inside and not _squash(tokenizer.decode(own[inside[0] : inside[0] + 1])):
+            inside.pop(0)
+        while inside and not _squash(tokenizer.decode(own[inside[-1] : inside[-1] + 1])):
+            inside.pop()
+        if not inside:
+            raise AssertionError(f"no token of part {number} {text[a:b]!r}")
+        start, stop = inside[0], inside[-1] + 1
+        decoded = _decode_with_unknowns(tokenizer, own[start:stop], offsets[start:stop], text)
+        assert _squash(decoded) == _squash(text[a:b]), (
+            f"part {number} {text[a:b]!r} decodes to {decoded!r} at token positions {start}..{stop - 1}")
+        spans.append(slice(start, stop))
+    return spans
+
+
+def _decode_with_unknowns(tokenizer, ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str) -> str:
+    """`ids` decoded, with each unknown token (a character outside the vocabulary, e.g. T5's
+    ``<unk>``) read back as the characters its offsets cover."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    pieces, run = [], []
+    for token, (s, e) in zip(ids, offsets):
+        if token == unknown:
+            pieces += [tokenizer.decode(run), text[s:e]]
+            run = []
+        else:
+            run.append(token)
+    return "".join(pieces + [tokenizer.decode(run)])
 
 
 # ----------------------------------------------------------------------------- maps, Otsu, gains
@@ -685,22 +748,23 @@ class SaaSController(AttentionController):
 # ----------------------------------------------------------------------------- OmniGen (the paper's)
 
 
-class SaaSOmniGenState:
-    """The per-call SaaS state shared by every `SaaSOmniGenProcessor` of one OmniGen transformer.
+class _JointSequenceSaaSState:
+    """What SaaS needs on a model whose text, reference image and output image are tokens of one
+    attention sequence (OmniGen, FLUX Kontext): the per-call state shared by every SaaS processor
+    of one transformer, bound into them at construction (a shared state plus a layer index).
 
-    spans: token positions of the parts in the cond row's padded sequence (the row the model
-        receives); the input-image span(s) come from ``input_image_sizes`` at every forward.
-    capture_layers / scale_layers: layer indices (paper: 8-31 both).
-    window, scale, gain_mode ("paper" default), g_max (None: unclipped), mask_threshold: as
-        `SaaSLoop`.
-    row_roles: the roles of the batch rows (the pipeline's CFG batch is cond, uncond, img_cond);
-        only the "cond" row is measured and modified, and it must be alone in its role.
+    spans: token positions of the parts in the measured row's sequence (the row the model
+        receives); the reference (competitor) keys and the output-image queries are given at
+        every forward by the family's subclass (`_begin`).
+    capture_layers / scale_layers: layer indices (the family's own numbering).
+    window, scale, gain_mode, g_max (None: unclipped), gain, mask_threshold: as `SaaSLoop`.
+    row_roles: the roles of the batch rows; only the "cond" row is measured and modified, and it
+        must be alone in its role.
     seq_len: the sequence length L the caller expects (checked at every forward), or None.
-
-    `begin_forward` is called by `install_omnigen`'s pre-hook (or by hand in tests) before each
-    transformer forward: it advances the step from the timestep (`ControlState.begin_step`),
-    finalises the previous step and prepares this step's bias.
     """
+
+    #: the model's name in error messages
+    family = "this model"
 
     def __init__(self, spans: Sequence[slice], *, capture_layers: Iterable[int] = PAPER_DEFAULTS.capture_layers,
                  scale_layers: Iterable[int] = PAPER_DEFAULTS.scale_layers,
@@ -708,7 +772,7 @@ class SaaSOmniGenState:
                  scale: float = PAPER_DEFAULTS.scale, gain_mode: str = PAPER_DEFAULTS.gain_mode,
                  g_max: float | None = None, gain: float | None = None,
                  mask_threshold: str | float = PAPER_DEFAULTS.mask_threshold,
-                 row_roles: tuple[str, ...] = ("cond", "uncond", "image"), seq_len: int | None = None):
+                 row_roles: tuple[str, ...] = ("cond",), seq_len: int | None = None):
         self.spans = [slice(int(s.start), int(s.stop)) for s in spans]
         if not self.spans or any(s.stop <= s.start for s in self.spans):
             raise ValueError("SaaS needs non-empty sub-instruction spans")
@@ -720,7 +784,8 @@ class SaaSOmniGenState:
                              mask_threshold=mask_threshold)
         self.row: int | None = None
         self.out_grid: tuple[int, int] | None = None
-        self.input_image: list[slice] = []
+        self.out_queries: slice | None = None  # positions of the output-image tokens in the sequence
+        self.reference: list[slice] = []  # the competitor's key positions (the paper's input-image tokens)
         self._capturing = self._rescaling = False
         self._step = -1
         self._bias: torch.Tensor | None = None
@@ -739,13 +804,13 @@ class SaaSOmniGenState:
     def history(self) -> list[dict]:
         return self.loop.history
 
-    def begin_forward(self, *, batch_size: int, out_grid: tuple[int, int], input_image_sizes: dict | None,
-                      seq_len: int, timestep=None, step: int | None = None) -> None:
+    def _begin(self, *, batch_size: int, out_grid: tuple[int, int], out_queries: slice, reference: list[slice],
+               seq_len: int, timestep=None, step: int | None = None) -> None:
         """Prepare one transformer forward: rows, grids and spans are checked, the step advanced
         (from `timestep`, or set to `step`), the previous step finalised, this step's bias built."""
         rows = self.control.rows("cond", batch_size)
         if rows.stop - rows.start != 1:
-            raise ValueError(f"SaaS on OmniGen measures one cond row; this batch has {rows.stop - rows.start}")
+            raise ValueError(f"SaaS on {self.family} measures one cond row; this batch has {rows.stop - rows.start}")
         self.row = rows.start
         if self.seq_len is not None and seq_len != self.seq_len:
             raise ValueError(f"the transformer received {seq_len} tokens, the spans were computed for {self.seq_len}")
@@ -754,8 +819,10 @@ class SaaSOmniGenState:
         if tuple(out_grid) != self.out_grid and self.out_grid is not None and self.loop.masks is not None:
             raise ValueError("the output grid changed during the call")
         self.out_grid = tuple(out_grid)
-        sizes = (input_image_sizes or {}).get(self.row, [])
-        self.input_image = [slice(int(a), int(b)) for a, b in sizes]
+        if out_queries.stop - out_queries.start != self.n_out:
+            raise ValueError(f"{out_queries.stop - out_queries.start} output-image tokens for a {self.out_grid} grid")
+        self.out_queries = out_queries
+        self.reference = list(reference)
         if step is not None:
             self.control.step = step
         elif timestep is not None:
@@ -770,8 +837,8 @@ class SaaSOmniGenState:
                 self.loop.captured_steps.append(current)
             if self._rescaling and current not in self.loop.rescaled_steps:
                 self.loop.rescaled_steps.append(current)
-            # value matrix of one-hot group indicators: [I, S_1..S_K], width padded to 8
-            self._indicator = span_indicator([self.input_image, *self.spans], seq_len, pad_to=8).t().contiguous()
+            # value matrix of one-hot group indicators: [reference, S_1..S_K], width padded to 8
+            self._indicator = span_indicator([self.reference, *self.spans], seq_len, pad_to=8).t().contiguous()
             self._bias = None
             if self._rescaling:
                 loop = self.loop
@@ -786,23 +853,26 @@ class SaaSOmniGenState:
     def rescales(self, layer: int) -> bool:
         return self._rescaling and layer in self.scale_layers
 
-    def apply(self, layer: int, query, key, value, attention_mask, out: torch.Tensor) -> torch.Tensor:
-        """Given the stock SDPA output `out` (B, heads, L, D) of one layer, return it with the cond
-        row's output-image queries recomputed under the log-gain bias (scale steps), and add the
-        group masses of those queries to the step's sums (capture steps); spec 4."""
+    def apply(self, layer: int, query, key, value, attention_mask, out: torch.Tensor,
+              attend=F.scaled_dot_product_attention) -> torch.Tensor:
+        """Given the stock attention output `out` (B, heads, L, D) of one layer, return it with the
+        cond row's output-image queries recomputed under the log-gain bias (scale steps), and add
+        the group masses of those queries to the step's sums (capture steps); spec 4.  `attend`:
+        the fused attention the boosted queries run through (SDPA layout, ``attn_mask=``)."""
         rescale, capture = self.rescales(layer), self.captures(layer)
         if not (rescale or capture):
             return out
-        r, n_out = self.row, self.n_out
-        q0, k0, v0 = query[r : r + 1, :, -n_out:], key[r : r + 1], value[r : r + 1]
+        r, out_q = self.row, self.out_queries
+        q0, k0, v0 = query[r : r + 1, :, out_q], key[r : r + 1], value[r : r + 1]
         m0 = None
         if attention_mask is not None:
             m = attention_mask[r : r + 1] if attention_mask.shape[0] != 1 else attention_mask
-            m0 = m[..., -n_out:, :] if m.shape[-2] != 1 else m
+            m0 = m[..., out_q, :] if m.shape[-2] != 1 else m
         if rescale:
             m0 = combine_masks(m0, self._bias.to(query.device), query.dtype)
-            boosted = F.scaled_dot_product_attention(q0, k0, v0, attn_mask=m0)
-            row = torch.cat([out[r : r + 1, :, :-n_out], boosted.to(out.dtype)], dim=2)
+            boosted = attend(q0, k0, v0, attn_mask=m0)
+            row = torch.cat([out[r : r + 1, :, : out_q.start], boosted.to(out.dtype), out[r : r + 1, :, out_q.stop :]],
+                            dim=2)
             out = torch.cat([out[:r], row, out[r + 1 :]], dim=0)
         if capture:
             with torch.no_grad():
@@ -813,6 +883,46 @@ class SaaSOmniGenState:
                 groups = groups.mean(1)[..., : 1 + len(self.spans)]  # (1, N_out, G)
                 self.loop.add(self._step, self.out_grid, groups)
         return out
+
+
+class SaaSOmniGenState(_JointSequenceSaaSState):
+    """The per-call SaaS state shared by every `SaaSOmniGenProcessor` of one OmniGen transformer.
+
+    spans: token positions of the parts in the cond row's padded sequence (the row the model
+        receives); the input-image span(s) come from ``input_image_sizes`` at every forward.
+    capture_layers / scale_layers: layer indices (paper: 8-31 both).
+    window, scale, gain_mode ("paper" default), g_max (None: unclipped), mask_threshold: as
+        `SaaSLoop`.
+    row_roles: the roles of the batch rows (the pipeline's CFG batch is cond, uncond, img_cond);
+        only the "cond" row is measured and modified, and it must be alone in its role.
+    seq_len: the sequence length L the caller expects (checked at every forward), or None.
+
+    `begin_forward` is called by `install_omnigen`'s pre-hook (or by hand in tests) before each
+    transformer forward: it advances the step from the timestep (`ControlState.begin_step`),
+    finalises the previous step and prepares this step's bias.
+    """
+
+    family = "OmniGen"
+
+    def __init__(self, spans: Sequence[slice], *, row_roles: tuple[str, ...] = ("cond", "uncond", "image"),
+                 **options):
+        super().__init__(spans, row_roles=row_roles, **options)
+
+    @property
+    def input_image(self) -> list[slice]:
+        """The input image's token positions in the cond row (the paper's competitor)."""
+        return self.reference
+
+    def begin_forward(self, *, batch_size: int, out_grid: tuple[int, int], input_image_sizes: dict | None,
+                      seq_len: int, timestep=None, step: int | None = None) -> None:
+        """Prepare one transformer forward (`_JointSequenceSaaSState._begin`): the output image is
+        the last tokens of the sequence, the input image(s) where ``input_image_sizes`` says."""
+        row = self.control.rows("cond", batch_size).start
+        sizes = (input_image_sizes or {}).get(row, [])
+        n_out = out_grid[0] * out_grid[1]
+        self._begin(batch_size=batch_size, out_grid=out_grid, out_queries=slice(seq_len - n_out, seq_len),
+                    reference=[slice(int(a), int(b)) for a, b in sizes], seq_len=seq_len, timestep=timestep,
+                    step=step)
 
 
 class SaaSOmniGenProcessor:
@@ -843,8 +953,6 @@ class SaaSOmniGenProcessor:
         key = key.view(batch_size, -1, kv_heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, kv_heads, head_dim).transpose(1, 2)
         if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
             query = apply_rotary_emb(query, image_rotary_emb, use_real_unbind_dim=-2)
             key = apply_rotary_emb(key, image_rotary_emb, use_real_unbind_dim=-2)
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
@@ -901,6 +1009,167 @@ def install_omnigen(transformer, state: SaaSOmniGenState) -> Iterator[SaaSOmniGe
             module.set_processor(processor)
 
 
+
+# ----------------------------------------------------------------------------- FLUX Kontext (ours)
+
+
+class SaaSFluxKontextState(_JointSequenceSaaSState):
+    """The per-call SaaS state of one FLUX Kontext transformer: OUR EXTRAPOLATION of the paper
+    (docs/methods/instruction.md, "FLUX Kontext"), not the paper's.
+
+    FLUX Kontext's joint sequence is [T5 text, noisy (output) latents, reference-image latents]
+    in every dual-stream block (text and image streams concatenated inside the attention) and
+    every single-stream block (concatenated before it).  The reference latents play the input
+    image's role of the paper: they are the competitor of the paper's gain rule.  Layers are
+    numbered in execution order: dual-stream block i is layer i, single-stream block j is layer
+    ``n_dual + j``.  The pipeline has no CFG batch by default (guidance is an embedding): its one
+    row is the cond row.
+
+    `begin_forward` is called by `install_flux_kontext`'s pre-hook before each transformer
+    forward with the layout read from the transformer's inputs.
+    """
+
+    family = "FLUX Kontext"
+
+    def begin_forward(self, *, batch_size: int, n_txt: int, out_grid: tuple[int, int], n_reference: int,
+                      timestep=None, step: int | None = None) -> None:
+        """Prepare one forward: the text is the first `n_txt` tokens, then the output image's
+        out_grid tokens, then the `n_reference` reference-image tokens."""
+        n_out = out_grid[0] * out_grid[1]
+        if n_reference <= 0:
+            raise ValueError("SaaS on FLUX Kontext needs the reference image's tokens (the pipeline got no image)")
+        out_queries = slice(n_txt, n_txt + n_out)
+        seq_len = n_txt + n_out + n_reference
+        if max(s.stop for s in self.spans) > n_txt:
+            raise ValueError(f"a span reaches past the {n_txt} text tokens")
+        self._begin(batch_size=batch_size, out_grid=out_grid, out_queries=out_queries,
+                    reference=[slice(out_queries.stop, seq_len)], seq_len=seq_len, timestep=timestep, step=step)
+
+
+def flux_kontext_image_layout(img_ids: torch.Tensor) -> tuple[tuple[int, int], int]:
+    """(output grid (h, w), number of reference tokens) from FLUX Kontext's image position ids
+    (N, 3): the pipeline gives the noisy latents ids (0, row, col) and the reference latents
+    (1, row, col), in that order (diffusers `FluxKontextPipeline.prepare_latents`)."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    kind = ids[:, 0].round().long().cpu()
+    n_out = int((kind == 0).sum())
+    if n_out == 0 or not bool((kind[:n_out] == 0).all()) or not bool((kind[n_out:] == 1).all()):
+        raise ValueError("FLUX Kontext's image ids are not [output tokens (0, ...), reference tokens (1, ...)]")
+    out = ids[:n_out].cpu()
+    grid = (int(out[:, 1].max()) + 1, int(out[:, 2].max()) + 1)
+    if grid[0] * grid[1] != n_out:
+        raise ValueError(f"{n_out} output tokens do not fill a {grid[0]}x{grid[1]} grid")
+    return grid, int(kind.numel()) - n_out
+
+
+class SaaSFluxKontextProcessor:
+    """diffusers' `FluxAttnProcessor` plus SaaS on FLUX Kontext (ours): the stock computation for
+    every row and query (the same projections, norms, rotary embedding and dispatched attention
+    with the stock processor's backend), then `SaaSFluxKontextState.apply` on the cond row's
+    output-image queries when this layer is active.  One class for dual-stream blocks (text and
+    image arrive apart) and single-stream blocks (already concatenated): the sequence order is
+    [text, output image, reference image] in both."""
+
+    def __init__(self, state: SaaSFluxKontextState, layer_idx: int, stock=None):
+        self.state = state
+        self.layer_idx = int(layer_idx)
+        # what `set_attention_backend` / context parallelism set on the stock processor
+        self._attention_backend = getattr(stock, "_attention_backend", None)
+        self._parallel_config = getattr(stock, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
+        # exactly FluxAttnProcessor (diffusers 0.42), same operations in the same order
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        # SaaS works in SDPA layout (B, heads, N, D); transposes are views, so inactive layers stay bit-identical
+        backend = self._attention_backend
+
+        def attend(q, k, v, attn_mask=None):
+            return fused_attention(q, k, v, attn_mask=attn_mask, backend=backend)
+
+        hidden_states = self.state.apply(self.layer_idx, query.transpose(1, 2), key.transpose(1, 2),
+                                         value.transpose(1, 2), attention_mask, hidden_states.transpose(1, 2),
+                                         attend=attend).transpose(1, 2)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def flux_attention_modules(transformer) -> list:
+    """The attention modules of a FLUX transformer in execution order (SaaS's layer numbering):
+    every dual-stream block's, then every single-stream block's."""
+    transformer = getattr(transformer, "_orig_mod", transformer)
+    return [block.attn for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+
+
+@contextmanager
+def install_flux_kontext(transformer, state: SaaSFluxKontextState) -> Iterator[SaaSFluxKontextState]:
+    """Install `SaaSFluxKontextProcessor` on the attention of the blocks in ``state.layers``
+    (`flux_attention_modules` numbering; every other layer keeps its processor object) for one
+    call, with a forward pre-hook that feeds `state.begin_forward` from the transformer's inputs
+    (text length from ``encoder_hidden_states``, output grid and reference length from
+    ``img_ids``, step from ``timestep``).  The original processor objects are restored on exit,
+    also when the call raises (a stop included)."""
+    import inspect
+
+    transformer = getattr(transformer, "_orig_mod", transformer)
+    modules = flux_attention_modules(transformer)
+    unknown = sorted(i for i in state.layers if not 0 <= i < len(modules))
+    if unknown:
+        raise ValueError(f"this FLUX transformer has {len(modules)} attention layers; it has no layer {unknown[0]}")
+    originals = [(module, module.get_processor()) for module in modules]
+    signature = inspect.signature(transformer.forward)
+    layouts: dict[int, tuple] = {}  # id(img_ids) -> layout: the pipeline passes the same ids at every step
+
+    @torch.compiler.disable
+    def hook(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        hidden, text, img_ids = bound["hidden_states"], bound["encoder_hidden_states"], bound["img_ids"]
+        cached = layouts.get(id(img_ids))
+        if cached is None or cached[0] is not img_ids:
+            cached = layouts[id(img_ids)] = (img_ids, *flux_kontext_image_layout(img_ids))
+        _, grid, n_reference = cached
+        if hidden.shape[1] != grid[0] * grid[1] + n_reference:
+            raise ValueError(f"{hidden.shape[1]} image tokens, but the position ids describe "
+                             f"{grid[0] * grid[1] + n_reference}")
+        state.begin_forward(batch_size=hidden.shape[0], n_txt=text.shape[1], out_grid=grid, n_reference=n_reference,
+                            timestep=bound.get("timestep"))
+        return None
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, (module, stock) in enumerate(originals):
+            if i in state.layers:
+                module.set_processor(SaaSFluxKontextProcessor(state, i, stock))
+        yield state
+    finally:
+        handle.remove()
+        for module, processor in originals:
+            module.set_processor(processor)
+
+
 __all__ = [
     "GAIN_MODES",
     "PAPER_DEFAULTS",
@@ -908,6 +1177,8 @@ __all__ = [
     "PaperDefaults",
     "SDDefaults",
     "SaaSController",
+    "SaaSFluxKontextProcessor",
+    "SaaSFluxKontextState",
     "SaaSLoop",
     "SaaSOmniGenProcessor",
     "SaaSOmniGenState",
@@ -915,9 +1186,13 @@ __all__ = [
     "clip_spans",
     "compute_gains",
     "default_levels",
+    "flux_attention_modules",
+    "flux_kontext_image_layout",
     "gaussian_blur",
+    "install_flux_kontext",
     "install_omnigen",
     "log_gain_bias",
+    "offset_spans",
     "otsu_threshold",
     "part_masks",
     "quantise8",

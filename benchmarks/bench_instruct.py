@@ -4,13 +4,13 @@ Both arms edit the same image with the same 3-part instruction, seed, steps and 
 through the task's own sampling call (`pipelines.instruct.edit_for(pipe).sample`): the method
 with SaaS as the task runs it on that backbone (InstructPix2Pix: capture on the first 40 % of the
 steps, rescale from step 1 on, in the cross-attention layers `attention_processors.saas.sd_layers`
-picks; OmniGen: the paper's layers and window), the baseline without.  Goal:
+picks; OmniGen and FLUX Kontext: the paper's layers and window), the baseline without.  Goal:
 ratio <= 1.03 (the paper reports 1.074x on OmniGen).
 
 Models: an instruction-edit model is needed.  `--model tiny` (run.py's default) is the tiny SD
 stand-in with an 8-channel UNet of seeded random weights (`tiny_ip2p`); `--model builtin-edit`
-is our trained edit model (64 px); `--model tiny-omnigen` is the tiny random-weight OmniGen
-pipeline; `--model ip2p-random` is the SD 1.5
+is our trained edit model (64 px); `--model tiny-omnigen` and `--model tiny-flux-kontext` are the
+tiny random-weight OmniGen and FLUX Kontext pipelines; `--model ip2p-random` is the SD 1.5
 architecture with an 8-channel UNet (InstructPix2Pix's) and seeded random weights, at 512 px:
 real-size speed without downloading anything.
 """

@@ -1,11 +1,11 @@
 """Instruction edit: an image and a multi-part instruction ("make the circle blue, and make the
-background beige") edited by an OmniGen or InstructPix2Pix model, with SaaS (self-adaptive
+background beige") edited by an OmniGen, FLUX Kontext or InstructPix2Pix model, with SaaS (self-adaptive
 attention scaling; ICCV 2025) so that no part of the instruction is neglected.
 
     from pipelines import models
     from pipelines.instruct import edit_by_instruction
 
-    pipe = models.load("builtin-edit")      # or "Shitao/OmniGen-v1-diffusers", or "tiny-omnigen"
+    pipe = models.load("builtin-edit")      # or "Shitao/OmniGen-v1-diffusers", "tiny-omnigen", "tiny-flux-kontext"
     result = edit_by_instruction(pipe, "scene.png", "make the circle blue, and make the square red", seed=0)
     result.edited, result.plain        # SaaS and plain sampling with the same seed
     result.save("out/")                # edited.png, plain.png, masks, result.json
@@ -16,6 +16,13 @@ attention scaling; ICCV 2025) so that no part of the instruction is neglected.
   span is found from character offsets in the exact text OmniGen's processor tokenizes
   (`OmniGen.instruction_layout`); `attention_processors.saas.install_omnigen` measures and
   rescales the cond row's output-image queries in the paper's layers, window and gain rule.
+- **FLUX Kontext** (`backbones.FLUX_KONTEXT`; OUR EXTRAPOLATION, not the paper's;
+  docs/methods/instruction.md, "FLUX Kontext"): the joint sequence is [T5 text, noisy latents,
+  reference-image latents], and the reference tokens play the paper's input-image role (the
+  competitor of its gain rule).  Each part's span is found from the T5 tokenizer's character
+  offsets (`FluxKontext.instruction_layout`); `attention_processors.saas.install_flux_kontext`
+  measures and rescales the output-image queries in the last three quarters of the dual- and
+  single-stream blocks (`flux_kontext_saas_layers`), with the paper's window and gain rule.
 - **InstructPix2Pix** (and our `builtin-edit`) takes the image by channel concatenation, so on
   these models SaaS is our extrapolation (spec section 6): each part's cross-attention map in the
   instruction row gives a mask (blur, min-max, Otsu), and inside its mask the part's attention is
@@ -28,7 +35,8 @@ and gains per step.  Each supported backbone has one edit object here, in `_EDIT
 backbone): how to call its pipeline and how to put SaaS on it; nothing else compares families.
 
 Sizes: the image is resized (aspect kept) so that its longer side is the model's working side
-(InstructPix2Pix: its native side; OmniGen: the paper's 512 px, or a smaller model's native side),
+(InstructPix2Pix and FLUX Kontext: its native side; OmniGen: the paper's 512 px, or a smaller model's
+native side),
 rounded to the model's grid multiple; the result has that working size.
 """
 
@@ -49,8 +57,8 @@ from .io import atomic_path, load_image, save_image
 from .seeds import resolve_seed
 from .tokenizers import check_fits
 
-__all__ = ["InstructResult", "edit_by_instruction", "edit_for", "edit_run", "generate_by_parts", "instruction_parts",
-           "omnigen_saas_layers", "saas_changes_nothing", "working_size"]
+__all__ = ["InstructResult", "edit_by_instruction", "edit_for", "edit_run", "flux_kontext_saas_layers", "generate_by_parts",
+           "instruction_parts", "omnigen_saas_layers", "saas_changes_nothing", "working_size"]
 
 TASK = "Instruction edit"
 #: multi-part text-to-image (spec section 7): SD 1.x/2.x UNets, whose attn2 levels `sd_layers` knows
@@ -144,13 +152,17 @@ def working_size(pipe, width: int, height: int) -> tuple[int, int]:
 
 def edit_run(pipe, settings: InstructSettings) -> dict:
     """What one edit with `settings` runs on this (supported) model: steps, guidance, image
-    guidance (None in `settings`: the model's) and the gain rule ("auto" resolved, `gain_rule`)."""
+    guidance (None in `settings`: the model's; always None on a model without image guidance,
+    FLUX Kontext) and the gain rule ("auto" resolved, `gain_rule`)."""
     edit = _EDITS[backbones.require(pipe, SUPPORTED, TASK)]
     defaults = edit.defaults(pipe)
+    image_guidance = defaults["image_guidance"]
+    if image_guidance is not None and settings.image_guidance is not None:
+        image_guidance = settings.image_guidance
     return {
         "steps": settings.steps or defaults["steps"],
         "guidance": settings.guidance if settings.guidance is not None else defaults["guidance"],
-        "image_guidance": settings.image_guidance if settings.image_guidance is not None else defaults["image_guidance"],
+        "image_guidance": image_guidance,
         "gain": gain_rule(settings, edit.image_tokens),
     }
 
@@ -300,8 +312,92 @@ class _OmniGenEdit:
         )
 
 
+def flux_kontext_saas_layers(transformer, paper_layers: tuple[int, ...]) -> tuple[int, ...]:
+    """The layers SaaS captures and rescales on a FLUX Kontext transformer (ours): the paper's
+    share of OmniGen v1's depth (layers 8-31 of 32: the last three quarters) of the attention
+    layers in execution order (`saas.flux_attention_modules`: dual-stream blocks, then
+    single-stream ones).  FLUX.1's 19 + 38 blocks: layers 14-56, i.e. dual-stream blocks 14-18 and
+    every single-stream block; the tiny model's 1 + 1: both."""
+    from attention_processors.saas import flux_attention_modules
+
+    return omnigen_saas_layers(len(flux_attention_modules(transformer)), paper_layers)
+
+
+class _FluxKontextEdit:
+    """diffusers' `FluxKontextPipeline`: SaaS as the paper runs it on OmniGen, carried over to FLUX
+    Kontext by us (OUR EXTRAPOLATION; docs/methods/instruction.md, "FLUX Kontext").  Kontext's
+    joint sequence is [T5 text, noisy latents, reference-image latents]; the reference tokens play
+    the paper's input-image role, so the gain rule "auto" is the paper's with them as the
+    competitor.  Layers: `flux_kontext_saas_layers`; window, scale, Otsu and gain from
+    `InstructSettings`; sampling: the pipeline's own defaults (28 steps, guidance embedding 3.5),
+    one cond row, no image guidance."""
+
+    image_tokens = True  # the reference image is tokens of the joint sequence: the competitor
+
+    def defaults(self, pipe) -> dict:
+        """The pipeline's own call defaults (steps, embedded guidance); Kontext has no image guidance."""
+        import inspect
+
+        parameters = inspect.signature(type(pipe).__call__).parameters
+        return {"steps": int(parameters["num_inference_steps"].default),
+                "guidance": float(parameters["guidance_scale"].default), "image_guidance": None}
+
+    def native_side(self, pipe) -> int:
+        return max(models.default_size(pipe))
+
+    def check_instruction(self, pipe, instruction: str) -> None:
+        # the T5 window: the pipeline would cut a longer prompt silently (with a log warning)
+        check_fits(pipe.tokenizer_2, instruction, backbones.FLUX_KONTEXT.text_length(pipe), "instruction")
+
+    def prepare(self, pipe, source: Image.Image, instruction: str, run: dict) -> dict:
+        """The pipeline's keyword arguments, and the joint sequence's layout (the parts' spans in
+        the T5 text, the output and reference images' token ranges)."""
+        from attention_processors.saas import split_instruction
+
+        kontext = backbones.FLUX_KONTEXT
+        call = {**kontext.edit_kwargs(source, instruction, *source.size), "num_inference_steps": run["steps"],
+                "guidance_scale": run["guidance"], "max_sequence_length": kontext.text_length(pipe)}
+        layout = kontext.instruction_layout(pipe, call, split_instruction(instruction))
+        return {**call, "layout": layout}
+
+    def sample(self, pipe, call: dict, seed: int, run: dict, settings: InstructSettings | None = None):
+        """(image, SaaS history), as `_InstructPix2PixEdit.sample`; the SaaS processors are on the
+        transformer for this call only (`install_flux_kontext` restores them, also on a stop)."""
+        from attention_processors.saas import install_flux_kontext
+
+        kwargs = {key: value for key, value in call.items() if key != "layout"}
+        with models.exclusive(pipe):
+            generator = torch.Generator().manual_seed(seed)
+            if settings is None:
+                return pipe(**kwargs, generator=generator, output_type="pil").images[0], []
+            state = self.saas_state(pipe, call["layout"], run, settings)
+            with install_flux_kontext(pipe.transformer, state):
+                image = pipe(**kwargs, generator=generator, output_type="pil").images[0]
+            return image, state.history
+
+    @staticmethod
+    def saas_state(pipe, layout, run: dict, settings: InstructSettings):
+        """The per-call SaaS state: `flux_kontext_saas_layers`, the window `settings.window` of the
+        steps, the gain rule of `run` (the paper's: no cap), the pipeline's one cond row."""
+        from attention_processors.saas import PAPER_DEFAULTS, SaaSFluxKontextState, sd_window
+
+        rule = run["gain"]
+        return SaaSFluxKontextState(
+            layout.spans,
+            capture_layers=flux_kontext_saas_layers(pipe.transformer, PAPER_DEFAULTS.capture_layers),
+            scale_layers=flux_kontext_saas_layers(pipe.transformer, PAPER_DEFAULTS.scale_layers),
+            window=sd_window(run["steps"], settings.window),
+            scale=settings.scale, gain_mode=rule, g_max=None if rule == "paper" else settings.max_gain,
+            gain=settings.max_gain if rule == "fixed" else None,
+            mask_threshold="auto" if settings.mask_threshold is None else settings.mask_threshold,
+            row_roles=backbones.FLUX_KONTEXT.row_roles(pipe, run["guidance"]),
+            seq_len=layout.seq_len,
+        )
+
+
 #: how this task edits on each backbone it supports
-_EDITS = {backbones.INSTRUCT_PIX2PIX: _InstructPix2PixEdit(), backbones.OMNIGEN: _OmniGenEdit()}
+_EDITS = {backbones.INSTRUCT_PIX2PIX: _InstructPix2PixEdit(), backbones.OMNIGEN: _OmniGenEdit(),
+          backbones.FLUX_KONTEXT: _FluxKontextEdit()}
 SUPPORTED = tuple(_EDITS)
 
 

@@ -33,17 +33,18 @@ class InstructSettings(Settings):
                                            "2.5)", label="The instruction guidance", minimum=1, maximum=MAX_GUIDANCE,
                                      step=0.5)
     image_guidance: float | None = setting(None, "image guidance scale: how closely to keep the source (default: "
-                                                 "the model's; 1.5, OmniGen 1.6)", label="The image guidance",
-                                           minimum=1, maximum=MAX_GUIDANCE, step=0.1)
+                                                 "the model's; 1.5, OmniGen 1.6; FLUX Kontext has none)",
+                                           label="The image guidance", minimum=1, maximum=MAX_GUIDANCE, step=0.1)
     saas: bool = setting(True, "self-adaptive attention scaling (off: plain sampling, the baseline)", label="SaaS")
     window: float = setting(0.4, "fraction of the steps SaaS measures and rescales in (paper: 20 of 50)",
                             label="The SaaS window", above=0, maximum=1, step=0.05)
     scale: float = setting(1.0, "extra factor on every gain (paper: 1.0)", label="The gain scale", above=0,
                            maximum=10, step=0.1)
-    gain: str = setting("auto", "gain rule: auto (the model's: paper on OmniGen, equalize otherwise), equalize the "
-                                "parts' attention (ours), a fixed gain, the competitor's share over the part's "
-                                "capped at the largest gain (sink_ratio), or uncapped (paper); the competitor is "
-                                "the input image's tokens on OmniGen, the start token on SD",
+    gain: str = setting("auto", "gain rule: auto (the model's: paper on OmniGen and FLUX Kontext, equalize "
+                                "otherwise), equalize the parts' attention (ours), a fixed gain, the competitor's "
+                                "share over the part's capped at the largest gain (sink_ratio), or uncapped (paper); "
+                                "the competitor is the input image's tokens on OmniGen, the reference image's on "
+                                "FLUX Kontext, the start token on SD",
                         label="The gain rule", choices=GAIN_MODES)
     max_gain: float = setting(3.0, "largest gain (equalize and sink_ratio); the fixed gain (fixed); the paper's rule "
                                    "has no cap", label="The largest gain", minimum=1, maximum=20, step=0.5)
@@ -57,7 +58,8 @@ INSTRUCT = InstructSettings()
 
 def gain_rule(settings: InstructSettings, image_tokens: bool) -> str:
     """The gain rule `settings` asks for, with "auto" resolved: the paper's ("paper") where the
-    input image is attention tokens (`image_tokens`: OmniGen), else our "equalize"."""
+    input image is attention tokens (`image_tokens`: OmniGen; FLUX Kontext's reference image, our
+    extrapolation), else our "equalize"."""
     if settings.gain != "auto":
         return settings.gain
     return "paper" if image_tokens else "equalize"

@@ -7,8 +7,9 @@
   a CPU.  They exist for tests, CI and trying the UI without downloads; their images are noise.
   One per backbone family the methods support: `tiny` (SD 1.x UNet), `tiny-sdxl`,
   `tiny-pixart` (PixArt-alpha DiT), `tiny-sd3` (MMDiT), `tiny-flux` (dual + single stream).
-  Not listed there, for one task or case each: `tiny-sd2` (v-prediction) and `tiny-omnigen` (an
-  OmniGen pipeline with our own small Phi-3-style tokenizer; Instruction edit only).
+  Not listed there, for one task or case each: `tiny-sd2` (v-prediction), `tiny-omnigen` (an
+  OmniGen pipeline with our own small Phi-3-style tokenizer) and `tiny-flux-kontext` (a FLUX
+  Kontext pipeline from `tiny-flux`'s parts); the last two for Instruction edit only.
 - `builtin`: the project's own small model trained on the shapes world (`pipelines/builtin/world.py`,
   `pipelines/builtin/train.py`), stored in `assets/builtin/` in diffusers `save_pretrained`
   layout (float16 safetensors, loaded in the dtype asked for); the app's default;
@@ -99,8 +100,9 @@ BUILTIN_EDIT_DIR = BUILTIN_FOLDERS["builtin-edit"]
 
 BUILTIN_NAMES: tuple[str, ...] = TINY_MODELS + ("builtin", "builtin-edit")
 #: built-in models that edit an image by instruction (not text-to-image): only the Instruction edit task uses them
-#: (`tiny-omnigen`: a random-weight OmniGen, the SaaS paper's backbone, pipelines/tiny_models.py)
-EDIT_MODELS: tuple[str, ...] = ("builtin-edit", "tiny-omnigen")
+#: (`tiny-omnigen`: a random-weight OmniGen, the SaaS paper's backbone; `tiny-flux-kontext`: a random-weight
+#: FLUX Kontext, SaaS our extrapolation; pipelines/tiny_models.py)
+EDIT_MODELS: tuple[str, ...] = ("builtin-edit", "tiny-omnigen", "tiny-flux-kontext")
 
 
 def builtin_folder(name: str) -> Path | None:

@@ -7,7 +7,9 @@ downloads; their images are noise.  `tiny` (SD 1.x UNet), `tiny-sdxl`, `tiny-pix
 DiT), `tiny-sd3` (MMDiT), `tiny-flux` (dual + single stream); `tiny-sd2` (v-prediction, linear
 projections) is built for tests but not offered in the UI.  `tiny-omnigen` is a real diffusers
 `OmniGenPipeline` (the SaaS paper's backbone) for the Instruction edit task only, so it is not in
-`TINY_MODELS`, whose names every text-to-image tab offers.
+`TINY_MODELS`, whose names every text-to-image tab offers; nor is `tiny-flux-kontext`, a real
+diffusers `FluxKontextPipeline` around `tiny-flux`'s parts (SaaS on FLUX Kontext, our
+extrapolation, also for the Instruction edit task only).
 
 Their text side: CLIP tokenizers rebuilt offline from OpenAI's BPE file (exact SD ids), our own
 small T5-style vocabulary, and for `tiny-omnigen` our own small Llama-style BPE vocabulary with
@@ -16,7 +18,8 @@ tokenizer is not available offline).  `pipelines.models.load("tiny")` caches the
 model.
 
 `omnigen_v1_pipeline()` assembles a random-weight OmniGen of v1's full size (the tiny tokenizer and
-VAE around the full transformer) for timing SaaS on a GPU; the tests never build it.
+VAE around the full transformer) for timing SaaS on a GPU, and `flux_kontext_dev_pipeline()` does the
+same for FLUX.1 Kontext dev; the tests never build them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     OmniGenPipeline,
@@ -67,7 +71,8 @@ from pipelines.tokenizers import (
     t5_vocab_size,
 )
 
-__all__ = ["TINY_MODELS", "TINY_BACKBONE", "build_tiny", "build_tiny_as", "clip_text_config", "is_tiny", "omnigen_v1_config",
+__all__ = ["TINY_MODELS", "TINY_BACKBONE", "build_tiny", "build_tiny_as", "clip_text_config", "flux_kontext_dev_config",
+           "flux_kontext_dev_pipeline", "is_tiny", "omnigen_v1_config",
            "omnigen_v1_pipeline", "omnigen_v1_transformer", "save_tiny", "tiny_omnigen_transformer", "tiny_t5"]
 
 TINY_MODELS: tuple[str, ...] = ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
@@ -79,6 +84,7 @@ TINY_BACKBONE = {
     "tiny-flux": backbones.FLUX,
     "tiny-sd2": backbones.SD,
     "tiny-omnigen": backbones.OMNIGEN,
+    "tiny-flux-kontext": backbones.FLUX_KONTEXT,
 }
 
 # Every tiny component is built right after seeding with this value, so the weights do not
@@ -359,10 +365,11 @@ def _build_tiny_sd3() -> StableDiffusion3Pipeline:
     )
 
 
-def _build_tiny_flux() -> FluxPipeline:
+def _tiny_flux_components() -> dict:
+    """The tiny FLUX parts (seeded): `tiny-flux`'s, and `tiny-flux-kontext`'s (the same weights)."""
     # FLUX packs 2x2 latent patches into 64 channels (16 latent channels x 4); rotary axes must
     # add up to the head dimension.  guidance_embeds=True gives FLUX.1-dev's distilled guidance
-    # (no CFG batch), the variant docs/methods/grounding.md assumes.
+    # (no CFG batch), the variant docs/methods/grounding.md assumes (and FLUX.1 Kontext dev's).
     with _seeded():
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -376,30 +383,80 @@ def _build_tiny_flux() -> FluxPipeline:
             guidance_embeds=True,
             axes_dims_rope=(4, 6, 6),
         )
-    return FluxPipeline(
-        # FLUX.1-dev's scheduler: resolution-dependent shift.
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
-        vae=_tiny_vae(
-            latent_channels=16,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
+    return dict(
+        scheduler=_flux_scheduler(),
+        vae=_flux_vae(),
         text_encoder=_tiny_clip_text(with_projection=False),
         tokenizer=clip_tokenizer(),
         text_encoder_2=tiny_t5(),
         tokenizer_2=t5_tokenizer(),
         transformer=transformer,
     )
+
+
+def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # FLUX.1-dev's (and FLUX.1 Kontext dev's) scheduler: resolution-dependent shift.
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def _flux_vae() -> AutoencoderKL:
+    # FLUX's VAE scaling and shift, 16 latent channels, no quant convs
+    return _tiny_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                     use_post_quant_conv=False)
+
+
+def _build_tiny_flux() -> FluxPipeline:
+    return FluxPipeline(**_tiny_flux_components())
+
+
+#: `tiny-flux-kontext`'s native side: 64 px, like `tiny-omnigen` (FluxKontextPipeline's own default is
+#: 1024 px, `default_sample_size` 128 latents)
+_TINY_FLUX_KONTEXT_SAMPLE_SIZE = 8
+
+
+def _build_tiny_flux_kontext() -> FluxKontextPipeline:
+    # a real diffusers FluxKontextPipeline around `tiny-flux`'s parts: Kontext is FLUX.1's
+    # architecture fine-tuned, so only the pipeline (the reference latents in the sequence) differs.
+    # `default_sample_size` is a plain attribute, not saved: a saved copy has the 1024 px default again.
+    pipe = FluxKontextPipeline(**_tiny_flux_components())
+    pipe.default_sample_size = _TINY_FLUX_KONTEXT_SAMPLE_SIZE
+    return pipe
+
+
+def flux_kontext_dev_config() -> dict:
+    """The architecture of ``black-forest-labs/FLUX.1-Kontext-dev``'s transformer (FLUX.1-dev's: 19
+    dual-stream and 38 single-stream blocks, 24 heads x 128, T5 width 4096, CLIP pooled 768,
+    guidance embedding), for speed measurements with random weights."""
+    return dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def flux_kontext_dev_pipeline(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> FluxKontextPipeline:
+    """A `FluxKontextPipeline` around a random-weight transformer of FLUX.1 Kontext dev's full size
+    (about 12 B parameters) for timing SaaS against the stock processors at 1024 px.  Its text
+    encoders are one-layer random ones of the real widths (T5 4096 with the tiny vocabulary, CLIP
+    768) and its VAE is the tiny one: beside 28 transformer steps their cost is small; its images
+    are noise.  Never built by the tests."""
+    config = flux_kontext_dev_config()
+    with _seeded(), torch.device(device):
+        transformer = FluxTransformer2DModel(**config).to(dtype=dtype).eval()
+        t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab_size(), d_model=config["joint_attention_dim"], d_ff=1024,
+                                     d_kv=64, num_layers=1, num_heads=8, feed_forward_proj="gated-gelu",
+                                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).to(dtype=dtype).eval()
+        clip = CLIPTextModel(clip_text_config(config["pooled_projection_dim"], num_layers=1,
+                                              intermediate_size=1024)).to(dtype=dtype).eval()
+    return FluxKontextPipeline(scheduler=_flux_scheduler(), vae=_flux_vae().to(device=device, dtype=dtype),
+                               text_encoder=clip, tokenizer=clip_tokenizer(), text_encoder_2=t5,
+                               tokenizer_2=t5_tokenizer(), transformer=transformer)
 
 
 def tiny_omnigen_transformer(num_layers: int = 4) -> OmniGenTransformer2DModel:
@@ -494,6 +551,7 @@ _TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-flux": _build_tiny_flux,
     "tiny-sd2": _build_tiny_sd2,
     "tiny-omnigen": _build_tiny_omnigen,
+    "tiny-flux-kontext": _build_tiny_flux_kontext,
 }
 
 

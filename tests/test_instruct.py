@@ -173,7 +173,7 @@ def test_bad_images_models_and_settings_get_one_sentence(edit_pipe):
         (lambda: edit_by_instruction(edit_pipe, np.zeros((1, 1, 3), np.uint8), ok), "at least"),
         (lambda: edit_by_instruction(edit_pipe, None, ok), "Please provide an image"),
         (lambda: edit_by_instruction(models.load("tiny"), world.make_scene(1).render(64), ok),
-         "works with InstructPix2Pix and OmniGen models"),
+         "works with InstructPix2Pix, OmniGen and FLUX Kontext models"),
         (lambda: edit_by_instruction(edit_pipe, world.make_scene(1).render(64), ok, window=0), "above 0"),
         (lambda: edit_by_instruction(edit_pipe, world.make_scene(1).render(64), ok, gain="loud"), "one of"),
         (lambda: edit_by_instruction(edit_pipe, world.make_scene(1).render(64), ok, image_guidance=float("nan")),

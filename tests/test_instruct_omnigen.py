@@ -282,7 +282,7 @@ def test_bad_instructions_get_one_sentence(pipe, source, instruction, fragment):
 def test_other_models_are_refused_naming_both_edit_families(source):
     from pipelines.instruct import edit_by_instruction
 
-    with pytest.raises(UserInputError, match="works with InstructPix2Pix and OmniGen models, not with this SD"):
+    with pytest.raises(UserInputError, match="works with InstructPix2Pix, OmniGen and FLUX Kontext models, not with this SD"):
         edit_by_instruction(models.load("tiny", device="cpu"), source, PAPER_EXAMPLE, seed=0)
 
 

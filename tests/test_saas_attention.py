@@ -577,3 +577,129 @@ def test_paper_defaults_are_the_released_settings():
     assert (PAPER_DEFAULTS.begin, PAPER_DEFAULTS.thre, PAPER_DEFAULTS.steps) == (0, 20, 50)
     assert PAPER_DEFAULTS.scale == 1.0 and PAPER_DEFAULTS.mask_threshold == "auto"
     assert saas.sd_window(50) == (0, 20) and saas.sd_window(100) == (0, 40)
+
+
+# ----------------------------------------------------------------------------- FLUX Kontext (ours)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return build_tiny("tiny-flux").transformer
+
+
+def _kontext_call(flux, n_txt=6, out_grid=(2, 3), n_ref=4, seed=2):
+    """One joint sequence [text, output image, reference image] as FLUX Kontext lays it out:
+    normed text and image streams of one row and the rotary embedding of their position ids
+    (text 0, output (0, r, c), reference (1, r, c))."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = flux.config.num_attention_heads * flux.config.attention_head_dim
+    n_out = out_grid[0] * out_grid[1]
+    text = torch.randn(1, n_txt, dim, generator=gen)
+    image = torch.randn(1, n_out + n_ref, dim, generator=gen)
+    out_ids = torch.stack(torch.meshgrid(torch.arange(out_grid[0]), torch.arange(out_grid[1]), indexing="ij"), -1)
+    out_ids = torch.cat([torch.zeros(n_out, 1), out_ids.reshape(n_out, 2).float()], -1)
+    ref_ids = torch.cat([torch.ones(n_ref, 1), torch.stack([torch.zeros(n_ref), torch.arange(n_ref)], -1)], -1)
+    rope = flux.pos_embed(torch.cat([torch.zeros(n_txt, 3), out_ids, ref_ids]))
+    return text, image, rope
+
+
+def _kontext_state(spans, gain, out_grid=(2, 3), n_txt=6, n_ref=4, layers=(0, 1)):
+    from attention_processors.saas import SaaSFluxKontextState
+
+    state = SaaSFluxKontextState(spans, capture_layers=layers, scale_layers=layers, window=(0, 5))
+    state.begin_forward(batch_size=1, n_txt=n_txt, out_grid=out_grid, n_reference=n_ref, step=0)
+    masks = torch.zeros(1, len(spans), *out_grid, dtype=torch.bool)
+    masks[0, 0, 0] = True
+    masks[0, 1, :, 1:] = True
+    state.loop.override(masks, torch.full((1, len(spans)), gain))
+    state.begin_forward(batch_size=1, n_txt=n_txt, out_grid=out_grid, n_reference=n_ref, step=1)
+    return state
+
+
+def test_flux_kontext_processor_changes_only_the_output_queries_in_both_block_kinds(flux):
+    """Dual-stream and single-stream attention: text and reference-image queries stay
+    bit-identical to the stock `FluxAttnProcessor`, the output-image queries follow the log-gain
+    bias exactly (explicit softmax), a neutral gain is the stock path bit for bit, and the capture
+    measures the reference and span masses of the output queries."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from attention_processors.saas import SaaSFluxKontextProcessor, log_gain_bias
+
+    spans, n_txt, n_out = [slice(1, 3), slice(4, 6)], 6, 6
+    text, image, rope = _kontext_call(flux)
+    dual, single = flux.transformer_blocks[0].attn, flux.single_transformer_blocks[0].attn
+    joint = torch.cat([text, image], dim=1)
+    with torch.no_grad():
+        stock_img, stock_txt = FluxAttnProcessor()(dual, image, text, None, rope)
+        stock_single = FluxAttnProcessor()(single, joint, None, None, rope)
+        state = _kontext_state(spans, gain=4.0)
+        ours_img, ours_txt = SaaSFluxKontextProcessor(state, 0)(dual, image, text, None, rope)
+        ours_single = SaaSFluxKontextProcessor(state, 1)(single, joint, None, None, rope)
+        neutral = _kontext_state(spans, gain=1.0)
+        assert not neutral.rescales(0)
+        neutral_img, neutral_txt = SaaSFluxKontextProcessor(neutral, 0)(dual, image, text, None, rope)
+        neutral_single = SaaSFluxKontextProcessor(neutral, 1)(single, joint, None, None, rope)
+    assert torch.equal(ours_txt, stock_txt) and torch.equal(ours_img[:, n_out:], stock_img[:, n_out:])
+    assert not torch.allclose(ours_img[:, :n_out], stock_img[:, :n_out])
+    assert torch.equal(ours_single[:, :n_txt], stock_single[:, :n_txt])
+    assert torch.equal(ours_single[:, n_txt + n_out :], stock_single[:, n_txt + n_out :])
+    assert torch.equal(neutral_img, stock_img) and torch.equal(neutral_txt, stock_txt)
+    assert torch.equal(neutral_single, stock_single)
+    # the single-stream output queries against an explicit softmax with log(lambda) on span keys in the mask
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    with torch.no_grad():
+        q = single.norm_q(single.to_q(joint).unflatten(-1, (-1, single.head_dim)))
+        k = single.norm_k(single.to_k(joint).unflatten(-1, (-1, single.head_dim)))
+        v = single.to_v(joint).unflatten(-1, (-1, single.head_dim))
+        q, k = (apply_rotary_emb(x, rope, sequence_dim=1).transpose(1, 2) for x in (q, k))
+        logits = q[:, :, n_txt : n_txt + n_out] @ k.transpose(-1, -2) / math.sqrt(single.head_dim)
+        bias = log_gain_bias(state.loop.masks.flatten(-2), state.loop.gains, state.loop.active, spans,
+                             k.shape[2])
+        p = (logits + bias).softmax(-1)
+        expected = (p @ v.transpose(1, 2)).transpose(1, 2).flatten(2)
+    assert torch.allclose(ours_single[:, n_txt : n_txt + n_out], expected, atol=1e-5)
+    # capture (step 1, after its boost), the single-stream layer alone: group 0 is the reference
+    # image's mass, then each part's, head-mean, of the output queries
+    single_only = _kontext_state(spans, gain=4.0, layers=(1,))
+    with torch.no_grad():
+        SaaSFluxKontextProcessor(single_only, 1)(single, joint, None, None, rope)
+    got, mean = single_only.loop.sums.at((2, 3))[0], p.mean(1)[0]
+    assert got.shape == (n_out, 1 + len(spans))
+    assert torch.allclose(got[:, 0], mean[:, n_txt + n_out :].sum(-1), atol=1e-6)
+    for k_, span in enumerate(spans, start=1):
+        assert torch.allclose(got[:, k_], mean[:, span].sum(-1), atol=1e-6)
+
+
+def test_flux_kontext_install_reads_the_layout_from_the_transformer_inputs_and_restores(flux):
+    from attention_processors.saas import (SaaSFluxKontextProcessor, SaaSFluxKontextState, flux_kontext_image_layout,
+                                           install_flux_kontext)
+
+    out_ids = torch.zeros(6, 3)
+    out_ids[:, 1], out_ids[:, 2] = torch.arange(6) // 3, torch.arange(6) % 3
+    ref_ids = torch.ones(4, 3)
+    assert flux_kontext_image_layout(torch.cat([out_ids, ref_ids])) == ((2, 3), 4)
+    with pytest.raises(ValueError, match="not \\[output tokens"):
+        flux_kontext_image_layout(torch.cat([ref_ids, out_ids]))
+    state = SaaSFluxKontextState([slice(0, 2)], capture_layers=(1,), scale_layers=(1,), window=(0, 2),
+                                 gain_mode="fixed", gain=2.0, seq_len=7 + 10)
+    before = [b.attn.get_processor() for b in (*flux.transformer_blocks, *flux.single_transformer_blocks)]
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(1, 10, 64, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 7, flux.config.joint_attention_dim, generator=gen),
+                  pooled_projections=torch.randn(1, flux.config.pooled_projection_dim, generator=gen),
+                  guidance=torch.full((1,), 3.5), txt_ids=torch.zeros(7, 3), img_ids=torch.cat([out_ids, ref_ids]),
+                  return_dict=False)
+    with torch.no_grad(), install_flux_kontext(flux, state):
+        installed = [b.attn.get_processor() for b in (*flux.transformer_blocks, *flux.single_transformer_blocks)]
+        assert installed[0] is before[0] and isinstance(installed[1], SaaSFluxKontextProcessor)
+        for t in (1.0, 0.5, 0.25):
+            flux(timestep=torch.full((1,), t), **kwargs)
+    assert state.out_grid == (2, 3) and state.out_queries == slice(7, 13) and state.reference == [slice(13, 17)]
+    assert state.loop.captured_steps == [0, 1] and state.loop.rescaled_steps == [1, 2]
+    assert [b.attn.get_processor() for b in (*flux.transformer_blocks, *flux.single_transformer_blocks)] == before
+    with pytest.raises(ValueError, match="spans were computed for"), install_flux_kontext(flux, state):
+        flux(timestep=torch.full((1,), 0.1), **{**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"][:, :6],
+                                                "txt_ids": torch.zeros(6, 3)})
+    assert all(a is b for a, b in zip(before, [b.attn.get_processor() for b in (*flux.transformer_blocks,
+                                                                              *flux.single_transformer_blocks)]))

@@ -1,5 +1,6 @@
 """`python app.py instruct ...`: edit an image by a multi-part instruction (SaaS on OmniGen, the
-paper's backbone, or on InstructPix2Pix),
+paper's backbone, or, our extrapolation, on FLUX Kontext (`--model tiny-flux-kontext`) or
+InstructPix2Pix),
 or draw a prompt of parts with a text-to-image model (SaaS on SD 1.x/2.x, our extrapolation).
 
     python app.py instruct --image IN.png --instruction "make the circle blue, and make the square red" \

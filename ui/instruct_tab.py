@@ -1,8 +1,9 @@
 """The "Instruction edit" tab: an image and a multi-part instruction -> the SaaS result and plain
 sampling with the same seed side by side, the per-part masks and gains per step, downloads.
-It edits with InstructPix2Pix models (`builtin-edit`) and OmniGen (the SaaS paper's backbone,
-e.g. `Shitao/OmniGen-v1-diffusers` or `tiny-omnigen` when the server offers them), and draws a
-prompt of parts with an SD text-to-image model.
+It edits with InstructPix2Pix models (`builtin-edit`), OmniGen (the SaaS paper's backbone,
+e.g. `Shitao/OmniGen-v1-diffusers` or `tiny-omnigen` when the server offers them) and FLUX
+Kontext (our extrapolation, e.g. `tiny-flux-kontext`), and draws a prompt of parts with an SD
+text-to-image model.
 
 One named API endpoint, `/instruct` (and `/instruct_stop`).
 """

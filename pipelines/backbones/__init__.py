@@ -13,6 +13,7 @@ from pipelines.errors import UserInputError
 
 from .base import OTHER, Backbone, EncodedText, TextLayout, TextSegment
 from .flux import FLUX
+from .flux_kontext import FLUX_KONTEXT
 from .instruct_pix2pix import INSTRUCT_PIX2PIX
 from .omnigen import OMNIGEN
 from .pixart import PIXART
@@ -22,16 +23,23 @@ from .sdxl import SDXL
 
 #: every family the tasks know, in the order they are tried (InstructPix2Pix before SD: its UNet is SD's
 #: with 8 input channels)
-ALL: tuple[Backbone, ...] = (INSTRUCT_PIX2PIX, SD, SDXL, PIXART, SD3, FLUX, OMNIGEN)
+ALL: tuple[Backbone, ...] = (INSTRUCT_PIX2PIX, SD, SDXL, PIXART, SD3, FLUX, OMNIGEN, FLUX_KONTEXT)
+#: families whose denoiser is another family's (FLUX Kontext's is FLUX.1's), told apart by the pipeline
+#: (`matches_pipeline`) before `of` asks the denoiser
+BY_PIPELINE: tuple[Backbone, ...] = (FLUX_KONTEXT,)
 #: the families that draw an image from text alone (what text-to-image tasks accept)
 TEXT_TO_IMAGE: tuple[Backbone, ...] = tuple(backbone for backbone in ALL if backbone.text_to_image)
 
-__all__ = ["ALL", "Backbone", "EncodedText", "FLUX", "INSTRUCT_PIX2PIX", "OMNIGEN", "OTHER", "PIXART", "SD", "SD3", "SDXL", "TEXT_TO_IMAGE", "TextLayout",
+__all__ = ["ALL", "BY_PIPELINE", "Backbone", "EncodedText", "FLUX", "FLUX_KONTEXT", "INSTRUCT_PIX2PIX", "OMNIGEN", "OTHER", "PIXART", "SD", "SD3", "SDXL", "TEXT_TO_IMAGE", "TextLayout",
            "TextSegment", "by_pipeline_class", "of", "require", "sentence_list"]
 
 
 def of(pipe) -> Backbone:
-    """The pipeline's backbone, decided from its denoiser (so every `from_pipe` variant keeps it)."""
+    """The pipeline's backbone, decided from its denoiser (so every `from_pipe` variant keeps it), except
+    for the `BY_PIPELINE` families, whose denoiser is another family's."""
+    named = next((backbone for backbone in BY_PIPELINE if backbone.matches_pipeline(pipe)), None)
+    if named is not None:
+        return named
     components = pipe.components
     denoiser = components.get("transformer") or components.get("unet")
     return next((backbone for backbone in ALL if backbone.matches(denoiser)), OTHER)
