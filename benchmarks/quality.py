@@ -323,7 +323,8 @@ def _described(settings, paper) -> str:
 def bench_eraser(pipe, count: int) -> dict:
     """Attentive Eraser with the model's defaults (the paper's, or the built-in model's measured
     ones) against its ablation (AAS off and no SARG: blended inpainting with the same strength,
-    steps and seed), the paper's defaults where the model's differ, and two trivial baselines."""
+    fill prompt, steps and seed), the same without the fill prompt where there is one, the
+    paper's defaults where the model's differ, and two trivial baselines."""
     from pipelines import models
     from pipelines.eraser_settings import PAPER, EraserSettings
 
@@ -333,8 +334,11 @@ def bench_eraser(pipe, count: int) -> dict:
     own = _described(settings, PAPER)
     method = (f"Attentive Eraser (AAS + SARG, the model's defaults: {own})" if own
               else "Attentive Eraser (AAS + SARG, paper defaults)")
-    plain = "blended-latent inpainting, empty prompt (no AAS, no SARG), same strength"
+    plain = "blended-latent inpainting (no AAS, no SARG), same strength and prompt"
     ablations = {plain: eraser_cases(erase_scenes(pipe, scenes, settings.replace(aas=False)), scenes, size)}
+    if settings.fill_prompt:
+        ablations["the same without the fill prompt"] = eraser_cases(
+            erase_scenes(pipe, scenes, settings.replace(fill_prompt="")), scenes, size)
     if own:
         ablations["Attentive Eraser, paper defaults"] = eraser_cases(erase_scenes(pipe, scenes, PAPER), scenes, size)
         ablations["blended-latent inpainting, paper strength"] = eraser_cases(

@@ -27,9 +27,10 @@ Paper defaults live in one place, `EraserSettings` below (50 DDIM steps, strengt
 scale 9, SS on steps 0..9 with lambda 0.3, SIP; blur kernel 77 at 1024 px for SDXL); the CLI and
 the tab derive their flags and controls from it.  Without settings, `erase` uses the model's
 (`EraserSettings.for_model`): the paper's, except where a model folder ships measured defaults of
-its own.  The built-in model does (strength 1.0, SARG scale 1): on 50 benchmark scenes they leave
-0.086 of the object's colour against 0.351 with the paper's, because at 64 px AAS moves the output
-by about 3/255 in the mask and s = 9 amplifies that into damage (docs/methods/eraser.md).
+its own.  The built-in model does (strength 1.0, SARG scale 1, the fill prompt "an empty
+background"): at 64 px AAS moves its output by about 3/255 in the mask, s = 9 amplifies that into
+damage, SIP's 0.8 keeps the object, and the empty prompt lets it paint another object into the
+hole (measurements in docs/methods/eraser.md).
 
 Deliberate differences from the released code, all exact or our documented choices:
 - AAS with one mask shared by every sample drops the masked keys instead of adding finfo.min
@@ -48,6 +49,11 @@ Deliberate differences from the released code, all exact or our documented choic
 - Latents stay float32 through the loop; each seed draws its VAE sample and its noise from its
   own CPU generator, so a seed gives the same result on any device and in any batch.
 - s = 1 evaluates only the AAS rows and s = 0 only the normal rows (the same formula).
+- A fill prompt (`fill_prompt`, ours; empty by default, which is the paper's method): both
+  branches are conditioned on a prompt saying what the hole should hold instead of the empty
+  prompt, as inpainting UIs let users do.  The built-in model's own default is "an empty
+  background", because with the empty prompt it paints another object into the hole
+  (docs/methods/eraser.md).
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ from . import backbones, models
 from .errors import UserInputError
 from .io import load_image, load_mask, save_image
 from .seeds import resolve_seed
+from .tokenizers import check_fits
 from .viz import overlay_mask
 from .eraser_settings import (
     CROP_MODES,
@@ -425,11 +432,12 @@ def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor
 
 
 class _Conditioning:
-    """Empty-prompt embeddings (and SDXL's added conditions) repeated for n batch rows."""
+    """The fill prompt's embeddings (the paper's: the empty prompt) and SDXL's added conditions,
+    repeated for n batch rows."""
 
-    def __init__(self, pipe, bb: EraserBackbone, height: int, width: int, device, dtype):
+    def __init__(self, pipe, bb: EraserBackbone, height: int, width: int, device, dtype, prompt: str = ""):
         with torch.no_grad():
-            self.embeds, self.added = bb.backbone.unconditional(pipe, height, width, device, dtype)
+            self.embeds, self.added = bb.backbone.conditioning(pipe, prompt, height, width, device, dtype)
         self._cache: dict[int, tuple] = {}
 
     def rows(self, n: int) -> tuple[torch.Tensor, dict | None]:
@@ -508,7 +516,7 @@ def run_sarg(
     edited = m_lat.flatten(1).any(1)  # (B,)
     scheduler = ddim_scheduler(pipe, steps)
     timesteps = executed_timesteps(scheduler, strength)
-    cond = _Conditioning(pipe, bb, height, width, device, dtype)
+    cond = _Conditioning(pipe, bb, height, width, device, dtype, s.fill_prompt)
     z0, noise = z0.to(device, torch.float32), noise.to(device, torch.float32)
 
     use_aas = aas and guidance != 0 and bool(edited.any())
@@ -615,12 +623,14 @@ def erase(pipe, image, mask, settings: EraserSettings | None = None, *, seed: in
 
     image: path, PIL image or uint8 array; mask: path, PIL image, array (white/True/alpha =
     remove), resized to the image with a note if its size differs.
-    settings: `EraserSettings` (the paper's by default); `options` override its fields by name
+    settings: `EraserSettings` (default: the model's, `EraserSettings.for_model`: the paper's, or
+    a model folder's measured ones); `options` override its fields by name
     (`erase(pipe, image, mask, steps=20)`); an unknown name is a TypeError.
     seed: None or negative draws one; image i uses seed + i.
     """
     bb = backbone(pipe)
     settings = (settings or EraserSettings.for_model(pipe)).replace(**options).validated()
+    check_fits(pipe.tokenizer, settings.fill_prompt, pipe.tokenizer.model_max_length, "fill prompt")
     strength = settings.resolved_strength()
     base_seed = resolve_seed(seed)
     seeds = [base_seed + i for i in range(settings.num_images)]
@@ -647,6 +657,7 @@ def erase(pipe, image, mask, settings: EraserSettings | None = None, *, seed: in
         "composite": settings.composite,
         "freeu": freeu,
         "aas": settings.aas,
+        "fill_prompt": settings.fill_prompt,
     }
     if prepared.empty:
         for note in prepared.notes:

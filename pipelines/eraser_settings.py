@@ -56,6 +56,8 @@ class EraserSettings(Settings):
     freeu: bool | None = setting(None, "FreeU (default: on for SD 2.x as in the paper, off otherwise)", label="FreeU")
     aas: bool = setting(True, "attention redirection in the decoder self-attention (off: the same loop "
                                     "without it, an ablation)", label="AAS")
+    fill_prompt: str = setting("", "a prompt for what fills the hole, e.g. 'an empty background' (ours; the paper "
+                                   "uses none)", label="Fill with")
 
     TASK: ClassVar[str] = "eraser"  # a model folder's own defaults (`for_model`; the built-in model's)
 

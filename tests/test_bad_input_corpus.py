@@ -125,7 +125,7 @@ ENDPOINTS: dict[str, Callable[[dict], dict]] = {
                                       layers="all", overlay_alpha=0.5),
     "/erase": lambda f: dict(model="tiny", image=_editor(f["photo"]), mask=_upload(f["mask"]), grow=0, seed=0,
                              randomize_seed=False, steps=2, strength=0.8, guidance=9.0, ss_steps=1, ss_scale=0.3,
-                             mode="sip", num_images=1),
+                             mode="sip", num_images=1, fill_prompt=""),
     "/segment": lambda f: dict(model="tiny", image=_upload(f["photo"]), video=None, expression="the red square",
                                size=64, noise=0.3, gas="exclude", norm="text_softmax", magnets=4, threshold=0,
                                refine=False, seed=0),
@@ -296,7 +296,7 @@ def _kinds(endpoint: str, name: str) -> list[str]:
         kinds.append("train_steps")
     if name in REQUIRED_TEXT:
         kinds.append("required_text")
-    if name == "negative_prompt":
+    if name in ("negative_prompt", "fill_prompt"):  # optional text: may be empty, not longer than the tokenizer reads
         kinds.append("negative_prompt")
     if name in CHOICES:
         kinds.append("choice")

@@ -291,6 +291,20 @@ def test_output_size_equals_input_size_and_outside_pixels_are_exact(tiny_pipe):
     assert result.params["working_size"][0] % 32 == 0 and result.params["working_size"][1] % 32 == 0
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
+def test_a_fill_prompt_conditions_every_step_and_the_empty_one_is_the_papers(tiny_pipe, name):
+    # ours: the paper's eraser runs with the empty prompt; a fill prompt says what the hole should
+    # hold (it is what makes the built-in model stop painting objects into holes: model card)
+    image, mask = scene(seed=3)
+    pipe = tiny_pipe(name)
+    paper = erase(pipe, image, mask, seed=2, **FAST)
+    empty = erase(pipe, image, mask, seed=2, fill_prompt="", **FAST)
+    filled = erase(pipe, image, mask, seed=2, fill_prompt="an empty background", **FAST)
+    assert np.array_equal(np.asarray(paper.image), np.asarray(empty.image))
+    assert not np.array_equal(np.asarray(paper.image), np.asarray(filled.image))
+    assert filled.params["fill_prompt"] == "an empty background" and paper.params["fill_prompt"] == ""
+
+
 def test_large_image_goes_through_the_crop_strategy(tiny_pipe):
     image, _ = scene(640, 400, seed=2)
     mask = np.zeros((400, 640), bool)
@@ -392,7 +406,7 @@ def test_bad_inputs_are_one_sentence_errors(tiny_pipe, tmp_path, monkeypatch):
     (dict(steps=0), "Steps"), (dict(strength=0.0), "Strength"), (dict(steps=2, strength=0.3), "no step"),
     (dict(guidance=-1), "guidance"), (dict(ss_scale=0.0), "SS scale"), (dict(mode="ddpm"), "Mode"),
     (dict(num_images=0), "number of images"), (dict(grow=1000), "growth"), (dict(crop="maybe"), "Crop"),
-    (dict(blur_kernel=4), "odd"),
+    (dict(blur_kernel=4), "odd"), (dict(fill_prompt="a red circle " * 40), "fill prompt is"),
 ])
 def test_bad_options_are_one_sentence_errors(tiny_pipe, options, fragment):
     image, mask = scene()

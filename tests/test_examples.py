@@ -20,7 +20,8 @@ their own tests and benchmarks.
 
 An example the built-in model still gets wrong is listed in `KNOWN_WRONG` with the measured
 reason and runs as a strict expected failure: it cannot hide (the test reports it), and the day
-it gives the right answer the test fails until the entry is removed.
+it gives the right answer the test fails until the entry is removed.  One whose figure is within
+noise of the check (`BORDERLINE`) is a non-strict expected failure, reported either way.
 """
 
 from __future__ import annotations
@@ -40,23 +41,20 @@ def builtin():
     return models.load("builtin", device="cpu")
 
 
-_HOLE_FILLED = ("with the tab's seed 0 builtin fills the hole with another object ({}); seeds 0 to 2 leave "
-                "an object in the hole in 8 of 9 runs over the three examples, though the removed object's own "
-                "colour is gone in most: model card, 'Limits, measured'")
 KNOWN_WRONG = {
-    "(1090003, 0)": _HOLE_FILLED.format("purple over 0.51 of the brushed region"),
-    "(1090004, 1)": "with the tab's seed 0 builtin redraws the small purple square in the hole (0.79 of the brushed "
-                    "region left; plain inpainting 0.76); seeds 1 and 2 paint a red or an orange one instead: "
-                    "model card, 'Limits, measured'",
-    "(1090005, 0)": _HOLE_FILLED.format("orange over 0.50 of the brushed region"),
+    "(1090005, 0)": "with the tab's seed 0 a faint remnant stays in the hole (0.104 of the brushed region in object "
+                    "colours: red 0.06, green 0.04) against the check's 0.10; seeds 1 and 2 leave 0.004 and 0.007",
 }
+#: known-wrong examples whose measured figure is within noise of the check: another torch or CPU
+#: may land on either side, so they are expected failures that may pass (reported as XPASS)
+BORDERLINE = {"(1090005, 0)"}
 
 
 def _examples(examples, name):
     """The tab's examples as test parameters, the known-wrong ones as strict expected failures
     (of the answer's check only: an exception is still an error)."""
-    return [pytest.param(e, id=name(e), marks=[pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                                 reason=KNOWN_WRONG[name(e)])]
+    return [pytest.param(e, id=name(e), marks=[pytest.mark.xfail(strict=name(e) not in BORDERLINE,
+                                                                 raises=AssertionError, reason=KNOWN_WRONG[name(e)])]
                          if name(e) in KNOWN_WRONG else []) for e in examples]
 
 

@@ -71,6 +71,7 @@ def test_the_cli_uses_the_models_defaults_for_flags_left_out_and_help_names_them
     helps = {action.dest: action.help for action in parser._actions}
     assert f"(default: 9.0; builtin: {builtin.guidance})" in helps["guidance"]
     assert f"(builtin: {builtin.strength})" in helps["strength"]
+    assert f"(default: empty; builtin: {builtin.fill_prompt})" in helps["fill_prompt"]
 
 
 def test_the_python_api_takes_the_models_defaults_when_no_settings_are_given(tmp_path):
@@ -110,6 +111,7 @@ def test_the_tabs_controls_start_at_the_first_models_defaults(builtin_first_tabs
     builtin = EraserSettings.for_model("builtin")
     assert (controls["er-strength"].value, controls["er-guidance"].value) == (builtin.strength, builtin.guidance)
     assert "as measured on it" in controls["er-guidance"].info
+    assert controls["er-fill"].value == builtin.fill_prompt and "the paper's: none" in controls["er-fill"].info
     grounding = GroundingSettings.for_model("builtin")
     assert controls["seg-threshold"].value == grounding.threshold and controls["seg-noise"].value == grounding.sigma
     assert "as measured on it" in controls["seg-threshold"].info

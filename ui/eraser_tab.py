@@ -39,7 +39,7 @@ from ui.common import (
     stoppable,
     user_errors_as_gradio,
 )
-from ui.settings_controls import follow_model_defaults, model_info, radio, slider
+from ui.settings_controls import follow_model_defaults, model_info, radio, slider, textbox
 
 ORDER = 20  # position among the tabs
 HISTORY_LIMIT = 20
@@ -161,6 +161,7 @@ def make_handler(ctx: AppContext):
         ss_scale: float | None = None,
         mode: str | None = None,
         num_images: float | None = None,
+        fill_prompt: str | None = None,
         progress=gr.Progress(track_tqdm=True),
         request: gr.Request = None,
     ):
@@ -169,7 +170,8 @@ def make_handler(ctx: AppContext):
         image: the editor value {"background": image, "layers": [stroke layers], "composite": ...};
         mask: optional mask image (white = remove), combined with the strokes.  seed -1 or
         randomize_seed=True draws a random seed; image i of num_images uses seed + i.  strength
-        applies to SIP (DIP always starts from full noise).  A setting left out (None) is the
+        applies to SIP (DIP always starts from full noise).  fill_prompt: what should fill the hole
+        (ours; empty: the paper's method, which uses no prompt).  A setting left out (None) is the
         model's default (`EraserSettings.for_model`: the paper's, or the values measured for the
         built-in model).  Returns the (input, result) pair,
         every result, the dilated mask over the input, the seed used and the files (PNG with the
@@ -187,7 +189,7 @@ def make_handler(ctx: AppContext):
         base = EraserSettings.for_model(model)
         mode = base.mode if mode is None else (mode.lower() if isinstance(mode, str) else mode)
         given = dict(steps=steps, strength=strength if mode == "sip" else None, guidance=guidance, ss_steps=ss_steps,
-                     ss_scale=ss_scale, num_images=num_images)
+                     ss_scale=ss_scale, num_images=num_images, fill_prompt=fill_prompt)
         settings = base.replace(mode=mode, grow=grow or 0, **{k: v for k, v in given.items() if v is not None})
         if mode != "sip":
             settings = settings.replace(strength=None)  # DIP starts from full noise
@@ -345,6 +347,10 @@ def build_tab(ctx: AppContext) -> dict:
                                 format="png", height=160, elem_id="er-mask")
                 model = model_menu(ctx, SUPPORTED, "Remove object", elem_id="er-model",
                                    info="SD 1.x/2.x or SDXL models (paper: SDXL base 1.0, SD 2.1 base)")
+                fill_prompt = textbox(EraserSettings, "fill_prompt", value=EraserSettings.for_model(model.value).fill_prompt,
+                                      label="Fill the hole with (optional prompt)",
+                                      placeholder="empty: the paper's method (no prompt)",
+                                      info=model_info(EraserSettings, "fill_prompt", model.value), elem_id="er-fill")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="er-seed")
                     randomize_seed = gr.Checkbox(value=False, label="Random seed", elem_id="er-randomize")
@@ -404,10 +410,10 @@ def build_tab(ctx: AppContext) -> dict:
 
         follow_model_defaults(model, EraserSettings, {"steps": steps, "strength": strength, "guidance": guidance,
                                                       "ss_steps": ss_steps, "ss_scale": ss_scale,
-                                                      "num_images": num_images},
+                                                      "num_images": num_images, "fill_prompt": fill_prompt},
                               ctx.model_choices, value_of=_control_value)
         inputs = [model, editor, mask, grow, seed, randomize_seed, steps, strength, guidance,
-                  ss_steps, ss_scale, mode, num_images]
+                  ss_steps, ss_scale, mode, num_images, fill_prompt]
         outputs = [compare, gallery, mask_preview, seed_used, files, results, details_state, handle_at]
         removal = run.click(make_handler(ctx), inputs, outputs, api_name="erase", **GPU_CONCURRENCY)
         removal.then(lambda: 0, None, selected, api_visibility="private", queue=False)

@@ -90,13 +90,17 @@ def model_info(settings: type[Settings], name: str, model) -> str:
     measured = task_defaults(model, settings.TASK) if settings.TASK else {}
     if name not in measured:
         return help_text
-    paper = settings.default(name)
-    return f"{help_text} ({model}: {measured[name]:g} as measured on it; the paper's: {_shown(paper)})" \
-        if isinstance(measured[name], (int, float)) else f"{help_text} ({model}: {measured[name]}, measured)"
+    paper, value = settings.default(name), measured[name]
+    shown = f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+    return f"{help_text} ({model}: {shown} as measured on it; the paper's: {_shown(paper)})"
 
 
 def _shown(value) -> str:
-    return "auto" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
+    if value is None:
+        return "auto"
+    if value == "":
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def followed_fields(settings: type[Settings], choices: list[str]) -> list[str]:

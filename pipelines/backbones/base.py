@@ -139,9 +139,13 @@ class Backbone:
         """`pipe(...)` keyword arguments carrying the encoded prompt (and negative prompt with CFG)."""
         raise NotImplementedError(f"{self.name}: prompt_embeds")
 
+    def conditioning(self, pipe, prompt: str, height: int, width: int, device, dtype) -> tuple[torch.Tensor, dict | None]:
+        """One row's embeddings of `prompt` and the UNet's added conditions (or None)."""
+        raise NotImplementedError(f"{self.name}: conditioning")
+
     def unconditional(self, pipe, height: int, width: int, device, dtype) -> tuple[torch.Tensor, dict | None]:
         """Empty-prompt embeddings for one row and the UNet's added conditions (or None)."""
-        raise NotImplementedError(f"{self.name}: unconditional")
+        return self.conditioning(pipe, "", height, width, device, dtype)
 
     # ------------------------------------------------------------------ one noisy forward
 

@@ -53,8 +53,8 @@ class StableDiffusion(Backbone):
         pe, ne = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
         return dict(prompt_embeds=pe, negative_prompt_embeds=ne) if cfg else dict(prompt_embeds=pe)
 
-    def unconditional(self, pipe, height, width, device, dtype):
-        embeds, _ = pipe.encode_prompt("", device, 1, False)
+    def conditioning(self, pipe, prompt, height, width, device, dtype):
+        embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
         return embeds.to(dtype), None
 
     def noisy_forward(self, pipe, latents, noise, text, *, sigma, timestep, guidance) -> None:

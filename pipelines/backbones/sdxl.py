@@ -38,8 +38,8 @@ class StableDiffusionXL(StableDiffusion):
             embeds.update(negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npe)
         return embeds
 
-    def unconditional(self, pipe, height, width, device, dtype):
-        embeds, _, pooled, _ = pipe.encode_prompt("", device=device, num_images_per_prompt=1,
+    def conditioning(self, pipe, prompt, height, width, device, dtype):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         # micro-conditioning: original = target = working size, crop (0, 0)
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
