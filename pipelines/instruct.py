@@ -43,6 +43,7 @@ rounded to the model's grid multiple; the result has that working size.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,7 +236,29 @@ def omnigen_saas_layers(num_layers: int, paper_layers: tuple[int, ...]) -> tuple
     return tuple(range(first, num_layers))
 
 
-class _OmniGenEdit:
+class _JointSequenceEdit:
+    """What OmniGen and FLUX Kontext share: text and images are tokens of one attention sequence,
+    and SaaS is a per-call state (`saas_state`) bound into processors that `install` puts on the
+    transformer for one call and restores after it (also on an error or a stop)."""
+
+    def seeded(self, pipe, seed: int):
+        """Extra seeding around the call (none: the generator is enough)."""
+        return nullcontext()
+
+    def sample(self, pipe, call: dict, seed: int, run: dict, settings: InstructSettings | None = None):
+        """(image, SaaS history), as `_InstructPix2PixEdit.sample`."""
+        kwargs = {key: value for key, value in call.items() if key != "layout"}
+        with models.exclusive(pipe), self.seeded(pipe, seed):
+            generator = torch.Generator().manual_seed(seed)
+            if settings is None:
+                return pipe(**kwargs, generator=generator, output_type="pil").images[0], []
+            state = self.saas_state(pipe, call["layout"], run, settings)
+            with self.install(pipe.transformer, state):
+                image = pipe(**kwargs, generator=generator, output_type="pil").images[0]
+            return image, state.history
+
+
+class _OmniGenEdit(_JointSequenceEdit):
     """diffusers' `OmniGenPipeline`, the paper's backbone: SaaS as the paper runs it (spec
     sections 2-5) on the cond row's output-image queries, with the paper's settings (layers 8-31,
     the window 20 of 50, scale 1, Otsu, the image-token gain) taken from `InstructSettings`."""
@@ -274,21 +297,16 @@ class _OmniGenEdit:
         return {**call, "num_inference_steps": run["steps"], "guidance_scale": run["guidance"],
                 "img_guidance_scale": run["image_guidance"], "layout": layout}
 
-    def sample(self, pipe, call: dict, seed: int, run: dict, settings: InstructSettings | None = None):
-        """(image, SaaS history), as `_InstructPix2PixEdit.sample`.  The same seed also seeds the
-        global RNG, which OmniGen's pipeline encodes the input image with."""
+    def seeded(self, pipe, seed: int):
+        """The same seed also seeds the global RNG, which OmniGen's pipeline encodes the input
+        image with."""
+        return backbones.OMNIGEN.seeded(pipe, seed)
+
+    @staticmethod
+    def install(transformer, state):
         from attention_processors.saas import install_omnigen
 
-        kwargs = {key: value for key, value in call.items() if key != "layout"}
-        omnigen = backbones.OMNIGEN
-        with models.exclusive(pipe), omnigen.seeded(pipe, seed):
-            generator = torch.Generator().manual_seed(seed)
-            if settings is None:
-                return pipe(**kwargs, generator=generator, output_type="pil").images[0], []
-            state = self.saas_state(pipe, call["layout"], run, settings)
-            with install_omnigen(pipe.transformer, state):
-                image = pipe(**kwargs, generator=generator, output_type="pil").images[0]
-            return image, state.history
+        return install_omnigen(transformer, state)
 
     @staticmethod
     def saas_state(pipe, layout, run: dict, settings: InstructSettings):
@@ -323,7 +341,7 @@ def flux_kontext_saas_layers(transformer, paper_layers: tuple[int, ...]) -> tupl
     return omnigen_saas_layers(len(flux_attention_modules(transformer)), paper_layers)
 
 
-class _FluxKontextEdit:
+class _FluxKontextEdit(_JointSequenceEdit):
     """diffusers' `FluxKontextPipeline`: SaaS as the paper runs it on OmniGen, carried over to FLUX
     Kontext by us (OUR EXTRAPOLATION; docs/methods/instruction.md, "FLUX Kontext").  Kontext's
     joint sequence is [T5 text, noisy latents, reference-image latents]; the reference tokens play
@@ -360,20 +378,11 @@ class _FluxKontextEdit:
         layout = kontext.instruction_layout(pipe, call, split_instruction(instruction))
         return {**call, "layout": layout}
 
-    def sample(self, pipe, call: dict, seed: int, run: dict, settings: InstructSettings | None = None):
-        """(image, SaaS history), as `_InstructPix2PixEdit.sample`; the SaaS processors are on the
-        transformer for this call only (`install_flux_kontext` restores them, also on a stop)."""
+    @staticmethod
+    def install(transformer, state):
         from attention_processors.saas import install_flux_kontext
 
-        kwargs = {key: value for key, value in call.items() if key != "layout"}
-        with models.exclusive(pipe):
-            generator = torch.Generator().manual_seed(seed)
-            if settings is None:
-                return pipe(**kwargs, generator=generator, output_type="pil").images[0], []
-            state = self.saas_state(pipe, call["layout"], run, settings)
-            with install_flux_kontext(pipe.transformer, state):
-                image = pipe(**kwargs, generator=generator, output_type="pil").images[0]
-            return image, state.history
+        return install_flux_kontext(transformer, state)
 
     @staticmethod
     def saas_state(pipe, layout, run: dict, settings: InstructSettings):

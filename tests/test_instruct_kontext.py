@@ -10,7 +10,6 @@ is specified at attention level in tests/test_saas_attention.py; here it is the 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import assert_user_error, run_app  # noqa: E402
+from edit_fixtures import pixels as _pixels, squash as _squash  # noqa: E402
 
 from attention_processors.saas import SaaSFluxKontextProcessor, flux_attention_modules, split_instruction  # noqa: E402
 from pipelines import backbones, models  # noqa: E402
@@ -40,14 +40,6 @@ def pipe():
 @pytest.fixture(scope="module")
 def source():
     return Image.fromarray(world.make_edit(1_095_003).source.render(64))
-
-
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", text).lower()
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
 
 
 def _processors(pipe) -> list:

@@ -9,7 +9,6 @@ specified at transformer level in tests/test_saas_attention.py; here it is the t
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import assert_user_error, run_app  # noqa: E402
+from edit_fixtures import pixels as _pixels, squash as _squash  # noqa: E402
 
 from attention_processors.saas import SaaSOmniGenProcessor, split_instruction  # noqa: E402
 from pipelines import backbones, models  # noqa: E402
@@ -38,14 +38,6 @@ def pipe():
 @pytest.fixture(scope="module")
 def source():
     return Image.fromarray(world.make_edit(1_095_003).source.render(64))
-
-
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", text).lower()
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
 
 
 # ----------------------------------------------------------------------------- the tiny pipeline
