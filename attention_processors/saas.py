@@ -227,24 +227,34 @@ def offset_spans(tokenizer, text: str, parts: Sequence[tuple[int, int]], ids: Se
     for number, (a, b) in enumerate(parts, start=1):
         if b <= a:
             raise _user_error(f"Part {number} of the {what} is empty; remove the extra comma or write that part.")
-        inside = []
-        for j, (s, e) in enumerate(offsets):
-            while s < e and text[s].isspace():  # a "▁word" token's offsets may include its space
-                s += 1
-            if s < e and max(s, a) < min(e, b):
-                inside.append(j)
-        while inside and not _squash(tokenizer.decode(own[inside[0] : inside[0] + 1])):
-            inside.pop(0)
-        while inside and not _squash(tokenizer.decode(own[inside[-1] : inside[-1] + 1])):
-            inside.pop()
-        if not inside:
-            raise AssertionError(f"no token of part {number} {text[a:b]!r}")
-        start, stop = inside[0], inside[-1] + 1
-        decoded = _decode_with_unknowns(tokenizer, own[start:stop], offsets[start:stop], text)
-        assert _squash(decoded) == _squash(text[a:b]), (
-            f"part {number} {text[a:b]!r} decodes to {decoded!r} at token positions {start}..{stop - 1}")
-        spans.append(slice(start, stop))
+        spans.append(part_tokens(tokenizer, own, offsets, text, (a, b), f"part {number}"))
     return spans
+
+
+def part_tokens(tokenizer, ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str,
+                part: tuple[int, int], name: str = "part") -> slice:
+    """The positions in `ids` of the tokens spelling `text[a:b]`, from their character `offsets`
+    into `text`: the tokens whose characters, leading whitespace aside, overlap the part, without
+    tokens at the ends that spell nothing (a lone "▁").  AssertionError unless the span decodes
+    back to the part (whitespace and case aside; an unknown token reads as its characters)."""
+    a, b = part
+    inside = []
+    for j, (s, e) in enumerate(offsets):
+        while s < e and text[s].isspace():  # a "▁word" token's offsets may include its space
+            s += 1
+        if s < e and max(s, a) < min(e, b):
+            inside.append(j)
+    while inside and not _squash(tokenizer.decode(ids[inside[0] : inside[0] + 1])):
+        inside.pop(0)
+    while inside and not _squash(tokenizer.decode(ids[inside[-1] : inside[-1] + 1])):
+        inside.pop()
+    if not inside:
+        raise AssertionError(f"no token of {name} {text[a:b]!r}")
+    start, stop = inside[0], inside[-1] + 1
+    decoded = _decode_with_unknowns(tokenizer, ids[start:stop], offsets[start:stop], text)
+    assert _squash(decoded) == _squash(text[a:b]), (
+        f"{name} {text[a:b]!r} decodes to {decoded!r} at token positions {start}..{stop - 1}")
+    return slice(start, stop)
 
 
 def _decode_with_unknowns(tokenizer, ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str) -> str:

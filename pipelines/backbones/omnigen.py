@@ -120,10 +120,6 @@ class OmniGenLayout:
     text_tokens: int
 
 
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", text).lower()
-
-
 class OmniGen(Backbone):
     name = "omnigen"
     label = "OmniGen transformer"
@@ -196,6 +192,8 @@ class OmniGen(Backbone):
         tokens are the processor's ids at the computed positions, and each span decodes back to
         its range (whitespace and case aside).  A range must lie after the first image tag.
         """
+        from attention_processors.saas import part_tokens
+
         processor, tokenizer = pipe.multimodal_processor, pipe.tokenizer
         prompt, images = call["prompt"], call["input_images"]
         height, width = call["height"], call["width"]
@@ -232,24 +230,8 @@ class OmniGen(Backbone):
                 assert row == chunk_ids, f"chunk {chunk} is not where the processor put it ({row} != {chunk_ids})"
                 encoded[chunk] = (chunk_ids, [(s + lo, e + lo) for s, e in offsets], start)
             chunk_ids, offsets, start = encoded[chunk]
-            inside = []
-            for j, (s, e) in enumerate(offsets):
-                while s < e and text[s].isspace():  # a "▁word" token's offsets include its space
-                    s += 1
-                if s < e and max(s, a) < min(e, b):
-                    inside.append(j)
-            # drop tokens at the ends that spell nothing (a lone "▁" maps onto the next character)
-            while inside and not _squash(tokenizer.decode(chunk_ids[inside[0] : inside[0] + 1])):
-                inside.pop(0)
-            while inside and not _squash(tokenizer.decode(chunk_ids[inside[-1] : inside[-1] + 1])):
-                inside.pop()
-            if not inside:
-                raise AssertionError(f"no token of {text[a:b]!r}")
-            first, last = inside[0], inside[-1] + 1
-            decoded = tokenizer.decode(chunk_ids[first:last])
-            assert _squash(decoded) == _squash(text[a:b]), (
-                f"{text[a:b]!r} decodes to {decoded!r} at token positions {start + first}..{start + last - 1}")
-            spans.append(slice(start + first, start + last))
+            within = part_tokens(tokenizer, chunk_ids, offsets, text, (a, b))
+            spans.append(slice(start + within.start, start + within.stop))
         patch, factor = pipe.transformer.config.patch_size, self.vae_factor(pipe)
         out_tokens = (int(height) // factor // patch) * (int(width) // factor // patch)
         own = int(ids.shape[1]) - int((data["position_ids"][0] == 0).sum()) + 1  # left padding has position 0
