@@ -222,7 +222,20 @@ def run_first_example(page, walk: TabWalk, timeout_ms: int = 300_000) -> None:
     page.wait_for_timeout(1500)  # the example's values reach the inputs
     page.locator(walk.run).click()
     page.locator(f"{walk.result} img, {walk.result} video").first.wait_for(state="visible", timeout=timeout_ms)
+    shown_box(page.locator(f"{walk.result} img, {walk.result} video").first)  # loaded, laid out
     page.wait_for_timeout(1000)  # let it paint
+
+
+def shown_box(locator, timeout_ms: int = 30_000) -> dict:
+    """The bounding box of an image or video once it is laid out and loaded. Measured as soon as
+    the element is attached, an image can still be 0 px wide (its file not yet fetched): waiting
+    here keeps a size check from depending on the browser's timing."""
+    locator.wait_for(state="visible", timeout=timeout_ms)
+    locator.page.wait_for_function(
+        """element => element.getBoundingClientRect().width > 0
+                      && (element.tagName !== 'IMG' || (element.complete && element.naturalWidth > 0))""",
+        arg=locator.element_handle(), timeout=timeout_ms)
+    return locator.bounding_box()
 
 
 def error_badges(page) -> int:

@@ -30,6 +30,7 @@ from app_server import (  # noqa: E402
     open_tab,
     require_browser,
     run_first_example,
+    shown_box,
 )
 
 MIN_RESULT_PX = 256
@@ -71,7 +72,7 @@ def test_the_example_result_is_shown_large_with_no_error_badge(page, walk):
     page.evaluate("window.scrollTo(0, 0)")
     open_tab(page, walk.label)
     run_first_example(page, walk)
-    shown = page.locator(f"{walk.result} img, {walk.result} video").first.bounding_box()
+    shown = shown_box(page.locator(f"{walk.result} img, {walk.result} video").first)
     assert shown["width"] >= MIN_RESULT_PX and shown["height"] >= MIN_RESULT_PX, (walk.label, shown)
     assert error_badges(page) == 0, walk.label
     assert horizontal_overflow(page) <= 0, walk.label

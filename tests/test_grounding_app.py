@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import cli_in_process, browser_page, launched_app, require_browser  # noqa: E402
+from app_server import cli_in_process, browser_page, launched_app, require_browser, shown_box  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "refseg_sample"
@@ -222,7 +222,7 @@ def test_segment_tab_in_a_real_browser(server):
         page.locator("#seg-run").click()
         page.locator("#seg-mask img").first.wait_for(state="visible", timeout=120_000)
         for result in ("#seg-mask img", "#seg-heatmap img"):
-            box = page.locator(result).bounding_box()
+            box = shown_box(page.locator(result))
             assert box["width"] >= 256 and box["height"] >= 256, (result, box)
         expect(page.locator("#seg-summary")).to_contain_text("Mask:")
         expect(page.locator("#seg-summary")).not_to_contain_text("magnet")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import assert_user_error, built_tab, browser_page, launched_app, require_browser, run_app  # noqa: E402
+from app_server import assert_user_error, built_tab, browser_page, launched_app, require_browser, run_app, shown_box  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = dict(model="tiny-pixart", positive="a photo of a cat", negative="a photo of a dog", samples=2, steps=2,
@@ -146,7 +146,7 @@ def test_steer_tab_in_a_real_browser(server):
         page.locator("#st-generate").click()
         for elem in ("st-original", "st-steered", "st-heatmap"):
             expect(page.locator(f"#{elem} img")).to_have_count(1, timeout=120_000)
-            box = page.locator(f"#{elem} img").bounding_box()
+            box = shown_box(page.locator(f"#{elem} img"))
             assert box["width"] >= 256 and box["height"] >= 256, (elem, box)
         expect(page.locator("#st-status")).to_contain_text("estimated now")
         expect(page.locator("#st-seed-used")).to_be_visible()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import browser_page, built_tab, error_badges, launched_app, require_browser  # noqa: E402
+from app_server import browser_page, built_tab, error_badges, launched_app, require_browser, shown_box  # noqa: E402
 
 from pipelines.errors import UserInputError  # noqa: E402
 from pipelines.video_settings import VideoSettings  # noqa: E402
@@ -307,7 +307,7 @@ def test_edit_video_tab_in_a_real_browser():
         page.locator("#ev-word input").click()
         page.get_by_role("option", name="square", exact=True).click()
         image = page.locator("#ev-frame img")
-        box = image.bounding_box()
+        box = shown_box(image)
         image.click(position={"x": box["width"] * 0.1, "y": box["height"] * 0.1})
         expect(page.locator("#ev-box-note")).to_contain_text("opposite corner", timeout=30_000)
         image.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.3})
