@@ -62,8 +62,10 @@ __all__ = ["InstructResult", "edit_by_instruction", "edit_for", "edit_run", "flu
            "instruction_parts", "omnigen_saas_layers", "saas_changes_nothing", "working_size"]
 
 TASK = "Instruction edit"
-#: multi-part text-to-image (spec section 7): SD 1.x/2.x UNets, whose attn2 levels `sd_layers` knows
-T2I_SUPPORTED = (backbones.SD,)
+#: multi-part text-to-image (spec section 7): SD 1.x/2.x and SDXL UNets, whose attn2 levels
+#: `sd_layers` knows.  SDXL's two CLIP encoders are concatenated per token over the same 77
+#: positions (their tokenizers share CLIP's BPE), so the first tokenizer's spans hold for both.
+T2I_SUPPORTED = (backbones.SD, backbones.SDXL)
 T2I_TASK = "Multi-part generation"
 
 
@@ -485,7 +487,7 @@ def generate_by_parts(
     **options,
 ) -> InstructResult:
     """Text to image from a prompt of parts ("a red circle, a blue square and a green triangle on
-    a striped background") with SaaS balancing the parts, on an SD 1.x/2.x model: our
+    a striped background") with SaaS balancing the parts, on an SD 1.x/2.x or SDXL model: our
     extrapolation (spec section 7, docs/methods/instruction.md), a gradient-free cousin of
     Attend-and-Excite.  The parts are split at ",", ";" and " and "; the rows edited are the
     conditional ones of classifier-free guidance; the gain rule is the settings' ("auto":

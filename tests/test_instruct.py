@@ -252,6 +252,32 @@ def test_a_prompt_of_parts_is_drawn_with_saas_on_the_cond_row_and_plain_is_the_s
     assert off.plain is None and np.array_equal(np.asarray(off.edited), np.asarray(result.plain))
 
 
+def test_a_prompt_of_parts_on_sdxl_reads_both_encoders_tokens_at_the_same_positions():
+    """SDXL concatenates its two CLIP encoders' states per token, so one set of spans serves both:
+    the second tokenizer gives the same ids at every part's positions.  Plain is the stock SDXL
+    pipeline bit for bit; SaaS boosts a part and changes the image."""
+    import torch
+
+    from attention_processors.saas import clip_spans, split_instruction
+    from pipelines import models
+    from pipelines.instruct import generate_by_parts
+
+    pipe = models.load("tiny-sdxl")
+    prompt = "a red circle, a blue square and a green triangle on a striped background"
+    spans = clip_spans(pipe.tokenizer, prompt, split_instruction(prompt, split_and=True))
+    first = pipe.tokenizer(prompt, padding="max_length", max_length=77).input_ids
+    second = pipe.tokenizer_2(prompt, padding="max_length", max_length=77).input_ids
+    assert [first[span] for span in spans] == [second[span] for span in spans]
+    result = generate_by_parts(pipe, prompt, seed=3, **FAST)
+    run = result.params
+    stock = pipe(prompt=prompt, num_inference_steps=4, guidance_scale=run["guidance"], height=run["height"],
+                 width=run["width"], generator=torch.Generator().manual_seed(3)).images[0]
+    assert run["guidance"] > 1  # the ("uncond", "cond") batch: only the cond row is rescaled
+    assert np.array_equal(np.asarray(result.plain), np.asarray(stock))
+    assert result.params["saas_steps"] and any(x > 1.0 for g in result.gains for x in g)
+    assert not np.array_equal(np.asarray(result.edited), np.asarray(result.plain))
+
+
 def test_a_prompt_of_parts_refuses_what_it_cannot_do(draw_pipe, edit_pipe):
     from pipelines.instruct import generate_by_parts
 

@@ -1,7 +1,7 @@
 """`python app.py instruct ...`: edit an image by a multi-part instruction (SaaS on OmniGen, the
 paper's backbone, or, our extrapolation, on FLUX Kontext (`--model tiny-flux-kontext`) or
 InstructPix2Pix),
-or draw a prompt of parts with a text-to-image model (SaaS on SD 1.x/2.x, our extrapolation).
+or draw a prompt of parts with a text-to-image model (SaaS on SD 1.x/2.x and SDXL, our extrapolation).
 
     python app.py instruct --image IN.png --instruction "make the circle blue, and make the square red" \
         --output OUT.png [--plain PLAIN.png] [--no-saas] [--model builtin-edit] [--seed 0]
