@@ -89,10 +89,17 @@ class GridSums:
             raise RuntimeError("no attention was captured: no selected layer ran")
         target = tuple(target or self.finest())
         total = 0
-        for (h, w), summed in self._sums.items():
-            lead = summed.shape[:1] + summed.shape[2:]
-            x = summed.movedim(1, -1).reshape(-1, 1, h, w)
-            if (h, w) != target:
-                x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
-            total = total + x.reshape(*lead, *target)
+        for grid, summed in self._sums.items():
+            total = total + grid_maps(summed, grid, target)
         return total
+
+
+def grid_maps(values: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """(b, N, *rest) values of the N = h * w tokens of `grid` as (b, *rest, *target) maps, resized
+    bilinearly (linear: resizing a sum equals summing the resized values)."""
+    h, w = grid
+    lead = values.shape[:1] + values.shape[2:]
+    x = values.movedim(1, -1).reshape(-1, 1, h, w)
+    if tuple(grid) != tuple(target):
+        x = F.interpolate(x, size=tuple(target), mode="bilinear", align_corners=False)
+    return x.reshape(*lead, *target)

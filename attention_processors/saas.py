@@ -61,7 +61,7 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState, combine_masks, fused_attention
-from .grids import GridSums, mask_to_tokens
+from .grids import GridSums, grid_maps, mask_to_tokens, resize_to_grid
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -478,6 +478,7 @@ class SaaSLoop:
         self.active: torch.Tensor | None = None  # (b, K) bool
         self._any_active = False
         self.masks_from: int | None = None  # the step the current masks were measured at
+        self.version = 0  # counts the masks and gains set so far (a compiled controller copies new ones)
         self._history: list[dict] = []
         self.captured_steps: list[int] = []
         self.rescaled_steps: list[int] = []
@@ -492,13 +493,14 @@ class SaaSLoop:
         gain with scale * lambda != 1 (a neutral gain runs the stock path, bit-identical)."""
         return self.begin < step <= self.thre and self._any_active
 
-    def add(self, step: int, grid: tuple[int, int], groups: torch.Tensor) -> None:
-        """Add one layer call's (b, N, G) group maps (float32) of the image queries on `grid`."""
+    def add(self, step: int, grid: tuple[int, int], groups: torch.Tensor, calls: int = 1) -> None:
+        """Add one layer call's (b, N, G) group maps (float32) of the image queries on `grid`
+        (or the sum of `calls` layer calls' maps, already on one grid)."""
         if self._sum_step is not None and step != self._sum_step:
             self.finalise()
         self._sum_step = step
         self.sums.add(grid, groups.detach().float())
-        self._calls += 1
+        self._calls += calls
 
     def advance(self, step: int) -> None:
         """Called before every forward: finalise the previous step's sums once the step moved on."""
@@ -540,6 +542,7 @@ class SaaSLoop:
         # scale * lambda == 1 everywhere the bias would be 0, and the stock path runs (bit-identical)
         self._any_active = bool((active & (gains.float() * self.scale != 1)).any())
         self.masks_from = step
+        self.version += 1
 
     def override(self, masks: torch.Tensor, gains: torch.Tensor, active: torch.Tensor | None = None) -> None:
         """Use these (b, K, h, w) masks and (b, K) gains from now on (tests, ablations)."""
@@ -600,6 +603,24 @@ def sd_layers(layer_names: Iterable[str], unet_depth: int, levels: Sequence[int]
     return chosen
 
 
+@dataclass
+class _CompiledBuffers:
+    """Every tensor a compiled `SaaSController` layer reads: allocated once per call shape and
+    refreshed in place before each forward, so the compiled graph reads the same objects (and
+    branches on nothing) at every step."""
+
+    key: tuple
+    grid: tuple[int, int]  # the mask grid (the finest captured layer's)
+    rows: torch.Tensor  # the measured rows' batch indices
+    masks: torch.Tensor  # (b, K, h, w) float: the masks the current step rescales with
+    gains: torch.Tensor  # (b, K)
+    active: torch.Tensor  # (b, K) bool
+    sums: torch.Tensor  # (b, h * w, 1 + K): this forward's captured group maps, on `grid`
+    capturing: torch.Tensor  # 0-d bool: this step captures
+    rescaling: torch.Tensor  # 0-d bool: this step rescales
+    version: int = -1  # the `SaaSLoop.version` of the masks copied in
+
+
 class SaaSController(AttentionController):
     """SaaS on SD-family UNet cross-attention (``attn2``): our extrapolation (spec 6-7).
 
@@ -616,10 +637,23 @@ class SaaSController(AttentionController):
         row is bit-identical to stock.  Several rows per role are measured one by one (each has
         its own masks and gains).
     map_grid: the grid masks are made on (default: the finest captured layer grid).
+    map_level: the UNet level of the finest captured layer, which gives that grid from the latent
+        size before the first forward (`pipelines.instruct` passes it).  torch.compile needs it
+        (or `map_grid`): every buffer a compiled layer reads must exist from the first step.
     state: the per-call `ControlState`; its `row_roles` come from the pipeline: IP2P's batch is
         ("cond", "image", "uncond"), text-to-image CFG ("uncond", "cond").
 
     Diagnostics: `history` (see `SaaSLoop.history`), `loop.captured_steps`, `loop.rescaled_steps`.
+
+    torch.compile: eagerly, a layer branches on the step (capture, rescale, or the stock path
+    alone).  Inside a compiled graph it cannot without recompiling at every phase change, so there
+    the layer runs one graph at every step: the biased attention of the measured rows is always
+    computed and 0-d flag tensors pick it or the stock rows, and the capture is always computed
+    and added times its flag into one buffer on the mask grid (each call's maps resized there:
+    bilinear resizing is linear, so the sum is the eager one up to rounding).  `begin_forward`
+    (eager, outside the graph) refreshes the flags, masks and gains in place and hands the
+    captured sums to the loop.  The cost: one SDPA over the measured rows on steps outside the
+    window, which eager skips.
     """
 
     def __init__(self, spans: Sequence[slice], layers: Iterable[str], *,
@@ -627,7 +661,8 @@ class SaaSController(AttentionController):
                  scale: float = PAPER_DEFAULTS.scale, gain_mode: str = SD_DEFAULTS.gain_mode,
                  g_max: float = SD_DEFAULTS.g_max, gain: float | None = None,
                  mask_threshold: str | float = PAPER_DEFAULTS.mask_threshold, rows: tuple[str, ...] = ("cond",),
-                 sink_index: int = 0, map_grid: tuple[int, int] | None = None, state: ControlState | None = None):
+                 sink_index: int = 0, map_grid: tuple[int, int] | None = None, map_level: int | None = None,
+                 state: ControlState | None = None):
         super().__init__(state or ControlState(row_roles=("uncond", "cond")))
         self.spans = [slice(int(s.start), int(s.stop)) for s in spans]
         if not self.spans:
@@ -653,6 +688,9 @@ class SaaSController(AttentionController):
         self._indicators: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._biases: dict[tuple, torch.Tensor] = {}
         self._index: tuple[int, torch.device, torch.Tensor] | None = None
+        self.map_level = None if map_level is None else int(map_level)
+        self._compiled: _CompiledBuffers | None = None
+        self._compiled_calls = 0  # layer calls captured by compiled graphs since the last hand-over
 
     def select(self, name: str) -> bool:
         return name in self._selected
@@ -660,9 +698,11 @@ class SaaSController(AttentionController):
     @property
     def history(self) -> list[dict]:
         """Per captured step, masks / gains / masses (see `SaaSLoop.history`)."""
+        self._flush_compiled()
         return self.loop.history
 
     def begin_forward(self) -> None:
+        self._flush_compiled()
         step = self.state.step
         self.loop.advance(step)
         if step != self._step:
@@ -674,6 +714,92 @@ class SaaSController(AttentionController):
                 self.loop.captured_steps.append(step)
             if self._rescaling:
                 self.loop.rescaled_steps.append(step)
+        self._prepare_compiled()
+
+    # torch.compile (see the class docstring): buffers refreshed eagerly, one graph for every step
+    def _map_grid(self) -> tuple[int, int] | None:
+        if self.loop.map_grid is not None:
+            return tuple(self.loop.map_grid)
+        hw = self.state.latent_hw
+        if self.map_level is None or hw is None:
+            return None
+        factor = 2 ** self.map_level
+        return math.ceil(hw[0] / factor), math.ceil(hw[1] / factor)
+
+    def _prepare_compiled(self) -> None:
+        state = self.state
+        grid = self._map_grid()
+        if grid is None or state.batch_size is None or state.device is None:
+            self._compiled = None
+            return
+        key = (grid, state.batch_size, torch.device(state.device), state.row_roles)
+        c = self._compiled
+        if c is None or c.key != key:
+            device = torch.device(state.device)
+            rows = self._row_index(state.batch_size, device)
+            b, k = rows.numel(), len(self.spans)
+            c = self._compiled = _CompiledBuffers(
+                key, grid, rows, torch.zeros(b, k, *grid, device=device), torch.ones(b, k, device=device),
+                torch.zeros(b, k, dtype=torch.bool, device=device), torch.zeros(b, grid[0] * grid[1], 1 + k, device=device),
+                torch.zeros((), dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool, device=device))
+        loop = self.loop
+        if loop.masks is not None and c.version != loop.version:
+            if loop.masks.shape[0] != c.masks.shape[0]:
+                raise ValueError("the number of measured rows changed between steps")
+            c.masks.copy_(resize_to_grid(loop.masks.float(), grid, hard=True))
+            c.gains.copy_(loop.gains)
+            c.active.copy_(loop.active)
+            c.version = loop.version
+        c.capturing.fill_(self._capturing)
+        c.rescaling.fill_(self._rescaling)
+
+    def _flush_compiled(self) -> None:
+        """Hand the capture sums of compiled forwards to the loop (eagerly, between forwards)."""
+        c, calls = self._compiled, self._compiled_calls
+        if c is None or not calls:
+            return
+        self._compiled_calls = 0
+        if self._capturing:
+            self.loop.add(self._step, c.grid, c.sums.clone(), calls)
+        c.sums.zero_()
+
+    def _buffers(self) -> _CompiledBuffers:
+        if self._compiled is None:
+            raise RuntimeError("SaaS under torch.compile needs its mask grid before the first step: build the "
+                               "controller with map_level (the finest captured layer's UNet level) or map_grid, "
+                               "and attach it")
+        return self._compiled
+
+    def _compiled_bias(self, call: AttentionCall, c: _CompiledBuffers) -> torch.Tensor:
+        masks_tok = mask_to_tokens(c.masks, call.grid, hard=True)
+        return log_gain_bias(masks_tok > 0.5, c.gains, c.active, self.spans, call.key.shape[2], self.loop.scale)
+
+    def _attend_compiled(self, call: AttentionCall) -> torch.Tensor:
+        c = self._buffers()
+        q, k, v = call.query, call.key, call.value
+        stock = call.sdpa(q, k, v, attn_mask=call.attn_mask, scale=call.logit_scale)
+        idx = c.rows
+        mask = combine_masks(self._model_mask_rows(call, idx), self._compiled_bias(call, c), q.dtype)
+        boosted = call.sdpa(q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx),
+                            attn_mask=mask, scale=call.logit_scale)
+        kept = torch.where(c.rescaling, boosted.to(stock.dtype), stock.index_select(0, idx))
+        return stock.index_copy(0, idx, kept)
+
+    def _capture_compiled(self, call: AttentionCall) -> None:
+        c = self._buffers()
+        with torch.no_grad():
+            idx = c.rows
+            q = call.query.index_select(0, idx).float()
+            k = call.key.index_select(0, idx).float() * call.scale
+            logits = q @ k.transpose(-1, -2)
+            model_mask = self._model_mask_rows(call, idx)
+            if model_mask is not None:
+                logits = logits + model_mask.float()
+            logits = torch.where(c.rescaling, logits + self._compiled_bias(call, c), logits)
+            groups = _groups_probs(logits.softmax(-1), self._span_indicator(call.key.shape[2], q.device))
+            maps = grid_maps(groups, call.grid, c.grid)  # (b, 1 + K, h, w)
+            c.sums.add_(maps.flatten(-2).transpose(1, 2) * c.capturing)
+        self._compiled_calls += 1
 
     # rows
     def _row_index(self, batch: int, device) -> torch.Tensor:
@@ -686,11 +812,14 @@ class SaaSController(AttentionController):
         key = (n_keys, torch.device(device))
         ind = self._indicators.get(key)
         if ind is None:
-            if max(s.stop for s in self.spans) > n_keys:
-                raise ValueError(f"a span reaches past the {n_keys} text keys of this layer")
-            ind = span_indicator([slice(self.sink_index, self.sink_index + 1), *self.spans], n_keys, device)
-            self._indicators[key] = ind
+            ind = self._indicators[key] = self._span_indicator(n_keys, device)
         return ind
+
+    def _span_indicator(self, n_keys: int, device) -> torch.Tensor:
+        """(1 + K, n_keys): the start-of-text token (the reference group), then each part's span."""
+        if max(s.stop for s in self.spans) > n_keys:
+            raise ValueError(f"a span reaches past the {n_keys} text keys of this layer")
+        return span_indicator([slice(self.sink_index, self.sink_index + 1), *self.spans], n_keys, device)
 
     def _bias(self, call: AttentionCall) -> torch.Tensor:
         """This step's (b, 1, N, n_keys) float32 bias for the measured rows of this layer's grid."""
@@ -726,6 +855,8 @@ class SaaSController(AttentionController):
     def attend(self, call: AttentionCall) -> torch.Tensor | None:
         """Rescale steps: the stock attention of the whole batch, with the measured rows recomputed
         under the log-gain bias (so every other row stays bit-identical).  Otherwise None (stock)."""
+        if call.text_keys is not None and torch.compiler.is_compiling():
+            return self._attend_compiled(call)
         if not self._rescaling or call.text_keys is None:
             return None
         q, k, v = call.query, call.key, call.value
@@ -739,6 +870,8 @@ class SaaSController(AttentionController):
     def capture(self, call: AttentionCall) -> None:
         """Capture steps: head-mean probabilities (after this step's rescale) of the measured rows'
         image queries, summed over SOT and each span: (b, N, 1 + K) into the step's grid sums."""
+        if call.text_keys is not None and torch.compiler.is_compiling():
+            return self._capture_compiled(call)
         if not self._capturing or call.text_keys is None:
             return
         with torch.no_grad():

@@ -556,14 +556,17 @@ def _controller(pipe, spans, roles, steps: int, settings: InstructSettings, rule
     masks measured at steps 0..thre-1 rescale steps 1..thre, thre = ceil(window * steps); `rule`:
     the gain rule (`gain_rule`, "auto" resolved)."""
     from attention_processors.core import ControlState, attention_layer_names
-    from attention_processors.saas import SaaSController, sd_layers, sd_window
+    from attention_processors.saas import SaaSController, default_levels, sd_layers, sd_window
 
     unet = models.denoiser(pipe)
-    layers = sd_layers(attention_layer_names(unet), backbones.of(pipe).unet_depth(unet))
+    names, depth = attention_layer_names(unet), backbones.of(pipe).unet_depth(unet)
+    levels = default_levels(names, depth)
     fixed = rule == "fixed"
+    # map_level: the finest captured level's grid is the mask grid, known before the first step
+    # (what a compiled denoiser needs, `--compile`)
     return SaaSController(
-        spans, layers, window=sd_window(steps, settings.window), scale=settings.scale, gain_mode=rule,
-        g_max=settings.max_gain, gain=settings.max_gain if fixed else None,
+        spans, sd_layers(names, depth, levels), window=sd_window(steps, settings.window), scale=settings.scale,
+        gain_mode=rule, g_max=settings.max_gain, gain=settings.max_gain if fixed else None,
         mask_threshold="auto" if settings.mask_threshold is None else settings.mask_threshold,
-        rows=("cond",), state=ControlState(row_roles=roles),
+        rows=("cond",), map_level=min(levels), state=ControlState(row_roles=roles),
     )

@@ -661,11 +661,24 @@ def compile_denoiser(pipe: DiffusionPipeline, **options) -> DiffusionPipeline:
     `compile_repeated_blocks`, regional compilation) where the model class names them in
     `_repeated_blocks` (UNets, FLUX), else the whole denoiser (`nn.Module.compile`).  `options` go
     to `torch.compile`.  Attention control keeps working: processors and the step state are
-    compile-stable (see attention_processors/core.py)."""
+    compile-stable (see attention_processors/core.py).
+
+    Regional compilation shares one code object among the blocks, and Dynamo compiles it once
+    per distinct block: a different token count or width, and every block holding a controlled
+    layer (a method's per-layer decisions are constants of its graph), once per method that ran
+    on it.  Dynamo allows 8 graphs per code object, past which it runs the rest eagerly (or
+    fails, with ``fullgraph=True``); a UNet's shared block code stands for every block, so the
+    limit becomes 8 per block (process-wide; never lowered).  Graphs are per block and method,
+    never per step."""
+    import torch._dynamo
+
     den = denoiser(pipe)
     if getattr(den, "_project_compiled", False):
         return pipe
     if getattr(den, "_repeated_blocks", None) and hasattr(den, "compile_repeated_blocks"):
+        blocks = sum(type(m).__name__ in den._repeated_blocks for m in den.modules())
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 8 * blocks)
         den.compile_repeated_blocks(**options)
     else:
         den.compile(**options)

@@ -20,6 +20,7 @@ from attention_processors.heatmaps import CrossAttentionHeatmaps, text_attention
 from attention_processors.medsteer import MedSteer, cross_attention_layers
 from attention_processors.personalize import PersonalizeAttention, unet_personalization_layers
 from attention_processors.refam import RefAMCapture, choose_layers
+from attention_processors.saas import SaaSController, sd_layers, sd_window
 from pipelines import models
 
 STEPS = 3
@@ -68,6 +69,14 @@ def personalize(den):
                                 state=ControlState(row_roles=("instance", "prior")))
 
 
+def saas(den):
+    """Two parts, the tiny UNet's default levels (0, 1), capture and rescale at every step of the
+    3 (the window covers them all); the gains move off 1 from step 1 on."""
+    layers = sd_layers(attention_layer_names(den), len(den.down_blocks))
+    return SaaSController([slice(1, 4), slice(5, 8)], layers, window=sd_window(STEPS, 1.0), map_level=0,
+                          state=ControlState(row_roles=ROLES))
+
+
 def result(controller):
     if isinstance(controller, CrossAttentionHeatmaps):
         return controller.maps()
@@ -77,6 +86,10 @@ def result(controller):
         return controller.heat()
     if isinstance(controller, PersonalizeAttention):
         return controller.self_map()
+    if isinstance(controller, SaaSController):  # the masks and gains each step measured, and which steps rescaled
+        history = controller.history
+        assert controller.loop.rescaled_steps == [1, 2] and any((h["gains"] > 1).any() for h in history)
+        return torch.cat([torch.cat([h["masks"].float().flatten(), h["gains"].flatten()]) for h in history])
     return None
 
 
@@ -130,12 +143,13 @@ def check(den, make, how="model"):
     eraser,
     refam,
     personalize,
+    saas,
 ], ids=lambda f: f.__name__)
 def test_compiled_denoiser_has_no_graph_break_and_no_recompile(unet, make):
     check(unet, make)
 
 
-@pytest.mark.parametrize("make", [heatmaps, steer], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("make", [heatmaps, steer, saas], ids=lambda f: f.__name__)
 def test_compiled_repeated_blocks(unet, make):
     check(unet, make, how="blocks")
 
@@ -241,3 +255,60 @@ def test_compiled_refam_forward_has_no_graph_break_and_the_next_forward_does_not
         (a, grid_a), (b, grid_b) = compiled.self_attention(), eager.self_attention()
         assert grid_a == grid_b
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ SaaS: Instruction edit with --compile
+
+
+def test_instruction_edit_on_a_compiled_denoiser_equals_eager_and_compiles_once_whatever_the_steps():
+    """`--compile` with Instruction edit on `builtin-edit`: SaaS knows its mask grid before the
+    first step (`map_level`), so the compiled blocks run the same graphs at every step, capture or
+    rescale or neither.  fullgraph (no graph break); the number of graphs does not grow with the
+    steps (a per-step recompile would add some); the edit, its masks and gains equal eager."""
+    import copy
+
+    import numpy as np
+
+    from pipelines.builtin import world
+    from pipelines.instruct import edit_by_instruction
+
+    shared = models.load("builtin-edit")
+    pipe = copy.copy(shared)
+    pipe.unet = copy.deepcopy(shared.unet)  # the shared model is never compiled by this test
+    edit = world.make_edit(1_095_010)
+    source = edit.source.render(64)
+    eager = {steps: edit_by_instruction(shared, source, edit.instruction, seed=2, steps=steps) for steps in (2, 5)}
+    graphs = {}
+    limit = torch._dynamo.config.recompile_limit
+    models.compile_denoiser(pipe, backend="eager", fullgraph=True)
+    try:
+        for steps in (2, 5):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = edit_by_instruction(pipe, source, edit.instruction, seed=2, steps=steps)
+            assert not counters["graph_break"], dict(counters["graph_break"])
+            graphs[steps] = counters["stats"]["unique_graphs"]
+            reference = eager[steps]
+            assert compiled.params["saas_steps"] == reference.params["saas_steps"] != []
+            for a, b in zip(compiled.masks, reference.masks):
+                assert np.array_equal(a, b)
+            np.testing.assert_allclose(compiled.gains, reference.gains, rtol=1e-4)
+            pixels = np.abs(np.asarray(compiled.edited, float) - np.asarray(reference.edited, float))
+            assert pixels.max() <= 2, pixels.max()  # rounding of the resized sums only
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
+    assert graphs[2] == graphs[5] > 0, graphs
+
+
+def test_saas_under_compile_without_its_mask_grid_says_what_it_needs(unet):
+    """Without `map_level` (or `map_grid`) the mask grid is known only after the first step's
+    capture, too late for a graph that must be the same at every step: one sentence, not a
+    recompile per phase."""
+    def bare(den):
+        layers = sd_layers(attention_layer_names(den), len(den.down_blocks))
+        return SaaSController([slice(1, 4), slice(5, 8)], layers, window=sd_window(STEPS, 1.0),
+                              state=ControlState(row_roles=ROLES))
+
+    with pytest.raises(Exception, match="needs its mask grid before the first step"):
+        compile_and_run(unet, bare, "model")
