@@ -96,6 +96,16 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _motion_adapter_folder(value: str) -> str:
+    """An existing folder with a config.json (the adapter itself is read when an edit uses it),
+    as an absolute path."""
+    folder = Path(value).expanduser()
+    if not (folder / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"expected a folder of a diffusers MotionAdapter (with a config.json), "
+                                         f"not {value!r}")
+    return str(folder.resolve())
+
+
 # --------------------------------------------------------------------------- serve
 
 #: seconds a shutdown (SIGTERM, Ctrl-C) waits for the running tasks to stop at their next step
@@ -126,6 +136,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-model", action="append", default=[], metavar="NAME",
                         help="another model users may pick in the app (repeatable); users can "
                              "pick only these, --model and the built-in models")
+    parser.add_argument("--allow-motion-adapter", action="append", default=[], type=_motion_adapter_folder,
+                        metavar="DIR", help="a folder of a diffusers MotionAdapter (config.json and safetensors) the "
+                                            "Edit video tab may use for AnimateDiff (repeatable); users pick only "
+                                            "these, by folder name")
     parser.add_argument("--models-from-hf-cache", action="store_true",
                         help="also offer every diffusers pipeline already in the local Hugging Face cache "
                              "(read only; nothing is downloaded)")
@@ -151,11 +165,13 @@ def _home_relative(path: Path) -> str:
 
 
 def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, outputs=None,
-              extra_models: tuple[str, ...] = (), limits=None, models_from_cache: tuple[str, ...] = ()):
+              extra_models: tuple[str, ...] = (), limits=None, models_from_cache: tuple[str, ...] = (),
+              motion_adapters: tuple[str, ...] = ()):
     """Build the Gradio Blocks app (not launched). Returns `(blocks, context)`.
 
     `limits`: a `ui.limits.Limits` (the defaults if None); `models_from_cache`: hub ids found in the
-    local Hugging Face cache (`--models-from-hf-cache`), offered after `extra_models`."""
+    local Hugging Face cache (`--models-from-hf-cache`), offered after `extra_models`;
+    `motion_adapters`: the motion-adapter folders Edit video offers (`--allow-motion-adapter`)."""
     import gradio as gr
 
     from ui import gradio_fixes
@@ -168,7 +184,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, out
     gradio_fixes.allow_results_from(outputs.root)
     ctx = AppContext(default_model=default_model, device=device, outputs=outputs,
                      extra_models=tuple(dict.fromkeys([*extra_models, *models_from_cache])),
-                     limits=limits or DEFAULT_LIMITS)
+                     motion_adapters=tuple(dict.fromkeys(motion_adapters)), limits=limits or DEFAULT_LIMITS)
     # GuardedBlocks: only this process's uploads and results reach a handler (ui/request_guard.py)
     with GuardedBlocks(title="Attention-layer editing", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as blocks:
@@ -282,7 +298,7 @@ def run_serve(args: argparse.Namespace) -> int:
     outputs.clean()  # runs past their age, over the cap, and what a killed process left half-written
     logging.getLogger("app").info("results are kept in %s", outputs.root)
     blocks, ctx = build_app(default_model=args.model, device=args.device, extra_models=args.allow_model,
-                            limits=limits, outputs=outputs,
+                            limits=limits, outputs=outputs, motion_adapters=tuple(args.allow_motion_adapter),
                             models_from_cache=tuple(models.hf_cache_models()) if args.models_from_hf_cache else ())
     # SIGTERM and Ctrl-C: Gradio closes the server, `shut_down` stops the tasks (their results are
     # kept in the results folder), and the atexit handler removes this process's Gradio folder

@@ -4,6 +4,9 @@ Both run on the UNet of `pipelines.video.inflate` (a 2-D UNet whose layers see t
 clip folded into the batch: B * F rows, each batch row's frames contiguous, each row role's rows
 contiguous).  The frame count F comes from the per-call `ControlState.frames`, which `attach`'s
 pre-hook reads from the 5-D model input (B, C, F, H, W); nothing here infers it from shapes.
+AnimateDiff's motion UNet (pipelines/video/motion.py) folds its frames in the same layout itself;
+there the controller gets no sparse-causal layers (AnimateDiff keeps per-frame self-attention)
+and only the RAD capture below runs.
 
 `SparseCausalAttention` (every ``attn1``): the query of frame f attends to the keys and values of
 frame 0 and frame max(f - 1, 0) of the same clip (or window), concatenated: 2N keys, never F * N.

@@ -17,6 +17,10 @@ Phi-3's BOS and chat-template special tokens (see pipelines/tokenizers.py; OmniG
 tokenizer is not available offline).  `pipelines.models.load("tiny")` caches them like any other
 model.
 
+`tiny_motion_adapter()` is a seeded random-weight AnimateDiff `MotionAdapter` whose blocks fit
+the `tiny` (and `tiny-sd2`) UNet, for Edit video's AnimateDiff backbone; `save_tiny_motion_adapter`
+writes it as a folder (config.json and safetensors), what `--motion-adapter` takes.
+
 `omnigen_v1_pipeline()` assembles a random-weight OmniGen of v1's full size (the tiny tokenizer and
 VAE around the full transformer) for timing SaaS on a GPU, and `flux_kontext_dev_pipeline()` does the
 same for FLUX.1 Kontext dev; the tests never build them.
@@ -39,6 +43,7 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    MotionAdapter,
     OmniGenPipeline,
     OmniGenTransformer2DModel,
     PixArtAlphaPipeline,
@@ -72,7 +77,7 @@ from pipelines.tokenizers import (
 )
 
 __all__ = ["TINY_MODELS", "TINY_BACKBONE", "build_tiny", "build_tiny_as", "clip_text_config", "flux_kontext_dev_config",
-           "flux_kontext_dev_pipeline", "is_tiny", "omnigen_v1_config",
+           "flux_kontext_dev_pipeline", "is_tiny", "omnigen_v1_config", "save_tiny_motion_adapter", "tiny_motion_adapter",
            "omnigen_v1_pipeline", "omnigen_v1_transformer", "save_tiny", "tiny_omnigen_transformer", "tiny_t5"]
 
 TINY_MODELS: tuple[str, ...] = ("tiny", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
@@ -577,4 +582,23 @@ def save_tiny(name: str, folder: str | os.PathLike) -> Path:
     """Save a tiny model in diffusers `save_pretrained` layout (safetensors); returns the folder."""
     folder = Path(folder)
     build_tiny(name).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_motion_adapter(max_frames: int = 8) -> MotionAdapter:
+    """A seeded random-weight AnimateDiff `MotionAdapter` that fits the `tiny` and `tiny-sd2` UNets
+    (their block widths, one layer per block and GroupNorm groups; a mid-block motion module, as in
+    AnimateDiff v2/v3).  `max_frames` is its `motion_max_seq_length` (AnimateDiff's is 32; 8 keeps
+    a test of a too-long window cheap).  Its motion output projections are random, not zero, so its
+    motion modules really mix the frames."""
+    with _seeded():
+        return MotionAdapter(block_out_channels=(32, 32, 64), motion_layers_per_block=1, motion_norm_num_groups=8,
+                             motion_num_attention_heads=2, motion_max_seq_length=max_frames,
+                             use_motion_mid_block=True)
+
+
+def save_tiny_motion_adapter(folder: str | os.PathLike, max_frames: int = 8) -> Path:
+    """Save `tiny_motion_adapter(max_frames)` in diffusers layout (config.json and safetensors)."""
+    folder = Path(folder)
+    tiny_motion_adapter(max_frames).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -45,9 +45,14 @@ class VideoSettings(Settings):
                               step=0.5)
     seed: int = setting(33, "random seed (VAE sampling, fine-tune, IRJS noise)", label="The seed", minimum=0,
                         maximum=2**32 - 1)
+    # ---------------------------------------------------------------- the video backbone (ours: AnimateDiff)
+    motion_adapter: str | None = setting(None, "a diffusers MotionAdapter (a local folder, or a hub id): AnimateDiff's "
+                                               "motion modules instead of the Tune-A-Video inflation (beyond the "
+                                               "paper; no fine-tune by default)", label="The motion adapter")
     # ---------------------------------------------------------------- per-video fine-tune
-    tune_steps: int = setting(200, "per-video fine-tune steps (0: no fine-tune)", label="Fine-tune steps",
-                              minimum=0, maximum=MAX_TUNE_STEPS)
+    tune_steps: int | None = setting(None, "per-video fine-tune steps (default: the paper's 200 on the inflated UNet, "
+                                           "0 with a motion adapter, which needs none; 0: no fine-tune)",
+                                     label="Fine-tune steps", minimum=0, maximum=MAX_TUNE_STEPS)
     tune_lr: float = setting(3e-5, "fine-tune learning rate", label="The fine-tune learning rate", above=0,
                              maximum=1e-2)
     tune_frames: int | None = setting(None, "frames per fine-tune step, a random run of the clip (default: the "
@@ -86,12 +91,17 @@ class VideoSettings(Settings):
     #: refinement steps at 50 steps and their thresholds theta (paper); other step counts scale the index
     REFINE: ClassVar[tuple[tuple[int, float], ...]] = ((0, 0.05), (10, 0.5), (20, 0.8))
     PAPER_STEPS: ClassVar[int] = 50
+    #: the paper's fine-tune of the inflated UNet (Tune-A-Video's per-video fine-tune, as ReAtCo runs it)
+    PAPER_TUNE_STEPS: ClassVar[int] = 200
     #: the paper's clip length: the default fine-tune run of a longer clip
     PAPER_TUNE_FRAMES: ClassVar[int] = 16
     #: the end of the step-size schedule s = linspace(1, RAD_END, steps)
     RAD_END: ClassVar[float] = 0.5
 
     def check(self) -> None:
+        if self.motion_adapter is not None and not self.motion_adapter.strip():
+            raise UserInputError("The motion adapter is empty; name a folder of a diffusers MotionAdapter, or leave it "
+                                 "out for the Tune-A-Video inflation.")
         if self.frames == 1:
             raise UserInputError("A video edit needs at least 2 frames; set the number of frames to 2 or more "
                                  "(0: every frame).")
@@ -105,6 +115,14 @@ class VideoSettings(Settings):
         for index, theta in self.REFINE:
             out.setdefault(min(self.steps - 1, index * self.steps // self.PAPER_STEPS), theta)
         return out
+
+    def fine_tune_steps(self) -> int:
+        """The fine-tune steps this run does: `tune_steps` when given, else the paper's 200 on the
+        inflated UNet (whose temporal attention starts at zero and is learnt per video) and 0 with
+        a motion adapter (AnimateDiff's motion modules are trained already)."""
+        if self.tune_steps is not None:
+            return self.tune_steps
+        return 0 if self.motion_adapter is not None else self.PAPER_TUNE_STEPS
 
     def tune_run(self, frames: int) -> int:
         """Frames per fine-tune step on a clip of `frames` frames."""

@@ -142,7 +142,8 @@ ENDPOINTS: dict[str, Callable[[dict], dict]] = {
     "/edit_video": lambda f: dict(model="tiny", video=_upload(f["video"]), source_prompt="a red square",
                                   prompt="a blue square", boxes=_table([["square", 16, 16, 40, 40, 0]]),
                                   preserve_background=True, frames=0, frame_stride=1, height=0, width=0, window=4,
-                                  window_stride=1, steps=2, guidance=12.5, seed=0, tune_steps=1, tune_lr=3e-5,
+                                  window_stride=1, steps=2, guidance=12.5, seed=0,
+                                  motion_adapter="none: Tune-A-Video inflation", tune_steps=1, tune_lr=3e-5,
                                   tune_frames=0, mixed_precision="auto", gradient_checkpointing=True,
                                   checkpoint_every=50, per_frame_groupnorm=False, rad=True, rad_scale=20, rad_until=0.5,
                                   refine_iterations=1, topk=0.2, temperature=100, smoothing=0.5, heatmaps=True),
@@ -155,7 +156,7 @@ ENDPOINTS: dict[str, Callable[[dict], dict]] = {
 STOP_ENDPOINTS = {"/attention_maps_stop", "/erase_stop", "/segment_stop", "/steer_stop", "/edit_video_stop",
                   "/instruct_stop"}
 REQUIRED_TEXT = {"prompt", "positive", "negative", "expression", "source_prompt", "instruction"}
-CHOICES = {"layers", "mode", "gas", "norm", "method", "steer", "mixed_precision", "gain"}
+CHOICES = {"layers", "mode", "gas", "norm", "method", "steer", "mixed_precision", "gain", "motion_adapter"}
 IMAGES = {("/erase", "image"), ("/segment", "image"), ("/personalize_train", "image"), ("/instruct", "image")}
 FILES = {("/steer_pair", "directions_file"), ("/personalize_generate", "learned_file")}
 STEP_PARAMS = {("/attention_maps", "steps"), ("/erase", "steps"), ("/steer_directions", "steps"),

@@ -69,6 +69,9 @@ def test_every_setting_has_a_control_starting_at_its_default(tab):
     defaults = VideoSettings()
     for name, elem in by_field.items():
         assert controls[elem].value == getattr(defaults, name), name
+    # tune_steps' default None (empty box: the backbone's default) is not UNSET's 0: its 0 is no fine-tune
+    assert video_tab.tab_settings(tune_steps=None).fine_tune_steps() == VideoSettings.PAPER_TUNE_STEPS
+    assert video_tab.tab_settings(tune_steps=0).fine_tune_steps() == 0
     # None-default fields start at 0 ("the source's"), which the handler reads back as None
     assert controls["ev-width"].value == controls["ev-height"].value == controls["ev-tune-frames"].value == 0
     settings = video_tab.tab_settings(width=0, height=0, tune_frames=0, seed=-1)
@@ -265,7 +268,7 @@ def test_the_examples_bind_words_of_their_prompts_inside_the_example_clip():
         targets = box_tools.resolve(video_tab.boxes_from_table(rows), prompt, tokenizer, 77, len(clip.frames),
                                     clip.size)
         assert [t.word for t in targets] == sorted({r[0] for r in rows})
-        assert 0 < tune_steps <= VideoSettings().tune_steps and 0 < steps <= VideoSettings().steps
+        assert 0 < tune_steps <= VideoSettings.PAPER_TUNE_STEPS and 0 < steps <= VideoSettings().steps
     # the first example's box follows the red circle: it holds the circle's pixels on its keyframes
     for _, x1, y1, x2, y2, frame in video_tab.EXAMPLES[0][3]:
         red = clip.frames[frame][..., 0].astype(int) - clip.frames[frame][..., 2].astype(int) > 100

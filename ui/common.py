@@ -147,6 +147,9 @@ class AppContext:
     device: str | None = None  # None = let pipelines.models pick
     outputs: OutputStore = field(default_factory=OutputStore)
     extra_models: tuple[str, ...] = ()
+    #: motion-adapter folders the server was started with (`--allow-motion-adapter`): the only ones
+    #: the Edit video tab offers (by name), so no request names a path the server reads
+    motion_adapters: tuple[str, ...] = ()
     limits: Limits = DEFAULT_LIMITS
     stops: StopRequests = field(default_factory=StopRequests)
     #: browser page (Gradio session) -> its owner, registered by the page's load event (ui/results_tab.py)

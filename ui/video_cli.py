@@ -3,12 +3,16 @@
     python app.py edit-video --video clip.mp4 --source-prompt "a red circle on a striped background" \
         --prompt "a blue square on a striped background" --box square:8,8,40,40 --output edited.mp4
     python app.py edit-video ... --box square:8,8,40,40@0 --box square:20,8,52,40@7   # a moving box
+    python app.py edit-video ... --motion-adapter path/to/animatediff-motion-adapter   # AnimateDiff
 
 Writes OUT.mp4 (the source's frame rate, and its audio when it has some), OUT_side_by_side.mp4,
 one OUT_attn_<i>_<word>.mp4 heatmap video per bound word and OUT.json (every setting, the boxes,
 the timings).  Every setting of pipelines/video_settings.py is a flag (`--help` shows the paper's
 defaults).  The per-video fine-tune and the inversion are cached in --cache-dir, so editing the
 same clip again (other boxes, another prompt) skips them, and an interrupted fine-tune resumes.
+`--motion-adapter DIR` runs the edit on AnimateDiff (the model's UNet with a diffusers
+MotionAdapter's motion modules; beyond the paper, pipelines/video/motion.py) instead of the
+Tune-A-Video inflation, with no fine-tune unless --tune-steps asks for one.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ def add_edit_video_args(parser: argparse.ArgumentParser) -> None:
                         help="frame rate of a folder of frames (default: the video's own, 8 for a folder)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where fine-tunes and inversions are cached (default: ~/.cache/attention-editing/video)")
-    add_settings_arguments(parser, VideoSettings)
+    parser.add_argument("--motion-adapter", dest="motion_adapter", default=None, metavar="DIR",
+                        help=VideoSettings.specs()["motion_adapter"][1].help.replace("a local folder", "a local folder "
+                             "with config.json and diffusion_pytorch_model.safetensors"))
+    add_settings_arguments(parser, VideoSettings, skip=("motion_adapter",))
     add_model_args(parser)
 
 

@@ -15,6 +15,15 @@ The example clip `assets/examples/clip_1090021.mp4` is shapes-world clip 1090021
 64 px, one red circle moving up), written with
 `world.make_clip(1090021, 8, num_objects=1)` and `pipelines.io.write_video(frames, path, 8)`;
 its boxes are the circle's start and end positions, so the keyframe interpolation follows it.
+
+The backbone (Advanced, *Motion adapter*): the Tune-A-Video inflation (the paper's) or AnimateDiff
+with one of the motion adapters the server was started with (`app.py serve
+--allow-motion-adapter DIR`, listed by folder name; `adapter_choices`).  A request names a choice
+of that list, never a path: anything else is refused in one sentence.  The fine-tune steps box
+starts empty, which is `VideoSettings.fine_tune_steps`'s default: the paper's 200 on the
+inflated UNet, 0 with an adapter (AnimateDiff needs no per-video fine-tune); its 0 is no
+fine-tune.  Empty is also the API's default, so an API client that picks an adapter and leaves
+the steps out gets no fine-tune, as in the browser.
 """
 
 from __future__ import annotations
@@ -78,8 +87,14 @@ EXAMPLE_LABELS = ["red circle → blue square", "stripes → checkers"]
 
 #: the settings under Advanced, in the dataclass's order (IRJS has its own checkbox above them)
 ADVANCED = tuple(name for name in VideoSettings.specs() if name != "preserve_background")
+#: the motion-adapter menu's first choice: no adapter, the paper's backbone
+NO_ADAPTER = "none: Tune-A-Video inflation"
+#: fields whose default None is not UNSET's 0: tune_steps' 0 means "no fine-tune" (its None, the
+#: empty box it starts as, is the backbone's default), motion_adapter is a menu
+_NOT_UNSET = ("tune_steps", "motion_adapter")
 #: the fields whose default None ("the source's", "the whole clip") is 0 in a number box
-UNSET_FIELDS = tuple(name for name, (f, _, _) in VideoSettings.specs().items() if f.default is None)
+UNSET_FIELDS = tuple(name for name, (f, _, _) in VideoSettings.specs().items()
+                     if f.default is None and name not in _NOT_UNSET)
 #: the settings that count optimiser steps (--max-train-steps); `steps` counts denoising steps
 TRAINING_FIELDS = ("tune_steps",)
 #: what the progress bar says during each stage the task reports (`progress(stage, done, total, loss)`)
@@ -104,9 +119,35 @@ def cache_dir(ctx: AppContext) -> Path:
 # ----------------------------------------------------------------------------- settings and boxes
 
 
+def adapter_choices(ctx: AppContext) -> dict[str, str | None]:
+    """The motion-adapter menu: `NO_ADAPTER`, then each `--allow-motion-adapter` folder by its name
+    (a repeated name gets " (2)", " (3)", ...), each mapped to its folder (None: no adapter)."""
+    choices: dict[str, str | None] = {NO_ADAPTER: None}
+    for folder in ctx.motion_adapters:
+        name = Path(folder).name or str(folder)
+        label, n = name, 2
+        while label in choices:
+            label, n = f"{name} ({n})", n + 1
+        choices[label] = str(folder)
+    return choices
+
+
+def chosen_adapter(ctx: AppContext, choice) -> str | None:
+    """The folder of the menu's `choice` (None for no adapter, or a left-out parameter); a
+    choice outside the server's list is one sentence: a request never names a path."""
+    choices = adapter_choices(ctx)
+    if choice is None or choice == "":
+        return None
+    if not isinstance(choice, str) or choice not in choices:
+        raise UserInputError(f"{str(choice)[:80]!r} is not a motion adapter this app offers; choose one of: "
+                             f"{', '.join(choices)}.")
+    return choices[choice]
+
+
 def tab_settings(**values) -> VideoSettings:
     """The validated settings of the tab's controls; keys are VideoSettings fields (0 in a box
-    whose default is None means None; seed -1 draws a random one)."""
+    whose default is None means None, except tune_steps, whose 0 is no fine-tune; seed -1 draws a
+    random one; motion_adapter is a folder, see `chosen_adapter`)."""
     unknown = set(values) - set(VideoSettings.specs())
     if unknown:
         raise TypeError(f"not a VideoSettings field: {sorted(unknown)}")
@@ -311,7 +352,7 @@ def _status(seen: dict, settings: VideoSettings, done: bool = False) -> str:
     later = {"fine-tune": ("inversion", "edit"), "inversion": ("edit",), "edit": ()}
     lines = []
     for stage, label in (("fine-tune", "Fine-tune"), ("inversion", "Inversion"), ("edit", "Editing")):
-        if stage == "fine-tune" and not settings.tune_steps:
+        if stage == "fine-tune" and not settings.fine_tune_steps():
             lines.append(f"- {label}: off (0 steps)")
         elif stage in seen:
             step, total, loss = seen[stage]
@@ -356,7 +397,8 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         steps: float = DEFAULTS.steps,
         guidance: float = DEFAULTS.guidance,
         seed: float = DEFAULTS.seed,
-        tune_steps: float = DEFAULTS.tune_steps,
+        motion_adapter: str = NO_ADAPTER,
+        tune_steps: float | None = DEFAULTS.tune_steps,
         tune_lr: float = DEFAULTS.tune_lr,
         tune_frames: float | None = UNSET,
         mixed_precision: str = DEFAULTS.mixed_precision,
@@ -377,14 +419,17 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         """Edit the clip from the source prompt to the prompt (ReAtCo), each box holding its word.
 
         boxes: rows word, x1, y1, x2, y2, frame in pixels of the source frames (several frames of
-        one word are keyframes, interpolated); preserve_background is IRJS; the other parameters are
-        VideoSettings fields (height, width, tune_frames 0: the source's / the whole clip; seed -1:
+        one word are keyframes, interpolated); preserve_background is IRJS; motion_adapter is a
+        choice of the server's motion-adapter menu (AnimateDiff; NO_ADAPTER: the Tune-A-Video
+        inflation); the other parameters are VideoSettings fields (height, width, tune_frames 0: the
+        source's / the whole clip; tune_steps left out: 200 without an adapter, 0 with one; seed -1:
         random).  Yields the progress of every stage; returns the status, the edited clip, the
         side-by-side, the heatmap videos, the files and the seed used (the one drawn for -1).
         """
         from pipelines.video import edit_video as run_edit
 
         values = dict(locals())
+        values["motion_adapter"] = chosen_adapter(ctx, motion_adapter)  # a server-side folder, never the request's
         settings = tab_settings(**{name: values[name] for name in VideoSettings.specs()})  # before loading
         ctx.limits.check_settings(settings, training=TRAINING_FIELDS)
         if not video:
@@ -489,7 +534,7 @@ def build_tab(ctx: AppContext) -> dict:
                 # the examples go here, under the buttons (filled below, once the settings exist)
                 examples_slot = gr.Column()
                 with gr.Accordion("Advanced (the paper's settings)", open=False, elem_id="ev-advanced") as advanced:
-                    controls = _advanced_controls()
+                    controls = _advanced_controls(list(adapter_choices(ctx)))
             with gr.Column(scale=1):
                 frame = gr.Image(label="Frame (click two opposite corners to add a box)", type="pil", format="png",
                                  interactive=False, height=320, elem_id="ev-frame")
@@ -557,8 +602,9 @@ def build_tab(ctx: AppContext) -> dict:
     return {"tab": tab, "video": video, "prompt": prompt, "boxes": boxes, "run": run}
 
 
-def _advanced_controls() -> dict:
-    """One control per VideoSettings field but IRJS, made from the field (range, default, help)."""
+def _advanced_controls(adapters: list[str]) -> dict:
+    """One control per VideoSettings field but IRJS, made from the field (range, default, help);
+    `adapters`: the motion-adapter menu's choices (`adapter_choices`)."""
     c = {}
     with gr.Row():
         c["frames"] = number(VideoSettings, "frames", label="Frames (0: every frame)", elem_id="ev-frames")
@@ -575,8 +621,15 @@ def _advanced_controls() -> dict:
         # no range on the control: resolve_seed says what is wrong in one sentence (-1 = random)
         c["seed"] = number(VideoSettings, "seed", minimum=None, maximum=None, label="Seed (-1 = random)",
                            elem_id="ev-seed")
+    c["motion_adapter"] = gr.Dropdown(choices=adapters, value=NO_ADAPTER, label="Motion adapter (AnimateDiff, beyond "
+                                      "the paper)", info="the server's motion adapters (--allow-motion-adapter); "
+                                      "none: the paper's Tune-A-Video inflation", allow_custom_value=False,
+                                      elem_id="ev-motion-adapter")
     with gr.Row():
-        c["tune_steps"] = number(VideoSettings, "tune_steps", elem_id="ev-tune-steps")
+        # its 0 is "no fine-tune", so its default (None) is an empty box, not UNSET's 0
+        c["tune_steps"] = number(VideoSettings, "tune_steps", value=None, minimum=0,
+                                 label=f"Fine-tune steps (empty: {VideoSettings.PAPER_TUNE_STEPS}, 0 with a motion "
+                                       "adapter)", elem_id="ev-tune-steps")
         c["tune_lr"] = number(VideoSettings, "tune_lr", step=1e-6, label="Fine-tune learning rate",
                               elem_id="ev-tune-lr")
         c["tune_frames"] = number(VideoSettings, "tune_frames", label="Fine-tune frames (0: the clip, at most 16)",

@@ -1,5 +1,7 @@
 """Edit video: ReAtCo (re-attentional diffusion + invariant-region joint sampling) on a
-Tune-A-Video-inflated SD 1.x/2.x UNet (`builtin` included).
+Tune-A-Video-inflated SD 1.x/2.x UNet (`builtin` included), or, beyond the paper, on AnimateDiff
+(the same UNet with a diffusers MotionAdapter's motion modules: `motion_adapter=`; no per-video
+fine-tune by default).
 
     from pipelines.models import load
     from pipelines.video import edit_video
@@ -8,8 +10,9 @@ Tune-A-Video-inflated SD 1.x/2.x UNet (`builtin` included).
                         "a blue square on a striped background", ["square:8,8,40,40"], frames=8)
     result.frames, result.heatmaps["square"], result.save("edited.mp4")
 
-Modules: `inflate` (the video UNet and `video_call`), `tune` (per-video fine-tune, cached and
-resumable), `reatco` (windows, inversion, RAD and IRJS), `boxes` (boxes bound to words),
+Modules: `inflate` (the inflated video UNet and `video_call`, the frame-call of both video
+UNets), `motion` (the AnimateDiff UNet, adapters and their checks), `tune` (per-video fine-tune,
+cached and resumable), `reatco` (windows, inversion, RAD and IRJS), `boxes` (boxes bound to words),
 `clip` (reading and writing clips), `edit` (the task function and its result).  The method,
 its defaults and our deviations: docs/methods/video.md; the settings: pipelines/video_settings.py.
 
@@ -31,6 +34,10 @@ Deviations from the reference code (every one is ours on purpose):
 - words are bound by name through the tokenizer's offsets (a multi-token word: the max of its
   sub-token maps; a repeated word: all its occurrences); per-frame boxes (keyframes, linear
   interpolation) are our extension of the paper's static boxes;
+- AnimateDiff is our extension (pipelines/video/motion.py, docs/methods/video.md "AnimateDiff,
+  beyond the paper"): per-frame spatial self-attention (no sparse-causal layers), no fine-tune
+  unless asked for (then the spatial q projections and the motion modules' attention), the
+  adapter's fingerprint in the fine-tune and inversion keys;
 - inversion and the fine-tune run over the same temporal windows as sampling (inversion) or on a
   random run of `tune_frames` frames (fine-tune; default the whole clip up to the paper's 16), so memory
   is bounded by the window; at other step counts than 50 the RAD schedule scales (main update on
@@ -41,8 +48,9 @@ from .boxes import Box, Target, parse_box
 from .clip import Clip, read_clip, write_clip
 from .edit import SUPPORTED, VideoEditResult, default_cache_dir, edit_video
 from .inflate import FrameJointGroupNorm, inflate, video_call
+from .motion import load_adapter, motion_unet
 from .reatco import capture_layers, windowed, windows
 
 __all__ = ["Box", "Clip", "FrameJointGroupNorm", "SUPPORTED", "Target", "VideoEditResult", "capture_layers",
-           "default_cache_dir", "edit_video", "inflate", "parse_box", "read_clip", "video_call", "windowed",
-           "windows", "write_clip"]
+           "default_cache_dir", "edit_video", "inflate", "load_adapter", "motion_unet", "parse_box", "read_clip",
+           "video_call", "windowed", "windows", "write_clip"]

@@ -4,8 +4,10 @@
    sentence each, `UserInputError`);
 2. encode the prompts and the frames with the shared pipeline's text encoder and VAE (holding
    `models.exclusive(pipe)`; nothing of it is changed);
-3. inflate a copy of the UNet (`inflate`), and fine-tune it on the clip with the source prompt,
-   or load the cached fine-tune (`tune`);
+3. build the video UNet, a new module: a Tune-A-Video inflation of a copy of the UNet
+   (`inflate`), or with `motion_adapter` AnimateDiff's motion UNet (`motion`); fine-tune it on
+   the clip with the source prompt, or load the cached fine-tune (`tune`; by default the paper's
+   200 steps on the inflated UNet, none on the motion UNet);
 4. DDIM-invert the clip with the fine-tuned copy, or load the cached inversion;
 5. sample with RAD and IRJS over temporal windows (`reatco.Sampler`), decode, and return a
    `VideoEditResult` (edited frames, source frames, per-word heatmaps, every setting).
@@ -39,8 +41,9 @@ from ..tokenizers import check_fits
 from ..video_settings import MAX_SIDE, MIN_SIDE, VideoSettings
 from ..viz import overlay
 from . import boxes as box_tools
+from . import motion
 from .clip import Clip, clip_hash, read_clip, resized, write_clip
-from .inflate import inflate, self_attention_layers, video_call
+from .inflate import frame_record, inflate, sparse_causal_layers, video_call
 from .reatco import Sampler, capture_layers, default_views, invert
 from .tune import TuneCache, VideoTuner, key_of, load_tuned, model_fingerprint, resolve_precision
 
@@ -183,6 +186,10 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
     tokenizer, max_length = _validate_prompts(pipe, backbone, source_prompt, prompt)
     device = pipe.device
     resolve_precision(settings.mixed_precision, device)
+    adapter_name = settings.motion_adapter
+    adapter = motion.load_adapter(adapter_name) if adapter_name is not None else None
+    if adapter is not None:
+        motion.check_fits(adapter, pipe.unet, adapter_name)
     clip = read_clip(video, max_frames=settings.frames or None, stride=settings.frame_stride, fps=fps)
     n_frames = len(clip.frames)
     if n_frames < 2:
@@ -194,6 +201,15 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
     if not targets:
         notes.append("No boxes were given: RAD and IRJS are off, the whole clip follows the prompt.")
     frames = resized(clip.frames, width, height)
+    views = default_views(n_frames, settings)
+    tune_steps = settings.fine_tune_steps()
+    if adapter is not None:  # the motion modules' positional encoding bounds the frames of one call
+        motion.check_run_length(adapter, adapter_name, max(b - a for a, b in views), "window")
+        if tune_steps:
+            motion.check_run_length(adapter, adapter_name, settings.tune_run(n_frames), "fine-tune run")
+        if settings.per_frame_groupnorm:
+            notes.append("Per-frame GroupNorm changes nothing with a motion adapter: AnimateDiff's GroupNorms are "
+                         "per frame already.")
     video_key = clip_hash(frames, clip.fps)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     timings: dict[str, float] = {}
@@ -206,7 +222,11 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
         source_text = backbone.encode_text(pipe, source_prompt, device, {}).embeds
         uncond, _ = backbone.unconditional(pipe, height, width, device, pipe.unet.dtype)
         mean, std = _encode_frames(pipe, frames, batch)
-        unet3d = inflate(pipe.unet, per_frame_groupnorm=settings.per_frame_groupnorm)
+        if adapter is not None:
+            unet3d = motion.motion_unet(pipe.unet, adapter, adapter_name)
+        else:
+            unet3d = inflate(pipe.unet, per_frame_groupnorm=settings.per_frame_groupnorm)
+    video_backbone = frame_record(unet3d)
     dtype = pipe.unet.dtype
     scaling = float(pipe.vae.config.scaling_factor)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -214,14 +234,17 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
 
     # ---------------------------------------------------------------- fine-tune (cached, resumable)
     model_key = model_fingerprint(pipe)
+    # the adapter's identity enters both cache keys (only with an adapter, so that the inflated
+    # UNet's keys, and the caches users have, stay as they were)
+    adapter_key = {"motion_adapter": video_backbone.fingerprint} if adapter is not None else {}
     tune_fp = {"model": model_key, "clip": video_key, "source_prompt": source_prompt,
-               "tune_steps": settings.tune_steps, "tune_lr": settings.tune_lr, "tune_frames": settings.tune_run(n_frames),
+               "tune_steps": tune_steps, "tune_lr": settings.tune_lr, "tune_frames": settings.tune_run(n_frames),
                "precision": resolve_precision(settings.mixed_precision, device),
-               "per_frame_groupnorm": settings.per_frame_groupnorm, "seed": settings.seed}
+               "per_frame_groupnorm": settings.per_frame_groupnorm, "seed": settings.seed, **adapter_key}
     tune_key = key_of(tune_fp)
     tick = time.perf_counter()
     tune_cached = False
-    if settings.tune_steps:
+    if tune_steps:
         cache = TuneCache(root / "tune" / tune_key, tune_fp)
         tune_cached = load_tuned(unet3d, cache)
         if not tune_cached:
@@ -235,11 +258,11 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
     timings["fine_tune_s"] = time.perf_counter() - tick
 
     # ---------------------------------------------------------------- inversion (cached)
-    views = default_views(n_frames, settings)
     layers, level = capture_layers(unet3d)
-    controller = ReAtCoAttention(self_attention_layers(unet3d), layers)
-    inversion_fp = {"tune": tune_key if settings.tune_steps else model_key, "clip": video_key, "steps": settings.steps,
-                    "views": views, "seed": settings.seed, "per_frame_groupnorm": settings.per_frame_groupnorm}
+    controller = ReAtCoAttention(sparse_causal_layers(unet3d), layers)
+    inversion_fp = {"tune": tune_key if tune_steps else model_key, "clip": video_key, "steps": settings.steps,
+                    "views": views, "seed": settings.seed, "per_frame_groupnorm": settings.per_frame_groupnorm,
+                    **adapter_key}
     inversion_path = root / "inversion" / f"{key_of(inversion_fp)}.safetensors"
     tick = time.perf_counter()
     inversion_cached = inversion_path.is_file()
@@ -286,6 +309,9 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
         "settings": dataclasses.asdict(settings), "frames": n_frames, "fps": clip.fps, "size": [width, height],
         "boxes": [{"word": t.word, "tokens": t.positions, "keyframes": t.keyframes,
                    "boxes": t.boxes.round(2).tolist()} for t in targets],
+        "video_backbone": video_backbone.name, "motion_adapter": adapter_name,
+        "motion_adapter_fingerprint": video_backbone.fingerprint if adapter is not None else None,
+        "fine_tune_steps": tune_steps, "fine_tune_ran": bool(tune_steps) and not tune_cached,
         "capture_layers": sorted(layers), "views": views, "fine_tune_cached": tune_cached,
         "inversion_cached": inversion_cached, "gradient_passes": sampler.gradient_passes,
         "rad_losses": sampler.losses, "timings": timings,

@@ -24,6 +24,11 @@ that unfolds the output, the temporal-attention hooks, and the per-call state bo
 GroupNorms.  The frame count is `controller.state.frames`, which `attach`'s own pre-hook reads
 from the 5-D input; everything is removed when the call ends.  Backward passes (fine-tune, RAD)
 run inside the same `video_call`, so gradient-checkpoint recomputation sees the same hooks.
+
+`video_call` also runs AnimateDiff's motion UNet (pipelines/video/motion.py), whose forward takes
+the frames itself: there it only attaches the controller and repeats the text per frame.  Which
+path a UNet takes is recorded on it (`frame_record(unet).takes_frames`: `Inflation` False,
+`motion.MotionBackbone` True); `sparse_causal_layers` gives each its controller's self layers.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +53,11 @@ from attention_processors.core import AttentionController, ControlState
 
 from .. import backbones
 
-__all__ = ["FrameJointGroupNorm", "Inflation", "inflate", "inflation", "temporal_parameters", "video_call",
-           "TEMPORAL_ATTENTION", "TEMPORAL_NORM"]
+__all__ = ["BACKBONE", "FrameJointGroupNorm", "Inflation", "frame_record", "inflate", "inflation",
+           "sparse_causal_layers", "temporal_parameters", "video_call", "TEMPORAL_ATTENTION", "TEMPORAL_NORM"]
+
+#: what a result's params call this backbone (the motion UNet is `motion.BACKBONE`)
+BACKBONE = "tune-a-video"
 
 TEMPORAL_NORM, TEMPORAL_ATTENTION = "norm_temp", "attn_temp"
 _STOCK_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
@@ -93,6 +101,21 @@ class Inflation:
     blocks: tuple[str, ...]  # the BasicTransformerBlocks that got temporal attention
     group_norms: tuple[str, ...]  # the GroupNorms made frame-joint (empty with per_frame_groupnorm)
     lock: object  # one call at a time per inflated UNet (hooks and bindings are per call)
+
+    #: a 2-D UNet: `video_call` folds the frames into the batch and installs the temporal hooks
+    takes_frames: ClassVar[bool] = False
+    #: the backbone's name in a result's params
+    name: ClassVar[str] = BACKBONE
+
+
+def frame_record(unet):
+    """The record of a video UNet: `Inflation` (from `inflate`) or `motion.MotionBackbone` (from
+    `motion.motion_unet`); ValueError for any other module.  Both say `takes_frames`."""
+    record = getattr(unet, "_video_inflation", None) or getattr(unet, "_video_motion", None)
+    if record is None:
+        raise ValueError("this UNet is not a video UNet; use pipelines.video.inflate.inflate(unet) or "
+                         "pipelines.video.motion.motion_unet(unet, adapter, name)")
+    return record
 
 
 def inflation(unet) -> Inflation:
@@ -166,8 +189,15 @@ def temporal_parameters(unet) -> dict[str, torch.nn.Parameter]:
 
 
 def self_attention_layers(unet) -> list[str]:
-    """The attn1 layers of the UNet (those sparse-causal attention replaces)."""
+    """The attn1 layers of the UNet (those sparse-causal attention replaces on an inflated UNet)."""
     return vocabulary.self_attention(attention_layer_names(unet))
+
+
+def sparse_causal_layers(unet) -> list[str]:
+    """The layers a video controller runs with sparse-causal attention: every attn1 of an inflated
+    UNet (Tune-A-Video), none of a motion UNet (AnimateDiff keeps per-frame self-attention; see
+    pipelines/video/motion.py)."""
+    return [] if frame_record(unet).takes_frames else self_attention_layers(unet)
 
 
 def _temporal_hook(state: ControlState):
@@ -189,11 +219,16 @@ def video_call(unet, controller: AttentionController) -> Iterator[ControlState]:
     """Within the block, `unet(sample, t, encoder_hidden_states=text)` takes a (B, C, F, H, W)
     sample (text (B, L, D), timesteps () or (B,)) and returns the (B, C, F, H, W) prediction.
 
-    `controller` must control every attn1 layer with sparse-causal attention (a
-    `SparseCausalAttention`); its `state.frames` is the frame count of each call.  One call at a
-    time per inflated UNet (a lock); everything is removed on exit, also on errors.
+    `unet` is a video UNet (`frame_record`).  On an inflated UNet `controller` must control every
+    attn1 layer with sparse-causal attention (`sparse_causal_layers`); its `state.frames` is the
+    frame count of each call.  A motion UNet takes the frames itself (`_native_frame_call`).  One
+    call at a time per video UNet (a lock); everything is removed on exit, also on errors.
     """
-    record = inflation(unet)
+    record = frame_record(unet)
+    if record.takes_frames:
+        with _native_frame_call(unet, controller, record) as state:
+            yield state
+        return
     state = controller.state
     missing = [name for name in self_attention_layers(unet) if not controller.select(name)]
     if missing:
@@ -247,3 +282,32 @@ def video_call(unet, controller: AttentionController) -> Iterator[ControlState]:
                 handle.remove()
             for norm in norms:
                 norm.frame_state = None
+
+
+@contextmanager
+def _native_frame_call(unet, controller: AttentionController, record) -> Iterator[ControlState]:
+    """`video_call` on a UNet whose forward takes (B, C, F, H, W) itself (a `UNetMotionModel`):
+    no fold and no temporal hooks; the controller is attached (its pre-hook reads the frame count
+    from the 5-D input into `state.frames`) unless it selects no layer (a fine-tune's controller
+    on a UNet without sparse-causal layers), and the (B, L, D) text is repeated per frame, the
+    batch layout the model folds its (B * F) rows in (diffusers' AnimateDiff pipeline does this
+    before calling it)."""
+    signature = inspect.signature(unet.forward)
+
+    def per_frame_text(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        sample, text = bound["sample"], bound.get("encoder_hidden_states")
+        if sample.ndim != 5:
+            raise ValueError(f"a video UNet takes (B, C, F, H, W) samples, not {tuple(sample.shape)}")
+        clips, frames = sample.shape[0], sample.shape[2]
+        if text is not None and text.shape[0] == clips:
+            bound["encoder_hidden_states"] = text.repeat_interleave(frames, 0)
+        return (), bound
+
+    controlled = any(controller.select(name) for name in attention_layer_names(unet))
+    with record.lock, ExitStack() as stack:
+        if controlled:
+            stack.enter_context(attach(unet, controller, track_steps=False))
+        handle = unet.register_forward_pre_hook(per_frame_text, with_kwargs=True)  # after attach's own
+        stack.callback(handle.remove)
+        yield controller.state

@@ -1,4 +1,5 @@
-"""ReAtCo's sampling loop on an inflated UNet: windows, DDIM inversion, RAD and IRJS.
+"""ReAtCo's sampling loop on a video UNet (the inflated one, or AnimateDiff's motion UNet: the
+same code, run inside `inflate.video_call`): windows, DDIM inversion, RAD and IRJS.
 
 - **Windows** (`windows`, `windowed`): views (a, a + W) with stride s (a last view ending at F
   is added when the stride does not reach it); each view is processed on its own frame slice and
@@ -72,7 +73,8 @@ def capture_layers(unet) -> tuple[list[str], int]:
     ``up_blocks.1``, 5 layers), which on SD 1.x/2.x is the deepest level with cross-attention in
     the encoder and decoder (the mid block excluded).  We take that rule on every UNet: on
     `builtin` and the tiny models (VAE factor 4 or 8, cross-attention at latent/1 and latent/2)
-    it picks the latent/2 layers of ``down_blocks.1`` and ``up_blocks.1`` (3 layers).
+    it picks the latent/2 layers of ``down_blocks.1`` and ``up_blocks.1`` (3 layers).  On a motion
+    UNet the same spatial layers: the vocabulary does not parse the motion modules' attention.
     """
     names = attention_layer_names(unet)
     depth, up = len(unet.down_blocks), len(unet.up_blocks)

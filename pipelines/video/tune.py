@@ -2,6 +2,8 @@
 
 Trainable: every ``attn1.to_q``, ``attn2.to_q`` and the temporal attention modules
 (``attn_temp``; their LayerNorm ``norm_temp`` stays at its initialisation, as in Tune-A-Video).
+On a motion UNet (AnimateDiff, pipelines/video/motion.py; no fine-tune unless asked for) the
+spatial q projections and the motion modules' attention (`motion.trainable_parameters`).
 Loss: DDPM's epsilon (or velocity, for v-prediction models) MSE of the clip's latents noised at
 one random timestep, with the SOURCE prompt; VAE and text encoder frozen.  AdamW (Tune-A-Video's
 defaults: betas 0.9/0.999, weight decay 0.01, eps 1e-8), constant learning rate.
@@ -35,7 +37,8 @@ import torch.nn.functional as F
 from ..errors import UserInputError, out_of_memory_message
 from ..io import load_tensors, save_tensors, save_torch
 from ..stopping import Stopped
-from .inflate import self_attention_layers, video_call
+from . import motion
+from .inflate import sparse_causal_layers, video_call
 
 TRAINABLE_SUFFIXES = ("attn1.to_q", "attn2.to_q", "attn_temp")
 TUNED_FILE, CHECKPOINT_FILE = "tuned.safetensors", "checkpoint.pt"
@@ -45,6 +48,8 @@ ADAM = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
 def trainable_parameters(unet) -> dict[str, torch.nn.Parameter]:
     """{name: parameter} of the modules the fine-tune trains (see the module docstring)."""
+    if motion.motion_record(unet) is not None:
+        return motion.trainable_parameters(unet)
     out = {}
     for name, module in unet.named_modules():
         if name.endswith(TRAINABLE_SUFFIXES):
@@ -133,13 +138,13 @@ class VideoTuner:
         self.noise = DDPMScheduler.from_config(pipe.scheduler.config)
         self.generator = torch.Generator().manual_seed(settings.seed + self.accelerator.process_index)
         self.step, self.resumed_from, self.losses = 0, 0, []
-        self.controller = SparseCausalAttention(self_attention_layers(unet))
+        self.controller = SparseCausalAttention(sparse_causal_layers(unet))
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
     @property
     def total(self) -> int:
-        return self.settings.tune_steps
+        return self.settings.fine_tune_steps()
 
     def try_resume(self) -> bool:
         if self.cache is None or not self.cache.checkpoint.is_file():
@@ -208,7 +213,7 @@ class VideoTuner:
         return value
 
     def run(self, progress: Callable | None = None, stop: Callable[[], bool] | None = None) -> None:
-        """Train from the current (or resumed) step to `tune_steps`; a stop writes a checkpoint and
+        """Train from the current (or resumed) step to `fine_tune_steps()`; a stop writes a checkpoint and
         raises `Stopped` (the next run with the same key resumes there)."""
         self.try_resume()
         every = self.settings.checkpoint_every
