@@ -48,7 +48,7 @@ MODE_CHOICES = [("SIP: re-paste the noised background (default)", "sip"), ("DIP:
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 # Offline examples: (world seed, object index) of shapes-world scenes shipped with their masks.
-EXAMPLES = [(1090003, 0), (1090004, 1), (1090005, 0)]
+EXAMPLES = [(1090003, 0), (1090004, 1), (1090007, 1)]
 
 #: The brush's default size (Gradio's brush radius) as a fraction of the image's smaller side.
 BRUSH_FRACTION = 1 / 12
