@@ -43,6 +43,14 @@ Untouched rows stay bit-identical: the stock attention runs for the whole batch 
 without SaaS, and only the measured rows (their output-image queries on OmniGen) are recomputed
 with the log-gain bias and spliced in.  (A biased SDPA over the whole batch could pick another
 kernel and change the other rows by rounding.)  With no mask at all the stock path runs alone.
+
+torch.compile (every family): eagerly a layer branches on the step in Python; inside a compiled
+graph (`torch.compiler.is_compiling()`) it computes every branch at every step and picks by 0-d
+flag tensors, reading masks, gains or biases from buffers and adding its capture, times a flag,
+into a buffer on the mask grid.  The eager per-forward code (`SaaSController.begin_forward`; the
+joint-sequence states' `begin_forward`, called by the install functions' pre-hooks) refreshes
+those buffers in place and hands the captured sums to `SaaSLoop` between forwards, so one graph
+serves every step.  See `SaaSController` and `_JointSequenceSaaSState`.
 """
 
 from __future__ import annotations
@@ -891,6 +899,25 @@ class SaaSController(AttentionController):
 # ----------------------------------------------------------------------------- OmniGen (the paper's)
 
 
+@dataclass
+class _JointCompiledBuffers:
+    """Every value a compiled joint-sequence SaaS layer reads (`_JointSequenceSaaSState`): Python
+    values fixed for the call (the cond row, the output-image query range) and tensors allocated
+    once per layout and refreshed in place before each forward, so a compiled graph reads the same
+    objects and branches on nothing at every step."""
+
+    key: tuple
+    row: int  # the cond row
+    start: int  # the output-image queries: positions start..stop - 1 of the sequence
+    stop: int
+    bias: torch.Tensor  # (1, 1, N_out, L) float32: the log-gain bias of the current masks and gains
+    indicator: torch.Tensor  # (L, G padded to 8) one-hot group indicators [reference, S_1..S_K]
+    sums: torch.Tensor  # (1, N_out, 1 + K): this forward's captured group maps
+    capturing: torch.Tensor  # 0-d bool: this step captures
+    rescaling: torch.Tensor  # 0-d bool: this step rescales
+    version: int = -1  # the `SaaSLoop.version` of the masks the bias was built from
+
+
 class _JointSequenceSaaSState:
     """What SaaS needs on a model whose text, reference image and output image are tokens of one
     attention sequence (OmniGen, FLUX Kontext): the per-call state shared by every SaaS processor
@@ -904,6 +931,19 @@ class _JointSequenceSaaSState:
     row_roles: the roles of the batch rows; only the "cond" row is measured and modified, and it
         must be alone in its role.
     seq_len: the sequence length L the caller expects (checked at every forward), or None.
+
+    torch.compile: eagerly, a layer branches on the step in Python (capture, rescale, neither).
+    Inside a compiled graph (`torch.compiler.is_compiling()`) it takes one path at every step
+    instead (`_apply_compiled`): the biased attention of the cond row's output queries is always
+    computed and a 0-d flag tensor picks it or the stock output, and the capture is always
+    computed and added times its flag into one buffer on the output grid.  `_begin`, which runs
+    eagerly before every forward (the install functions' pre-hooks are `torch.compiler.disable`d
+    and hooks of a compiled module run outside its graph), refreshes the flags and the bias in
+    place and hands the captured sums to the loop (`_flush_compiled`).  Everything the graph
+    reads is known at the first forward (rows, output grid, reference and text positions, from
+    the forward's inputs), so it compiles once for every step.  The cost: on steps outside the
+    window, one attention of the cond row's output queries and one capture attention per SaaS
+    layer that eager skips.
     """
 
     #: the model's name in error messages
@@ -933,6 +973,8 @@ class _JointSequenceSaaSState:
         self._step = -1
         self._bias: torch.Tensor | None = None
         self._indicator: torch.Tensor | None = None
+        self._compiled: _JointCompiledBuffers | None = None
+        self._compiled_calls = 0  # layer calls captured by compiled graphs since the last hand-over
 
     @property
     def layers(self) -> frozenset[int]:
@@ -945,12 +987,17 @@ class _JointSequenceSaaSState:
 
     @property
     def history(self) -> list[dict]:
+        """Per captured step, masks / gains / masses (see `SaaSLoop.history`)."""
+        self._flush_compiled()
         return self.loop.history
 
     def _begin(self, *, batch_size: int, out_grid: tuple[int, int], out_queries: slice, reference: list[slice],
-               seq_len: int, timestep=None, step: int | None = None) -> None:
+               seq_len: int, timestep=None, step: int | None = None, device=None) -> None:
         """Prepare one transformer forward: rows, grids and spans are checked, the step advanced
-        (from `timestep`, or set to `step`), the previous step finalised, this step's bias built."""
+        (from `timestep`, or set to `step`), the previous step finalised, this step's bias built,
+        the buffers of compiled layers refreshed (on `device`, the transformer input's; default
+        CPU)."""
+        self._flush_compiled()
         rows = self.control.rows("cond", batch_size)
         if rows.stop - rows.start != 1:
             raise ValueError(f"SaaS on {self.family} measures one cond row; this batch has {rows.stop - rows.start}")
@@ -989,6 +1036,71 @@ class _JointSequenceSaaSState:
                     raise ValueError(f"masks of grid {tuple(loop.masks.shape[-2:])} for output grid {self.out_grid}")
                 self._bias = log_gain_bias(loop.masks.flatten(-2), loop.gains, loop.active, self.spans, seq_len,
                                            loop.scale)
+        self._prepare_compiled(seq_len, device)
+
+    # torch.compile (see the class docstring): buffers refreshed eagerly, one graph for every step
+    def _prepare_compiled(self, seq_len: int, device) -> None:
+        device = torch.device("cpu" if device is None else device)
+        out_q = self.out_queries
+        key = (self.row, self.out_grid, out_q.start, out_q.stop, tuple((s.start, s.stop) for s in self.reference),
+               seq_len, device)
+        c = self._compiled
+        if c is None or c.key != key:
+            k = len(self.spans)
+            c = self._compiled = _JointCompiledBuffers(
+                key, self.row, out_q.start, out_q.stop, torch.zeros(1, 1, self.n_out, seq_len, device=device),
+                span_indicator([self.reference, *self.spans], seq_len, device, pad_to=8).t().contiguous(),
+                torch.zeros(1, self.n_out, 1 + k, device=device), torch.zeros((), dtype=torch.bool, device=device),
+                torch.zeros((), dtype=torch.bool, device=device))
+        if self._bias is not None and c.version != self.loop.version:  # a rescale step's bias (eager's own)
+            c.bias.copy_(self._bias)
+            c.version = self.loop.version
+        c.capturing.fill_(self._capturing)
+        c.rescaling.fill_(self._rescaling)
+
+    def _flush_compiled(self) -> None:
+        """Hand the capture sums of compiled forwards to the loop (eagerly, between forwards)."""
+        c, calls = self._compiled, self._compiled_calls
+        if c is None or not calls:
+            return
+        self._compiled_calls = 0
+        if self._capturing:
+            self.loop.add(self._step, self.out_grid, c.sums.clone(), calls)
+        c.sums.zero_()
+
+    def _apply_compiled(self, layer: int, query, key, value, attention_mask, out: torch.Tensor,
+                        attend) -> torch.Tensor:
+        """`apply` inside a compiled graph: the same computation for every step, the step's phase
+        picked by the flag tensors (see the class docstring).  The rescaled output equals eager's
+        (the same biased attention, spliced the same way); the capture on a step that does not
+        rescale runs with a zero bias (eager: no bias), equal up to rounding."""
+        rescale, capture = layer in self.scale_layers, layer in self.capture_layers
+        if not (rescale or capture):
+            return out
+        c = self._compiled
+        if c is None:
+            raise RuntimeError(f"SaaS on {self.family} under torch.compile: no forward was prepared "
+                               f"(install the state with its install function, whose pre-hook prepares each one)")
+        r, a, b = c.row, c.start, c.stop
+        q0, k0, v0 = query[r : r + 1, :, a:b], key[r : r + 1], value[r : r + 1]
+        m0 = None
+        if attention_mask is not None:
+            m = attention_mask[r : r + 1] if attention_mask.shape[0] != 1 else attention_mask
+            m0 = m[..., a:b, :] if m.shape[-2] != 1 else m
+        if rescale:
+            boosted = attend(q0, k0, v0, attn_mask=combine_masks(m0, c.bias, query.dtype))
+            row = torch.cat([out[r : r + 1, :, :a], boosted.to(out.dtype), out[r : r + 1, :, b:]], dim=2)
+            out = torch.where(c.rescaling, torch.cat([out[:r], row, out[r + 1 :]], dim=0), out)
+            m0 = combine_masks(m0, c.bias * c.rescaling, query.dtype)  # the capture sees this step's bias
+        if capture:
+            with torch.no_grad():
+                v_ind = c.indicator.expand(1, q0.shape[1], *c.indicator.shape)
+                mask = None if m0 is None else m0.float()
+                groups = F.scaled_dot_product_attention(q0.float(), k0.float(), v_ind, attn_mask=mask)
+                groups = groups.mean(1)[..., : 1 + len(self.spans)]  # (1, N_out, G)
+                c.sums.add_(groups * c.capturing)
+            self._compiled_calls += 1
+        return out
 
     def captures(self, layer: int) -> bool:
         return self._capturing and layer in self.capture_layers
@@ -1001,7 +1113,10 @@ class _JointSequenceSaaSState:
         """Given the stock attention output `out` (B, heads, L, D) of one layer, return it with the
         cond row's output-image queries recomputed under the log-gain bias (scale steps), and add
         the group masses of those queries to the step's sums (capture steps); spec 4.  `attend`:
-        the fused attention the boosted queries run through (SDPA layout, ``attn_mask=``)."""
+        the fused attention the boosted queries run through (SDPA layout, ``attn_mask=``).
+        Inside a compiled graph: `_apply_compiled`."""
+        if torch.compiler.is_compiling():
+            return self._apply_compiled(layer, query, key, value, attention_mask, out, attend)
         rescale, capture = self.rescales(layer), self.captures(layer)
         if not (rescale or capture):
             return out
@@ -1057,15 +1172,16 @@ class SaaSOmniGenState(_JointSequenceSaaSState):
         return self.reference
 
     def begin_forward(self, *, batch_size: int, out_grid: tuple[int, int], input_image_sizes: dict | None,
-                      seq_len: int, timestep=None, step: int | None = None) -> None:
+                      seq_len: int, timestep=None, step: int | None = None, device=None) -> None:
         """Prepare one transformer forward (`_JointSequenceSaaSState._begin`): the output image is
-        the last tokens of the sequence, the input image(s) where ``input_image_sizes`` says."""
+        the last tokens of the sequence, the input image(s) where ``input_image_sizes`` says;
+        `device`: where the transformer runs (the compiled layers' buffers live there)."""
         row = self.control.rows("cond", batch_size).start
         sizes = (input_image_sizes or {}).get(row, [])
         n_out = out_grid[0] * out_grid[1]
         self._begin(batch_size=batch_size, out_grid=out_grid, out_queries=slice(seq_len - n_out, seq_len),
                     reference=[slice(int(a), int(b)) for a, b in sizes], seq_len=seq_len, timestep=timestep,
-                    step=step)
+                    step=step, device=device)
 
 
 class SaaSOmniGenProcessor:
@@ -1115,6 +1231,12 @@ def install_omnigen(transformer, state: SaaSOmniGenState) -> Iterator[SaaSOmniGe
     diffusers' `OmniGenTransformer2DModel` has no ``set_attn_processor`` (it is not an
     AttentionMixin), so processors are set per attention module, found as
     ``transformer.layers[i].self_attn`` (no name parsing).
+
+    torch.compile: the pre-hook is `torch.compiler.disable`d and runs outside the compiled
+    region whether the transformer is compiled whole (hooks of a compiled module run outside its
+    graph) or by blocks (the transformer's own forward stays eager); it gives `begin_forward`
+    the layout and the device, so the compiled layers find their buffers from the first step.
+    Works on a compiled transformer (installs on ``_orig_mod``).
     """
     transformer = getattr(transformer, "_orig_mod", transformer)
     modules = [block.self_attn for block in transformer.layers]
@@ -1137,7 +1259,7 @@ def install_omnigen(transformer, state: SaaSOmniGenState) -> Iterator[SaaSOmniGe
         else:
             seq_len = (0 if ids is None else ids.shape[1]) + 1 + grid[0] * grid[1]
         state.begin_forward(batch_size=hidden.shape[0], out_grid=grid, input_image_sizes=sizes, seq_len=seq_len,
-                            timestep=timestep)
+                            timestep=timestep, device=hidden.device)
         return None
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -1175,9 +1297,10 @@ class SaaSFluxKontextState(_JointSequenceSaaSState):
     family = "FLUX Kontext"
 
     def begin_forward(self, *, batch_size: int, n_txt: int, out_grid: tuple[int, int], n_reference: int,
-                      timestep=None, step: int | None = None) -> None:
+                      timestep=None, step: int | None = None, device=None) -> None:
         """Prepare one forward: the text is the first `n_txt` tokens, then the output image's
-        out_grid tokens, then the `n_reference` reference-image tokens."""
+        out_grid tokens, then the `n_reference` reference-image tokens; `device`: where the
+        transformer runs (the compiled layers' buffers live there)."""
         n_out = out_grid[0] * out_grid[1]
         if n_reference <= 0:
             raise ValueError("SaaS on FLUX Kontext needs the reference image's tokens (the pipeline got no image)")
@@ -1186,7 +1309,8 @@ class SaaSFluxKontextState(_JointSequenceSaaSState):
         if max(s.stop for s in self.spans) > n_txt:
             raise ValueError(f"a span reaches past the {n_txt} text tokens")
         self._begin(batch_size=batch_size, out_grid=out_grid, out_queries=out_queries,
-                    reference=[slice(out_queries.stop, seq_len)], seq_len=seq_len, timestep=timestep, step=step)
+                    reference=[slice(out_queries.stop, seq_len)], seq_len=seq_len, timestep=timestep, step=step,
+                    device=device)
 
 
 def flux_kontext_image_layout(img_ids: torch.Tensor) -> tuple[tuple[int, int], int]:
@@ -1273,8 +1397,10 @@ def install_flux_kontext(transformer, state: SaaSFluxKontextState) -> Iterator[S
     (`flux_attention_modules` numbering; every other layer keeps its processor object) for one
     call, with a forward pre-hook that feeds `state.begin_forward` from the transformer's inputs
     (text length from ``encoder_hidden_states``, output grid and reference length from
-    ``img_ids``, step from ``timestep``).  The original processor objects are restored on exit,
-    also when the call raises (a stop included)."""
+    ``img_ids``, step from ``timestep``, device from ``hidden_states``).  The original processor
+    objects are restored on exit, also when the call raises (a stop included).  torch.compile: the
+    pre-hook is `torch.compiler.disable`d and runs outside the compiled region, whole-model or
+    regional (see `install_omnigen`)."""
     import inspect
 
     transformer = getattr(transformer, "_orig_mod", transformer)
@@ -1298,7 +1424,7 @@ def install_flux_kontext(transformer, state: SaaSFluxKontextState) -> Iterator[S
             raise ValueError(f"{hidden.shape[1]} image tokens, but the position ids describe "
                              f"{grid[0] * grid[1] + n_reference}")
         state.begin_forward(batch_size=hidden.shape[0], n_txt=text.shape[1], out_grid=grid, n_reference=n_reference,
-                            timestep=bound.get("timestep"))
+                            timestep=bound.get("timestep"), device=hidden.device)
         return None
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)

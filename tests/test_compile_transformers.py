@@ -12,7 +12,11 @@ Dynamo's tracing and guards without code generation), with steps 2 and 3 under
   pre-hook: the same ids tensor is passed at every step, as the pipeline does); joint layers
   read `AttentionCall.text_probs` with both norms;
 - MedSteer record and steer on tiny-pixart (the paper's backbone; MedSteer takes PixArt and SD
-  UNets only).
+  UNets only);
+- SaaS (Instruction edit) on tiny-omnigen and tiny-flux-kontext, installed as the pipeline
+  installs it, on the inputs the pipeline gives its transformer (recorded from its first
+  forward), 4 steps that capture, rescale, or neither, compiled whole and by blocks; and the
+  whole edit on a compiled copy of each pipeline (`models.compile_denoiser`).
 """
 
 from __future__ import annotations
@@ -152,3 +156,204 @@ def test_compiled_heatmaps_with_full_row_norm(name):
 @pytest.mark.parametrize("make", [record, steer], ids=lambda f: f.__name__)
 def test_compiled_medsteer_on_pixart(make):
     check("tiny-pixart", make)
+
+
+# ------------------------------------------------------------------ SaaS (Instruction edit) on OmniGen and FLUX Kontext
+
+SAAS_STEPS = 4
+#: 4 steps with the window 0.5: steps 0 and 1 capture, 1 and 2 rescale, 3 does neither
+SAAS_WINDOW = 0.5
+EDIT = "make the circle blue, and make the background beige"
+
+
+class _FirstForward(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def saas_case(name):
+    """(pipeline, its edit, run, layout, the transformer's keyword arguments of the first forward)
+    of an Instruction edit, recorded from the pipeline's own call (which is stopped there): the
+    inputs are exactly what the pipeline gives its transformer."""
+    from PIL import Image
+
+    from pipelines.builtin import world
+    from pipelines.instruct import INSTRUCT, edit_for, edit_run
+
+    pipe = models.load(name, device="cpu")
+    edit = edit_for(pipe)
+    run = edit_run(pipe, INSTRUCT.replace(steps=SAAS_STEPS, window=SAAS_WINDOW).validated())
+    source = Image.fromarray(world.make_edit(1_095_003).source.render(64))
+    call = edit.prepare(pipe, source, EDIT, run)
+    seen = {}
+
+    def grab(_module, args, kwargs):
+        assert not args
+        seen.update(kwargs)
+        raise _FirstForward
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with edit.seeded(pipe, 0), pytest.raises(_FirstForward):
+            pipe(**{k: v for k, v in call.items() if k != "layout"}, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    return pipe, edit, run, call["layout"], seen
+
+
+def saas_forwards(transformer, name, compiled=False):
+    """SAAS_STEPS forwards of `transformer` with SaaS installed as the pipeline installs it (a new
+    timestep each); with `compiled`, steps after the first under ``error_on_recompile``."""
+    from pipelines.instruct import INSTRUCT
+
+    pipe, edit, run, layout, kwargs = saas_case(name)
+    state = edit.saas_state(pipe, layout, run, INSTRUCT.replace(steps=SAAS_STEPS, window=SAAS_WINDOW).validated())
+    first = kwargs["timestep"]
+    outputs = []
+    with torch.no_grad(), edit.install(transformer, state):
+        for i in range(SAAS_STEPS):
+            with torch._dynamo.config.patch(error_on_recompile=compiled and i > 0):
+                step = {**kwargs, "timestep": first * (1 - 0.25 * i)}
+                outputs.append(transformer(**step)[0])
+    return outputs, state
+
+
+def saas_history(state):
+    return [(h["step"], h["masks"], h["gains"], h["active"]) for h in state.history]
+
+
+def saas_compile(transformer, how, fullgraph=True):
+    """Compile `transformer` whole ("model") or its repeated blocks ("blocks": diffusers'
+    `compile_repeated_blocks` where the class names them, else, for OmniGen, each of its
+    ``layers`` by hand, the same regional compilation); returns the compiled modules."""
+    options = dict(fullgraph=fullgraph, backend="eager")
+    if how == "model":
+        transformer.compile(**options)
+    elif getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(**options)
+    else:
+        for block in transformer.layers:
+            block.compile(**options)
+    return [m for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def compiled_counters(transformer, how, run, fullgraph=True):
+    """`run()`'s result with `transformer` compiled (then uncompiled), and Dynamo's counters of it."""
+    torch._dynamo.reset()
+    counters.clear()
+    modules = saas_compile(transformer, how, fullgraph)
+    try:
+        result = run()
+        return result, {"graph_break": dict(counters["graph_break"]), "graphs": counters["stats"]["unique_graphs"]}
+    finally:
+        for module in modules:
+            module._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def stock_forwards(transformer, name):
+    pipe, edit, run, layout, kwargs = saas_case(name)
+    with torch.no_grad():
+        return [transformer(**{**kwargs, "timestep": kwargs["timestep"] * (1 - 0.25 * i)})[0]
+                for i in range(SAAS_STEPS)]
+
+
+@pytest.mark.parametrize("name,how", [("tiny-omnigen", "model"), ("tiny-omnigen", "blocks"),
+                                      ("tiny-flux-kontext", "model"), ("tiny-flux-kontext", "blocks")])
+def test_compiled_saas_on_joint_sequences_is_one_graph_for_every_step_and_the_eager_edit(name, how):
+    """SaaS on OmniGen (the paper's backbone) and FLUX Kontext, compiled whole and by blocks (as
+    `--compile` does on Kontext), with steps that capture (0, 1), rescale (1, 2) and do neither
+    (3): no recompilation between steps, the outputs, masks and gains are eager's.  The pre-hook
+    that prepares each forward runs eagerly (outside the graph) in both modes.
+
+    ``fullgraph`` everywhere except OmniGen's whole model: diffusers' OmniGen rotary embedding
+    branches on ``torch.max(position_ids)`` (a data-dependent graph break without SaaS too), so
+    there the graph breaks must be the stock model's and no more; its blocks, where SaaS runs,
+    compile ``fullgraph``."""
+    import copy
+
+    pipe = saas_case(name)[0]
+    transformer = copy.deepcopy(pipe.transformer)  # the shared model is never compiled by this test
+    stock = stock_forwards(transformer, name)
+    eager_out, eager = saas_forwards(transformer, name)
+    assert eager.loop.captured_steps == [0, 1] and eager.loop.rescaled_steps == [1, 2]
+    history = saas_history(eager)
+    assert [h[0] for h in history] == [0, 1]
+    assert all(m.any() for _, m, _, _ in history)
+    assert any(((g - 1).abs() > 1e-2).any() for _, _, g, _ in history)  # the gains move off 1
+    # SaaS changes the rescaled steps (so matching eager there means something), not step 0
+    assert torch.equal(eager_out[0], stock[0]) and (eager_out[1] - stock[1]).abs().max() > 1e-3
+    fullgraph = not (name == "tiny-omnigen" and how == "model")
+    (out, compiled), seen = compiled_counters(transformer, how, lambda: saas_forwards(transformer, name, True),
+                                              fullgraph)
+    if fullgraph:
+        assert not seen["graph_break"], seen["graph_break"]
+    else:
+        _, stock_seen = compiled_counters(transformer, how, lambda: stock_forwards(transformer, name), fullgraph)
+        assert sum(stock_seen["graph_break"].values()) == 1  # diffusers' rotary embedding
+        assert seen == stock_seen  # SaaS adds no graph break and no graph
+    if how == "model" and fullgraph:
+        assert seen["graphs"] == 1  # one frame, compiled once for every step
+    else:
+        assert seen["graphs"] > 0
+    for a, b in zip(eager_out, out):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert (compiled.loop.captured_steps, compiled.loop.rescaled_steps) == ([0, 1], [1, 2])
+    for (step_a, masks_a, gains_a, active_a), (step_b, masks_b, gains_b, active_b) in zip(saas_history(compiled),
+                                                                                         history, strict=True):
+        assert step_a == step_b and torch.equal(masks_a, masks_b) and torch.equal(active_a, active_b)
+        torch.testing.assert_close(gains_a, gains_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-omnigen", "tiny-flux-kontext"])
+def test_instruction_edit_on_a_compiled_transformer_equals_eager_and_compiles_once_whatever_the_steps(name):
+    """`--compile` (`models.compile_denoiser`) with Instruction edit: FLUX Kontext's repeated blocks
+    (``fullgraph``), OmniGen's whole transformer (it has no repeated blocks; not ``fullgraph``,
+    whose one graph break is diffusers' rotary embedding, see above).  The number of graphs does
+    not grow with the steps (a per-step recompile would add some: 2 steps capture then rescale,
+    5 steps also run steps that do neither); the edit, its masks and gains equal eager."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.builtin import world
+    from pipelines.instruct import edit_by_instruction
+
+    shared = models.load(name, device="cpu")
+    pipe = copy.copy(shared)
+    pipe.transformer = copy.deepcopy(shared.transformer)  # the shared model is never compiled by this test
+    source = Image.fromarray(world.make_edit(1_095_003).source.render(64))
+    options = dict(seed=3, compare=False)
+    eager = {steps: edit_by_instruction(shared, source, EDIT, steps=steps, **options) for steps in (2, 5)}
+    fullgraph = name != "tiny-omnigen"
+    graphs = {}
+    limit = torch._dynamo.config.recompile_limit
+    models.compile_denoiser(pipe, backend="eager", fullgraph=fullgraph)
+    try:
+        for steps in (2, 5):
+            torch._dynamo.reset()
+            counters.clear()
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = edit_by_instruction(pipe, source, EDIT, steps=steps, **options)
+            breaks = dict(counters["graph_break"])
+            if fullgraph:
+                assert not breaks, breaks
+            else:  # diffusers' OmniGen rotary embedding, with or without SaaS
+                assert len(breaks) == 1 and "torch.max(position_ids)" in next(iter(breaks)), breaks
+            graphs[steps] = counters["stats"]["unique_graphs"]
+            reference = eager[steps]
+            assert compiled.params["saas_steps"] == reference.params["saas_steps"] != []
+            for a, b in zip(compiled.masks, reference.masks, strict=True):
+                assert np.array_equal(a, b)
+            np.testing.assert_allclose(compiled.gains, reference.gains, rtol=1e-4)
+            pixels = np.abs(np.asarray(compiled.edited, float) - np.asarray(reference.edited, float))
+            assert pixels.max() <= 1, pixels.max()
+    finally:
+        den = pipe.transformer
+        for module in den.modules():
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = None
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
+    assert graphs[2] == graphs[5] > 0, graphs
