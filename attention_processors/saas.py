@@ -611,6 +611,26 @@ def sd_layers(layer_names: Iterable[str], unet_depth: int, levels: Sequence[int]
     return chosen
 
 
+class _CompiledCaptureHandOver:
+    """What both SaaS families share under torch.compile: compiled layers add their capture into
+    a fixed buffer (`_compiled.sums`, on the grid `_compiled.grid`) and count their calls; between
+    forwards, eagerly, the sums go to the `SaaSLoop` as the step's capture (if the step captured)
+    and the buffer is zeroed."""
+
+    _compiled = None  # the family's buffers (with .sums and .grid), None until a forward is prepared
+    _compiled_calls = 0  # layer calls captured by compiled graphs since the last hand-over
+
+    def _flush_compiled(self) -> None:
+        """Hand the capture sums of compiled forwards to the loop (eagerly, between forwards)."""
+        c, calls = self._compiled, self._compiled_calls
+        if c is None or not calls:
+            return
+        self._compiled_calls = 0
+        if self._capturing:
+            self.loop.add(self._step, c.grid, c.sums.clone(), calls)
+        c.sums.zero_()
+
+
 @dataclass
 class _CompiledBuffers:
     """Every tensor a compiled `SaaSController` layer reads: allocated once per call shape and
@@ -629,7 +649,7 @@ class _CompiledBuffers:
     version: int = -1  # the `SaaSLoop.version` of the masks copied in
 
 
-class SaaSController(AttentionController):
+class SaaSController(_CompiledCaptureHandOver, AttentionController):
     """SaaS on SD-family UNet cross-attention (``attn2``): our extrapolation (spec 6-7).
 
     spans: token positions of the parts in the 77 CLIP keys (`clip_spans`), disjoint, after BOS.
@@ -760,16 +780,6 @@ class SaaSController(AttentionController):
             c.version = loop.version
         c.capturing.fill_(self._capturing)
         c.rescaling.fill_(self._rescaling)
-
-    def _flush_compiled(self) -> None:
-        """Hand the capture sums of compiled forwards to the loop (eagerly, between forwards)."""
-        c, calls = self._compiled, self._compiled_calls
-        if c is None or not calls:
-            return
-        self._compiled_calls = 0
-        if self._capturing:
-            self.loop.add(self._step, c.grid, c.sums.clone(), calls)
-        c.sums.zero_()
 
     def _buffers(self) -> _CompiledBuffers:
         if self._compiled is None:
@@ -907,6 +917,7 @@ class _JointCompiledBuffers:
     objects and branches on nothing at every step."""
 
     key: tuple
+    grid: tuple[int, int]  # the output image's token grid (the capture's)
     row: int  # the cond row
     start: int  # the output-image queries: positions start..stop - 1 of the sequence
     stop: int
@@ -918,7 +929,7 @@ class _JointCompiledBuffers:
     version: int = -1  # the `SaaSLoop.version` of the masks the bias was built from
 
 
-class _JointSequenceSaaSState:
+class _JointSequenceSaaSState(_CompiledCaptureHandOver):
     """What SaaS needs on a model whose text, reference image and output image are tokens of one
     attention sequence (OmniGen, FLUX Kontext): the per-call state shared by every SaaS processor
     of one transformer, bound into them at construction (a shared state plus a layer index).
@@ -1048,7 +1059,7 @@ class _JointSequenceSaaSState:
         if c is None or c.key != key:
             k = len(self.spans)
             c = self._compiled = _JointCompiledBuffers(
-                key, self.row, out_q.start, out_q.stop, torch.zeros(1, 1, self.n_out, seq_len, device=device),
+                key, tuple(self.out_grid), self.row, out_q.start, out_q.stop, torch.zeros(1, 1, self.n_out, seq_len, device=device),
                 span_indicator([self.reference, *self.spans], seq_len, device, pad_to=8).t().contiguous(),
                 torch.zeros(1, self.n_out, 1 + k, device=device), torch.zeros((), dtype=torch.bool, device=device),
                 torch.zeros((), dtype=torch.bool, device=device))
@@ -1057,16 +1068,6 @@ class _JointSequenceSaaSState:
             c.version = self.loop.version
         c.capturing.fill_(self._capturing)
         c.rescaling.fill_(self._rescaling)
-
-    def _flush_compiled(self) -> None:
-        """Hand the capture sums of compiled forwards to the loop (eagerly, between forwards)."""
-        c, calls = self._compiled, self._compiled_calls
-        if c is None or not calls:
-            return
-        self._compiled_calls = 0
-        if self._capturing:
-            self.loop.add(self._step, self.out_grid, c.sums.clone(), calls)
-        c.sums.zero_()
 
     def _apply_compiled(self, layer: int, query, key, value, attention_mask, out: torch.Tensor,
                         attend) -> torch.Tensor:
