@@ -43,17 +43,22 @@ def tab(tmp_path):
     return controls, ctx, video_tab.make_handler(ctx, cache=tmp_path / "cache")
 
 
-def _run(handler, clip, boxes, progress_calls: list | None = None, **settings):
+def _run(handler, clip, boxes, progress_calls: list | None = None, previews: list | None = None, **settings):
     """Every status line the handler yields, and its last output; `progress_calls` receives
-    every (progress, desc, unit) the handler reports."""
+    every (progress, desc, unit) the handler reports, `previews` every (preview output, the
+    status lines so far) it yields before the last."""
     def progress(value, desc=None, total=None, unit="steps"):
         if progress_calls is not None:
             progress_calls.append((value, desc, unit))
 
-    statuses, last = [], None
+    statuses, last, skip = [], None, type(gr.skip())
     for last in handler("tiny", str(clip), SOURCE, PROMPT, boxes, **{**FAST, **settings}, progress=progress):
-        if not isinstance(last[0], type(gr.skip())):
+        if not isinstance(last[0], skip):
             statuses.append(last[0])
+        if previews is not None and last[-1] != gr.skip():
+            previews.append((last[-1], list(statuses)))
+    if previews:
+        previews.pop()  # the last output's
     return statuses, last
 
 
@@ -97,10 +102,17 @@ def test_the_seed_used_row_shows_after_an_edit_and_reuses_its_seed(tmp_path):
     assert demo.blocks[by_elem["ev-seed-row"]].visible is False  # no "Seed used 0" before an edit
     dependencies = demo.config["dependencies"]
     edit = next(d for d in dependencies if d.get("api_name") == video_tab.TASK)
-    assert edit["outputs"][-1] == by_elem["ev-seed-used"]
+    # the API's outputs: the seed used where it was before the preview came (which is last)
+    assert [demo.blocks[i].elem_id for i in edit["outputs"]] == ["ev-status", "ev-edited", "ev-side", "ev-attention",
+                                                                 "ev-files", "ev-seed-used", "ev-preview"]
     # revealed only once the edit has succeeded (a refused or stopped edit leaves it hidden)
     assert any(d["trigger_after"] == edit["id"] and d["trigger_only_on_success"]
                and d["outputs"] == [by_elem["ev-seed-row"]] for d in dependencies)
+    # the preview box (shown while an edit samples) is hidden once the edit has succeeded; it starts hidden
+    hide = next(d for d in dependencies if d["trigger_after"] == edit["id"] and d["trigger_only_on_success"]
+                and d["outputs"] == [by_elem["ev-preview"]])
+    assert demo.fns[hide["id"]].fn() == {"__type__": "update", "visible": False}
+    assert demo.blocks[by_elem["ev-preview"]].visible is False
     reuse = next(d for d in dependencies if d["targets"] == [(by_elem["ev-reuse-seed"], "click")])
     assert reuse["inputs"] == [by_elem["ev-seed-used"], by_elem["ev-seed"]]
     assert reuse["outputs"] == [by_elem["ev-seed"], by_elem["ev-advanced"]]
@@ -175,10 +187,20 @@ def test_the_word_menu_offers_the_edited_prompts_words():
 @pytest.mark.timeout(300)
 def test_an_edit_reports_every_stage_writes_its_files_and_reuses_the_cache(tab, clip):
     _, _, handler = tab
-    calls = []
-    statuses, (summary, edited, side, heat, files, seed_used) = _run(handler, clip, [["dog", 0, 0, 16, 16, 0],
-                                                                                   ["dog", 16, 16, 32, 32, 3]],
-                                                                   calls)
+    calls, previews = [], []
+    statuses, (summary, edited, side, heat, files, seed_used, preview) = _run(
+        handler, clip, [["dog", 0, 0, 16, 16, 0], ["dog", 16, 16, 32, 32, 3]], calls, previews)
+    # the last run's preview is hidden first; the editing stage's one preview step (of 2) shows the
+    # first, middle and last frames side by side; the result replaces it
+    assert previews[0][0] == {"__type__": "update", "value": None, "visible": False}
+    assert len(previews) == 2, previews
+    shown, before = previews[1]
+    assert shown["visible"] is True and shown["label"] == "Preview (while editing): step 1 of 2, frames 0, 1, 3"
+    strip = np.asarray(shown["value"])  # 3 frames of 32 px, 2 px apart, enlarged 4 times (100 px -> 400)
+    assert strip.shape == (4 * 32, 4 * (3 * 32 + 2 * 2), 3) and video_tab.PREVIEW_WIDTH // 100 == 4
+    assert (strip[:, 4 * 32:4 * 34] == 32).all() and not (strip[:, :4 * 32] == 32).all()  # the gap, a frame
+    assert "Editing: step 1 of 2" in before[-1] and "Inversion: step 2 of 2" in before[-1]
+    assert preview is None
     # the progress bar names each stage with its own count ("fine-tuning 1/2", "inverting the clip 2/2")
     assert list(dict.fromkeys(desc for _, desc, _ in calls)) == ["loading the model", "fine-tuning",
                                                                   "inverting the clip", "editing", "writing the clips"]
@@ -324,14 +346,21 @@ def test_edit_video_tab_in_a_real_browser():
         x1, y1, x2, y2 = by_frame[0]
         assert 3 <= x1 < x2 <= 25 and 3 <= y1 < y2 <= 25, table  # clicked at 10 % and 30 % of 64 px
 
-        # a quick edit: 2 fine-tune and 2 sampling steps on the tiny model
+        # a quick edit: 2 fine-tune and 6 sampling steps on the tiny model (previews after steps 1 to 5)
         page.locator("#ev-advanced").get_by_text("Advanced").first.click()
         page.locator("#ev-tune-steps input").fill("2")
-        page.locator("#ev-steps input").fill("2")
+        page.locator("#ev-steps input").fill("6")
         page.locator("#ev-refine-iterations input[type=number]").fill("1")
         page.locator("#ev-refine-iterations input[type=number]").press("Enter")
+        expect(page.locator("#ev-preview")).to_be_hidden()  # shown only while an edit samples
         page.locator("#ev-run").click()
+        # while the edit samples, its preview (first, middle and last frames) shows, and fits the column
+        expect(page.locator("#ev-preview img")).to_have_count(1, timeout=300_000)
+        expect(page.locator("#ev-preview")).to_contain_text("frames 0, 3, 7")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         expect(page.locator("#ev-edited video")).to_have_count(1, timeout=300_000)
+        expect(page.locator("#ev-preview")).to_be_hidden()  # the result took its place
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         expect(page.locator("#ev-side video")).to_have_count(1)
         expect(page.locator("#ev-status")).to_contain_text("8 frames at 64x64")
         expect(page.locator('#ev-files a[href$="edited.mp4"]')).to_have_count(1)

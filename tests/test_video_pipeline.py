@@ -73,6 +73,69 @@ def test_edit_caches_the_fine_tune_and_the_inversion(tiny_pipe, frames, tmp_path
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(whole.frames, wider.frames))
 
 
+def test_a_preview_shows_a_few_editing_steps_and_costs_nothing_without_it(tiny_pipe, frames, tmp_path, monkeypatch):
+    """`preview` gets the x0 estimate of a few editing steps (never the last, never during the
+    fine-tune or the inversion), decoded at the working size; without it the VAE decodes only the
+    result, and neither a preview nor a failing one changes the edit."""
+    import threading
+
+    from pipelines import models
+    from pipelines.video.edit import PREVIEW_FRAMES, preview_frames
+    from pipelines.video.reatco import PREVIEWS, preview_steps
+
+    assert preview_steps(50) == [8, 17, 25, 33, 42] and preview_steps(4) == [1, 2, 3]
+    assert preview_steps(2) == [1] and preview_steps(1) == [] and all(len(preview_steps(n)) <= PREVIEWS
+                                                                      for n in range(1, 200))
+    assert preview_frames(4) == [0, 1, 3] and preview_frames(2) == [0, 1] and len(preview_frames(16)) == PREVIEW_FRAMES
+    pipe = tiny_pipe("tiny")
+    decoded, log = [], []
+    real = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, *a, **k: (decoded.append(z.shape[0]), real(z, *a, **k))[1])
+
+    def edit(**kwargs):
+        return edit_video(pipe, frames, "a photo of a cat", "a photo of a dog", ["dog:0,0,16,16"], cache_dir=tmp_path,
+                          progress=lambda stage, done, total, loss: log.append((stage, done)), **{**FAST, "steps": 4},
+                          **kwargs)
+
+    shown = []
+    first = edit(preview=lambda step, total, frames: shown.append((step, total, frames, list(log))))
+    assert [(step, total) for step, total, _, _ in shown] == [(1, 4), (2, 4), (3, 4)]
+    for step, _, frames_, before in shown:
+        assert list(frames_) == [0, 1, 3]
+        assert all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames_.values())
+        assert before[-1] == ("edit", step) and ("inversion", 2) in before  # during the editing stage only
+    assert decoded == [3, 3, 3, 4]  # three previews of 3 frames, then the result's 4
+    assert not first.notes or all("preview" not in n for n in first.notes)
+    # by the last preview, the estimate is close to the result (the final step changes little)
+    last = shown[-1][2]
+    assert np.abs(last[3].astype(int) - first.frames[3].astype(int)).mean() < 40
+
+    decoded.clear()
+    plain = edit()  # no preview: the result's decode only
+    assert decoded == [4]
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(first.frames, plain.frames))
+
+    def broken(step, total, frames_):
+        raise RuntimeError("the preview broke")
+
+    decoded.clear()
+    survived = edit(preview=broken)  # a preview that raises: noted once, the edit goes on unchanged
+    assert decoded == [3, 4]
+    assert any("preview failed at editing step 1" in n and "the preview broke" in n for n in survived.notes)
+    assert all(np.array_equal(a, b) for a, b in zip(plain.frames, survived.frames))
+
+    stops = []
+    with pytest.raises(Stopped) as stopped:  # a stop asked during a preview ends the edit at the next step
+        edit(preview=lambda step, total, frames_: stops.append(step), stop=lambda: bool(stops))
+    assert stopped.value.what == "editing step" and stopped.value.step == 1 and stops == [1]
+    lock = models._MODEL_LOCKS[models.denoiser(pipe)]
+    free = []
+    worker = threading.Thread(target=lambda: free.append(lock.acquire(timeout=5) and (lock.release() or True)))
+    worker.start()
+    worker.join()
+    assert free == [True]  # the shared model's lock was released
+
+
 def _tuner(pipe, cache, steps, seed=0):
     g = torch.Generator().manual_seed(seed)
     unet = inflate(pipe.unet)

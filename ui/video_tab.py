@@ -24,6 +24,13 @@ starts empty, which is `VideoSettings.fine_tune_steps`'s default: the paper's 20
 inflated UNet, 0 with an adapter (AnimateDiff needs no per-video fine-tune); its 0 is no
 fine-tune.  Empty is also the API's default, so an API client that picks an adapter and leaves
 the steps out gets no fine-tune, as in the browser.
+
+While the edit samples, *Preview (while editing)* shows the model's current estimate of the edited
+clip (its first, middle and last frames, `pipelines.video.edit.preview_frames`) after a few of the
+steps (at most `pipelines.video.reatco.PREVIEWS`): the box appears with the first preview of a
+run, stays after a Stop (how far the edit got) and is hidden again when the result is shown
+(the handler's last output clears it, so that an API client gets None, and the event's success
+hides it).
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ BOX_HEADERS = ["word", "x1", "y1", "x2", "y2", "frame"]
 CLIP_TYPES = [".mp4", ".webm", ".gif", ".mov", ".avi", ".mkv"]
 #: the frame viewer enlarges small frames to about this many pixels on their longer side
 VIEWER_SIDE = 384
+#: the preview strip is enlarged to about this width (the result column's) when its frames are small
+PREVIEW_WIDTH = 400
 #: box outline colours, one per bound word (cycled)
 BOX_COLOURS = [(255, 60, 60), (60, 200, 255), (255, 220, 0), (120, 255, 120), (255, 120, 255), (255, 160, 40)]
 
@@ -99,12 +108,14 @@ UNSET_FIELDS = tuple(name for name, (f, _, _) in VideoSettings.specs().items()
 TRAINING_FIELDS = ("tune_steps",)
 #: what the progress bar says during each stage the task reports (`progress(stage, done, total, loss)`)
 STAGE_PROGRESS = {"fine-tune": "fine-tuning", "inversion": "inverting the clip", "edit": "editing"}
+#: marks a preview among the edit's events (the others are `progress`'s (stage, done, total, loss))
+PREVIEW = object()
 
 #: rules for this tab's elements (app.py adds them to the page): the 64 px clips of the built-in
 #: model fill their box with sharp pixels, and the downloads box is small while empty
 CSS = """
 #ev-edited video, #ev-side video { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
-#ev-frame img { image-rendering: pixelated; }
+#ev-frame img, #ev-preview img { image-rendering: pixelated; }
 #ev-files .empty { min-height: 0; height: 88px; }
 """
 
@@ -376,6 +387,27 @@ def _stopped_message(stopped: Stopped) -> str:
     return f"{stopped} Nothing of this edit was saved; {kept}."
 
 
+def preview_strip(frames: dict) -> Image.Image:
+    """A preview's frames (frame index -> RGB array) side by side, in order, with a thin dark gap
+    between them: one picture the width of the result column shows them all.  A narrow strip (the
+    built-in model's 64 px frames) is enlarged by a whole factor (nearest neighbour) towards
+    `PREVIEW_WIDTH`: the browser shrinks a picture to its box but does not enlarge it."""
+    pictures = [frames[k] for k in sorted(frames)]
+    h, w = pictures[0].shape[:2]
+    gap = max(2, w // 32)
+    strip = np.full((h, len(pictures) * w + (len(pictures) - 1) * gap, 3), 32, np.uint8)
+    for k, picture in enumerate(pictures):
+        strip[:, k * (w + gap):k * (w + gap) + w] = picture
+    picture = Image.fromarray(strip)
+    scale = max(1, PREVIEW_WIDTH // picture.width)
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+
+
+def _preview_label(step: int, total: int, frames: dict) -> str:
+    names = ", ".join(str(k) for k in sorted(frames))
+    return f"Preview (while editing): step {step} of {total}, frames {names}"
+
+
 def make_handler(ctx: AppContext, cache: str | Path | None = None):
     """The event handler, also the `/edit_video` API endpoint; `cache`: the fine-tune and inversion
     cache (default `cache_dir(ctx)`)."""
@@ -423,8 +455,9 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         choice of the server's motion-adapter menu (AnimateDiff; NO_ADAPTER: the Tune-A-Video
         inflation); the other parameters are VideoSettings fields (height, width, tune_frames 0: the
         source's / the whole clip; tune_steps left out: 200 without an adapter, 0 with one; seed -1:
-        random).  Yields the progress of every stage; returns the status, the edited clip, the
-        side-by-side, the heatmap videos, the files and the seed used (the one drawn for -1).
+        random).  Yields the progress of every stage and a preview of the edit while it samples;
+        returns the status, the edited clip, the side-by-side, the heatmap videos, the files, the
+        seed used (the one drawn for -1) and the preview (None once the edit is done).
         """
         from pipelines.video import edit_video as run_edit
 
@@ -441,14 +474,19 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
         seen: dict = {}
-        skip = (gr.skip(),) * 5  # every output but the status, until the edit is done
+        skip = (gr.skip(),) * 5  # every output but the status and the preview, until the edit is done
+
+        def preview(step, total, frames):  # in the edit's thread: the picture is made there
+            events.put((PREVIEW, gr.update(value=preview_strip(frames), label=_preview_label(step, total, frames),
+                                           visible=True)))
 
         with stoppable(ctx, request, TASK) as flag:
             def work():
                 try:
                     outcome["result"] = run_edit(pipe, video, source_prompt, prompt, parsed, settings,
                                                  cache_dir=cache if cache is not None else cache_dir(ctx),
-                                                 progress=lambda *event: events.put(event), stop=flag.is_set)
+                                                 progress=lambda *event: events.put(event), stop=flag.is_set,
+                                                 preview=preview)
                 except BaseException as error:  # noqa: BLE001 (re-raised in the request's thread below)
                     outcome["error"] = error
                 finally:
@@ -458,12 +496,16 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
             worker = threading.Thread(target=work, name="edit-video", daemon=True)
             worker.start()
             try:
-                yield (_status(seen, settings), *skip)
+                # the last run's preview goes (a new one appears with this run's first)
+                yield (_status(seen, settings), *skip, gr.update(value=None, visible=False))
                 while (event := events.get()) is not None:
+                    if event[0] is PREVIEW:
+                        yield (gr.skip(), *skip, event[1])
+                        continue
                     stage, step, total, loss = event
                     seen[stage] = (step, total, loss)
                     progress((step, total), desc=STAGE_PROGRESS.get(stage, stage), unit="steps")
-                    yield (_status(seen, settings), *skip)
+                    yield (_status(seen, settings), *skip, gr.skip())
             finally:
                 flag.set()  # the page went away (the generator closed): stop the edit at its next step
                 worker.join()
@@ -486,7 +528,8 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
                    + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in timings.items())
                    + f". Seed {settings.seed} (*Reuse this seed* puts it in Advanced to repeat this edit)."]
         summary += [f"\n*{note}*" for note in result.notes]
-        yield "\n".join(summary), str(edited), str(side), heat, [str(p) for p in written], settings.seed
+        # the result takes the preview's place (None for API clients; the page hides the box on success)
+        yield "\n".join(summary), str(edited), str(side), heat, [str(p) for p in written], settings.seed, None
 
     return edit_video
 
@@ -551,6 +594,9 @@ def build_tab(ctx: AppContext) -> dict:
                 clear = gr.Button("Clear the boxes", elem_id="ev-clear")
                 corner = gr.State(None)
             with gr.Column(scale=1):
+                # hidden except while an edit samples (and after a Stop), above where the result will appear
+                preview = gr.Image(label="Preview (while editing)", type="pil", format="png", interactive=False,
+                                   visible=False, height=180, elem_id="ev-preview")
                 edited = gr.Video(label="Edited clip", interactive=False, height=320, elem_id="ev-edited")
                 seed_row, seed_used, reuse = seed_used_row("ev")
                 status = gr.Markdown(elem_id="ev-status")
@@ -570,10 +616,13 @@ def build_tab(ctx: AppContext) -> dict:
         handler = make_handler(ctx)
         controls["preserve_background"] = preserve_background
         inputs = [model, video, source_prompt, prompt, boxes, *(controls[name] for name in setting_parameters(handler))]
-        outputs = [status, edited, side, heat, files, seed_used]
+        # the preview last: the API's earlier outputs keep their places
+        outputs = [status, edited, side, heat, files, seed_used, preview]
         edit = run.click(handler, inputs, outputs, api_name=TASK, **GPU_CONCURRENCY)
         clear_error_badges(edit, outputs)
         reveal_after_success(edit, seed_row)
+        edit.success(lambda: gr.update(visible=False), None, preview, queue=False, api_visibility="private",
+                     show_progress="hidden")
         # the seed box is in the closed Advanced section: open it, so that the change is seen
         reuse.click(lambda used, current: (current if used is None else used, gr.Accordion(open=True)),
                     [seed_used, controls["seed"]], [controls["seed"], advanced], api_visibility="private",

@@ -10,7 +10,9 @@
    200 steps on the inflated UNet, none on the motion UNet);
 4. DDIM-invert the clip with the fine-tuned copy, or load the cached inversion;
 5. sample with RAD and IRJS over temporal windows (`reatco.Sampler`), decode, and return a
-   `VideoEditResult` (edited frames, source frames, per-word heatmaps, every setting).
+   `VideoEditResult` (edited frames, source frames, per-word heatmaps, every setting).  With a
+   `preview` callback, a few sampling steps (`reatco.preview_steps`) also decode the model's
+   current estimate of the clean clip at `preview_frames` and hand it over (`_Previewer`).
 
 Caches live in `cache_dir` (default `$XDG_CACHE_HOME/attention-editing/video`, i.e.
 ``~/.cache/attention-editing/video``): ``tune/<key>/`` and ``inversion/<key>.safetensors``.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -37,6 +40,7 @@ from attention_processors.video import ReAtCoAttention
 from .. import backbones, models
 from ..errors import UserInputError
 from ..io import atomic_path, load_tensors, save_tensors
+from ..stopping import Stopped
 from ..tokenizers import check_fits
 from ..video_settings import MAX_SIDE, MIN_SIDE, VideoSettings
 from ..viz import overlay
@@ -51,6 +55,9 @@ SUPPORTED = (backbones.SD,)
 INVERSION_FORMAT = "video-inversion/1"
 #: frames per VAE encode/decode call (fixed, so that results never depend on the window)
 VAE_BATCH = 4
+#: frames in a preview (see `preview_frames`)
+PREVIEW_FRAMES = 3
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -152,6 +159,46 @@ def _decode(pipe, latents: torch.Tensor, batch: int) -> list[np.ndarray]:
     return frames
 
 
+def preview_frames(n_frames: int) -> list[int]:
+    """The frames a preview shows: the first, the middle and the last.
+
+    A preview is a glance at where the edit is going while it runs, at the size of one column
+    of the tab (about 450 px wide): three frames side by side stay large enough to see the object
+    change inside its box, and the first, middle and last show whether the edit follows the
+    box's motion over the whole clip (its keyframes are often the first and last frames) and
+    stays consistent in time, which a single frame cannot; more frames would be too small to read
+    and would cost more to decode."""
+    return sorted({0, (n_frames - 1) // 2, n_frames - 1})
+
+
+class _Previewer:
+    """`Sampler.run`'s preview hook: decodes the x0 prediction at `preview_frames` (holding the
+    shared VAE's lock, like the final decode) and hands `preview(step, total, {frame: RGB
+    uint8 array})` to the caller.  A callback (or decode) that raises anything but a stop is
+    logged and noted, and the edit goes on without previews: the sampling state is untouched by
+    it (the decode reads a copy of the estimate, under no_grad)."""
+
+    def __init__(self, pipe, preview: Callable, n_frames: int, notes: list[str]):
+        self.pipe, self.preview, self.notes = pipe, preview, notes
+        self.frames = preview_frames(n_frames)
+        self.failed = False
+
+    def __call__(self, step: int, total: int, x0: torch.Tensor) -> None:
+        if self.failed:
+            return
+        try:
+            with models.exclusive(self.pipe):
+                decoded = _decode(self.pipe, x0[:, :, self.frames], VAE_BATCH)
+            self.preview(step, total, dict(zip(self.frames, decoded)))
+        except Stopped:
+            raise
+        except Exception as error:  # noqa: BLE001 (a preview is never worth the edit)
+            self.failed = True
+            logger.warning("the preview failed at editing step %d; the edit goes on without it", step, exc_info=True)
+            self.notes.append(f"The preview failed at editing step {step} ({type(error).__name__}: "
+                              f"{str(error)[:200]}); the edit went on without it.")
+
+
 def _heatmaps(controller: ReAtCoAttention, targets, columns_of, grid, size) -> dict[str, np.ndarray]:
     if controller.heat is None or not bool((controller.heat_count > 0).all()):
         return {}
@@ -172,14 +219,17 @@ def _heatmaps(controller: ReAtCoAttention, targets, columns_of, grid, size) -> d
 def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings: VideoSettings | None = None, *,
                cache_dir: str | Path | None = None, fps: float | None = None,
                progress: Callable | None = None, stop: Callable[[], bool] | None = None,
-               record_inputs: bool = False, **overrides) -> VideoEditResult:
+               preview: Callable | None = None, record_inputs: bool = False, **overrides) -> VideoEditResult:
     """Edit `video` (a file, a folder of frames or a list of frames) from `source_prompt` to
     `prompt`, each box ("WORD:x1,y1,x2,y2[@FRAME]", a `boxes.Box` or (word, (x1, y1, x2, y2)[,
     frame])) holding its word.  `settings` and keyword overrides of its fields; `progress(stage,
     done, total, loss)` is told about every fine-tune, inversion and editing step; `stop()` is
     asked between steps (a stop raises `pipelines.stopping.Stopped`, keeping the cached fine-tune
-    checkpoint and a finished inversion).  `record_inputs` keeps every model input of the
-    sampling loop in ``result.params["_sampler"]`` (tests)."""
+    checkpoint and a finished inversion).  `preview(step, total, frames)` is told, after at most
+    `reatco.PREVIEWS` editing steps (never the last), the model's current estimate of the edited
+    clip: `frames` maps each of `preview_frames` to an RGB uint8 (H, W, 3) array at the working
+    size; without it nothing is decoded before the result.  `record_inputs` keeps every model
+    input of the sampling loop in ``result.params["_sampler"]`` (tests)."""
     started = time.perf_counter()
     settings = (settings or VideoSettings()).replace(**overrides).validated()
     backbone = backbones.require(pipe, SUPPORTED, "Edit video")
@@ -296,7 +346,7 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
                           [t.positions for t in targets], inside, irjs, views,
                           torch.Generator().manual_seed(settings.seed + 1), record_inputs=record_inputs)
         tick = time.perf_counter()
-        latents = sampler.run(progress, stop)
+        latents = sampler.run(progress, stop, _Previewer(pipe, preview, n_frames, notes) if preview else None)
         timings["edit_s"] = time.perf_counter() - tick
 
     with models.exclusive(pipe):

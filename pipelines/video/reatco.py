@@ -23,6 +23,10 @@ same code, run inside `inflate.video_call`): windows, DDIM inversion, RAD and IR
   x_t^src = add_noise(x0_src, eps_i, t), and the model input is M * z + (1 - M) * x_t^src, M = 1
   inside the union of the boxes (latent cells the boxes touch, per frame).  The guided DDIM step
   runs on that input; there is no paste after the step.
+- **Preview** (`Sampler.run`'s `preview`, `preview_steps`): after a few editing steps (at most
+  `PREVIEWS`, spread evenly, never the last: the result follows it) the model's current estimate
+  of the clean clip, the DDIM x0 prediction of every view averaged like the steps, is handed to
+  `preview(step, total, x0)`.  Without `preview` nothing of it is computed.
 """
 
 from __future__ import annotations
@@ -220,7 +224,8 @@ class Sampler:
         m = self.irjs_mask[a:b].to(z.device, z.dtype).view(1, 1, b - a, *z.shape[-2:])
         return m * z + (1 - m) * source_t[:, :, a:b]
 
-    def guided_step(self, z_in: torch.Tensor, t) -> torch.Tensor:
+    def guided_output(self, z_in: torch.Tensor, t):
+        """The scheduler's output of the guided DDIM step (`prev_sample`, `pred_original_sample`)."""
         state = self.controller.state
         state.row_roles = ("uncond", "cond")
         with torch.no_grad():
@@ -228,35 +233,66 @@ class Sampler:
                             encoder_hidden_states=torch.cat([self.uncond, self.cond])).sample
         e_u, e_c = eps.chunk(2)
         guided = e_u + self.settings.guidance * (e_c - e_u)
-        return self.scheduler.step(guided, t, z_in).prev_sample
+        return self.scheduler.step(guided, t, z_in)
 
-    def run(self, progress: Callable | None = None, stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    def guided_step(self, z_in: torch.Tensor, t) -> torch.Tensor:
+        return self.guided_output(z_in, t).prev_sample
+
+    def run(self, progress: Callable | None = None, stop: Callable[[], bool] | None = None,
+            preview: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """The edited latents.  `progress("edit", done, total, loss)` after every step; `stop()` before
+        every step; `preview(done, total, x0)` after the `preview_steps`, x0 (1, C, F, h, w) the x0
+        prediction of that step (not called when a stop is pending: the next step raises)."""
         latents = self.z_T
         steps = len(self.scheduler.timesteps)
+        previews = set(preview_steps(steps)) if preview is not None else set()
         for i, t in enumerate(self.scheduler.timesteps):
             if stop is not None and stop():
                 raise Stopped(i, steps, "editing step")
             noise = torch.randn(self.x0.shape, generator=self.generator).to(self.x0.device, self.x0.dtype)
             source_t = self.scheduler.add_noise(self.x0, noise, t.reshape(1))
+            # the x0 prediction, summed over the views and counted per frame (only on a preview step)
+            estimate = (torch.zeros_like(latents), [0] * latents.shape[2]) if i + 1 in previews else None
 
-            def one(a, b, z, i=i, t=t, source_t=source_t):
+            def one(a, b, z, i=i, t=t, source_t=source_t, estimate=estimate):
                 if self.rad_due(i):
                     z = self.rad_update(z, i, t, a, b)
                 z_in = self.model_input(z, source_t, a, b)
                 if self.record_inputs:
                     self.model_inputs.append((i, a, z_in.detach().clone(), source_t[:, :, a:b].clone()))
                 self.controller.heat_offset = a
-                return self.guided_step(z_in, t)
+                if estimate is None:
+                    return self.guided_step(z_in, t)
+                out = self.guided_output(z_in, t)
+                estimate[0][:, :, a:b] += out.pred_original_sample
+                for f in range(a, b):
+                    estimate[1][f] += 1
+                return out.prev_sample
 
             latents = windowed(latents, self.views, one)
             if progress is not None:
                 progress("edit", i + 1, steps, self.losses[-1]["L"] if self.losses and self.losses[-1]["step"] == i
                          else None)
+            if estimate is not None and not (stop is not None and stop()):
+                total, count = estimate
+                counts = torch.tensor(count, device=total.device, dtype=total.dtype).view(1, 1, -1, 1, 1)
+                preview(i + 1, steps, total / counts)
         return latents
+
+
+#: at most this many previews per edit (each costs a VAE decode of a few frames)
+PREVIEWS = 5
+
+
+def preview_steps(steps: int, count: int = PREVIEWS) -> list[int]:
+    """The editing steps (counted from 1) after which `Sampler.run` makes a preview: at most `count`,
+    spread evenly over the run, never after the last step (the decoded result follows it at once)."""
+    return sorted({round(steps * j / (count + 1)) for j in range(1, count + 1)} - {0, steps})
 
 
 def default_views(frames: int, settings) -> list[tuple[int, int]]:
     return windows(frames, settings.window, settings.window_stride)
 
 
-__all__ = ["Sampler", "capture_layers", "default_views", "invert", "self_attention_layers", "windowed", "windows"]
+__all__ = ["PREVIEWS", "Sampler", "capture_layers", "default_views", "invert", "preview_steps", "self_attention_layers",
+           "windowed", "windows"]
