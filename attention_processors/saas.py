@@ -806,15 +806,9 @@ class SaaSController(_CompiledCaptureHandOver, AttentionController):
     def _capture_compiled(self, call: AttentionCall) -> None:
         c = self._buffers()
         with torch.no_grad():
-            idx = c.rows
-            q = call.query.index_select(0, idx).float()
-            k = call.key.index_select(0, idx).float() * call.scale
-            logits = q @ k.transpose(-1, -2)
-            model_mask = self._model_mask_rows(call, idx)
-            if model_mask is not None:
-                logits = logits + model_mask.float()
+            logits = self._row_logits(call, c.rows)
             logits = torch.where(c.rescaling, logits + self._compiled_bias(call, c), logits)
-            groups = _groups_probs(logits.softmax(-1), self._span_indicator(call.key.shape[2], q.device))
+            groups = _groups_probs(logits.softmax(-1), self._span_indicator(call.key.shape[2], logits.device))
             maps = grid_maps(groups, call.grid, c.grid)  # (b, 1 + K, h, w)
             c.sums.add_(maps.flatten(-2).transpose(1, 2) * c.capturing)
         self._compiled_calls += 1
@@ -864,6 +858,14 @@ class SaaSController(_CompiledCaptureHandOver, AttentionController):
         full = torch.zeros(call.batch_size, *rows.shape[1:], device=rows.device)
         return full.index_copy(0, idx, rows)
 
+    def _row_logits(self, call: AttentionCall, idx: torch.Tensor) -> torch.Tensor:
+        """float32 logits (b, heads, N, n_keys) of the measured rows `idx`, the model's mask added."""
+        q = call.query.index_select(0, idx).float()
+        k = call.key.index_select(0, idx).float() * call.scale
+        logits = q @ k.transpose(-1, -2)
+        model_mask = self._model_mask_rows(call, idx)
+        return logits if model_mask is None else logits + model_mask.float()
+
     def _model_mask_rows(self, call: AttentionCall, idx: torch.Tensor) -> torch.Tensor | None:
         m = call.attn_mask
         if m is not None and m.shape[0] == call.batch_size and call.batch_size != 1:
@@ -893,16 +895,10 @@ class SaaSController(_CompiledCaptureHandOver, AttentionController):
         if not self._capturing or call.text_keys is None:
             return
         with torch.no_grad():
-            idx = self._row_index(call.batch_size, call.query.device)
-            q = call.query.index_select(0, idx).float()
-            k = call.key.index_select(0, idx).float() * call.scale
-            logits = q @ k.transpose(-1, -2)
-            model_mask = self._model_mask_rows(call, idx)
-            if model_mask is not None:
-                logits = logits + model_mask.float()
+            logits = self._row_logits(call, self._row_index(call.batch_size, call.query.device))
             if self._rescaling:
                 logits = logits + self._bias(call)
-            groups = _groups_probs(logits.softmax(-1), self._indicator(call.key.shape[2], q.device))
+            groups = _groups_probs(logits.softmax(-1), self._indicator(call.key.shape[2], logits.device))
             self.loop.add(self._step, call.grid, groups)
 
 
