@@ -278,6 +278,23 @@ def test_bad_input_is_one_sentence_before_any_model_work(tab, clip, tmp_path):
         assert "\n" not in message and "Traceback" not in message
 
 
+def test_the_servers_training_limit_bounds_the_default_fine_tune_too(clip, tmp_path):
+    """An empty fine-tune box means the paper's 200 steps on the inflated UNet: a server started
+    with --max-train-steps 100 refuses it as it refuses a typed 200; with a motion adapter the
+    default is 0 steps, within any limit."""
+    from ui.common import AppContext, OutputStore
+    from ui.limits import Limits
+
+    ctx = AppContext(default_model="tiny", outputs=OutputStore(tmp_path / "outputs"), limits=Limits(max_train_steps=100))
+    handler = video_tab.make_handler(ctx, cache=tmp_path / "cache")
+    args = dict(model="tiny", video=str(clip), source_prompt=SOURCE, prompt=PROMPT, boxes=[["dog", 0, 0, 16, 16, 0]],
+                **{**FAST, "tune_steps": None})
+    for tune_steps in (None, 200):
+        with pytest.raises(gr.Error, match="--max-train-steps"):
+            list(handler(**{**args, "tune_steps": tune_steps}, progress=lambda *a, **k: None))
+    assert VideoSettings(motion_adapter="some-adapter").fine_tune_steps() == 0
+
+
 def test_the_examples_bind_words_of_their_prompts_inside_the_example_clip():
     from pipelines.video import read_clip
     from pipelines.video import boxes as box_tools

@@ -464,7 +464,9 @@ def make_handler(ctx: AppContext, cache: str | Path | None = None):
         values = dict(locals())
         values["motion_adapter"] = chosen_adapter(ctx, motion_adapter)  # a server-side folder, never the request's
         settings = tab_settings(**{name: values[name] for name in VideoSettings.specs()})  # before loading
-        ctx.limits.check_settings(settings, training=TRAINING_FIELDS)
+        # the fine-tune steps as they will run: an empty box is the backbone's default (200 on the
+        # inflated UNet), which --max-train-steps must bound as much as a typed number
+        ctx.limits.check_settings(settings.replace(tune_steps=settings.fine_tune_steps()), training=TRAINING_FIELDS)
         if not video:
             raise UserInputError("Please upload a clip (mp4, webm, gif, ...).")
         parsed = boxes_from_table(boxes)
