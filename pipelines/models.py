@@ -216,7 +216,7 @@ def backbone_without_loading(name: str) -> backbones.Backbone | None:
     folder = builtin_folder(name) or Path(name).expanduser()
     if folder.is_dir():
         index_file = folder / "model_index.json"
-    elif _HUB_ID.match(name) and not name.startswith((".", "/")):
+    elif is_hub_id(name):
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name, "model_index.json")
@@ -367,6 +367,11 @@ def check_size(pipe: DiffusionPipeline, height: int, width: int, min_side: int =
 # Loading from disk and from the hub
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face hub id ("owner/name"), not a path."""
+    return bool(_HUB_ID.match(name))  # its first character is a letter or digit: never ".", "/" or "~"
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # How long to wait for the hub to answer before calling it unreachable.
 _HUB_PROBE_TIMEOUT_S = 5.0
@@ -562,7 +567,7 @@ def _resolve(name_or_path: str) -> tuple[str, Callable[[torch.dtype], DiffusionP
     if path.is_file():
         file = path.resolve()
         return str(file), lambda dtype: _load_single_file(file, dtype)
-    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+    if is_hub_id(name):
         return f"hub:{name}", lambda dtype: _load_hub(name, dtype)
     if name.startswith((".", "/", "~")) or os.sep in name or path.suffix:
         raise UserInputError(f"There is no file or folder at '{name}'.")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ import torch
 from attention_processors import attention_layer_names
 from attention_processors import layers as vocabulary
 
-from .. import backbones
+from .. import backbones, models
 from ..errors import UserInputError, out_of_memory_message
 
 __all__ = ["BACKBONE", "MotionBackbone", "adapter_fingerprint", "check_fits", "check_run_length", "load_adapter",
@@ -65,8 +64,6 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "config.json", "diffusion_pytorch_model.safete
 MOTION_MODULES = "motion_modules"
 #: adapters kept loaded: a real AnimateDiff adapter is about 1 GB in float32
 CACHE_SIZE = 2
-#: "owner/name" on the Hugging Face hub (a name that is not an existing path)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _adapters: dict[tuple, object] = {}
 _adapters_lock = threading.Lock()
@@ -100,7 +97,7 @@ def _local_folder(name: str) -> Path | None:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    if _HUB_ID.match(name) and not name.startswith((".", "~")):
+    if models.is_hub_id(name):  # "owner/name" that is not an existing path
         return None
     raise UserInputError(f"There is no motion adapter folder at '{name}'.")
 
