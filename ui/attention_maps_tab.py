@@ -55,6 +55,7 @@ def make_handler(ctx: AppContext):
         seed -1 or randomize_seed=True draws a random seed.  Returns the image, the heatmap
         overlays, the seed used and the files (PNG with parameters, JSON sidecar, heatmaps zip).
         """
+        from pipelines import models
         from pipelines.attention_maps import generate_with_attention_maps
 
         settings = DEFAULTS.replace(
@@ -64,8 +65,11 @@ def make_handler(ctx: AppContext):
         ctx.limits.check_settings(settings)
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
+        # steps left out are the model's (generate_with_attention_maps' rule): bounded by --max-steps too
+        steps = settings.steps if settings.steps is not None else models.generation_defaults(pipe)["steps"]
+        ctx.limits.check_default_steps(settings.steps, steps)
         use_seed = resolve_seed(seed, randomize_seed)
-        with stoppable(ctx, request, "attention_maps", pipe, settings.steps):
+        with stoppable(ctx, request, "attention_maps", pipe, steps):
             result = generate_with_attention_maps(pipe, prompt, settings, seed=use_seed)
         run_dir = ctx.new_run_dir("attention_maps", request, about=f"{prompt} (seed {result.seed})")
         heatmap_dir = run_dir / "heatmaps"

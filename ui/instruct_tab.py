@@ -112,8 +112,10 @@ def make_handler(ctx: AppContext):
         drawing = backbones.of(pipe) in T2I_SUPPORTED
         if drawing:
             parts = instruction_parts(instruction, split_and=True)
-        with (stoppable(ctx, request, TASK, pipe),
-              denoiser_progress(pipe, progress, *stages(pipe, settings, parts, drawing))):
+        # the steps the run will take on this model: left out, the model's, which --max-steps bounds too
+        describe, run_steps, runs = stages(pipe, settings, parts, drawing)
+        ctx.limits.check_default_steps(settings.steps, run_steps)
+        with stoppable(ctx, request, TASK, pipe), denoiser_progress(pipe, progress, describe, run_steps, runs):
             if drawing:
                 result = generate_by_parts(pipe, instruction, settings, seed=use_seed)
                 if image is not None:

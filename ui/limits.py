@@ -40,6 +40,29 @@ class Limits:
         if steps > limit:
             raise UserInputError(f"{label} must be at most {limit} on this server ({flag}), not {steps:g}.")
 
+    def check_default_steps(self, given, steps, label: str = "Steps", source: str = "the model's default",
+                            fix: str | None = None) -> None:
+        """The denoising steps a request left to a default, within --max-steps like typed ones.
+
+        `check_settings` sees only the counts a request gives; one it leaves out (`given` None or
+        0) is the model's (or a file's, or a method's) default, known once that is loaded.  Call
+        this then, before the first denoising step, with `steps`, the count the run will use (by
+        the pipeline's own rule); `source` names where it comes from, `fix` replaces the advice.
+        A `given` count is checked as `check_steps` does.
+        """
+        if given:
+            self.check_steps(given, label)
+            return
+        try:
+            count = float(steps)
+        except (TypeError, ValueError):
+            return  # not a count (a damaged file's): the pipeline refuses it in its own words
+        if count > self.max_steps:
+            raise UserInputError(
+                f"{label} were left to {source}, {count:g}, "
+                f"but this server takes at most {self.max_steps} (--max-steps); "
+                f"{fix or f'set {label} to {self.max_steps} or fewer'}.")
+
     def check_settings(self, settings, training: tuple[str, ...] = ()) -> None:
         """Every step count of validated `settings` within the limits; the fields in `training`
         count optimiser steps, the others denoising steps."""

@@ -359,10 +359,12 @@ def make_handlers(ctx: AppContext):
         if steps:
             ctx.limits.check_steps(steps, "Steps")
         learned = Learned.load(path)
+        # the sampler calls the denoiser once per step (PNDM once more: the bar then holds at total/total);
+        # steps left out are the learned method's (`generate`'s rule), which --max-steps bounds too
+        total = int(steps or METHODS.get(learned.method, METHODS[DEFAULT_METHOD]).settings.default("sample_steps"))
+        ctx.limits.check_default_steps(steps, total, "Steps", "the learned method's default")
         progress(0, desc="loading the model")
         pipe = load_fp32(model)
-        # the sampler calls the denoiser once per step (PNDM once more: the bar then holds at total/total)
-        total = int(steps or METHODS.get(learned.method, METHODS[DEFAULT_METHOD]).settings.default("sample_steps"))
         with ctx.stops.job(request, "personalize") as flag, \
                 stop_between_steps(pipe, reporting(flag.is_set, progress, "generating", total)):
             result = generate(pipe, learned, prompt, seed=seed, steps=steps or None,

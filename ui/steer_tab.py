@@ -14,7 +14,6 @@ which this tab leaves empty, as the paper does).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 
@@ -200,6 +199,12 @@ def make_handlers(ctx: AppContext):
             pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
                                                       width, height, progress, request)
             status = describe(directions, cached)
+        # the pair's steps are the directions' (pipelines.steering `_settings`: the file's record of
+        # them, else its vectors' count): an uploaded file's are bounded by --max-steps too
+        ctx.limits.check_default_steps(
+            pair_settings.steps, pair_settings.steps or directions.meta.get("steps") or directions.steps,
+            "The pair's steps", "the directions file's step count" if directions_file else "the directions' step count",
+            f"use directions estimated with {ctx.limits.max_steps} steps or fewer")
         use_seed = resolve_seed(seed, randomize_seed)
         steps = pair_settings.steps or directions.steps
         # beta 0 or an unbatched pair renders twice; the batched pair (the default) once
