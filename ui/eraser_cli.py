@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pipelines.eraser_settings import EraserSettings
 from pipelines.errors import UserInputError
-from ui.cli_common import Command, add_model_args
+from ui.cli_common import (Command, add_model_args, check_output_folder, folder_files, run_folder, save_result, warn,
+                           warn_other_files)
 from ui.cli_settings import add_settings_arguments, settings_from_args
 
 
@@ -43,17 +44,6 @@ def add_erase_args(parser: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     return dict(seed=args.seed, settings=settings_from_args(args, EraserSettings, model=args.model))
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def _save(result, output: Path) -> list[Path]:
-    try:
-        return result.save(output)
-    except OSError as error:
-        raise UserInputError(f"Cannot write the result: {error.strerror or error} ({error.filename or output}).") from error
 
 
 def output_paths(output: Path, num_images: int) -> list[Path]:
@@ -84,10 +74,10 @@ def run_erase(args: argparse.Namespace) -> int:
     pipe = models.load(args.model, device=args.device)
     result = erase(pipe, args.image, args.mask, **_options(args))
     for note in result.notes:
-        _warn(note)
+        warn(note)
     if list(result.params["region"]) != [0, 0, *result.input.size]:  # only part of the image was processed
         print(describe_work(result.params, result.input.size).split("\n\n")[0], file=sys.stderr)
-    for path in _save(result, args.output):
+    for path in save_result(result, args.output):
         print(path)
     print("seed: " + ", ".join(str(s) for s in result.seeds))
     return 0
@@ -100,9 +90,7 @@ def _images_in(folder: Path, exclude_masks: bool) -> tuple[list[Path], list[Path
     from pipelines.io import IMAGE_SUFFIXES
 
     images, others = [], []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
+    for path in folder_files(folder):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             others.append(path)
         elif not (exclude_masks and path.stem.endswith("_mask")):
@@ -132,10 +120,7 @@ def process_share(items: list, state) -> list:
 def _run_folder(args: argparse.Namespace) -> int:
     if not args.mask.exists():
         raise UserInputError(f"There is no mask file or folder at '{args.mask}'.")
-    if args.output.exists() and not args.output.is_dir():
-        raise UserInputError(f"--image is a folder, so --output must be a folder too, not the file '{args.output}'.")
-    if args.output.suffix.lower() == ".png":
-        raise UserInputError(f"--image is a folder, so --output must be a folder, not '{args.output}'.")
+    check_output_folder(args.output, "--image is a folder", {".png"})
     same_folder = args.mask.is_dir() and args.mask.resolve() == args.image.resolve()
     images, others = _images_in(args.image, exclude_masks=same_folder)
     if not images:
@@ -147,40 +132,33 @@ def _run_folder(args: argparse.Namespace) -> int:
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     mine = process_share(images, state)
     prefix = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
-    if others and state.is_main_process:
-        names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
-        _warn(f"{len(others)} file(s) in '{args.image}' are not images and were skipped: {names}")
-
+    if state.is_main_process:
+        warn_other_files(others, args.image, "images")
     options = _options(args)
-    pending = [p for p in mine if not is_done(args.output / f"{p.stem}.png", options["settings"].num_images)]
-    for path in mine:
-        if path not in pending:
-            print(f"{prefix}skipped (already done): {path.name}")
-    done = failed = 0
-    if pending:
+
+    def target(path: Path) -> Path:
+        return args.output / f"{path.stem}.png"
+
+    def load():
         from pipelines import models
+
+        pipe = models.load(args.model, device=args.device or (state.device if state.num_processes > 1 else None))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def erase_one(pipe, index: int, path: Path) -> None:
         from pipelines.eraser import erase
 
-        device = args.device or (state.device if state.num_processes > 1 else None)
-        pipe = models.load(args.model, device=device)
-        pipe.set_progress_bar_config(disable=True)
-        for path in pending:
-            output = args.output / f"{path.stem}.png"
-            try:
-                result = erase(pipe, path, _mask_for(path, args.mask), progress=False, **options)
-                for note in result.notes:
-                    _warn(f"{path.name}: {note}")
-                written = _save(result, output)
-            except UserInputError as error:
-                _warn(f"{path.name}: {error}")
-                failed += 1
-                continue
-            done += 1
-            print(f"{prefix}{written[0]} (seed {', '.join(str(s) for s in result.seeds)})")
-    print(f"{prefix}done: {done}, skipped: {len(mine) - len(pending)}, failed: {failed}")
-    if failed:
-        raise UserInputError(f"{failed} of {len(mine)} images could not be processed (see the warnings above).")
-    return 0
+        result = erase(pipe, path, _mask_for(path, args.mask), progress=False, **options)
+        for note in result.notes:
+            warn(f"{path.name}: {note}")
+        written = save_result(result, target(path))
+        print(f"{prefix}{written[0]} (seed {', '.join(str(s) for s in result.seeds)})")
+
+    return run_folder(mine, is_done=lambda path: is_done(target(path), options["settings"].num_images),
+                      load=load, process=erase_one,
+                      report_skip=lambda index, path: print(f"{prefix}skipped (already done): {path.name}"),
+                      failures="images could not be processed", prefix=prefix)
 
 
 COMMANDS = {

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from pipelines.errors import UserInputError
 from pipelines.video_settings import VideoSettings
-from ui.cli_common import Command, add_model_args
+from ui.cli_common import (Command, add_model_args, check_output_folder, folder_files, run_folder, save_result,
+                           warn_other_files)
 from ui.cli_settings import add_settings_arguments, settings_from_args
 
 
@@ -67,10 +68,6 @@ def _progress(stage: str, done: int, total: int, loss) -> None:
     print(f"{stage}: {done}/{total}{tail}", file=sys.stderr, flush=True)
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def _prepare(args: argparse.Namespace) -> tuple[VideoSettings, list]:
     """The settings and the boxes, checked before any model is loaded."""
     import math
@@ -91,12 +88,7 @@ def _edit(pipe, video: Path, args: argparse.Namespace, settings: VideoSettings, 
                         cache_dir=args.cache_dir, fps=args.fps, progress=_progress)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    try:
-        written = result.save(output)
-    except OSError as error:
-        raise UserInputError(f"Cannot write the result: {error.strerror or error} ({error.filename or output}).") \
-            from error
-    return result, written
+    return result, save_result(result, output)
 
 
 def _report(result, written: list[Path]) -> None:
@@ -143,9 +135,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
     from pipelines.io import IMAGE_SUFFIXES
 
     videos, images, others = [], [], []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
+    for path in folder_files(folder):
         suffix = path.suffix.lower()
         (videos if suffix in _video_suffixes() else images if suffix in IMAGE_SUFFIXES else others).append(path)
     return videos, images, others
@@ -181,59 +171,47 @@ def is_done(target: Path) -> bool:
 
 def _run_folder(args: argparse.Namespace, videos: list[Path], others: list[Path]) -> int:
     output: Path = args.output
-    if output.exists() and not output.is_dir():
-        raise UserInputError(f"--video is a folder of video files, so --output must be a folder too, not the file "
-                             f"'{output}'.")
-    if output.suffix.lower() in _video_suffixes() | {".json"}:
-        raise UserInputError(f"--video is a folder of video files, so --output must be a folder, not '{output}'.")
+    check_output_folder(output, "--video is a folder of video files", _video_suffixes() | {".json"})
     if output.resolve() == args.video.resolve():
         raise UserInputError(f"--output must be another folder than --video ('{args.video}'): the edited clips would "
                              "replace their sources.")
     _check_names(videos, output)
     settings, boxes = _prepare(args)
-    if others:
-        names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
-        _warn(f"{len(others)} file(s) in '{args.video}' are not videos and were skipped: {names}")
+    warn_other_files(others, args.video, "videos")
 
-    from pipelines.errors import out_of_memory_message, release_memory
+    def target(video: Path) -> Path:
+        return output / f"{video.stem}.mp4"
 
-    targets = [output / f"{video.stem}.mp4" for video in videos]
-    finished = [is_done(target) for target in targets]
-    pipe = None
-    done = failed = 0
-    for i, (video, target) in enumerate(zip(videos, targets), 1):
-        head = f"clip {i}/{len(videos)}: {video.name}"
-        if finished[i - 1]:
-            print(f"{head}: skipped (already done: {_sidecar(target)})", file=sys.stderr, flush=True)
-            continue
-        print(head, file=sys.stderr, flush=True)
-        if pipe is None:  # only when there is something to do
-            from pipelines import models
+    def head(index: int, video: Path) -> str:
+        return f"clip {index + 1}/{len(videos)}: {video.name}"
 
-            pipe = models.load(args.model, device=args.device)
+    def load():
+        from pipelines import models
+
+        return models.load(args.model, device=args.device)
+
+    def edit_one(pipe, index: int, video: Path) -> None:
+        from pipelines.errors import out_of_memory_message, release_memory
+
+        sidecar = _sidecar(target(video))
         try:
-            try:
-                _sidecar(target).unlink(missing_ok=True)  # a stale record must not mark a half-redone clip done
-            except OSError as error:
-                raise UserInputError(f"Cannot remove the old '{_sidecar(target)}': {error.strerror or error}.") \
-                    from error
-            _report(*_edit(pipe, video, args, settings, boxes, target))
-        except UserInputError as error:
-            _warn(f"{video.name}: {error}")
-            failed += 1
-            continue
+            sidecar.unlink(missing_ok=True)  # a stale record must not mark a half-redone clip done
+        except OSError as error:
+            raise UserInputError(f"Cannot remove the old '{sidecar}': {error.strerror or error}.") from error
+        try:
+            _report(*_edit(pipe, video, args, settings, boxes, target(video)))
         except Exception as error:  # noqa: BLE001 - out of memory on one (longer, larger) clip: the next may fit
             if (message := out_of_memory_message(error)) is None:
                 raise
             release_memory(error)
-            _warn(f"{video.name}: {message}")
-            failed += 1
-            continue
-        done += 1
-    print(f"done: {done}, skipped: {sum(finished)}, failed: {failed}")
-    if failed:
-        raise UserInputError(f"{failed} of {len(videos)} clips could not be edited (see the warnings above).")
-    return 0
+            raise UserInputError(message) from error  # this clip's failure: a warning, and the batch goes on
+
+    return run_folder(
+        videos, is_done=lambda video: is_done(target(video)), load=load, process=edit_one,
+        report_skip=lambda index, video: print(f"{head(index, video)}: skipped (already done: "
+                                               f"{_sidecar(target(video))})", file=sys.stderr, flush=True),
+        report_start=lambda index, video: print(head(index, video), file=sys.stderr, flush=True),
+        failures="clips could not be edited")
 
 
 COMMANDS = {
