@@ -79,6 +79,23 @@ def test_inflate_copies_and_leaves_the_cached_unet_as_it_was(tiny_pipe):
         inflate(video)
 
 
+def test_the_copy_runs_its_own_forward_when_the_shared_unet_has_a_compiled_one(tiny_pipe):
+    """A forward replaced on the shared UNet's instance (``unet.forward = torch.compile(unet.forward)``)
+    is bound to it: deep-copied into the video UNet it would run the shared 2-D UNet instead, and the
+    record of `models.compile_denoiser` would claim the copy compiled.  The copy drops both."""
+    import copy
+
+    plain = tiny_pipe("tiny").unet
+    unet = copy.deepcopy(plain)
+    unet.forward = torch.compile(unet.forward, backend="eager")
+    unet._project_compiled, unet._project_compile_options = True, {"backend": "eager"}
+    video = inflate(unet)
+    assert "forward" not in vars(video) and not getattr(video, "_project_compiled", False)
+    x, text = _inputs(plain, 3)
+    torch.testing.assert_close(_run(video, x, torch.tensor(10), text), _run(inflate(plain), x, torch.tensor(10), text))
+    torch._dynamo.reset()
+
+
 def test_temporal_attention_is_zero_at_init_and_mixes_frames_once_trained(tiny_pipe):
     video = inflate(tiny_pipe("tiny").unet)
     temporal = [m for n, m in video.named_modules() if n.endswith("attn_temp")]

@@ -154,6 +154,13 @@ def inflate(unet: UNet2DConditionModel, per_frame_groupnorm: bool = False) -> UN
             raise ValueError(f"{name} has the processor {type(processor).__name__}; inflate a UNet with its stock "
                              "processors (not while another call has attention control attached)")
     video = copy.deepcopy(unet)
+    # what the shared model's instance carries for its own sake does not describe the copy: a
+    # forward replaced on the instance (``unet.forward = torch.compile(unet.forward)``, a user's or
+    # a benchmark's) is bound to the shared model and would run it instead of the copy, and
+    # `models.compile_denoiser`'s record would claim the copy compiled (Edit video compiles the
+    # copy itself: pipelines/video/edit.py)
+    for attribute in ("forward", "_project_compiled", "_project_compile_options"):
+        vars(video).pop(attribute, None)
     video.requires_grad_(False)
     parameter = next(unet.parameters())
     blocks = []
