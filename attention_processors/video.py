@@ -18,8 +18,18 @@ while `capturing` is on (the conditional gradient pass), those layers take the e
 probability path of `core.controlled_attention` and their head-mean probabilities
 (B * F, N, 77) stay in the autograd graph; every other layer keeps fused attention.  While it is
 off (the guidance pass) the capture layers run fused too, and, if `heat_columns` is set, the
-conditional rows' probabilities on those columns are accumulated (detached) for the per-word
-heatmap video.
+conditional rows' probabilities on those columns are kept (detached) for the per-word heatmap
+video: each layer call appends its (frames, N, columns) map to a per-forward list, and the caller
+folds the list into the clip's running sum after the forward (`fold_heat(start)`, eagerly; the
+sampler knows which clip frames the forward held).
+
+torch.compile.  The layer calls read only per-edit Python values (the frame count, the capture
+flag and the layer names, constant within a window and a pass) and keep their results in lists
+that are the same objects at every forward, so a compiled block (`compile_repeated_blocks`, what
+`--compile` does) has no graph break and the next denoising step reuses its graphs: one graph per
+distinct block and pass (the gradient pass and the guided pass differ in rows and in gradients),
+never per step or per window.  RAD's early exit is a forward hook on the UNet block holding the
+last capture layer (`pipelines/video/reatco.py`), outside the compiled transformer blocks.
 
 `box_loss` is RAD's loss on those maps (docs/methods/video.md, "RAD"): columns 0 and the last
 dropped, x100 re-softmax, a separable 3-D Gaussian over (frames, h, w), top-k means inside and
@@ -81,8 +91,9 @@ class ReAtCoAttention(SparseCausalAttention):
     capture_layers: the cross-attention layers whose probabilities RAD reads (one token grid).
     capturing: on for the gradient pass (explicit probabilities kept in the graph), off otherwise.
     heat_columns: text-key columns whose conditional-row probabilities are summed (detached) on
-        the capture layers while not capturing; `heat_offset` says which clip frames the
-        current call holds (the window's first frame), `heat` is (frames, N, len(columns)).
+        the capture layers while not capturing: each forward's maps wait in a list until
+        `fold_heat(start)` adds them to `heat` (frames, N, len(columns)) at the clip frames the
+        forward held.
     """
 
     def __init__(self, self_layers: Iterable[str], capture_layers: Iterable[str],
@@ -96,13 +107,14 @@ class ReAtCoAttention(SparseCausalAttention):
         self.heat_columns: torch.Tensor | None = None
         self.heat: torch.Tensor | None = None
         self.heat_count: torch.Tensor | None = None
-        self.heat_offset = 0
+        self._heat_pending: list[torch.Tensor] = []  # this forward's maps; the same list every forward
 
     def select(self, name: str) -> bool:
         return name in self.self_layers or name in self.capture_layers
 
     def begin_forward(self) -> None:
         self.maps = []
+        self._heat_pending.clear()  # left by a forward that did not finish: never folded into another
 
     def needs_probabilities(self, call: AttentionCall) -> bool:
         return self.capturing and call.name in self.capture_layers
@@ -115,17 +127,21 @@ class ReAtCoAttention(SparseCausalAttention):
         elif self.heat_columns is not None and not self.capturing:
             with torch.no_grad():
                 probs = call.text_probs(rows=call.rows("cond")).mean(1)[..., self.heat_columns]
-                self._accumulate(probs)
+                self._heat_pending.append(probs.float())
 
-    def _accumulate(self, probs: torch.Tensor) -> None:
-        frames = probs.shape[0]
-        a = self.heat_offset
+    def fold_heat(self, start: int) -> None:
+        """Add this forward's heat maps to `heat` at clip frames start.. (eagerly, after the forward)."""
+        if not self._heat_pending:
+            return
         if self.heat is None:
             raise RuntimeError("start_heat() must size the heatmap buffer first")
-        if self.heat.shape[1] != probs.shape[1]:  # capture layers share one grid
+        maps = self._heat_pending
+        if any(m.shape[1] != self.heat.shape[1] for m in maps):  # capture layers share one grid
             raise ValueError("the capture layers must share one token grid")
-        self.heat[a:a + frames] += probs.float().to(self.heat.device)
-        self.heat_count[a:a + frames] += 1
+        frames = maps[0].shape[0]
+        self.heat[start:start + frames] += torch.stack(maps).sum(0).to(self.heat.device)
+        self.heat_count[start:start + frames] += len(maps)
+        maps.clear()
 
     def start_heat(self, columns: Sequence[int], frames: int, tokens: int, device) -> None:
         """Sum the conditional probabilities of `columns` on the capture layers from now on."""

@@ -75,6 +75,8 @@ __all__ = [
     "clear_cache",
     "clip_text_config",
     "compile_denoiser",
+    "compile_options",
+    "compile_regions",
     "compile_on_load",
     "default_device",
     "default_dtype",
@@ -665,27 +667,41 @@ def compile_denoiser(pipe: DiffusionPipeline, **options) -> DiffusionPipeline:
     """Compile `pipe`'s denoiser in place, once: its repeated blocks (diffusers'
     `compile_repeated_blocks`, regional compilation) where the model class names them in
     `_repeated_blocks` (UNets, FLUX), else the whole denoiser (`nn.Module.compile`).  `options` go
-    to `torch.compile`.  Attention control keeps working: processors and the step state are
-    compile-stable (see attention_processors/core.py).
+    to `torch.compile` and are kept on the denoiser (`compile_options`): a task that builds its
+    own copy of it (Edit video) compiles the copy with them.  Attention control keeps working:
+    processors and the step state are compile-stable (see attention_processors/core.py).
 
     Regional compilation shares one code object among the blocks, and Dynamo compiles it once
     per distinct block: a different token count or width, and every block holding a controlled
     layer (a method's per-layer decisions are constants of its graph), once per method that ran
     on it.  Dynamo allows 8 graphs per code object, past which it runs the rest eagerly (or
     fails, with ``fullgraph=True``); a UNet's shared block code stands for every block, so the
-    limit becomes 8 per block (process-wide; never lowered).  Graphs are per block and method,
-    never per step."""
-    import torch._dynamo
-
+    limit becomes 8 per block (process-wide; never lowered; `compile_regions`).  Graphs are per
+    block and method, never per step."""
     den = denoiser(pipe)
     if getattr(den, "_project_compiled", False):
         return pipe
     if getattr(den, "_repeated_blocks", None) and hasattr(den, "compile_repeated_blocks"):
-        blocks = sum(type(m).__name__ in den._repeated_blocks for m in den.modules())
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 8 * blocks)
-        den.compile_repeated_blocks(**options)
+        compile_regions(den, **options)
     else:
         den.compile(**options)
     den._project_compiled = True
+    den._project_compile_options = dict(options)
     return pipe
+
+
+def compile_options(module: torch.nn.Module) -> dict | None:
+    """The `torch.compile` options `compile_denoiser` compiled `module` with; None if it did not."""
+    return dict(getattr(module, "_project_compile_options", {})) if getattr(module, "_project_compiled", False) else None
+
+
+def compile_regions(module: torch.nn.Module, graphs_per_block: int = 8, **options) -> None:
+    """diffusers' regional compilation (`compile_repeated_blocks(**options)`: every submodule whose
+    class is in `module._repeated_blocks`), with Dynamo's recompile limit raised to
+    `graphs_per_block` per block (see `compile_denoiser`)."""
+    import torch._dynamo
+
+    blocks = sum(type(m).__name__ in module._repeated_blocks for m in module.modules())
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs_per_block * blocks)
+    module.compile_repeated_blocks(**options)

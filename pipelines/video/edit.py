@@ -7,7 +7,8 @@
 3. build the video UNet, a new module: a Tune-A-Video inflation of a copy of the UNet
    (`inflate`), or with `motion_adapter` AnimateDiff's motion UNet (`motion`); fine-tune it on
    the clip with the source prompt, or load the cached fine-tune (`tune`; by default the paper's
-   200 steps on the inflated UNet, none on the motion UNet);
+   200 steps on the inflated UNet, none on the motion UNet); under `--compile` (the shared
+   denoiser compiled) compile the copy the same way (`_compile_like_shared`);
 4. DDIM-invert the clip with the fine-tuned copy, or load the cached inversion;
 5. sample with RAD and IRJS over temporal windows (`reatco.Sampler`), decode, and return a
    `VideoEditResult` (edited frames, source frames, per-word heatmaps, every setting).  With a
@@ -213,6 +214,28 @@ def _heatmaps(controller: ReAtCoAttention, targets, columns_of, grid, size) -> d
     return out
 
 
+#: Dynamo graphs per transformer block the video copy may add to the shared block code: the
+#: image methods' 8 (`models.compile_denoiser`) plus RAD's gradient pass and the guided pass
+VIDEO_GRAPHS_PER_BLOCK = 10
+
+
+def _compile_like_shared(pipe, unet3d) -> bool:
+    """`--compile`: when the shared denoiser was compiled (`models.compile_denoiser`), compile the
+    edit's own video UNet with the same options, after the fine-tune (which trains eagerly), before
+    the inversion.  Regionally, as the shared UNet: its transformer blocks, the inflated UNet's
+    class's `_repeated_blocks`; a motion UNet's class names none, so its spatial and motion
+    `BasicTransformerBlock`s.  A new copy per edit costs no new graphs: the blocks share their
+    code, and Dynamo's guards are on values (frame count, pass, layer name), not on the copy.
+    Returns whether it compiled."""
+    options = models.compile_options(models.denoiser(pipe))
+    if options is None:
+        return False
+    if not getattr(unet3d, "_repeated_blocks", None):
+        unet3d._repeated_blocks = ["BasicTransformerBlock"]  # on this instance only
+    models.compile_regions(unet3d, graphs_per_block=VIDEO_GRAPHS_PER_BLOCK, **options)
+    return True
+
+
 # ----------------------------------------------------------------------------- the task
 
 
@@ -306,6 +329,7 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
                 if dtype != torch.float32:
                     unet3d.to(dtype)
     timings["fine_tune_s"] = time.perf_counter() - tick
+    compiled = _compile_like_shared(pipe, unet3d)
 
     # ---------------------------------------------------------------- inversion (cached)
     layers, level = capture_layers(unet3d)
@@ -363,7 +387,7 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
         "motion_adapter_fingerprint": video_backbone.fingerprint if adapter is not None else None,
         "fine_tune_steps": tune_steps, "fine_tune_ran": bool(tune_steps) and not tune_cached,
         "capture_layers": sorted(layers), "views": views, "fine_tune_cached": tune_cached,
-        "inversion_cached": inversion_cached, "gradient_passes": sampler.gradient_passes,
+        "inversion_cached": inversion_cached, "compiled": compiled, "gradient_passes": sampler.gradient_passes,
         "rad_losses": sampler.losses, "timings": timings,
     }
     if record_inputs:

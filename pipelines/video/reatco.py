@@ -224,19 +224,21 @@ class Sampler:
         m = self.irjs_mask[a:b].to(z.device, z.dtype).view(1, 1, b - a, *z.shape[-2:])
         return m * z + (1 - m) * source_t[:, :, a:b]
 
-    def guided_output(self, z_in: torch.Tensor, t):
-        """The scheduler's output of the guided DDIM step (`prev_sample`, `pred_original_sample`)."""
+    def guided_output(self, z_in: torch.Tensor, t, start: int = 0):
+        """The scheduler's output of the guided DDIM step (`prev_sample`, `pred_original_sample`) of
+        the view whose first clip frame is `start` (where its heatmaps go)."""
         state = self.controller.state
         state.row_roles = ("uncond", "cond")
         with torch.no_grad():
             eps = self.unet(torch.cat([z_in, z_in]), t,
                             encoder_hidden_states=torch.cat([self.uncond, self.cond])).sample
+        self.controller.fold_heat(start)
         e_u, e_c = eps.chunk(2)
         guided = e_u + self.settings.guidance * (e_c - e_u)
         return self.scheduler.step(guided, t, z_in)
 
-    def guided_step(self, z_in: torch.Tensor, t) -> torch.Tensor:
-        return self.guided_output(z_in, t).prev_sample
+    def guided_step(self, z_in: torch.Tensor, t, start: int = 0) -> torch.Tensor:
+        return self.guided_output(z_in, t, start).prev_sample
 
     def run(self, progress: Callable | None = None, stop: Callable[[], bool] | None = None,
             preview: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -260,10 +262,9 @@ class Sampler:
                 z_in = self.model_input(z, source_t, a, b)
                 if self.record_inputs:
                     self.model_inputs.append((i, a, z_in.detach().clone(), source_t[:, :, a:b].clone()))
-                self.controller.heat_offset = a
                 if estimate is None:
-                    return self.guided_step(z_in, t)
-                out = self.guided_output(z_in, t)
+                    return self.guided_step(z_in, t, a)
+                out = self.guided_output(z_in, t, a)
                 estimate[0][:, :, a:b] += out.pred_original_sample
                 for f in range(a, b):
                     estimate[1][f] += 1
