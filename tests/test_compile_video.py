@@ -108,3 +108,67 @@ def test_an_animatediff_edit_under_compile_compiles_its_motion_unet_too(tiny_pip
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] > 0
     _close(compiled, eager)
+
+
+def _passes(unet, controller, compiled: bool, steps: int = 3):
+    """RAD's gradient pass (early exit hook on) and the guided pass, `steps` times, as the sampler
+    runs them; from the second step on under ``error_on_recompile`` when compiled.  Returns the
+    guided outputs, the gradients of a capture-map loss, and the folded heatmaps."""
+    from pipelines.video.inflate import video_call
+    from pipelines.video.reatco import _CaptureDone, _capture_done, _last_capture_block
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, unet.config.in_channels, 3, 8, 8, generator=g)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    exit_block = _last_capture_block(unet, sorted(controller.capture_layers))
+    outputs, grads = [], []
+    with video_call(unet, controller):
+        controller.start_heat([1, 2], 3, 16, "cpu")
+        for step in range(steps):
+            t = torch.tensor(900 - 300 * step)
+            with torch._dynamo.config.patch(error_on_recompile=compiled and step > 0):
+                controller.capturing, controller.state.row_roles = True, ("cond",)
+                x = z.clone().requires_grad_(True)
+                handle = exit_block.register_forward_hook(_capture_done)
+                try:
+                    unet(x, t, encoder_hidden_states=text)
+                except _CaptureDone:
+                    assert not compiled
+                finally:
+                    handle.remove()
+                grads.append(torch.autograd.grad(controller.attention_maps()[..., 2].sum(), x)[0])
+                controller.capturing, controller.state.row_roles = False, ("uncond", "cond")
+                with torch.no_grad():
+                    outputs.append(unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([0 * text, text])).sample)
+                controller.fold_heat(0)
+    return outputs, grads, controller.heat.clone()
+
+
+def test_a_whole_compiled_video_unet_has_no_graph_break_and_no_recompile_between_steps(tiny_pipe):
+    """Not what `--compile` does (it compiles blocks), but it holds too with static shapes: the
+    whole inflated UNet with RAD's controller, ``fullgraph=True``, ``dynamic=False`` (with automatic
+    dynamic shapes the guided pass after the gradient pass retraces the whole UNet symbolically,
+    which takes minutes on a CPU).  The early exit is eager only: compiled, the gradient pass runs
+    to its end; gradients, outputs and heatmaps are the eager ones."""
+    from attention_processors.video import ReAtCoAttention
+    from pipelines.video.inflate import inflate, sparse_causal_layers
+    from pipelines.video.reatco import capture_layers
+
+    unet = inflate(tiny_pipe("tiny").unet)
+
+    def controller():
+        return ReAtCoAttention(sparse_causal_layers(unet), capture_layers(unet)[0])
+
+    eager = _passes(unet, controller(), compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(fullgraph=True, dynamic=False, backend="eager")
+    try:
+        compiled = _passes(unet, controller(), compiled=True)
+    finally:
+        unet._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for a, b in zip(eager[0] + eager[1] + [eager[2]], compiled[0] + compiled[1] + [compiled[2]]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert float(eager[2].sum()) > 0

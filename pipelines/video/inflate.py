@@ -241,7 +241,7 @@ def video_call(unet, controller: AttentionController) -> Iterator[ControlState]:
     if missing:
         raise ValueError(f"the controller leaves {len(missing)} self-attention layers (e.g. {missing[0]}) frame-wise")
     signature = inspect.signature(unet.forward)
-    folded: dict = {}
+    folded = {"clips": 0, "frames": 0}  # the same keys at every call: a compiled fold is not retraced
 
     def fold(module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments

@@ -94,6 +94,13 @@ class _CaptureDone(Exception):
     """Raised after the block holding the last capture layer: the gradient forward may stop."""
 
 
+def _capture_done(module, args, output):
+    """The early exit's forward hook.  Eager only: inside a graph compiled around the whole UNet an
+    exception is a graph break, so there the forward runs to its end (as RefAM's early exit)."""
+    if not torch.compiler.is_compiling():
+        raise _CaptureDone
+
+
 def _last_capture_block(unet, layers: list[str]):
     last = vocabulary.parse(vocabulary.execution_order(layers)[-1])
     name = "mid_block" if last.section == "mid" else f"{last.section}_blocks.{last.block}"
@@ -174,10 +181,7 @@ class Sampler:
         state = self.controller.state
         state.row_roles = ("cond",)
 
-        def done(module, args, output):
-            raise _CaptureDone
-
-        handle = self._exit_block.register_forward_hook(done)
+        handle = self._exit_block.register_forward_hook(_capture_done)
         try:
             self.unet(z, t, encoder_hidden_states=self.cond)
         except _CaptureDone:
