@@ -54,6 +54,9 @@ TASK = "video"
 BREAKDOWN = False
 BREAKDOWN_WHY = ("the edit runs an inflated copy of the UNet, not the loaded one; its layers' costs are the "
                  "capture of attention_processors/video.py")
+#: --compile: the edit runs its own copy of the UNet, which it compiles only when the loaded denoiser
+#: was compiled the app's way (pipelines/video/edit.py `_compile_like_shared`)
+COMPILE = "app"
 FULL_SIZE = {"sd15-random": sd15_random}
 SOURCE, PROMPT, WORD = "a red circle on a striped background", "a blue square on a striped background", "square"
 #: frames of the benchmark clip, and the fine-tune steps done once before timing

@@ -32,7 +32,10 @@ call in the baseline (stock processors), counted with a TorchDispatchMode on one
 own goals (e.g. steering: at most 4 extra operators per call).  --ops-only skips the timing.
 
 --compile compiles every loaded pipeline's denoiser's forward in place for both arms (module hooks stay eager),
-with `--compile-backend` (default inductor; eager or aot_eager on a CPU to test quickly).
+with `--compile-backend` (default inductor; eager or aot_eager on a CPU to test quickly).  A task
+whose model calls run on a copy of the denoiser (Edit video) sets COMPILE = "app": the loaded
+denoiser is compiled as the app's --compile does (`models.compile_denoiser`), which the task
+follows for its copy.
 Recompilations during the timed repeats are reported (``recompiles_timed``): a method that
 swaps processors per call can defeat compilation, and this says so.
 
@@ -214,7 +217,12 @@ def probe_backend(args, arms: dict) -> dict:
 
 def compile_denoisers(args) -> list[str]:
     """Compile each denoiser's `forward` in place (its module hooks, e.g. the controllers' state
-    pre-hook, stay eager around it; the attention processors are traced inside)."""
+    pre-hook, stay eager around it; the attention processors are traced inside), or with
+    ``args.compile_as == "app"`` as the app's --compile (see the module docstring)."""
+    if getattr(args, "compile_as", "forward") == "app":
+        for pipe in args.pipes:
+            models.compile_denoiser(pipe, backend=args.compile_backend)
+        return [type(d).__name__ for d in _denoisers(args)]
     compiled = []
     for denoiser in _denoisers(args):
         if not getattr(denoiser, "_bench_compiled", False):
@@ -369,6 +377,7 @@ def run_task(args, task, module) -> list[dict]:
         if args.ops_only:
             return []
     args.pipes = []
+    args.compile_as = getattr(module, "COMPILE", "forward")
     args.size = args.requested_size
     args.dtype = args.requested_dtype
     method, baseline, variants = module.prepare(args)
