@@ -142,6 +142,28 @@ class ControlledJointAttnProcessor(_Controlled):
         return hidden_states
 
 
+def flux_projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None):
+    """A FLUX attention's projections as diffusers' `FluxAttnProcessor` makes them, before the
+    head split and the q/k norms: (query, key, value) of `hidden_states` and, in a dual-stream
+    block (`added_kv_proj_dim` set) given `encoder_hidden_states`, (query, key, value) of the text,
+    else (None, None, None).  After `fuse_projections` (``attn.fused_projections``) from the fused
+    ``to_qkv`` / ``to_added_qkv`` weights, as the stock processor.  (diffusers' own helper is
+    private, so a diffusers release may rename it; this is the public modules' arithmetic.)"""
+    fused = getattr(attn, "fused_projections", False)
+    if fused:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    text = (None, None, None)
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        if fused:
+            text = tuple(attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1))
+        else:
+            text = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                    attn.add_v_proj(encoder_hidden_states))
+    return (query, key, value), text
+
+
 class ControlledFluxAttnProcessor(_Controlled):
     """FLUX dual-stream ([text, image], separate inputs) and single-stream (concatenated) blocks.
 
@@ -153,15 +175,15 @@ class ControlledFluxAttnProcessor(_Controlled):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        (query, key, value), (txt_q, txt_k, txt_v) = flux_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        dual = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        dual = txt_q is not None
         if dual:
-            txt_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            txt_k = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            txt_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            txt_q = attn.norm_added_q(txt_q.unflatten(-1, (-1, attn.head_dim)))
+            txt_k = attn.norm_added_k(txt_k.unflatten(-1, (-1, attn.head_dim)))
+            txt_v = txt_v.unflatten(-1, (-1, attn.head_dim))
             query = torch.cat([txt_q, query], dim=1)
             key = torch.cat([txt_k, key], dim=1)
             value = torch.cat([txt_v, value], dim=1)

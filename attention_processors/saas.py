@@ -65,11 +65,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from . import layers as _layers
 from .core import AttentionCall, AttentionController, ControlState, combine_masks, fused_attention
 from .grids import GridSums, grid_maps, mask_to_tokens, resize_to_grid
+from .processors import flux_projections
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -1344,7 +1344,7 @@ class SaaSFluxKontextProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
         # exactly FluxAttnProcessor (diffusers 0.42), same operations in the same order
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        (query, key, value), (encoder_query, encoder_key, encoder_value) = flux_projections(
             attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))

@@ -203,3 +203,30 @@ def test_selecting_no_layer_is_an_error():
     with pytest.raises(ValueError, match="selected none"):
         with attach(pipe.unet, SelectNothing()):
             pass
+
+
+@pytest.mark.parametrize("block", ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"])
+def test_flux_projections_are_the_same_after_fuse_projections(block):
+    """`processors.flux_projections` (our FLUX processors' q, k, v; diffusers keeps its helper
+    private) reads the fused weights after `fuse_projections`, as the stock processor does, and
+    gets the unfused projections: the text's in a dual-stream block, none in a single-stream one."""
+    import copy
+
+    from attention_processors.processors import flux_projections
+
+    attn = copy.deepcopy(models.denoiser(models.load("tiny-flux", device="cpu", dtype=torch.float32))
+                         .get_submodule(block))
+    g = torch.Generator().manual_seed(0)
+    width = attn.to_q.in_features
+    image, text = torch.randn(1, 16, width, generator=g), torch.randn(1, 5, width, generator=g)
+    plain = flux_projections(attn, image, text)
+    attn.fuse_projections()
+    assert attn.fused_projections
+    fused = flux_projections(attn, image, text)
+    dual = block.startswith("transformer_blocks")
+    assert (plain[1][0] is not None) == dual and (fused[1][0] is not None) == dual
+    for a, b in zip(plain[0] + plain[1], fused[0] + fused[1]):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a)
