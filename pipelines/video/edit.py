@@ -215,8 +215,9 @@ def _heatmaps(controller: ReAtCoAttention, targets, columns_of, grid, size) -> d
 
 
 #: Dynamo graphs per transformer block the video copy may add to the shared block code: the
-#: image methods' 8 (`models.compile_denoiser`) plus RAD's gradient pass and the guided pass
-VIDEO_GRAPHS_PER_BLOCK = 10
+#: image methods' 8 (`models.compile_denoiser`) plus the inversion's pass, RAD's gradient pass
+#: and the guided pass (each its own rows, roles or gradients)
+VIDEO_GRAPHS_PER_BLOCK = 11
 
 
 def _compile_like_shared(pipe, unet3d) -> bool:
