@@ -46,7 +46,7 @@ from .seeds import resolve_seed
 from .tokenizers import check_fits
 
 __all__ = ["AttentionMapSettings", "AttentionMapsResult", "DEFAULTS", "LAYER_CHOICES", "MAX_GUIDANCE", "MAX_SIDE",
-           "MAX_STEPS", "MIN_SIDE", "generate_with_attention_maps", "prompt_words", "token_words"]
+           "MAX_STEPS", "MIN_SIDE", "generate_with_attention_maps", "prompt_words", "run_steps", "token_words"]
 
 LAYER_CHOICES = LAYER_GROUPS
 _WORD = re.compile(r"[\w]+(?:['’-][\w]+)*")
@@ -129,6 +129,12 @@ def _validate(pipe, prompt: str, settings: AttentionMapSettings, steps: int, hei
 
 
 @models.one_call_at_a_time
+def run_steps(pipe, settings: AttentionMapSettings) -> int:
+    """The denoising steps a run with `settings` takes on `pipe`: the settings', else the model's
+    (`models.generation_defaults`).  The tab checks them against the server's --max-steps."""
+    return int(models.generation_defaults(pipe)["steps"] if settings.steps is None else settings.steps)
+
+
 def generate_with_attention_maps(
     pipe,
     prompt: str,
@@ -155,7 +161,7 @@ def generate_with_attention_maps(
     default_h, default_w = models.default_size(pipe)
     height, width = settings.height or default_h, settings.width or default_w
     defaults = models.generation_defaults(pipe)
-    steps = int(defaults["steps"] if settings.steps is None else settings.steps)
+    steps = run_steps(pipe, settings)
     guidance = float(defaults["guidance"] if settings.guidance is None else settings.guidance)
     negative_prompt, layers = settings.negative_prompt, settings.layers
     _validate(pipe, prompt, settings, steps, height, width)

@@ -55,8 +55,7 @@ def make_handler(ctx: AppContext):
         seed -1 or randomize_seed=True draws a random seed.  Returns the image, the heatmap
         overlays, the seed used and the files (PNG with parameters, JSON sidecar, heatmaps zip).
         """
-        from pipelines import models
-        from pipelines.attention_maps import generate_with_attention_maps
+        from pipelines.attention_maps import generate_with_attention_maps, run_steps
 
         settings = DEFAULTS.replace(
             negative_prompt=negative_prompt or "", steps=unset(steps), guidance=unset(guidance),
@@ -65,8 +64,7 @@ def make_handler(ctx: AppContext):
         ctx.limits.check_settings(settings)
         progress(0, desc="Loading model")
         pipe = ctx.load(model)
-        # steps left out are the model's (generate_with_attention_maps' rule): bounded by --max-steps too
-        steps = settings.steps if settings.steps is not None else models.generation_defaults(pipe)["steps"]
+        steps = run_steps(pipe, settings)  # left out: the model's, bounded by --max-steps too
         ctx.limits.check_default_steps(settings.steps, steps)
         use_seed = resolve_seed(seed, randomize_seed)
         with stoppable(ctx, request, "attention_maps", pipe, steps):

@@ -228,7 +228,7 @@ class Sampler:
         m = self.irjs_mask[a:b].to(z.device, z.dtype).view(1, 1, b - a, *z.shape[-2:])
         return m * z + (1 - m) * source_t[:, :, a:b]
 
-    def guided_output(self, z_in: torch.Tensor, t, start: int = 0):
+    def guided_output(self, z_in: torch.Tensor, t, start: int):
         """The scheduler's output of the guided DDIM step (`prev_sample`, `pred_original_sample`) of
         the view whose first clip frame is `start` (where its heatmaps go)."""
         state = self.controller.state
@@ -240,9 +240,6 @@ class Sampler:
         e_u, e_c = eps.chunk(2)
         guided = e_u + self.settings.guidance * (e_c - e_u)
         return self.scheduler.step(guided, t, z_in)
-
-    def guided_step(self, z_in: torch.Tensor, t, start: int = 0) -> torch.Tensor:
-        return self.guided_output(z_in, t, start).prev_sample
 
     def run(self, progress: Callable | None = None, stop: Callable[[], bool] | None = None,
             preview: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -266,9 +263,9 @@ class Sampler:
                 z_in = self.model_input(z, source_t, a, b)
                 if self.record_inputs:
                     self.model_inputs.append((i, a, z_in.detach().clone(), source_t[:, :, a:b].clone()))
-                if estimate is None:
-                    return self.guided_step(z_in, t, a)
                 out = self.guided_output(z_in, t, a)
+                if estimate is None:
+                    return out.prev_sample
                 estimate[0][:, :, a:b] += out.pred_original_sample
                 for f in range(a, b):
                     estimate[1][f] += 1
