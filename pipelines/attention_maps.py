@@ -128,13 +128,13 @@ def _validate(pipe, prompt: str, settings: AttentionMapSettings, steps: int, hei
     check_fits(tokenizer, settings.negative_prompt, max_length, "negative prompt")
 
 
-@models.one_call_at_a_time
 def run_steps(pipe, settings: AttentionMapSettings) -> int:
     """The denoising steps a run with `settings` takes on `pipe`: the settings', else the model's
     (`models.generation_defaults`).  The tab checks them against the server's --max-steps."""
     return int(models.generation_defaults(pipe)["steps"] if settings.steps is None else settings.steps)
 
 
+@models.one_call_at_a_time
 def generate_with_attention_maps(
     pipe,
     prompt: str,

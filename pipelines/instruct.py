@@ -419,6 +419,7 @@ def edit_for(pipe):
     return _EDITS[backbones.require(pipe, SUPPORTED, TASK)]
 
 
+@models.one_call_at_a_time
 def edit_by_instruction(
     pipe,
     image,
@@ -476,6 +477,7 @@ def _generate(pipe, prompt: str, seed: int, run: dict, controller=None) -> Image
                  **backbones.of(pipe).call_defaults(pipe))
 
 
+@models.one_call_at_a_time
 def generate_by_parts(
     pipe,
     prompt: str,

@@ -83,6 +83,7 @@ __all__ = [
     "default_size",
     "denoiser",
     "exclusive",
+    "holds",
     "describe",
     "family",
     "generation_defaults",
@@ -318,8 +319,17 @@ def denoiser(pipe: DiffusionPipeline):
 # other call sees the model in between.  It is keyed on the denoiser, which every `from_pipe`
 # variant shares, and re-entrant, so a task may call another locked function inside its own call.
 
+#
+# "Runs the model" includes its tokenizers: a fast (Rust) tokenizer sets its padding and
+# truncation on the shared object at every call, so a prompt check in one thread can make
+# another thread's pipeline encode its prompt unpadded (a slightly different image) or its own
+# check see a padded 77-token encoding.  Validation that tokenizes therefore runs under the lock
+# too; the lock is short-lived (one pipeline call, one training step), so it waits little.
+# `holds(pipe)` lets tests check that every use of a shared component happens under it.
+
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
+_HELD = threading.local()  # per thread: id(denoiser) -> how many nested `exclusive` blocks hold it
 
 
 @contextmanager
@@ -331,7 +341,25 @@ def exclusive(pipe: DiffusionPipeline) -> Iterator[None]:
         if lock is None:
             lock = _MODEL_LOCKS[module] = threading.RLock()
     with lock:
-        yield
+        held = _held()
+        held[id(module)] = held.get(id(module), 0) + 1
+        try:
+            yield
+        finally:
+            held[id(module)] -= 1
+            if not held[id(module)]:
+                del held[id(module)]
+
+
+def _held() -> dict[int, int]:
+    if not hasattr(_HELD, "models"):
+        _HELD.models = {}
+    return _HELD.models
+
+
+def holds(pipe: DiffusionPipeline) -> bool:
+    """Whether the calling thread is inside `exclusive(pipe)` (or a view's or variant's of the same model)."""
+    return id(denoiser(pipe)) in _held()
 
 
 def one_call_at_a_time(function: Callable) -> Callable:

@@ -6,6 +6,7 @@ meanwhile.  See the comment above it in pipelines/models.py.)
 """
 
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -103,14 +104,92 @@ def test_a_task_leaves_the_cached_model_as_it_found_it(shared, task):
     assert not changed, f"{task} left changed: {changed[:10]}"
 
 
+def run_instruct(pipe):
+    from pipelines.instruct import edit_by_instruction
+
+    return [np.asarray(edit_by_instruction(pipe, photo(), "make the square red, and the background white",
+                                           seed=3, steps=2).edited)]
+
+
+def run_parts(pipe):
+    from pipelines.instruct import generate_by_parts
+
+    return [np.asarray(generate_by_parts(pipe, "a red circle and a blue square", seed=3, steps=2).edited)]
+
+
+def run_edit_video(pipe, cache_dir):
+    from pipelines.video import edit_video
+
+    frames = [np.asarray(photo(32, 32, seed)) for seed in range(3)]
+    result = edit_video(pipe, frames, "a photo of a cat", "a photo of a dog", ["dog:0,0,16,16"], cache_dir=cache_dir,
+                        steps=2, tune_steps=1, refine_iterations=1, window=3)
+    return [np.asarray(frame) for frame in result.frames]
+
+
+@contextmanager
+def uses_outside_the_lock(pipe, monkeypatch):
+    """Record every use of `pipe`'s shared components (a module's forward or any of its direct
+    children's, a tokenizer call, the scheduler's timesteps or steps) by a thread that does not
+    hold `models.exclusive(pipe)`."""
+    found: list[str] = []
+    modules, others = {}, {}
+    for part, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            modules[component] = part
+            modules.update({child: f"{part}.{name}" for name, child in component.named_children()})
+        elif component is not None:
+            others[id(component)] = part
+
+    def check(what):
+        if not models.holds(pipe):
+            found.append(f"{what} in {threading.current_thread().name}")
+
+    def pre_hook(module, args):
+        if module in modules:  # not a copy of the module that inherited the hook (the video UNet)
+            check(modules[module])
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in modules]
+    for kind, methods in ((type(pipe.scheduler), ("set_timesteps", "step")),
+                          *((type(t), ("__call__", "tokenize", "encode")) for t in (
+                              getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+                            if t is not None)):
+        for method in methods:
+            original = getattr(kind, method)
+
+            def watched(self, *args, _original=original, _method=method, **kwargs):
+                if id(self) in others:
+                    check(f"{others[id(self)]}.{_method}")
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(kind, method, watched)
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("task", sorted(TASKS) + ["instruct", "parts", "edit_video"])
+def test_a_task_uses_the_shared_models_parts_only_under_its_lock(task, monkeypatch, tmp_path):
+    """What makes the threads test below hold, checked one task at a time and without luck: a
+    task that tokenized, encoded or denoised outside `models.exclusive` would see (or make another
+    thread see) a tokenizer's padding, processors or timesteps set by another call."""
+    name = {"instruct": "builtin-edit", "parts": "builtin"}.get(task, "tiny")
+    pipe = models.load(name, device="cpu", dtype=torch.float32)
+    run = TASKS.get(task) or {"instruct": run_instruct, "parts": run_parts,
+                              "edit_video": lambda p: run_edit_video(p, tmp_path)}[task]
+    with uses_outside_the_lock(pipe, monkeypatch) as found:
+        run(pipe)
+    assert not found, sorted(set(found))
+
+
 @pytest.fixture
 def one_intra_op_thread():
-    """Each torch operator on one thread, for the comparison below to be exact: with torch's
-    intra-op pool, an operator called while other Python threads keep the pool busy may split
-    its reduction differently, and a last-bit difference grows over the denoising steps (seen
-    once in a full run: the steering pair differed by 1 in most pixels, 38 at most).  What the
-    test looks for, one task seeing another's changes to the shared model, does not depend on
-    the thread count."""
+    """Each torch operator on one thread while the threads test runs, so that its comparison can
+    be exact whatever the machine's core count and load.  (A difference of 1 grey level in most
+    pixels of the steering pair, once blamed on the intra-op pool, was the shared tokenizer used
+    outside the lock: see `test_a_task_uses_the_shared_models_parts_only_under_its_lock`.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

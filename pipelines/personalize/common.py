@@ -507,6 +507,12 @@ class Trainer:
 
     def __init__(self, pipe, image, class_words, method: str | None = None, output: str | Path | None = None, *,
                  settings: PersonalizeSettings | None = None, subset_sampler: Callable | None = None, **overrides):
+        # under the model's lock: the checks tokenize with the shared tokenizer, and the trainable
+        # copies are read from weights another trainer swaps while it runs a step
+        with models.exclusive(pipe):
+            self._build(pipe, image, class_words, method, output, settings, subset_sampler, overrides)
+
+    def _build(self, pipe, image, class_words, method, output, settings, subset_sampler, overrides) -> None:
         from accelerate import Accelerator
 
         self.method, kind = _method(method, settings)
@@ -875,7 +881,8 @@ class Trainer:
         while self.step < self.total_steps:
             step = self.step
             refresh = self.strategy.refresh_due(step)
-            batches = [self.make_batch(step) for _ in range(self.settings.grad_accum)]
+            with models.exclusive(self.pipe):  # the batch encodes images with the shared VAE
+                batches = [self.make_batch(step) for _ in range(self.settings.grad_accum)]
             info = self.optimizer_step(batches, refresh=refresh)
             info.stopped = self.step < self.total_steps and stop is not None and bool(stop())
             overdue = bool(seconds) and time.monotonic() - saved_at >= seconds

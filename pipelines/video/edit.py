@@ -257,7 +257,8 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
     started = time.perf_counter()
     settings = (settings or VideoSettings()).replace(**overrides).validated()
     backbone = backbones.require(pipe, SUPPORTED, "Edit video")
-    tokenizer, max_length = _validate_prompts(pipe, backbone, source_prompt, prompt)
+    with models.exclusive(pipe):  # the shared tokenizer (see models.exclusive)
+        tokenizer, max_length = _validate_prompts(pipe, backbone, source_prompt, prompt)
     device = pipe.device
     resolve_precision(settings.mixed_precision, device)
     adapter_name = settings.motion_adapter
@@ -270,7 +271,8 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
         raise UserInputError("The clip has only one frame; a video edit needs at least 2 frames.")
     notes: list[str] = []
     width, height = _working_size(backbone, pipe, clip, settings, notes)
-    targets = box_tools.resolve(boxes, prompt, tokenizer, max_length, n_frames, clip.size)
+    with models.exclusive(pipe):
+        targets = box_tools.resolve(boxes, prompt, tokenizer, max_length, n_frames, clip.size)
     targets = box_tools.scaled(targets, width / clip.size[0], height / clip.size[1])
     if not targets:
         notes.append("No boxes were given: RAD and IRJS are off, the whole clip follows the prompt.")
