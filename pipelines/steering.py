@@ -438,13 +438,20 @@ class _Settings:
     batched: bool
 
 
+def pair_steps(directions: Directions, steps: int | None = None) -> int:
+    """The denoising steps a pair takes with `directions`: `steps`, else (None or 0) the file's
+    record of its estimation's steps, else its vectors' count.  The tab checks them against the
+    server's --max-steps."""
+    return int(steps or directions.meta.get("steps") or directions.steps)
+
+
 def _settings(pipe, directions: Directions, settings: PairSettings) -> _Settings:
     """The pair's settings with every None taken from the directions (or the model), checked."""
     _check_backbone(pipe)
     meta = directions.meta
     settings = settings.validated()
     resolved = settings.replace(
-        steps=settings.steps or meta.get("steps") or directions.steps,
+        steps=pair_steps(directions, settings.steps),
         guidance=meta.get("guidance", default_guidance(pipe)) if settings.guidance is None else settings.guidance,
         height=settings.height or meta.get("height") or models.default_size(pipe)[0],
         width=settings.width or meta.get("width") or models.default_size(pipe)[1],

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines import viz
-from pipelines.personalize import DEFAULT_METHOD, GENERATE_SEED, METHODS, SUPPORTED, method_named
+from pipelines.personalize import DEFAULT_METHOD, GENERATE_SEED, METHODS, SUPPORTED, method_named, sample_steps
 from pipelines.seeds import resolve_seed
 from ui.common import (
     GPU_CONCURRENCY,
@@ -360,8 +360,8 @@ def make_handlers(ctx: AppContext):
             ctx.limits.check_steps(steps, "Steps")
         learned = Learned.load(path)
         # the sampler calls the denoiser once per step (PNDM once more: the bar then holds at total/total);
-        # steps left out are the learned method's (`generate`'s rule), which --max-steps bounds too
-        total = int(steps or METHODS.get(learned.method, METHODS[DEFAULT_METHOD]).settings.default("sample_steps"))
+        # steps left out are the learned method's, which --max-steps bounds too
+        total = sample_steps(learned.method, steps)
         ctx.limits.check_default_steps(steps, total, "Steps", "the learned method's default")
         progress(0, desc="loading the model")
         pipe = load_fp32(model)

@@ -186,7 +186,7 @@ def make_handlers(ctx: AppContext):
         Seed -1 or randomize_seed=True draws a random seed.  Returns original, steered,
         difference heatmap, the seed used, the files and a status line.
         """
-        from pipelines.steering import Directions, counterfactual_pair
+        from pipelines.steering import Directions, counterfactual_pair, pair_steps
 
         pair_settings = PAIR.replace(beta=beta, steer=steer).validated()
         ctx.limits.check_settings(pair_settings)
@@ -199,14 +199,13 @@ def make_handlers(ctx: AppContext):
             pipe, directions, cached = directions_for(model, positive, negative, samples, steps, guidance,
                                                       width, height, progress, request)
             status = describe(directions, cached)
-        # the pair's steps are the directions' (pipelines.steering `_settings`: the file's record of
-        # them, else its vectors' count): an uploaded file's are bounded by --max-steps too
+        # steps left out are the directions' (an uploaded file's too), which --max-steps bounds
+        steps = pair_steps(directions, pair_settings.steps)
         ctx.limits.check_default_steps(
-            pair_settings.steps, pair_settings.steps or directions.meta.get("steps") or directions.steps,
+            pair_settings.steps, steps,
             "The pair's steps", "the directions file's step count" if directions_file else "the directions' step count",
             f"use directions estimated with {ctx.limits.max_steps} steps or fewer")
         use_seed = resolve_seed(seed, randomize_seed)
-        steps = pair_settings.steps or directions.steps
         # beta 0 or an unbatched pair renders twice; the batched pair (the default) once
         runs = 1 if pair_settings.batched or pair_settings.beta == 0 else 2
         progress(0, desc="Generating the pair")

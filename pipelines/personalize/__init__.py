@@ -45,6 +45,14 @@ PAPER_DEFAULTS = MappingProxyType({name: MappingProxyType(kind.settings.paper_de
                                    for name, kind in METHODS.items()})
 
 
+def sample_steps(method: str, steps: int | None = None) -> int:
+    """The denoising steps `generate` takes with a file learned by `method`: `steps`, else (None
+    or 0) the method's `sample_steps` (an unknown method's: the default method's).  The tab checks
+    them against the server's --max-steps."""
+    kind = METHODS.get(method, METHODS[DEFAULT_METHOD])
+    return int(steps or kind.settings.default("sample_steps"))
+
+
 def method_named(name) -> tuple[str, type[Method]]:
     """(name, method class) of a method's name, any case; one sentence for an unknown one."""
     key = str(name or "").strip().lower()
@@ -73,7 +81,7 @@ _COMMON = (
 __all__ = [
     "AttenCraft", "AttenCraftSettings", "DEFAULT_METHOD", "DisenDiff", "DisenDiffSettings", "GENERATE_SEED", "MAX_STEPS", "METHODS",
     "MIN_CONCEPTS", "Method", "PAPER_DEFAULTS", "PRIOR_GUIDANCE", "PRIOR_STEPS", "PersonalizeSettings", "SAMPLING",
-    "concept_spans", "method_named", "method_of", "uniform_subset_sampler", *_COMMON,
+    "concept_spans", "method_named", "method_of", "sample_steps", "uniform_subset_sampler", *_COMMON,
 ]
 
 

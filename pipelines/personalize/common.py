@@ -52,7 +52,7 @@ from ..errors import UserInputError, out_of_memory_message
 from ..io import load_image, load_tensors, save_image, save_tensors, save_torch, write_atomic
 from ..seeds import resolve_seed
 from ..tokenizers import check_fits
-from . import DEFAULT_METHOD, METHODS, method_named, method_of
+from . import DEFAULT_METHOD, METHODS, method_named, method_of, sample_steps
 from .base import GENERATE_SEED, MIN_CONCEPTS, Method, PersonalizeSettings
 
 FORMAT = "personalize-learned/1"
@@ -981,7 +981,7 @@ def generate(pipe, learned: Learned, prompt: str, seed: int | None = GENERATE_SE
     prompt = _check_prompt(prompt, learned)
     kind = METHODS.get(learned.method, METHODS[DEFAULT_METHOD])
     defaults = kind.settings()
-    settings = defaults.replace(sample_steps=steps or defaults.sample_steps,
+    settings = defaults.replace(sample_steps=sample_steps(learned.method, steps),
                                 sample_guidance=defaults.sample_guidance if guidance is None else guidance).validated()
     steps, guidance, eta = settings.sample_steps, float(settings.sample_guidance), kind.settings.SAMPLE_ETA
     seed = resolve_seed(seed)
