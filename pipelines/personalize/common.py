@@ -942,21 +942,23 @@ class Generated:
 
 @contextmanager
 def use_learned(pipe, learned: Learned) -> Iterator:
-    """Install `learned` on the base pipeline for one call; yields the tokenizer with the new tokens."""
-    learned.check_base(pipe)
-    unet, te = pipe.unet, pipe.text_encoder
-    learned.check_fits(unet, te)
-    base = unet.get_submodule(next(iter(learned.lora or learned.kv))).weight
-    if learned.lora:  # float32 factors, as diffusers' load_lora_weights keeps them
-        factors = {k: (a.to(base.device, torch.float32), b.to(base.device, torch.float32))
-                   for k, (a, b) in learned.lora.items()}
-        weights = lora_adapter(unet, factors, learned.alpha)
-    else:
-        weights = swapped_weights(unet, {k: v.to(base.device, base.dtype) for k, v in learned.kv.items()})
-    tokenizer = personal_tokenizer(pipe.tokenizer, len(learned.tokens))
-    first_id = tokenizer.convert_tokens_to_ids(learned.tokens[0])
-    with weights, learned_token_embeddings(te, first_id, learned.token_rows.to(te.device)):
-        yield tokenizer
+    """Install `learned` on the base pipeline for one call; yields the tokenizer with the new tokens.
+    Holds `models.exclusive(pipe)` meanwhile: no other call sees the learned weights."""
+    with models.exclusive(pipe):
+        learned.check_base(pipe)
+        unet, te = pipe.unet, pipe.text_encoder
+        learned.check_fits(unet, te)
+        base = unet.get_submodule(next(iter(learned.lora or learned.kv))).weight
+        if learned.lora:  # float32 factors, as diffusers' load_lora_weights keeps them
+            factors = {k: (a.to(base.device, torch.float32), b.to(base.device, torch.float32))
+                       for k, (a, b) in learned.lora.items()}
+            weights = lora_adapter(unet, factors, learned.alpha)
+        else:
+            weights = swapped_weights(unet, {k: v.to(base.device, base.dtype) for k, v in learned.kv.items()})
+        tokenizer = personal_tokenizer(pipe.tokenizer, len(learned.tokens))
+        first_id = tokenizer.convert_tokens_to_ids(learned.tokens[0])
+        with weights, learned_token_embeddings(te, first_id, learned.token_rows.to(te.device)):
+            yield tokenizer
 
 
 def _check_prompt(prompt: str, learned: Learned) -> str:
