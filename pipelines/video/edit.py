@@ -298,6 +298,7 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
         source_text = backbone.encode_text(pipe, source_prompt, device, {}).embeds
         uncond, _ = backbone.unconditional(pipe, height, width, device, pipe.unet.dtype)
         mean, std = _encode_frames(pipe, frames, batch)
+        model_key = model_fingerprint(pipe)  # reads weights a Personalize step swaps while it runs
         if adapter is not None:
             unet3d = motion.motion_unet(pipe.unet, adapter, adapter_name)
         else:
@@ -309,7 +310,6 @@ def edit_video(pipe, video, source_prompt: str, prompt: str, boxes=(), settings:
     x0 = ((mean.cpu() + std.cpu() * torch.randn(mean.shape, generator=generator)) * scaling).to(device, dtype)
 
     # ---------------------------------------------------------------- fine-tune (cached, resumable)
-    model_key = model_fingerprint(pipe)
     # the adapter's identity enters both cache keys (only with an adapter, so that the inflated
     # UNet's keys, and the caches users have, stay as they were)
     adapter_key = {"motion_adapter": video_backbone.fingerprint} if adapter is not None else {}
