@@ -142,9 +142,8 @@ def _run_folder(args: argparse.Namespace) -> int:
     def load():
         from pipelines import models
 
-        pipe = models.load(args.model, device=args.device or (state.device if state.num_processes > 1 else None))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        # erase(progress=False) shows no bar of its own; the shared pipeline is left as loaded
+        return models.load(args.model, device=args.device or (state.device if state.num_processes > 1 else None))
 
     def erase_one(pipe, index: int, path: Path) -> None:
         from pipelines.eraser import erase
