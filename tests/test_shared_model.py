@@ -5,6 +5,7 @@ same time from several threads get exactly the results they get one after the ot
 meanwhile.  See the comment above it in pipelines/models.py.)
 """
 
+import functools
 import threading
 from contextlib import contextmanager
 
@@ -126,6 +127,24 @@ def run_edit_video(pipe, cache_dir):
     return [np.asarray(frame) for frame in result.frames]
 
 
+def run_segment_video(pipe):
+    frames = [np.asarray(photo(64, 64, seed)) for seed in range(3)]
+    return [grounding.segment_video(pipe, frames, "the blue square").masks]
+
+
+#: (task, model) beyond TASKS on "tiny": the other tasks, and other families' tokenizers and layouts
+MORE = {
+    "instruct": (run_instruct, "builtin-edit"),
+    "instruct-kontext": (run_instruct, "tiny-flux-kontext"),
+    "instruct-omnigen": (run_instruct, "tiny-omnigen"),
+    "parts": (run_parts, "builtin"),
+    "edit_video": (None, "tiny"),
+    "segment_video": (run_segment_video, "tiny"),
+    "attention_maps-flux": (run_attention_maps, "tiny-flux"),
+    "segment-sd3": (run_segment, "tiny-sd3"),
+}
+
+
 @contextmanager
 def uses_outside_the_lock(pipe, monkeypatch):
     """Record every use of `pipe`'s shared components (a module's forward or any of its direct
@@ -156,6 +175,7 @@ def uses_outside_the_lock(pipe, monkeypatch):
         for method in methods:
             original = getattr(kind, method)
 
+            @functools.wraps(original)  # the pipelines read set_timesteps' signature
             def watched(self, *args, _original=original, _method=method, **kwargs):
                 if id(self) in others:
                     check(f"{others[id(self)]}.{_method}")
@@ -170,15 +190,15 @@ def uses_outside_the_lock(pipe, monkeypatch):
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("task", sorted(TASKS) + ["instruct", "parts", "edit_video"])
+@pytest.mark.parametrize("task", sorted(TASKS) + sorted(MORE))
 def test_a_task_uses_the_shared_models_parts_only_under_its_lock(task, monkeypatch, tmp_path):
     """What makes the threads test below hold, checked one task at a time and without luck: a
     task that tokenized, encoded or denoised outside `models.exclusive` would see (or make another
     thread see) a tokenizer's padding, processors or timesteps set by another call."""
-    name = {"instruct": "builtin-edit", "parts": "builtin"}.get(task, "tiny")
+    run, name = MORE.get(task, (TASKS.get(task), "tiny"))
+    if task == "edit_video":
+        run = lambda p: run_edit_video(p, tmp_path)  # noqa: E731
     pipe = models.load(name, device="cpu", dtype=torch.float32)
-    run = TASKS.get(task) or {"instruct": run_instruct, "parts": run_parts,
-                              "edit_video": lambda p: run_edit_video(p, tmp_path)}[task]
     with uses_outside_the_lock(pipe, monkeypatch) as found:
         run(pipe)
     assert not found, sorted(set(found))
