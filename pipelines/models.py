@@ -322,9 +322,10 @@ def denoiser(pipe: DiffusionPipeline):
 #
 # "Runs the model" includes its tokenizers: a fast (Rust) tokenizer sets its padding and
 # truncation on the shared object at every call, so a prompt check in one thread can make
-# another thread's pipeline encode its prompt unpadded (a slightly different image) or its own
-# check see a padded 77-token encoding.  Validation that tokenizes therefore runs under the lock
-# too; the lock is short-lived (one pipeline call, one training step), so it waits little.
+# another thread's pipeline encode its prompt unpadded (then longer or shorter than its negative
+# prompt: the call fails) or its own check see a padded 77-token encoding.  Validation that
+# tokenizes therefore runs under the lock too; it waits at most for one task call (Personalize:
+# one training step).
 # `holds(pipe)` lets tests check that every use of a shared component happens under it.
 
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
