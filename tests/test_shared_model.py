@@ -259,9 +259,10 @@ def test_tasks_in_threads_at_once_give_the_results_they_give_one_after_the_other
     a loaded 2-core machine, the steering pair computed in threads differed from the one computed
     alone by 1 grey level in most pixels (38 at most); its cause was not found (not the worker
     threads' intra-op thread count, not memory alignment: both checked), and this test alone did
-    not show it again in 40 runs after the lock fixes.  A task seeing another's change to the shared model shows again when the threads run
-    again, so a difference fails only when a second run repeats it; an error fails at once.  The
-    cause of such leaks, a use of the shared parts outside the lock, is checked without luck by
+    not show it again in 40 runs after the lock fixes.  A task seeing another's change to the
+    shared model shows again when the threads run again, so a difference fails only when a second
+    run repeats it; an error fails at once.  The cause of such leaks, a use of the shared parts
+    outside the lock, is checked without luck by
     `test_a_task_uses_the_shared_models_parts_only_under_its_lock`."""
     alone = {task: run(shared) for task, run in TASKS.items()}
     first = differences(all_at_once(shared), alone)
