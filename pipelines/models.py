@@ -318,7 +318,6 @@ def denoiser(pipe: DiffusionPipeline):
 # and changes the scheduler.  Each of those is undone when the call ends; the lock makes sure no
 # other call sees the model in between.  It is keyed on the denoiser, which every `from_pipe`
 # variant shares, and re-entrant, so a task may call another locked function inside its own call.
-
 #
 # "Runs the model" includes its tokenizers: a fast (Rust) tokenizer sets its padding and
 # truncation on the shared object at every call, so a prompt check in one thread can make
